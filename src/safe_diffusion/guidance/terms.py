@@ -1,0 +1,172 @@
+"""Guidance terms: the paper's hyper-parameters bound to their math, ready to attach to a pipeline.
+
+A term names the concepts whose noise estimates it needs, says at which steps it needs them, and
+turns the estimates into a correction of the prompt's estimate ε_p: the pipeline's own
+classifier-free guidance, ε_∅ + s_g·(ε_p + Δ − ε_∅), then yields the guided estimate. Terms hold
+no tensors between runs; each run's state is created by :meth:`initial_state` and passed back in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .sega import needs_edit_estimate, sega_step
+from .sld import DEFAULT_SAFETY_CONCEPT, SafetyConfig, needs_safety_estimate, sld_step
+
+Concept = str | torch.Tensor  # a text, or precomputed text-encoder embeddings of shape (tokens, dim)
+
+
+@runtime_checkable
+class GuidanceTerm(Protocol):
+    """What the engine in :mod:`safe_diffusion.pipelines.guide` asks of a term."""
+
+    @property
+    def concepts(self) -> Sequence[Concept]: ...
+
+    def needs(self, step: int) -> list[bool]:
+        """Per concept, whether its estimate is used at `step` (unused ones are not evaluated)."""
+
+    def initial_state(self) -> Any: ...
+
+    def apply(
+        self,
+        eps_uncond: torch.Tensor,
+        eps_text: torch.Tensor,
+        eps_concepts: Sequence[torch.Tensor | None],
+        step: int,
+        state: Any,
+        guidance_scale: float,
+    ) -> tuple[torch.Tensor, Any]:
+        """The correction Δ to ε_p at `step`, and the new state."""
+
+
+@dataclass(frozen=True)
+class SafetyGuidance:
+    """Safe Latent Diffusion (Schramowski et al., CVPR 2023): steer away from a safety concept.
+
+    Defaults are the MEDIUM preset, as in diffusers' ``StableDiffusionPipelineSafe``.
+    """
+
+    concept: Concept = DEFAULT_SAFETY_CONCEPT
+    scale: float = 1000.0
+    warmup_steps: int = 10
+    threshold: float = 0.01
+    momentum_scale: float = 0.3
+    mom_beta: float = 0.4
+
+    @classmethod
+    def from_preset(cls, name: str, concept: Concept = DEFAULT_SAFETY_CONCEPT) -> SafetyGuidance:
+        """The paper's WEAK / MEDIUM / STRONG / MAX hyper-parameters (SLD, Table 1)."""
+        p = SafetyConfig.get(name)
+        return cls(
+            concept=concept,
+            scale=p.sld_guidance_scale,
+            warmup_steps=p.sld_warmup_steps,
+            threshold=p.sld_threshold,
+            momentum_scale=p.sld_momentum_scale,
+            mom_beta=p.sld_mom_beta,
+        )
+
+    @property
+    def concepts(self) -> list[Concept]:
+        return [self.concept]
+
+    def needs(self, step: int) -> list[bool]:
+        return [needs_safety_estimate(step, warmup_steps=self.warmup_steps, momentum_scale=self.momentum_scale)]
+
+    def initial_state(self) -> None:
+        return None
+
+    def apply(self, eps_uncond, eps_text, eps_concepts, step, state, guidance_scale):
+        gamma, momentum = sld_step(
+            eps_uncond,
+            eps_text,
+            eps_concepts[0],
+            step,
+            state,
+            scale=self.scale,
+            warmup_steps=self.warmup_steps,
+            threshold=self.threshold,
+            momentum_scale=self.momentum_scale,
+            mom_beta=self.mom_beta,
+        )
+        return -gamma, momentum  # SLD eq. (3): γ is subtracted inside the guidance bracket
+
+
+def _per_concept(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries but there are {n} edit concepts")
+        return list(value)
+    return [value] * n
+
+
+@dataclass(frozen=True)
+class SemanticGuidance:
+    """Semantic guidance, SEGA (Brack et al., NeurIPS 2023): add or remove concepts.
+
+    Every per-concept setting is a single value or a list with one entry per concept; `reverse`
+    removes a concept instead of adding it. Defaults are those of diffusers'
+    ``SemanticStableDiffusionPipeline``.
+    """
+
+    concepts: Sequence[Concept] = ()
+    reverse: bool | Sequence[bool] = False
+    scale: float | Sequence[float] = 5.0
+    threshold: float | Sequence[float] = 0.9
+    warmup_steps: int | Sequence[int] = 10
+    cooldown_steps: int | None | Sequence[int | None] = None
+    weights: Sequence[float] | None = None
+    momentum_scale: float = 0.1
+    mom_beta: float = 0.4
+    _signs: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        concepts = [self.concepts] if isinstance(self.concepts, (str, torch.Tensor)) else list(self.concepts)
+        if not concepts:
+            raise ValueError("SemanticGuidance needs at least one edit concept")
+        object.__setattr__(self, "concepts", concepts)
+        n = len(concepts)
+        for name in ("reverse", "scale", "threshold", "warmup_steps", "cooldown_steps"):
+            object.__setattr__(self, name, _per_concept(getattr(self, name), n, name))
+        weights = [1.0] * n if self.weights is None else _per_concept(list(self.weights), n, "weights")
+        object.__setattr__(self, "weights", weights)
+        for t in self.threshold:
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"threshold must be a percentile in [0, 1], got {t}")
+        object.__setattr__(self, "_signs", tuple(-1.0 if r else 1.0 for r in self.reverse))
+
+    def signs(self, batch: int) -> Sequence[float | torch.Tensor]:
+        """Per concept, +1 to add it or −1 to remove it (a scalar, or a per-image tensor in subclasses)."""
+        return self._signs
+
+    def needs(self, step: int) -> list[bool]:
+        return [
+            needs_edit_estimate(step, warmup_steps=w, cooldown_steps=c, momentum_scale=self.momentum_scale)
+            for w, c in zip(self.warmup_steps, self.cooldown_steps)
+        ]
+
+    def initial_state(self) -> None:
+        return None
+
+    def apply(self, eps_uncond, eps_text, eps_concepts, step, state, guidance_scale):
+        term, momentum = sega_step(
+            eps_uncond,
+            eps_concepts,
+            step,
+            state,
+            scales=self.scale,
+            thresholds=self.threshold,
+            signs=self.signs(eps_uncond.shape[0]),
+            weights=self.weights,
+            warmup_steps=self.warmup_steps,
+            cooldown_steps=self.cooldown_steps,
+            momentum_scale=self.momentum_scale,
+            mom_beta=self.mom_beta,
+        )
+        # SEGA eq. (2) adds γ outside the guidance bracket; as a correction of ε_p it is γ / s_g.
+        return term / guidance_scale, momentum

@@ -1,0 +1,121 @@
+"""Random-weight Stable Diffusion checkpoints, built fully offline.
+
+They are saved with ``save_pretrained`` and load back through the same ``from_pretrained`` path
+a real checkpoint takes, so tests, the demo and the benchmarks exercise the real loading code.
+Their images are noise: they test plumbing and numerics, not image quality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+#: Sizes: "tiny" for unit tests, "small" for the demo and end-to-end tests, "bench" for a UNet
+#: large enough to dominate a step's time, as in a real model.
+SIZES = {
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, cross_attention_dim=32, text_layers=2),
+    "small": dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, cross_attention_dim=64, text_layers=2),
+    "bench": dict(
+        block_out_channels=(128, 256, 256), layers_per_block=2, sample_size=32, cross_attention_dim=256, text_layers=4
+    ),
+}
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable characters byte-level BPE uses for the 256 byte values (GPT-2's mapping)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    mapping = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
+    return [mapping[b] for b in range(256)]
+
+
+def byte_level_tokenizer(path: str | Path, model_max_length: int = 77):
+    """A CLIP tokenizer with a byte-level vocabulary and no merges: every character is a token."""
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = _byte_alphabet()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=model_max_length)
+
+
+def build_checkpoint(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Build a random-weight SD 1.x-style checkpoint (UNet, VAE, CLIP text encoder, tokenizer, PNDM) at `path`."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if size not in SIZES:
+        raise ValueError(f"unknown checkpoint size {size!r}; choose one of: {', '.join(SIZES)}")
+    cfg = SIZES[size]
+    path = Path(path)
+    torch.manual_seed(seed)
+    channels = cfg["block_out_channels"]
+    levels = len(channels)
+    unet = UNet2DConditionModel(
+        block_out_channels=channels,
+        layers_per_block=cfg["layers_per_block"],
+        sample_size=cfg["sample_size"],
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=cfg["cross_attention_dim"],
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=cfg["sample_size"] * 2,
+    )
+    tokenizer = byte_level_tokenizer(path / "_tokenizer_src")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg["cross_attention_dim"],
+            intermediate_size=cfg["cross_attention_dim"] * 2,
+            num_hidden_layers=cfg["text_layers"],
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    for leftover in (path / "_tokenizer_src").glob("*"):
+        leftover.unlink()
+    (path / "_tokenizer_src").rmdir()
+    return path
