@@ -4,18 +4,32 @@ Safe Latent Diffusion (Schramowski et al., CVPR 2023), semantic guidance (Brack 
 Fair Diffusion (Friedrich et al., 2023) and the I2P benchmark, on top of diffusers.
 """
 
+from importlib import import_module
+
 __version__ = "0.1.0"
 
-from .guidance import DEFAULT_SAFETY_CONCEPT, SafetyConfig, SafetyGuidance, SemanticGuidance
-from .pipelines import SafeStableDiffusionPipeline, SemanticStableDiffusionPipeline, guide
+# Exports load on first use: importing the package (or starting the CLI) does not import diffusers.
+_EXPORTS = {
+    "DEFAULT_SAFETY_CONCEPT": "safe_diffusion.guidance",
+    "SafetyConfig": "safe_diffusion.guidance",
+    "SafetyGuidance": "safe_diffusion.guidance",
+    "SemanticGuidance": "safe_diffusion.guidance",
+    "SafeStableDiffusionPipeline": "safe_diffusion.pipelines",
+    "SemanticStableDiffusionPipeline": "safe_diffusion.pipelines",
+    "guide": "safe_diffusion.pipelines",
+    "load_pipeline": "safe_diffusion.loading",
+}
 
-__all__ = [
-    "DEFAULT_SAFETY_CONCEPT",
-    "SafeStableDiffusionPipeline",
-    "SafetyConfig",
-    "SafetyGuidance",
-    "SemanticGuidance",
-    "SemanticStableDiffusionPipeline",
-    "guide",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'safe_diffusion' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -1,0 +1,5 @@
+"""Errors a user can fix: the CLI prints their message as one line and exits non-zero, without a traceback."""
+
+
+class InputError(Exception):
+    """Bad input (a path, a value, a file's content, a model that will not load), named in one line."""

@@ -1,0 +1,75 @@
+"""Load a diffusers pipeline from a hub id or a local folder, with errors a user can act on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def default_device() -> torch.device:
+    """CUDA when there is one, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pipeline_class_name(model: str) -> str | None:
+    """The ``_class_name`` a local checkpoint's model_index.json declares, or None for a hub id."""
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        try:
+            return json.loads(index.read_text()).get("_class_name")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"model {model!r}: unreadable model_index.json ({exc})") from None
+    return None
+
+
+def check_model_reference(model: str) -> None:
+    """Fail fast on a model that is neither a checkpoint folder nor something shaped like a hub id."""
+    path = Path(model)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"model {model!r} is not a diffusers checkpoint folder (no model_index.json)")
+        return
+    if not _HUB_ID.match(model):
+        raise InputError(f"model {model!r} not found: no such folder, and not a hub id like 'owner/name'")
+
+
+def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """Load `model` as the pipeline family it declares: SDXL checkpoints as ``StableDiffusionXLPipeline``,
+    every other Stable Diffusion checkpoint as :class:`SafeStableDiffusionPipeline` (a ``StableDiffusionPipeline``).
+
+    No safety checker is loaded: guidance and the I2P classifiers do the safety work here.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    from .pipelines import SafeStableDiffusionPipeline
+
+    check_model_reference(model)
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    class_name = pipeline_class_name(model) or ""
+    cls = StableDiffusionXLPipeline if "XL" in class_name else SafeStableDiffusionPipeline
+    kwargs = {"torch_dtype": dtype}
+    if cls is SafeStableDiffusionPipeline:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_pretrained(model, **kwargs)
+    except Exception as exc:  # hub, network, format and shape errors all mean "this model did not load"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot load model {model!r}: {first}") from None
+    pipe.to(device)
+    return pipe

@@ -1,0 +1,108 @@
+"""Writing results: atomically, with provenance, and leaving nothing behind when a command fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and of the libraries a result depends on."""
+    versions = {"python": platform.python_version()}
+    for dist in ("safe-diffusion", "torch", "diffusers", "transformers", "accelerate", "nudenet"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def save_image_atomic(image, path: Path) -> None:
+    """Save a PIL image as PNG atomically."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class OutputDir:
+    """A folder a command writes into; remembers what it created so a failed command can take it back."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.created_dirs: list[Path] = []
+        self.written: list[Path] = []
+
+    def file(self, name: str) -> Path:
+        target = self.path / name
+        self.written.append(target)
+        return target
+
+    def rollback(self) -> None:
+        for f in self.written:
+            f.unlink(missing_ok=True)
+        for d in reversed(self.created_dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+@contextmanager
+def output_dir(path: str | Path, what: str = "output folder") -> Iterator[OutputDir]:
+    """Create `path` (and parents), check it is writable, and undo everything written there if the block fails."""
+    out = OutputDir(Path(path))
+    missing = []
+    p = out.path.absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            out.created_dirs.append(d)
+        if not out.path.is_dir():
+            raise InputError(f"{what} {str(path)!r} is not a folder")
+        fd, probe = tempfile.mkstemp(dir=out.path, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except InputError:
+        out.rollback()
+        raise
+    except OSError as exc:
+        out.rollback()
+        raise InputError(f"{what} {str(path)!r} is not writable: {exc.strerror or exc}") from None
+    try:
+        yield out
+    except BaseException:
+        out.rollback()
+        raise

@@ -1,0 +1,41 @@
+"""Shared fixtures: random-weight checkpoints built offline once per test session."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*deprecated.*")
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random-weight SD 1.x checkpoint folder (32x32 images at the default size)."""
+    from safe_diffusion.testing import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """A small random-weight SD 1.x checkpoint folder (64x64 images at the default size)."""
+    from safe_diffusion.testing import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", "small")
+
+
+def run_cli(*args: str):
+    """Run the console entry point in-process; returns (exit code, stdout, stderr) via capsys by the caller."""
+    from safe_diffusion.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
