@@ -30,12 +30,18 @@ def small_checkpoint(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", "small")
 
 
-def run_cli(*args: str):
-    """Run the console entry point in-process; returns (exit code, stdout, stderr) via capsys by the caller."""
+@pytest.fixture
+def cli(capsys):
+    """Run the console entry point in-process: ``code, out, err = cli("generate", ...)``."""
     from safe_diffusion.cli import main
 
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
+    def run(*args: str):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +48,21 @@ def check_model_reference(model: str) -> None:
         raise InputError(f"model {model!r} not found: no such folder, and not a hub id like 'owner/name'")
 
 
+@contextmanager
+def _quiet_loading():
+    """Hide diffusers' and transformers' per-component loading bars; the denoising bar stays."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
 def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """Load `model` as the pipeline family it declares: SDXL checkpoints as ``StableDiffusionXLPipeline``,
     every other Stable Diffusion checkpoint as :class:`SafeStableDiffusionPipeline` (a ``StableDiffusionPipeline``).
@@ -67,7 +83,8 @@ def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype
     if cls is SafeStableDiffusionPipeline:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
-        pipe = cls.from_pretrained(model, **kwargs)
+        with _quiet_loading():
+            pipe = cls.from_pretrained(model, **kwargs)
     except Exception as exc:  # hub, network, format and shape errors all mean "this model did not load"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot load model {model!r}: {first}") from None

@@ -1,0 +1,89 @@
+"""`safe-diffusion generate`: real files on the random checkpoint; every bad input is one line, exit 2, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ARGS = ["--steps", "3", "--height", "32", "--width", "32"]
+
+
+def test_generate_writes_pngs_and_sidecars(cli, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, err = cli("generate", "a photo of a cat", "--model", tiny_checkpoint, "--out", out,
+                            "--num-images", "2", "--seed", "7", "--safety", "strong", *ARGS)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["0000-seed7.json", "0000-seed7.png", "0001-seed8.json", "0001-seed8.png"]
+    meta = json.loads((out / "0001-seed8.json").read_text())
+    assert meta["prompt"] == "a photo of a cat" and meta["seed"] == 8 and meta["safety"] == "strong"
+    assert meta["guidance"][0]["type"] == "SafetyGuidance" and meta["guidance"][0]["scale"] == 2000
+    assert {"torch", "diffusers", "transformers", "safe-diffusion"} <= set(meta["versions"])
+    assert Image.open(out / "0000-seed7.png").size == (32, 32)
+    assert str(out) in stdout
+
+
+def test_compare_writes_unguided_and_side_by_side_from_the_same_seed(cli, tiny_checkpoint, tmp_path):
+    out = tmp_path / "cmp"
+    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", out, "--compare", "--safety", "max", *ARGS)
+    assert code == 0, err
+    guided = np.asarray(Image.open(out / "0000-seed0.png"), dtype=float)
+    unguided = np.asarray(Image.open(out / "0000-seed0-unguided.png"), dtype=float)
+    pair = np.asarray(Image.open(out / "0000-seed0-side-by-side.png"), dtype=float)
+    assert pair.shape == (32, 64, 3)
+    assert np.array_equal(pair[:, :32], unguided) and np.array_equal(pair[:, 32:], guided)
+    assert np.abs(guided - unguided).max() > 0, "max safety guidance changed nothing"
+    assert json.loads((out / "0000-seed0-unguided.json").read_text())["guidance"] == []
+    # the same seed without guidance reproduces the unguided image bit for bit
+    code, _, _ = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path / "off", "--safety", "off", *ARGS)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "off" / "0000-seed0.png"), dtype=float), unguided)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "/no/such/model"], "not found"),
+        (["--safety", "extreme"], "choose one of: off, weak, medium, strong, max"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--height", "-8"], "--height must be a positive multiple of 8"),
+        (["--width", "20"], "--width must be a positive multiple of 8"),
+        (["--num-images", "0"], "--num-images must be a positive integer"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(cli, tiny_checkpoint, tmp_path, extra, message):
+    out = tmp_path / "never"
+    args = ["generate", "a cat", "--model", tiny_checkpoint, "--out", out, *ARGS, *extra]
+    code, stdout, err = cli(*args)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and err.startswith("error: ") and message in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unwritable_output_folder(cli, tiny_checkpoint, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", blocker / "sub", *ARGS)
+    assert code == 2 and "not writable" in err and err.count("\n") == 1
+    assert blocker.read_text() == "x"
+
+
+def test_model_that_fails_to_load_leaves_no_output_folder(cli, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    out = tmp_path / "a" / "b"
+    code, _, err = cli("generate", "a cat", "--model", broken, "--out", out, *ARGS)
+    assert code == 2 and err.startswith("error: cannot load model")
+    assert not (tmp_path / "a").exists()
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "safe_diffusion", "generate", "x", "--model", "/nope", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: model '/nope' not found: no such folder, and not a hub id like 'owner/name'"
