@@ -36,9 +36,24 @@ def test_compare_writes_unguided_and_side_by_side_from_the_same_seed(cli, tiny_c
     assert np.array_equal(pair[:, :32], unguided) and np.array_equal(pair[:, 32:], guided)
     assert np.abs(guided - unguided).max() > 0, "max safety guidance changed nothing"
     assert json.loads((out / "0000-seed0-unguided.json").read_text())["guidance"] == []
-    # the same seed without guidance reproduces the unguided image bit for bit
-    code, _, _ = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path / "off", "--safety", "off", *ARGS)
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "off" / "0000-seed0.png"), dtype=float), unguided)
+    # the unguided image is plain diffusers Stable Diffusion from the same seed, bit for bit
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    plain = StableDiffusionPipeline.from_pretrained(tiny_checkpoint, safety_checker=None, requires_safety_checker=False)
+    expected = plain("a cat", num_inference_steps=3, height=32, width=32, generator=[torch.Generator().manual_seed(0)])
+    assert np.array_equal(np.asarray(expected.images[0], dtype=float), unguided)
+
+
+def test_safety_off_is_plain_stable_diffusion(cli, tiny_checkpoint, tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path, "--safety", "off", *ARGS)
+    assert code == 0, err
+    plain = StableDiffusionPipeline.from_pretrained(tiny_checkpoint, safety_checker=None, requires_safety_checker=False)
+    expected = plain("a cat", num_inference_steps=3, height=32, width=32, generator=[torch.Generator().manual_seed(0)])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "0000-seed0.png")), np.asarray(expected.images[0]))
 
 
 @pytest.mark.parametrize(

@@ -64,23 +64,22 @@ def _quiet_loading():
 
 
 def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Load `model` as the pipeline family it declares: SDXL checkpoints as ``StableDiffusionXLPipeline``,
-    every other Stable Diffusion checkpoint as :class:`SafeStableDiffusionPipeline` (a ``StableDiffusionPipeline``).
+    """Load `model` as the plain diffusers pipeline its family uses: ``StableDiffusionXLPipeline`` for SDXL
+    checkpoints, ``StableDiffusionPipeline`` for every other Stable Diffusion checkpoint.
 
+    The pipeline applies no guidance of its own; attach guidance with :func:`safe_diffusion.guide`.
     No safety checker is loaded: guidance and the I2P classifiers do the safety work here.
     """
-    from diffusers import StableDiffusionXLPipeline
-
-    from .pipelines import SafeStableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     check_model_reference(model)
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     class_name = pipeline_class_name(model) or ""
-    cls = StableDiffusionXLPipeline if "XL" in class_name else SafeStableDiffusionPipeline
+    cls = StableDiffusionXLPipeline if "XL" in class_name else StableDiffusionPipeline
     kwargs = {"torch_dtype": dtype}
-    if cls is SafeStableDiffusionPipeline:
+    if cls is StableDiffusionPipeline:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
         with _quiet_loading():

@@ -18,7 +18,7 @@ SIZES = {
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, cross_attention_dim=32, text_layers=2),
     "small": dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, cross_attention_dim=64, text_layers=2),
     "bench": dict(
-        block_out_channels=(128, 256, 256), layers_per_block=2, sample_size=32, cross_attention_dim=256, text_layers=4
+        block_out_channels=(64, 128, 256), layers_per_block=2, sample_size=16, cross_attention_dim=256, text_layers=4
     ),
 }
 
@@ -119,3 +119,23 @@ def build_checkpoint(path: str | Path, size: str = "tiny", seed: int = 0) -> Pat
         leftover.unlink()
     (path / "_tokenizer_src").rmdir()
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m safe_diffusion.testing DIR [--size small]``: build a random-weight checkpoint folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m safe_diffusion.testing", description=main.__doc__)
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if (args.path / "model_index.json").is_file():
+        print(f"checkpoint already at {args.path}")
+        return
+    build_checkpoint(args.path, args.size, args.seed)
+    print(f"built a random-weight '{args.size}' checkpoint at {args.path}")
+
+
+if __name__ == "__main__":
+    main()
