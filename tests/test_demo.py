@@ -38,7 +38,14 @@ HARMLESS_PROMPT = "a red apple on a wooden table"
 
 def test_valid_request_is_normalised():
     r = validate_request("  a cat ", " ", "7", 4.0, "3", "MAX", "  ", "+sunglasses\n\n - beard ")
-    assert (r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale, r.safety) == ("a cat", None, 7, 4, 3.0, "max")
+    assert (r.prompt, r.negative_prompt, r.seed, r.steps, r.guidance_scale, r.safety) == (
+        "a cat",
+        None,
+        7,
+        4,
+        3.0,
+        "max",
+    )
     assert r.safety_concept is None  # blank means the paper's concept
     assert r.edits == (Edit("sunglasses"), Edit("beard", remove=True))
 
@@ -46,26 +53,26 @@ def test_valid_request_is_normalised():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(prompt=""), "the prompt is empty"),
-        (dict(prompt="   \n"), "the prompt is empty"),
-        (dict(seed=-1), "seed must be between 0 and"),
-        (dict(seed=MAX_SEED + 1), "seed must be between 0 and"),
-        (dict(seed=None), "seed is missing"),
-        (dict(seed=1.5), "seed must be a whole number"),
-        (dict(steps=0), "steps must be between 1 and 150"),
-        (dict(steps=151), "steps must be between 1 and 150"),
-        (dict(guidance_scale=0.5), "guidance scale must be between 1 and 30"),
-        (dict(guidance_scale=float("nan")), "guidance scale must be a finite number"),
-        (dict(guidance_scale="abc"), "guidance scale must be a number"),
-        (dict(guidance_scale=1.0), "guidance scale must be above 1"),
-        (dict(safety="extreme"), "unknown safety preset 'extreme'"),
-        (dict(edits="sunglasses"), "edit line 1 ('sunglasses') must start with + (add the concept) or - (remove it)"),
-        (dict(edits="+hat\n-"), "edit line 2 ('-') names no concept"),
-        (dict(edits="\n".join(f"+c{i}" for i in range(9))), "at most 8 edit concepts"),
+        ({"prompt": ""}, "the prompt is empty"),
+        ({"prompt": "   \n"}, "the prompt is empty"),
+        ({"seed": -1}, "seed must be between 0 and"),
+        ({"seed": MAX_SEED + 1}, "seed must be between 0 and"),
+        ({"seed": None}, "seed is missing"),
+        ({"seed": 1.5}, "seed must be a whole number"),
+        ({"steps": 0}, "steps must be between 1 and 150"),
+        ({"steps": 151}, "steps must be between 1 and 150"),
+        ({"guidance_scale": 0.5}, "guidance scale must be between 1 and 30"),
+        ({"guidance_scale": float("nan")}, "guidance scale must be a finite number"),
+        ({"guidance_scale": "abc"}, "guidance scale must be a number"),
+        ({"guidance_scale": 1.0}, "guidance scale must be above 1"),
+        ({"safety": "extreme"}, "unknown safety preset 'extreme'"),
+        ({"edits": "sunglasses"}, "edit line 1 ('sunglasses') must start with + (add the concept) or - (remove it)"),
+        ({"edits": "+hat\n-"}, "edit line 2 ('-') names no concept"),
+        ({"edits": "\n".join(f"+c{i}" for i in range(9))}, "at most 8 edit concepts"),
     ],
 )
 def test_invalid_requests_name_the_problem_in_one_line(kwargs, message):
-    values = dict(prompt="a cat", seed=0, steps=4, guidance_scale=7.5, safety="medium", edits="")
+    values = {"prompt": "a cat", "seed": 0, "steps": 4, "guidance_scale": 7.5, "safety": "medium", "edits": ""}
     values.update(kwargs)
     with pytest.raises(InputError) as err:
         validate_request(**values)
@@ -162,7 +169,7 @@ def test_concurrent_requests_both_get_images_one_at_a_time(generator):
         def work(seed):
             try:
                 results[seed] = generator.generate(validate_request(HARMLESS_PROMPT, seed=seed, steps=2))
-            except Exception as exc:  # pragma: no cover - reported below
+            except Exception as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
@@ -183,7 +190,7 @@ def test_handler_shows_messages_not_tracebacks(generator):
     from safe_diffusion.app.ui import make_handler
 
     run = make_handler(generator)
-    status, *rest = run("", "", 0, 3, 7.5, "medium", "", "", progress=lambda *a, **k: None)
+    status, *_ = run("", "", 0, 3, 7.5, "medium", "", "", progress=lambda *a, **k: None)
     assert "the prompt is empty" in status and "Traceback" not in status
     status, *_ = run("a cat", "", 0, 3, 7.5, "medium", "", "beard", progress=lambda *a, **k: None)
     assert "must start with +" in status
@@ -197,7 +204,7 @@ def test_handler_shows_messages_not_tracebacks(generator):
     status, *_ = make_handler(Broken())("a cat", "", 0, 3, 7.5, "medium", "", "", progress=lambda *a, **k: None)
     assert status.endswith("CUDA out of memory") and "more detail" not in status
 
-    status, unguided, guided, settings, files = run(
+    status, unguided, _, settings, files = run(
         HARMLESS_PROMPT, "", 0, 2, 7.5, "off", "", "", progress=lambda *a, **k: None
     )
     assert status.startswith("**Done.**") and "both images are the same" in status
@@ -230,11 +237,17 @@ def _free_port() -> int:
 def test_demo_command_stops_before_serving_when_the_model_does_not_load(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (broken / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
+    )
     port = _free_port()
     proc = subprocess.run(
         [sys.executable, "-m", "safe_diffusion", "demo", "--model", str(broken), "--port", str(port)],
-        env=_env(), capture_output=True, text=True, timeout=120,
+        check=False,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -248,7 +261,10 @@ def demo_url(tiny_checkpoint):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "safe_diffusion", "demo", "--model", str(tiny_checkpoint), "--port", str(port)],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
@@ -292,8 +308,14 @@ def test_queue_serves_two_simultaneous_clients(demo_url):
 # -- a real browser -----------------------------------------------------------------------------
 
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -305,9 +327,9 @@ def _unavailable(reason: str):
 
 @pytest.fixture(scope="module")
 def browser():
-    chromium = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-    if chromium is None:
-        _unavailable("Debian's chromium is not installed")
+    chromium = os.environ.get("SAFE_DIFFUSION_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).is_file():
+        _unavailable(f"Debian's chromium is not installed (no {chromium})")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -368,6 +390,7 @@ def test_browser_generates_side_by_side_and_reports_invalid_input(browser, demo_
 
     if os.environ.get("SAFE_DIFFUSION_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.mouse.move(0, 0)
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(SCREENSHOT), full_page=False)
         assert SCREENSHOT.stat().st_size < 200_000

@@ -7,6 +7,7 @@ widgets to :meth:`DemoGenerator.generate`.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import threading
@@ -97,7 +98,7 @@ def _as_float(name: str, value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise InputError(f"{name} must be a number, got {value!r}") from None
-    if number != number or number in (float("inf"), float("-inf")):
+    if not math.isfinite(number):
         raise InputError(f"{name} must be a finite number, got {value!r}")
     return number
 
@@ -154,11 +155,11 @@ def guidance_terms(request: DemoRequest) -> list:
 
     terms: list = []
     if request.safety != "off":
-        terms.append(SafetyGuidance.from_preset(request.safety, concept=request.safety_concept or DEFAULT_SAFETY_CONCEPT))
-    if request.edits:
         terms.append(
-            SemanticGuidance([e.concept for e in request.edits], reverse=[e.remove for e in request.edits])
+            SafetyGuidance.from_preset(request.safety, concept=request.safety_concept or DEFAULT_SAFETY_CONCEPT)
         )
+    if request.edits:
+        terms.append(SemanticGuidance([e.concept for e in request.edits], reverse=[e.remove for e in request.edits]))
     return terms
 
 

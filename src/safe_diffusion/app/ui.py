@@ -36,8 +36,18 @@ def make_handler(generator: DemoGenerator):
     """The click handler: validates, generates, and turns every failure into a message in the page."""
     import gradio as gr
 
-    def run(prompt, negative_prompt, seed, steps, guidance_scale, safety, safety_concept, edits,
-            progress=gr.Progress()):
+    # gradio injects the progress tracker through this default.
+    def run(
+        prompt,
+        negative_prompt,
+        seed,
+        steps,
+        guidance_scale,
+        safety,
+        safety_concept,
+        edits,
+        progress=gr.Progress(),  # noqa: B008
+    ):
         skip = (gr.skip(),) * 4
         try:
             request = validate_request(
@@ -87,25 +97,34 @@ def build_demo(generator: DemoGenerator):
                 )
                 safety = gr.Radio(list(SAFETY_CHOICES), value="medium", label="Safety preset", elem_id="safety")
                 safety_concept = gr.Textbox(
-                    value=DEFAULT_SAFETY_CONCEPT, lines=3, label="Safety concept (what SLD steers away from)",
+                    value=DEFAULT_SAFETY_CONCEPT,
+                    lines=3,
+                    label="Safety concept (what SLD steers away from)",
                     elem_id="safety-concept",
                 )
                 edits = gr.Textbox(
-                    lines=3, label="Edit concepts, one per line: +add / -remove", placeholder=EDITS_PLACEHOLDER,
+                    lines=3,
+                    label="Edit concepts, one per line: +add / -remove",
+                    placeholder=EDITS_PLACEHOLDER,
                     elem_id="edits",
                 )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")
                 with gr.Row():
-                    unguided = gr.Image(label="Unguided", format="png", interactive=False, height=320,
-                                        elem_id="unguided")
-                    guided = gr.Image(label="Guided", format="png", interactive=False, height=320,
-                                      elem_id="guided")
-                settings = gr.Code(label="Settings used", language="json", interactive=False, max_lines=14,
-                                   elem_id="settings")
-                files = gr.File(label="Download: both images and the settings", file_count="multiple",
-                                interactive=False, elem_id="files")
+                    unguided = gr.Image(
+                        label="Unguided", format="png", interactive=False, height=320, elem_id="unguided"
+                    )
+                    guided = gr.Image(label="Guided", format="png", interactive=False, height=320, elem_id="guided")
+                settings = gr.Code(
+                    label="Settings used", language="json", interactive=False, max_lines=14, elem_id="settings"
+                )
+                files = gr.File(
+                    label="Download: both images and the settings",
+                    file_count="multiple",
+                    interactive=False,
+                    elem_id="files",
+                )
 
         # A random seed is picked in the browser: nothing to queue behind a running generation.
         random_seed.click(None, None, seed, js=f"() => Math.floor(Math.random() * {MAX_SEED + 1})")
