@@ -1,0 +1,281 @@
+"""What the demo does, without any UI: validate a request, generate both images, write the downloads.
+
+Kept free of gradio so it is unit-testable and reusable; :mod:`safe_diffusion.app.ui` only wires
+widgets to :meth:`DemoGenerator.generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+SAFETY_CHOICES = ("off", "weak", "medium", "strong", "max")
+MAX_SEED = 2**32 - 1
+STEPS_RANGE = (1, 150)
+GUIDANCE_SCALE_RANGE = (1.0, 30.0)
+MAX_PROMPT_CHARS = 2000
+MAX_EDITS = 8
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One semantic edit: add (`remove=False`) or remove a concept."""
+
+    concept: str
+    remove: bool = False
+
+
+@dataclass(frozen=True)
+class DemoRequest:
+    """A validated demo request; build it with :func:`validate_request`."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int = 0
+    steps: int = 25
+    guidance_scale: float = 7.5
+    safety: str = "medium"
+    safety_concept: str | None = None
+    edits: tuple[Edit, ...] = ()
+
+
+@dataclass
+class DemoResult:
+    unguided: Any  # PIL image
+    guided: Any  # PIL image
+    settings: dict
+    files: list[Path] = field(default_factory=list)
+
+
+def parse_edits(text: str | None) -> tuple[Edit, ...]:
+    """``+sunglasses`` / ``-beard``, one per line (blank lines ignored), or a one-line InputError naming the line."""
+    edits = []
+    for number, raw in enumerate((text or "").splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        sign, concept = line[0], line[1:].strip()
+        if sign not in "+-":
+            raise InputError(
+                f"edit line {number} ({line!r}) must start with + (add the concept) or - (remove it), e.g. +sunglasses"
+            )
+        if not concept:
+            raise InputError(f"edit line {number} ({line!r}) names no concept after {sign!r}")
+        edits.append(Edit(concept=concept, remove=sign == "-"))
+    if len(edits) > MAX_EDITS:
+        raise InputError(f"at most {MAX_EDITS} edit concepts, got {len(edits)}")
+    return tuple(edits)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InputError(f"{name} is missing")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a whole number, got {value!r}") from None
+    if not number.is_integer():
+        raise InputError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InputError(f"{name} is missing")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def validate_request(
+    prompt: str | None,
+    negative_prompt: str | None = None,
+    seed: Any = 0,
+    steps: Any = 25,
+    guidance_scale: Any = 7.5,
+    safety: str | None = "medium",
+    safety_concept: str | None = None,
+    edits: str | None = None,
+) -> DemoRequest:
+    """Check the form's values; a one-line :class:`InputError` names the first problem."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise InputError("the prompt is empty: type what to generate")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"the prompt is too long ({len(prompt)} characters, at most {MAX_PROMPT_CHARS})")
+    seed = _as_int("seed", seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+    steps = _as_int("steps", steps)
+    lo, hi = STEPS_RANGE
+    if not lo <= steps <= hi:
+        raise InputError(f"steps must be between {lo} and {hi}, got {steps}")
+    guidance_scale = _as_float("guidance scale", guidance_scale)
+    lo, hi = GUIDANCE_SCALE_RANGE
+    if not lo <= guidance_scale <= hi:
+        raise InputError(f"guidance scale must be between {lo:g} and {hi:g}, got {guidance_scale:g}")
+    key = (safety or "").strip().lower()
+    if key not in SAFETY_CHOICES:
+        raise InputError(f"unknown safety preset {safety!r}; choose one of: {', '.join(SAFETY_CHOICES)}")
+    parsed_edits = parse_edits(edits)
+    if (key != "off" or parsed_edits) and guidance_scale <= 1.0:
+        raise InputError("guidance scale must be above 1 for safety guidance or edits to act")
+    concept = (safety_concept or "").strip() or None
+    return DemoRequest(
+        prompt=prompt,
+        negative_prompt=(negative_prompt or "").strip() or None,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        safety=key,
+        safety_concept=concept,
+        edits=parsed_edits,
+    )
+
+
+def guidance_terms(request: DemoRequest) -> list:
+    """The terms the guided image uses: SLD for the preset (unless off), then SEGA for the edits."""
+    from ..guidance import DEFAULT_SAFETY_CONCEPT, SafetyGuidance, SemanticGuidance
+
+    terms: list = []
+    if request.safety != "off":
+        terms.append(
+            SafetyGuidance.from_preset(request.safety, concept=request.safety_concept or DEFAULT_SAFETY_CONCEPT)
+        )
+    if request.edits:
+        terms.append(SemanticGuidance([e.concept for e in request.edits], reverse=[e.remove for e in request.edits]))
+    return terms
+
+
+class DemoGenerator:
+    """Holds the one loaded pipeline and generates both images of a request, one request at a time.
+
+    The pipeline and the guidance hooks attached to it are not safe to share between threads, so
+    :meth:`generate` holds :attr:`lock` for the whole request, whatever queue sits in front of it.
+    """
+
+    def __init__(self, pipe, model: str, output_root: str | Path | None = None):
+        self.pipe = pipe
+        self.model = model
+        self.lock = threading.Lock()
+        self._own_root = output_root is None
+        self.output_root = Path(output_root or tempfile.mkdtemp(prefix="safe-diffusion-demo-"))
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        self._count = 0
+
+    @classmethod
+    def load(cls, model: str, device: str | None = None, output_root: str | Path | None = None) -> DemoGenerator:
+        """Load `model` once (a one-line InputError if it will not load)."""
+        from ..loading import load_pipeline
+
+        return cls(load_pipeline(model, device=device), model, output_root=output_root)
+
+    def close(self) -> None:
+        if self._own_root:
+            shutil.rmtree(self.output_root, ignore_errors=True)
+
+    def _has_builtin_sld(self) -> bool:
+        from ..pipelines import SafeStableDiffusionPipeline
+
+        return isinstance(self.pipe, SafeStableDiffusionPipeline)
+
+    def generate(self, request: DemoRequest, progress: Progress | None = None) -> DemoResult:
+        """The unguided and the guided image from the same seed, the settings, and files to download."""
+        import torch
+
+        from ..cli.generate import describe_terms
+        from ..outputs import atomic_write_json, library_versions, save_image_atomic
+        from ..pipelines import guide
+
+        terms = guidance_terms(request)
+        # The drop-in SLD pipeline load_pipeline returns applies its own MEDIUM preset unless told not
+        # to; switch that off so the unguided image is unguided and the guided one has only `terms`.
+        extra = {"sld_guidance_scale": 0.0} if self._has_builtin_sld() else {}
+        report = progress or (lambda fraction, desc: None)
+
+        with self.lock:
+            started = time.monotonic()
+            images = {}
+            for index, kind in enumerate(("unguided", "guided")):
+
+                def on_step(pipe, step, timestep, kwargs, index=index, kind=kind):
+                    # Some schedulers (PNDM) take more denoising steps than asked for; count theirs.
+                    n = max(getattr(pipe, "num_timesteps", 0) or request.steps, step + 1)
+                    report((index + (step + 1) / n) / 2, f"{kind} image: step {step + 1}/{n}")
+                    return kwargs
+
+                report(index / 2, f"{kind} image: starting")
+                generator = torch.Generator(device="cpu").manual_seed(request.seed)
+                with guide(self.pipe, *(terms if kind == "guided" else [])):
+                    images[kind] = self.pipe(
+                        prompt=request.prompt,
+                        negative_prompt=request.negative_prompt,
+                        num_inference_steps=request.steps,
+                        guidance_scale=request.guidance_scale,
+                        generator=generator,
+                        callback_on_step_end=on_step,
+                        **extra,
+                    ).images[0]
+            seconds = round(time.monotonic() - started, 2)
+
+            self._count += 1
+            folder = self.output_root / f"{self._count:05d}-seed{request.seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+
+        settings = {
+            "model": self.model,
+            **{k: v for k, v in asdict(request).items() if k != "edits"},
+            "safety_concept": None if request.safety == "off" else terms[0].concept,
+            "edits": [("-" if e.remove else "+") + e.concept for e in request.edits],
+            "height": images["guided"].height,
+            "width": images["guided"].width,
+            "scheduler": type(self.pipe.scheduler).__name__,
+            "device": str(getattr(self.pipe, "device", "")),
+            "seconds": seconds,
+            "guidance": describe_terms(terms),
+            "versions": library_versions(),
+        }
+        files = []
+        for kind, image in images.items():
+            png = folder / f"seed{request.seed}-{kind}.png"
+            save_image_atomic(image, png)
+            files.append(png)
+        sidecar = folder / f"seed{request.seed}-settings.json"
+        atomic_write_json(sidecar, {**settings, "images": {k: f"seed{request.seed}-{k}.png" for k in images}})
+        files.append(sidecar)
+        return DemoResult(unguided=images["unguided"], guided=images["guided"], settings=settings, files=files)
+
+
+def warmup_note(request: DemoRequest) -> str | None:
+    """Why the two images may be identical: every guidance term still in its warm-up for all the steps."""
+    terms = guidance_terms(request)
+    if not terms:
+        return "safety is off and there are no edits, so both images are the same"
+    warmups = []
+    for term in terms:
+        w = term.warmup_steps
+        warmups.extend(w if isinstance(w, list) else [w])
+    first = min(warmups)
+    if request.steps <= first:
+        return f"guidance starts after a warm-up of {first} steps; with {request.steps} steps both images are the same"
+    return None
+
+
+def settings_json(settings: dict) -> str:
+    return json.dumps(settings, indent=2, ensure_ascii=False)
