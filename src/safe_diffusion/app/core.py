@@ -190,11 +190,6 @@ class DemoGenerator:
         if self._own_root:
             shutil.rmtree(self.output_root, ignore_errors=True)
 
-    def _has_builtin_sld(self) -> bool:
-        from ..pipelines import SafeStableDiffusionPipeline
-
-        return isinstance(self.pipe, SafeStableDiffusionPipeline)
-
     def generate(self, request: DemoRequest, progress: Progress | None = None) -> DemoResult:
         """The unguided and the guided image from the same seed, the settings, and files to download."""
         import torch
@@ -204,9 +199,6 @@ class DemoGenerator:
         from ..pipelines import guide
 
         terms = guidance_terms(request)
-        # The drop-in SLD pipeline load_pipeline returns applies its own MEDIUM preset unless told not
-        # to; switch that off so the unguided image is unguided and the guided one has only `terms`.
-        extra = {"sld_guidance_scale": 0.0} if self._has_builtin_sld() else {}
         report = progress or (lambda fraction, desc: None)
 
         with self.lock:
@@ -230,7 +222,6 @@ class DemoGenerator:
                         guidance_scale=request.guidance_scale,
                         generator=generator,
                         callback_on_step_end=on_step,
-                        **extra,
                     ).images[0]
             seconds = round(time.monotonic() - started, 2)
 
