@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[i2p,nudenet,app,test,dev]"
+	bash scripts/install-browser.sh   # Debian chromium for the demo's browser test
 	touch $(STAMP)
 
 test: setup
