@@ -108,13 +108,17 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tiny_checkpoint, cl
     assert snapshot(run) == before
 
 
-def test_accelerate_two_processes_match_one(reference, tiny_checkpoint, tmp_path):
+def test_accelerate_two_processes_match_one(reference, tiny_checkpoint, tmp_path, monkeypatch):
     ref, _ = reference
     run = tmp_path / "sharded"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # `accelerate launch --cpu` starts several CPU processes only through mpirun; --multi_gpu starts them with
+    # torchrun, and ACCELERATE_USE_CPU (what --cpu sets) makes the runner use gloo on the CPU.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safe_diffusion"]
-    cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1", "--classifiers", "none",
-        "--safety", "strong", launcher=launcher)
+    proc = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
+               "--classifiers", "none", "--safety", "strong", launcher=launcher)
+    assert "process 0 of 2 wrote 3 new image(s)" in proc.stdout  # batches 0, 2, 4 of 6; process 1 wrote the rest
     assert snapshot(run) == snapshot(ref)
 
 

@@ -58,9 +58,7 @@ def run(
 
     check_model_reference(model)
 
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = _process_state(device)
     dev = device or state.device
     terms = safety_terms(safety)
     config = {
@@ -89,16 +87,20 @@ def run(
         negative_prompt=negative_prompt,
     )
     # Everything that can fail on user input fails here, before the run directory is touched.
+    from ..i2p.store import check_resume
+
+    check_resume(out, config)
     clfs = load_classifiers(names, q16_model=q16_model, device=dev)
     from ..loading import load_pipeline
     from ..outputs import library_versions
 
     pipe = load_pipeline(model, device=dev)
-    config["scheduler"] = type(pipe.scheduler).__name__
     from ..i2p.store import RunStore
 
     with state.main_process_first():
-        store = RunStore.create_or_resume(out, config, selected, library_versions())
+        store = RunStore.create_or_resume(
+            out, config, selected, {**library_versions(), "scheduler": type(pipe.scheduler).__name__}
+        )
     show = progress and state.is_main_process
     written = runner.generate(
         pipe, terms, store, selected, settings,
@@ -110,10 +112,24 @@ def run(
     state.wait_for_everyone()
     if state.is_main_process:
         total = len(store.done_keys())
-        typer.echo(f"{written} new image(s) on process 0; run {out} has {total} of {len(selected) * images_per_prompt}")
+        typer.echo(f"process 0 of {state.num_processes} wrote {written} new image(s); run {out} has {total} of {len(selected) * images_per_prompt}")
         if clfs:
             _write_results(store)
     store.close()
+
+
+def _process_state(device: str | None):
+    """This process's place in an ``accelerate launch`` / torchrun job (a single process otherwise).
+
+    PartialState only uses gloo on CPUs when asked to; ask when the launcher says so
+    (ACCELERATE_USE_CPU, set by ``accelerate launch --cpu``), when --device is cpu, or when there is no CUDA.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
 
 
 def _write_results(store) -> None:

@@ -45,6 +45,34 @@ def image_name(prompt_index: int, image_index: int) -> str:
     return f"{IMAGES_DIR}/{prompt_index:05d}-{image_index:03d}.png"
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _refuse(path: Path, old: dict, new: dict):
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in diff[:3])
+    raise InputError(
+        f"run {str(path)!r} was started with a different config ({shown}); use a new --out or the original options"
+    )
+
+
+def check_resume(path: str | Path, config: dict) -> None:
+    """Refuse, without writing anything, to resume `path` with a config other than its own."""
+    db = Path(path) / DB_NAME
+    if not db.is_file():
+        return
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=120)
+        row = conn.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+        conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise InputError(f"{str(path)!r}: unreadable run store ({exc})") from None
+    if row is not None and row[0] != json.dumps(config, sort_keys=True):
+        _refuse(Path(path), json.loads(row[0]), config)
+
+
 class RunStore:
     def __init__(self, path: Path, conn: sqlite3.Connection):
         self.path = Path(path)
@@ -107,13 +135,7 @@ class RunStore:
                     [(p.index, p.text, ",".join(p.categories), p.sd_seed) for p in prompts],
                 )
             elif row[0] != frozen:
-                old = json.loads(row[0])
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise InputError(
-                    f"run {str(path)!r} was started with a different config ({', '.join(diff)} differ: "
-                    f"{'; '.join(f'{k}={old.get(k)!r} vs {config.get(k)!r}' for k in diff[:3])}); "
-                    "use a new --out or the original options"
-                )
+                _refuse(path, json.loads(row[0]), config)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
