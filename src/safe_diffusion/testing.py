@@ -121,6 +121,26 @@ def build_checkpoint(path: str | Path, size: str = "tiny", seed: int = 0) -> Pat
     return path
 
 
+def build_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A random-weight CLIP (``CLIPModel``) with a 768-dimensional projection, as Q16 expects, and its
+    image processor, saved at `path`. Q16 runs on it offline; its verdicts are meaningless."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=512),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size, patch_size=8,
+        ),
+        projection_dim=768,
+    )
+    CLIPModel(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m safe_diffusion.testing DIR [--size small]``: build a random-weight checkpoint folder."""
     import argparse

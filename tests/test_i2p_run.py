@@ -1,0 +1,153 @@
+"""End to end on a tiny random checkpoint: run, resume after SIGKILL, sharding, classifiers, score, export, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+ARGS = ["--limit", "3", "--images-per-prompt", "2", "--steps", "2", "--height", "32", "--width", "32"]
+
+
+def env():
+    e = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
+    e.update(TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    return e
+
+
+def cli(*args, check=True, launcher=None):
+    cmd = (launcher or [sys.executable, "-m", "safe_diffusion"]) + [str(a) for a in args]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def snapshot(run: Path):
+    """Records (key -> seed, image) and the bytes' hash of every image file."""
+    conn = sqlite3.connect(run / "run.sqlite")
+    records = {(p, k): (s, i) for p, k, s, i in conn.execute("SELECT prompt_index, image_index, seed, image FROM images")}
+    dupes = conn.execute("SELECT COUNT(*) - COUNT(DISTINCT prompt_index || '-' || image_index) FROM images").fetchone()[0]
+    conn.close()
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "images").glob("*.png"))}
+    return records, files, dupes
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from safe_diffusion.testing import build_clip
+
+    return build_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint, clip, tmp_path_factory):
+    """An uninterrupted run, batch size 1, with both classifiers (NudeNet runs for real)."""
+    run = tmp_path_factory.mktemp("runs") / "ref"
+    proc = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
+               "--classifiers", "q16,nudenet", "--q16-model", clip, "--safety", "strong")
+    return run, proc
+
+
+def test_run_writes_a_self_describing_store(reference):
+    run, proc = reference
+    records, files, dupes = snapshot(run)
+    assert sorted(records) == [(p, k) for p in range(3) for k in range(2)] and dupes == 0
+    assert len(files) == 6
+    # seed of image 0 is the prompt's sd_seed
+    from safe_diffusion.i2p.data import load_prompts
+
+    prompts = load_prompts().prompts
+    assert records[(1, 0)][0] == prompts[1].sd_seed and records[(1, 1)][0] != prompts[1].sd_seed
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["prompts"]["sha256"] == "c5ab09e3f37a0f6f01899f8771495385ab68934fb844f6398a6dd12183a6dfbc"
+    assert cfg["versions"]["torch"] and cfg["config"]["safety"] == "strong"
+    results = json.loads((run / "results.json").read_text())
+    assert results["schema_version"] == 1
+    assert [r["category"] for r in results["rows"]][-1] == "overall"
+    assert results["classifiers"]["nudenet"]["nudenet"] == "3.4.2"
+    # prompts never reach the output at info level
+    for p in prompts[:3]:
+        assert p.text[:30] not in proc.stdout + proc.stderr
+
+
+def test_sigkill_then_resume_equals_uninterrupted(reference, tiny_checkpoint, clip, tmp_path):
+    ref, _ = reference
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "safe_diffusion", "i2p", "run", "--model", str(tiny_checkpoint), "--out", str(run),
+           *ARGS, "--batch-size", "1", "--classifiers", "none", "--safety", "strong"]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "images").is_dir() and any((run / "images").glob("*.png")):
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial, _, _ = snapshot(run)
+    assert len(partial) < 6, "the run finished before it was killed"
+    cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1", "--classifiers", "none",
+        "--safety", "strong")
+    assert snapshot(run) == snapshot(ref)
+    assert not list((run / "images").glob(".*tmp"))
+    # a different config is refused, and nothing is written
+    before = snapshot(run)
+    bad = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
+              "--classifiers", "none", "--safety", "max", check=False)
+    assert bad.returncode == 2 and "different config" in bad.stderr and "safety" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+    assert snapshot(run) == before
+
+
+def test_accelerate_two_processes_match_one(reference, tiny_checkpoint, tmp_path, monkeypatch):
+    ref, _ = reference
+    run = tmp_path / "sharded"
+    # `accelerate launch --cpu` starts several CPU processes only through mpirun; --multi_gpu starts them with
+    # torchrun, and ACCELERATE_USE_CPU (what --cpu sets) makes the runner use gloo on the CPU.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safe_diffusion"]
+    proc = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
+               "--classifiers", "none", "--safety", "strong", launcher=launcher)
+    assert "process 0 of 2 wrote 3 new image(s)" in proc.stdout  # batches 0, 2, 4 of 6; process 1 wrote the rest
+    assert snapshot(run) == snapshot(ref)
+
+
+def test_classify_score_export_report(reference, clip, tmp_path):
+    import pandas as pd
+
+    ref, _ = reference
+    proc = cli("i2p", "score", ref, "--json", tmp_path / "s.json")
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert {r["category"] for r in doc["rows"]} >= {"overall", "hate"} and "overall" in proc.stdout
+    for name in ("e.csv", "e.parquet"):
+        cli("i2p", "export", ref, tmp_path / name)
+    frame = pd.read_csv(tmp_path / "e.csv", keep_default_na=False)
+    assert list(frame.columns[:9]) == ["prompt_index", "prompt", "categories", "image_index", "seed", "image",
+                                       "q16", "nudenet", "unsafe"]
+    assert {"q16_score", "nudenet_score", "nudenet_female_breast_exposed"} <= set(frame.columns)
+    assert len(frame) == 6 and len(pd.read_parquet(tmp_path / "e.parquet")) == 6
+    # the export scores the same as the run
+    for name in ("e.csv", "e.parquet"):
+        cli("i2p", "score", tmp_path / name, "--json", tmp_path / "x.json")
+        assert json.loads((tmp_path / "x.json").read_text())["rows"] == doc["rows"]
+    # reclassify with NudeNet only (real detector) without regenerating
+    before = snapshot(ref)
+    cli("i2p", "classify", ref, "--classifiers", "nudenet")
+    assert snapshot(ref) == before
+    cli("i2p", "report", ref, ref, "--out", tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert "data:image/png;base64" in html and "overall" in html
+    assert "| overall |" in (tmp_path / "r.md").read_text()
+    proc = cli("audit", ref / "images", "--out", tmp_path / "a.html", "--classifiers", "nudenet,q16", "--q16-model", clip)
+    audit = pd.read_csv(tmp_path / "a.csv")
+    assert len(audit) == 6 and {"image", "nudenet", "q16", "unsafe", "nudenet_score", "q16_score"} <= set(audit.columns)
