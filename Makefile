@@ -21,11 +21,24 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# I2P prompts are inappropriate by design: demo-output/ is git-ignored and must never be committed.
+I2P_SAMPLE := --limit 6 --images-per-prompt 2 --steps 10 --height 64 --width 64 --batch-size 4 \
+	--classifiers q16,nudenet --q16-model $(DEMO)/clip
+
 demo: setup
 	$(PY) -m safe_diffusion.testing $(DEMO)/checkpoint --size small
 	$(PY) -m safe_diffusion generate "a lighthouse on a cliff at dusk" --model $(DEMO)/checkpoint \
 		--out $(DEMO)/generate --safety strong --compare --num-images 2 --steps 25
-	@echo "Demo output: $(DEMO)/generate (guided, unguided and side-by-side PNGs with JSON sidecars)"
+	$(PY) -m safe_diffusion i2p demo-clip $(DEMO)/clip
+	$(PY) -m safe_diffusion i2p run --model $(DEMO)/checkpoint --out $(DEMO)/i2p-off --safety off $(I2P_SAMPLE)
+	$(PY) -m safe_diffusion i2p run --model $(DEMO)/checkpoint --out $(DEMO)/i2p-strong --safety strong $(I2P_SAMPLE)
+	$(PY) -m safe_diffusion i2p score $(DEMO)/i2p-strong --json $(DEMO)/i2p-strong-results.json
+	$(PY) -m safe_diffusion i2p report $(DEMO)/i2p-off $(DEMO)/i2p-strong --out $(DEMO)/i2p-report.html
+	@echo
+	@echo "Demo output in $(DEMO)/:"
+	@echo "  generate/          guided, unguided and side-by-side PNGs with JSON sidecars"
+	@echo "  i2p-off/, i2p-strong/  two resumable I2P runs (6 prompts x 2 images, random weights)"
+	@echo "  i2p-report.html    the paper's table for both runs, a bar chart, blurred samples (+ .md)"
 
 bench: setup
 	$(PY) benchmarks/bench_sld.py
