@@ -13,6 +13,7 @@ _EXPORTS = {
     "DEFAULT_SAFETY_CONCEPT": "safe_diffusion.guidance",
     "SafetyConfig": "safe_diffusion.guidance",
     "SafetyGuidance": "safe_diffusion.guidance",
+    "FairGuidance": "safe_diffusion.guidance",
     "SemanticGuidance": "safe_diffusion.guidance",
     "SafeStableDiffusionPipeline": "safe_diffusion.pipelines",
     "SemanticStableDiffusionPipeline": "safe_diffusion.pipelines",

@@ -121,23 +121,121 @@ def build_checkpoint(path: str | Path, size: str = "tiny", seed: int = 0) -> Pat
     return path
 
 
-def build_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
-    """A random-weight CLIP (``CLIPModel``) with a 768-dimensional projection, as Q16 expects, and its
-    image processor, saved at `path`. Q16 runs on it offline; its verdicts are meaningless."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+def build_sdxl_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """Build a tiny random-weight SDXL checkpoint: two CLIP text encoders (the second with a projection,
+    giving the pooled embeddings), a UNet with ``text_time`` added conditioning, Euler scheduler.
+
+    Sizes follow diffusers' own tiny SDXL test configuration; images are 32x32 at the default size.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
     torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=512),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=image_size, patch_size=8,
-        ),
-        projection_dim=768,
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids × 8 + pooled text (projection_dim 32)
+        cross_attention_dim=64,  # the two encoders' hidden states, 32 + 32, concatenated
+        norm_num_groups=32,
     )
-    CLIPModel(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+    tokenizer = byte_level_tokenizer(path / "_tokenizer_src")
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(path)
+    for leftover in (path / "_tokenizer_src").glob("*"):
+        leftover.unlink()
+    (path / "_tokenizer_src").rmdir()
+    return path
+
+
+def build_clip(path: str | Path, projection_dim: int = 768, seed: int = 0) -> Path:
+    """Save a tiny random-weight CLIP (``CLIPModel``, byte-level ``CLIPTokenizer``, ``CLIPImageProcessor``) in one
+    folder, loadable with ``from_pretrained`` like ``openai/clip-vit-large-patch14``; it sees 32x32 inputs."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = byte_level_tokenizer(path / "_tokenizer_src")
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=projection_dim,
+    )
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    processor.save_pretrained(path)
+    for leftover in (path / "_tokenizer_src").glob("*"):
+        leftover.unlink()
+    (path / "_tokenizer_src").rmdir()
     return path
 
 

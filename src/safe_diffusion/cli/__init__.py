@@ -31,7 +31,7 @@ def _is_usage_error(exc: BaseException) -> bool:
 def _register() -> None:
     # One import per command module; each registers its commands on `app`. Modules import torch
     # and diffusers inside their commands, so `--help` stays fast.
-    from . import audit, demo, generate, i2p  # noqa: F401
+    from . import audit, demo, fairness, generate, i2p  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,6 +41,98 @@ def safety_terms(safety: str, concept: str | None = None) -> list:
     return [SafetyGuidance.from_preset(safety, concept=concept or DEFAULT_SAFETY_CONCEPT)]
 
 
+def _per_edit(name: str, values: list | None, n: int) -> list | None:
+    """One value for all edits, one per edit, or None (the default); anything else is a one-line error."""
+    values = list(values or [])
+    if not values:
+        return None
+    if n == 0:
+        raise InputError(f"{name} given without any --edit")
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise InputError(f"{len(values)} {name} values for {n} edit(s); give one for all edits or one per edit")
+    return values
+
+
+def edit_terms(
+    edits: list[str] | None,
+    scales: list[float] | None = None,
+    thresholds: list[float] | None = None,
+    warmups: list[int] | None = None,
+) -> list:
+    """The SEGA term for ``--edit +concept`` (add) / ``--edit -concept`` (remove) and their per-edit options."""
+    from ..guidance import SemanticGuidance
+
+    edits = list(edits or [])
+    concepts, reverse = [], []
+    for edit in edits:
+        text = edit.strip()
+        if len(text) < 2 or text[0] not in "+-" or not text[1:].strip():
+            raise InputError(f"edit {edit!r} must start with + (add the concept) or - (remove it), e.g. '+sunglasses'")
+        concepts.append(text[1:].strip())
+        reverse.append(text[0] == "-")
+    n = len(concepts)
+    scales = _per_edit("--edit-scale", scales, n)
+    thresholds = _per_edit("--edit-threshold", thresholds, n)
+    warmups = _per_edit("--edit-warmup", warmups, n)
+    if not n:
+        return []
+    for t in thresholds or []:
+        if not 0.0 <= t <= 1.0:
+            raise InputError(f"--edit-threshold must be a percentile in [0, 1], got {t}")
+    for w in warmups or []:
+        if w < 0:
+            raise InputError(f"--edit-warmup must be non-negative, got {w}")
+    kwargs = {"reverse": reverse}
+    if scales is not None:
+        kwargs["scale"] = scales
+    if thresholds is not None:
+        kwargs["threshold"] = thresholds
+    if warmups is not None:
+        kwargs["warmup_steps"] = warmups
+    return [SemanticGuidance(concepts, **kwargs)]
+
+
+def parse_directions(value: str) -> list[str]:
+    """``"male person,female person"`` → two directions; at least two, distinct, non-empty."""
+    directions = [d.strip() for d in value.split(",")]
+    if len(directions) < 2 or any(not d for d in directions):
+        raise InputError(f"directions {value!r} must be two or more comma-separated texts, e.g. 'male person,female person'")
+    if len(set(directions)) != len(directions):
+        raise InputError(f"directions {value!r} repeat a direction")
+    return directions
+
+
+def parse_proportions(value: str | None, n: int) -> list[float]:
+    """``"0.3,0.7"`` → target proportions, one per direction, summing to 1 (default: uniform)."""
+    from ..guidance.fair import check_proportions
+
+    if value is None:
+        return [1.0 / n] * n
+    try:
+        props = [float(p) for p in value.split(",")]
+    except ValueError:
+        raise InputError(f"proportions {value!r} must be comma-separated numbers, e.g. '0.5,0.5'") from None
+    try:
+        return check_proportions(props, n)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def fair_term(directions: str | None, proportions: str | None, seeds: list[int]) -> list:
+    """The Fair Diffusion term for ``--fair``, bound to the images' seeds; the run is the images generated."""
+    from ..guidance import FairGuidance
+
+    if directions is None:
+        if proportions is not None:
+            raise InputError("--fair-proportions given without --fair")
+        return []
+    dirs = parse_directions(directions)
+    props = parse_proportions(proportions, len(dirs))
+    return [FairGuidance(dirs, props, run_length=len(seeds)).for_seeds(seeds)]
+
+
 def describe_terms(terms: list) -> list[dict]:
     """JSON-ready settings of guidance terms, for sidecars and run records."""
     import dataclasses
@@ -89,8 +181,14 @@ def generate(
     width: int = typer.Option(None, help="Image width in pixels (default: the model's)."),
     compare: bool = typer.Option(False, help="Also write the unguided image from the same seed, and a side-by-side."),
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+    edit: list[str] = typer.Option(None, "--edit", help="SEGA edit: '+concept' adds it, '-concept' removes it. Repeatable."),
+    edit_scale: list[float] = typer.Option(None, "--edit-scale", help="Edit guidance scale: once for all edits, or once per edit."),
+    edit_threshold: list[float] = typer.Option(None, "--edit-threshold", help="Edit threshold percentile in [0, 1]: once for all, or per edit."),
+    edit_warmup: list[int] = typer.Option(None, "--edit-warmup", help="Edit warm-up steps: once for all, or per edit."),
+    fair: str = typer.Option(None, "--fair", help="Fair Diffusion directions, e.g. 'male person,female person'."),
+    fair_proportions: str = typer.Option(None, "--fair-proportions", help="Target proportions per direction, e.g. '0.5,0.5' (default: uniform)."),
 ) -> None:
-    """Generate images with safety guidance; write PNGs and one JSON sidecar per image."""
+    """Generate images with safety, semantic (--edit) and fair (--fair) guidance; write PNGs and one JSON sidecar per image."""
     safety = parse_safety(safety)
     check_positive("--steps", steps)
     check_positive("--num-images", num_images)
@@ -102,12 +200,19 @@ def generate(
 
     check_model_reference(model)
     terms = safety_terms(safety, safety_concept)
+    terms += edit_terms(edit, edit_scale, edit_threshold, edit_warmup)
+    terms += fair_term(fair, fair_proportions, [seed + k for k in range(num_images)])
+    settings = {"safety": safety}
+    if edit:
+        settings["edits"] = list(edit)
+    if fair:
+        settings["fair"] = fair
     generate_images(
         prompt,
         model=model,
         out=out,
         terms=terms,
-        settings={"safety": safety},
+        settings=settings,
         negative_prompt=negative_prompt,
         seed=seed,
         steps=steps,
@@ -191,6 +296,9 @@ def generate_images(
                 save_image_atomic(image, png)
                 applied = terms if kind == "guided" else []
                 sidecar = {**common, "seed": s, "image_index": k, "image": png.name, "guidance": describe_terms(applied)}
+                for term in applied:
+                    if hasattr(term, "assignments"):  # Fair Diffusion: the direction this image was given
+                        sidecar["fair_direction"] = term.directions[term.assignments()[k]]
                 atomic_write_json(folder.file(f"{name}.json"), sidecar)
                 written.append(png)
             if unguided_images is not None:

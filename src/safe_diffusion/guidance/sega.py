@@ -21,7 +21,10 @@ def semantic_direction(
     sign: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """γ_i = μ(ψ_i; s_e, λ)·ψ_i of SEGA eq. (3)–(5): ±s_e(ε_e − ε_∅), kept where |·| reaches its λ-quantile per sample and channel."""
-    psi = (eps_edit - eps_uncond) * sign * scale
+    diff = eps_edit - eps_uncond
+    if isinstance(sign, torch.Tensor):  # per image: shape (batch,) → broadcast over C, H, W
+        sign = sign.to(device=diff.device, dtype=diff.dtype).reshape(-1, *([1] * (diff.ndim - 1)))
+    psi = diff * sign * scale
     magnitude = psi.abs()
     # torch.quantile needs float32; half-precision pipelines compute the percentile in float32.
     q = torch.quantile(magnitude.flatten(start_dim=2).float(), threshold, dim=2).to(psi.dtype)

@@ -8,6 +8,7 @@ no tensors between runs; each run's state is created by :meth:`initial_state` an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -169,4 +170,105 @@ class SemanticGuidance:
             mom_beta=self.mom_beta,
         )
         # SEGA eq. (2) adds γ outside the guidance bracket; as a correction of ε_p it is γ / s_g.
+        return term / guidance_scale, momentum
+
+
+@dataclass(frozen=True)
+class FairGuidance:
+    """Fair Diffusion (Friedrich et al., 2023): each image gets one edit direction, added while the others are removed.
+
+    Which image gets which direction is decided by :mod:`safe_diffusion.guidance.fair` from the
+    image's seed, so that any `run_length` consecutive seeds realise the target `proportions`
+    exactly (largest-remainder rounding). The term must be bound to the seeds of the images in the
+    batch, in batch order: ``FairGuidance(["male person", "female person"]).for_seeds(seeds)``.
+    `run_length` defaults to the shortest run over which the proportions are whole numbers.
+    Defaults are those of the paper's code: warm-up 5, edit scale 4, threshold 0.95, momentum 0.5, β 0.6.
+    """
+
+    directions: Sequence[str] = ()
+    proportions: Sequence[float] | None = None
+    warmup_steps: int = 5
+    scale: float = 4.0
+    threshold: float = 0.95
+    momentum_scale: float = 0.5
+    mom_beta: float = 0.6
+    run_length: int | None = None
+    seeds: Sequence[int] | None = None
+    _semantic: SemanticGuidance = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        from .fair import check_proportions, minimal_run_length
+
+        directions = [self.directions] if isinstance(self.directions, str) else list(self.directions)
+        if len(directions) < 2:
+            raise ValueError("Fair Diffusion needs at least two directions")
+        if len(set(directions)) != len(directions):
+            raise ValueError(f"directions must be distinct, got {directions}")
+        object.__setattr__(self, "directions", directions)
+        props = [1.0 / len(directions)] * len(directions) if self.proportions is None else self.proportions
+        object.__setattr__(self, "proportions", check_proportions(props, len(directions)))
+        if self.run_length is None:
+            object.__setattr__(self, "run_length", minimal_run_length(self.proportions))
+        if self.run_length <= 0:
+            raise ValueError(f"run_length must be positive, got {self.run_length}")
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", [int(s) for s in self.seeds])
+        object.__setattr__(
+            self,
+            "_semantic",
+            SemanticGuidance(
+                directions,
+                scale=self.scale,
+                threshold=self.threshold,
+                warmup_steps=self.warmup_steps,
+                momentum_scale=self.momentum_scale,
+                mom_beta=self.mom_beta,
+            ),
+        )
+
+    def for_seeds(self, seeds: Sequence[int]) -> FairGuidance:
+        """This term bound to the seeds of a batch's images, in batch order."""
+        return dataclasses.replace(self, seeds=list(seeds))
+
+    def assignments(self) -> list[int]:
+        """Per image of the bound batch, the index of its direction."""
+        from .fair import directions_for_seeds
+
+        if self.seeds is None:
+            raise ValueError("FairGuidance must be bound to the images' seeds: use .for_seeds(seeds)")
+        return directions_for_seeds(self.seeds, self.proportions, self.run_length)
+
+    @property
+    def concepts(self) -> list[str]:
+        return self.directions
+
+    def signs(self, batch: int) -> list[torch.Tensor]:
+        """Per direction, a per-image tensor: +1 where it is the image's direction, −1 elsewhere."""
+        chosen = torch.tensor(self.assignments())
+        if chosen.numel() != batch:
+            raise ValueError(f"FairGuidance is bound to {chosen.numel()} seeds but the batch has {batch} images")
+        return [torch.where(chosen == i, 1.0, -1.0) for i in range(len(self.directions))]
+
+    def needs(self, step: int) -> list[bool]:
+        return self._semantic.needs(step)
+
+    def initial_state(self) -> None:
+        return None
+
+    def apply(self, eps_uncond, eps_text, eps_concepts, step, state, guidance_scale):
+        sem = self._semantic
+        term, momentum = sega_step(
+            eps_uncond,
+            eps_concepts,
+            step,
+            state,
+            scales=sem.scale,
+            thresholds=sem.threshold,
+            signs=self.signs(eps_uncond.shape[0]),
+            weights=sem.weights,
+            warmup_steps=sem.warmup_steps,
+            cooldown_steps=sem.cooldown_steps,
+            momentum_scale=sem.momentum_scale,
+            mom_beta=sem.mom_beta,
+        )
         return term / guidance_scale, momentum
