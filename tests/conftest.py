@@ -33,14 +33,10 @@ def small_checkpoint(tmp_path_factory):
 @pytest.fixture
 def cli(capsys):
     """Run the console entry point in-process: ``code, out, err = cli("generate", ...)``."""
-    from safe_diffusion.cli import main
+    from helpers import run_cli
 
     def run(*args: str):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
+        code = run_cli(*args)
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 

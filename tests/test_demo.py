@@ -26,7 +26,7 @@ from safe_diffusion.app.core import (
 )
 from safe_diffusion.errors import InputError
 
-from .conftest import run_cli
+from helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "demo.png"

@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from helpers import run_cli
 
 
 @pytest.fixture

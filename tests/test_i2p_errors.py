@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_cli
+from helpers import run_cli
 
 GEN = ["--limit", "1", "--images-per-prompt", "1", "--steps", "1", "--height", "32", "--width", "32", "--classifiers", "none"]
 

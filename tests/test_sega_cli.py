@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from helpers import run_cli
 
 ARGS = ["--steps", "3", "--height", "32", "--width", "32"]
 
