@@ -8,17 +8,6 @@ import json
 import pytest
 from PIL import Image
 
-from helpers import run_cli
-
-
-@pytest.fixture
-def cli(capsys):
-    def call(*args):
-        code = run_cli(*map(str, args))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return call
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import run_cli
 
 ARGS = ["--steps", "3", "--height", "32", "--width", "32"]
-
-
-@pytest.fixture
-def cli(capsys):
-    def call(*args):
-        code = run_cli(*map(str, args))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return call
 
 
 def _png(path):

@@ -31,25 +31,42 @@ def _byte_alphabet() -> list[str]:
     return [mapping[b] for b in range(256)]
 
 
-def byte_level_tokenizer(path: str | Path, model_max_length: int = 77):
+def byte_level_tokenizer(model_max_length: int = 77):
     """A CLIP tokenizer with a byte-level vocabulary and no merges: every character is a token."""
+    import tempfile
+
     from transformers import CLIPTokenizer
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     chars = _byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=model_max_length)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=model_max_length)
+
+
+def _tiny_vae(sample_size: int):
+    """A random two-level VAE (downscale 2) for the test checkpoints."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size,
+    )
 
 
 def build_checkpoint(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Build a random-weight SD 1.x-style checkpoint (UNet, VAE, CLIP text encoder, tokenizer, PNDM) at `path`."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if size not in SIZES:
@@ -71,17 +88,8 @@ def build_checkpoint(path: str | Path, size: str = "tiny", seed: int = 0) -> Pat
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=cfg["sample_size"] * 2,
-    )
-    tokenizer = byte_level_tokenizer(path / "_tokenizer_src")
+    vae = _tiny_vae(cfg["sample_size"] * 2)
+    tokenizer = byte_level_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -115,9 +123,6 @@ def build_checkpoint(path: str | Path, size: str = "tiny", seed: int = 0) -> Pat
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path)
-    for leftover in (path / "_tokenizer_src").glob("*"):
-        leftover.unlink()
-    (path / "_tokenizer_src").rmdir()
     return path
 
 
@@ -127,7 +132,7 @@ def build_sdxl_checkpoint(path: str | Path, seed: int = 0) -> Path:
 
     Sizes follow diffusers' own tiny SDXL test configuration; images are 32x32 at the default size.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
@@ -149,17 +154,8 @@ def build_sdxl_checkpoint(path: str | Path, seed: int = 0) -> Path:
         cross_attention_dim=64,  # the two encoders' hidden states, 32 + 32, concatenated
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
-    tokenizer = byte_level_tokenizer(path / "_tokenizer_src")
+    vae = _tiny_vae(32)
+    tokenizer = byte_level_tokenizer()
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -192,9 +188,6 @@ def build_sdxl_checkpoint(path: str | Path, seed: int = 0) -> Path:
         scheduler=scheduler,
     )
     pipe.save_pretrained(path)
-    for leftover in (path / "_tokenizer_src").glob("*"):
-        leftover.unlink()
-    (path / "_tokenizer_src").rmdir()
     return path
 
 
@@ -206,7 +199,7 @@ def build_clip(path: str | Path, projection_dim: int = 768, seed: int = 0) -> Pa
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = byte_level_tokenizer(path / "_tokenizer_src")
+    tokenizer = byte_level_tokenizer()
     text = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -233,9 +226,6 @@ def build_clip(path: str | Path, projection_dim: int = 768, seed: int = 0) -> Pa
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     processor.save_pretrained(path)
-    for leftover in (path / "_tokenizer_src").glob("*"):
-        leftover.unlink()
-    (path / "_tokenizer_src").rmdir()
     return path
 
 

@@ -155,6 +155,10 @@ class SemanticGuidance:
         return None
 
     def apply(self, eps_uncond, eps_text, eps_concepts, step, state, guidance_scale):
+        return self.apply_signed(eps_uncond, eps_concepts, step, state, guidance_scale, self.signs(eps_uncond.shape[0]))
+
+    def apply_signed(self, eps_uncond, eps_concepts, step, state, guidance_scale, signs):
+        """:meth:`apply` with explicit per-concept signs (scalars or per-image tensors)."""
         term, momentum = sega_step(
             eps_uncond,
             eps_concepts,
@@ -162,7 +166,7 @@ class SemanticGuidance:
             state,
             scales=self.scale,
             thresholds=self.threshold,
-            signs=self.signs(eps_uncond.shape[0]),
+            signs=signs,
             weights=self.weights,
             warmup_steps=self.warmup_steps,
             cooldown_steps=self.cooldown_steps,
@@ -256,19 +260,5 @@ class FairGuidance:
         return None
 
     def apply(self, eps_uncond, eps_text, eps_concepts, step, state, guidance_scale):
-        sem = self._semantic
-        term, momentum = sega_step(
-            eps_uncond,
-            eps_concepts,
-            step,
-            state,
-            scales=sem.scale,
-            thresholds=sem.threshold,
-            signs=self.signs(eps_uncond.shape[0]),
-            weights=sem.weights,
-            warmup_steps=sem.warmup_steps,
-            cooldown_steps=sem.cooldown_steps,
-            momentum_scale=sem.momentum_scale,
-            mom_beta=sem.mom_beta,
-        )
-        return term / guidance_scale, momentum
+        signs = self.signs(eps_uncond.shape[0])
+        return self._semantic.apply_signed(eps_uncond, eps_concepts, step, state, guidance_scale, signs)
