@@ -84,11 +84,11 @@ def test_term_defaults_binding_and_per_image_signs():
 def test_fair_term_equals_sega_with_each_images_direction(tiny_checkpoint):
     """Per-image directions inside one batch: each image equals SEGA run alone with (+its direction, −the other)."""
     from diffusers import StableDiffusionPipeline
+    from helpers import PARITY_TOL, load_float64
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_checkpoint, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
+    # float64: a batch of 2 and a batch of 1 round differently in float32, and the 0.95 percentile
+    # threshold can turn that into a CPU-dependent difference (see helpers.PARITY_TOL).
+    pipe = load_float64(StableDiffusionPipeline, tiny_checkpoint)
     kw = dict(num_inference_steps=4, output_type="np", height=32, width=32)
     seeds = [4, 5]
     fair = FairGuidance(["male person", "female person"], warmup_steps=1).for_seeds(seeds)
@@ -103,6 +103,6 @@ def test_fair_term_equals_sega_with_each_images_direction(tiny_checkpoint):
         )
         with guide(pipe, sega):
             alone = pipe("a doctor", generator=torch.Generator().manual_seed(s), **kw).images
-        assert np.abs(batch[k] - alone[0]).max() <= 1e-4
+        assert np.abs(batch[k] - alone[0]).max() <= PARITY_TOL
     assert np.abs(batch - plain).max() > 1e-3
     assert fair.assignments() == [0, 1]  # the two images went different ways
