@@ -1,6 +1,8 @@
 """`safe-diffusion generate`: real files on the random checkpoint; every bad input is one line, exit 2, nothing written."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -23,6 +25,10 @@ def test_generate_writes_pngs_and_sidecars(cli, tiny_checkpoint, tmp_path):
     assert {"torch", "diffusers", "transformers", "safe-diffusion"} <= set(meta["versions"])
     assert Image.open(out / "0000-seed7.png").size == (32, 32)
     assert str(out) in stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.iterdir():  # readable by group and others as the umask allows, like any other tool's files
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
 
 
 def test_compare_writes_unguided_and_side_by_side_from_the_same_seed(cli, tiny_checkpoint, tmp_path):

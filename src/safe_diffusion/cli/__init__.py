@@ -29,9 +29,14 @@ def _is_usage_error(exc: BaseException) -> bool:
 
 
 def _register() -> None:
-    # One import per command module; each registers its commands on `app`. Modules import torch
-    # and diffusers inside their commands, so `--help` stays fast.
-    from . import audit, demo, fairness, generate, i2p  # noqa: F401
+    # Every module of this package registers its commands on `app` when imported, so adding a
+    # command is adding a module. Modules import torch and diffusers inside their commands, so
+    # `--help` stays fast.
+    import importlib
+    import pkgutil
+
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+        importlib.import_module(f"{__name__}.{module}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Random-weight Stable Diffusion checkpoints, built fully offline.
+"""Random-weight Stable Diffusion 1.x and SDXL checkpoints and a random CLIP, built fully offline.
 
 They are saved with ``save_pretrained`` and load back through the same ``from_pretrained`` path
 a real checkpoint takes, so tests, the demo and the benchmarks exercise the real loading code.
@@ -227,23 +227,3 @@ def build_clip(path: str | Path, projection_dim: int = 768, seed: int = 0) -> Pa
     tokenizer.save_pretrained(path)
     processor.save_pretrained(path)
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m safe_diffusion.testing DIR [--size small]``: build a random-weight checkpoint folder."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m safe_diffusion.testing", description=main.__doc__)
-    parser.add_argument("path", type=Path)
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if (args.path / "model_index.json").is_file():
-        print(f"checkpoint already at {args.path}")
-        return
-    build_checkpoint(args.path, args.size, args.seed)
-    print(f"built a random-weight '{args.size}' checkpoint at {args.path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,39 @@
+"""Atomic writes: whole files or nothing, with the permissions the user's umask gives any other tool's files."""
+
+import os
+import stat
+
+import pytest
+
+from safe_diffusion.outputs import atomic_write_bytes, atomic_write_json, current_umask
+
+
+@pytest.fixture
+def umask():
+    def set_mask(mask):
+        os.umask(mask)
+
+    old = os.umask(0o022)
+    os.umask(old)
+    yield set_mask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_get_the_umask_permissions(tmp_path, umask, mask, mode):
+    umask(mask)
+    assert current_umask() == mask
+    atomic_write_bytes(tmp_path / "a.bin", b"x")
+    atomic_write_json(tmp_path / "b.json", {"k": 1})
+    for name in ("a.bin", "b.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.json"]  # no temp files left
+
+
+def test_replacing_a_file_is_atomic_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "f.txt"
+    atomic_write_bytes(target, b"old")
+    with pytest.raises(TypeError):
+        atomic_write_bytes(target, "not bytes")  # fails mid-write
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
