@@ -3,3 +3,7 @@
 
 class InputError(Exception):
     """Bad input (a path, a value, a file's content, a model that will not load), named in one line."""
+
+
+class GuidanceError(InputError):
+    """Guidance that cannot act as asked: an unsupported pipeline, or no classifier-free guidance to join."""
