@@ -42,7 +42,7 @@ def test_bad_options_write_nothing(tmp_path, capsys, tiny_checkpoint):
     base = ["i2p", "run", "--model", str(tiny_checkpoint), "--out", str(out)]
     for extra, needle in [
         (["--categories", "gore"], "unknown category 'gore'"),
-        (["--classifiers", "q17"], "unknown classifier"),
+        (["--classifiers", "q17"], "unknown judge"),
         (["--safety", "extreme"], "unknown safety preset"),
         (["--height", "30"], "multiple of 8"),
         (["--prompts", str(tmp_path / "nope.csv")], "does not exist"),

@@ -20,17 +20,18 @@ def audit(
     classifiers: str = typer.Option("q16,nudenet", help="Comma-separated: q16, nudenet."),
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16: hub id or local folder."),
     show_unsafe: bool = typer.Option(False, help="Show flagged images unblurred in the report."),
+    nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx (default: the bundled 320n)."),
     device: str = typer.Option(None, help="Device for Q16."),
 ) -> None:
     """Per-image flags and scores, a summary, and a CSV."""
     import csv
     import io
 
-    from ..classifiers import load_classifiers, parse_classifiers
+    from ..judges import load_judges, parse_judges
     from ..i2p.report import thumbnail
     from ..outputs import atomic_write_bytes
 
-    names = parse_classifiers(classifiers)
+    names = parse_judges(classifiers)
     if not names:
         raise InputError("--classifiers: name at least one classifier")
     if not folder.exists():
@@ -56,12 +57,12 @@ def audit(
         from ..loading import default_device
 
         device = default_device()
-    clfs = load_classifiers(names, q16_model=q16_model, device=device)
+    clfs = load_judges(names, device=device, options={"q16": {"model": q16_model}, "nudenet": {"model": nudenet_model}})
     rows = [{"image": str(p.relative_to(folder))} for p in paths]
     for clf in clfs:
-        for row, (unsafe, scores) in zip(rows, clf.classify(paths)):
-            row[clf.name] = unsafe
-            for k, v in scores.items():
+        for row, judgment in zip(rows, clf.judge(paths)):
+            row[clf.name] = judgment.unsafe
+            for k, v in judgment.scores.items():
                 row[f"{clf.name}_{k}"] = round(v, 6)
     for row in rows:
         row["unsafe"] = any(row[n] for n in names)

@@ -32,11 +32,12 @@ def run(
     batch_size: int = typer.Option(8, help="Images per UNet batch (batches span prompts)."),
     classifiers: str = typer.Option("q16,nudenet", help="Comma-separated: q16, nudenet; or none."),
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16: hub id or local folder (default openai/clip-vit-large-patch14)."),
+    nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx (default: the bundled 320n)."),
     device: str = typer.Option(None, help="Device (default: the accelerate process's device)."),
     progress: bool = typer.Option(True, help="Progress bars with ETA (shown on a terminal)."),
 ) -> None:
     """Generate the benchmark's images and classify them; rerun the same command to resume."""
-    from ..classifiers import load_classifiers, parse_classifiers
+    from ..judges import load_judges, parse_judges
     from ..i2p import data, runner
 
     safety = parse_safety(safety)
@@ -46,7 +47,7 @@ def run(
         check_positive("--limit", limit)
     check_size("--height", height)
     check_size("--width", width)
-    names = parse_classifiers(classifiers)
+    names = parse_judges(classifiers)
     cats = data.parse_category_filter(categories)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is not a folder")
@@ -90,7 +91,7 @@ def run(
     from ..i2p.store import check_resume
 
     check_resume(out, config)
-    clfs = load_classifiers(names, q16_model=q16_model, device=dev)
+    clfs = load_judges(names, device=dev, options=_judge_options(q16_model, nudenet_model))
     from ..loading import load_pipeline
     from ..outputs import library_versions
 
@@ -116,6 +117,10 @@ def run(
         if clfs:
             _write_results(store)
     store.close()
+
+
+def _judge_options(q16_model: str | None, nudenet_model: Path | None) -> dict:
+    return {"q16": {"model": q16_model}, "nudenet": {"model": nudenet_model}}
 
 
 def _process_state(device: str | None):
@@ -147,15 +152,16 @@ def classify(
     run_dir: Path = typer.Argument(..., help="Run directory."),
     classifiers: str = typer.Option("q16,nudenet", help="Comma-separated: q16, nudenet."),
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16: hub id or local folder."),
+    nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx (default: the bundled 320n)."),
     redo: bool = typer.Option(True, help="Reclassify images already classified by these classifiers."),
     device: str = typer.Option(None, help="Device for Q16 (default: cuda if available, else cpu)."),
 ) -> None:
     """(Re)classify a run's images without regenerating them, and rescore it."""
-    from ..classifiers import load_classifiers, parse_classifiers
+    from ..judges import load_judges, parse_judges
     from ..i2p import runner
     from ..i2p.store import RunStore
 
-    names = parse_classifiers(classifiers)
+    names = parse_judges(classifiers)
     if not names:
         raise InputError("--classifiers: name at least one classifier")
     store = RunStore.open(run_dir)
@@ -163,7 +169,7 @@ def classify(
         from ..loading import default_device
 
         device = default_device()
-    clfs = load_classifiers(names, q16_model=q16_model, device=device)
+    clfs = load_judges(names, device=device, options=_judge_options(q16_model, nudenet_model))
     n = runner.classify(store, clfs, redo=redo)
     typer.echo(f"classified {n} image(s) with {', '.join(names)}")
     _write_results(store)

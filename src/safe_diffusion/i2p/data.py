@@ -1,7 +1,8 @@
 """I2P prompt files: the bundled dataset, any CSV with the same columns, or the hub dataset.
 
-Prompts are kept exactly as the file has them (``Null``, non-breaking spaces and line breaks
-included): they are what the model is given, and duplicates are pooled by exact text when scoring.
+Prompts are kept exactly as the file has them (``Null``, the four zero-width joiners U+200D and
+the four prompts with line breaks included): they are what the model is given, and duplicates are
+pooled by exact text when scoring.
 """
 
 from __future__ import annotations

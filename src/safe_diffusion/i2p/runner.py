@@ -28,7 +28,11 @@ _GOLDEN = 0x9E3779B97F4A7C15
 
 
 def image_seed(sd_seed: int, k: int) -> int:
-    """Seed of image k of a prompt: sd_seed itself for k = 0 (as in the paper's first image), then spread apart."""
+    """Seed of image k of a prompt: sd_seed itself for k = 0, then spread apart by the golden-ratio constant.
+
+    This does not reproduce the official images: the official code draws all of a prompt's latents at
+    once from one CUDA generator seeded with sd_seed, so even its first image differs from ours.
+    """
     return (sd_seed + k * _GOLDEN) % (2**63)
 
 
@@ -115,29 +119,38 @@ def generate(
 
 def classify(
     store: RunStore,
-    classifiers: list,
+    judges: list,
     *,
     keys: set[tuple[int, int]] | None = None,
     redo: bool = False,
     chunk: int = 64,
     show_progress: bool = True,
 ) -> int:
-    """Classify recorded images (only `keys` when given) that a classifier has not seen (all with `redo`)."""
+    """Judge recorded images (only `keys` when given) that a judge has not seen (all with `redo`)."""
+    from ..errors import InputError
+
     records = [r for r in store.images() if keys is None or (r[0], r[1]) in keys]
     count = 0
-    for clf in classifiers:
-        seen = set() if redo else store.classified_keys(clf.name)
+    for judge in judges:
+        seen = set() if redo else store.classified_keys(judge.name)
         todo = [r for r in records if (r[0], r[1]) not in seen]
-        with progress(len(todo), clf.name, show_progress) as bar:
+        with progress(len(todo), judge.name, show_progress) as bar:
             for i in range(0, len(todo), chunk):
                 part = todo[i : i + chunk]
-                results = clf.classify([store.path / r[3] for r in part])
+                results = judge.judge([store.path / r[3] for r in part])
+                failed = [(r, j) for r, j in zip(part, results) if j.unsafe is None]
+                if failed:
+                    r, j = failed[0]
+                    raise InputError(
+                        f"{judge.name} has no verdict for {r[3]} in {str(store.path)!r}: {j.error}"
+                        f" ({len(failed)} such image(s) in this chunk)"
+                    )
                 store.set_classifications(
-                    clf.name, [(r[0], r[1], unsafe, scores) for r, (unsafe, scores) in zip(part, results)]
+                    judge.name, [(r[0], r[1], j.unsafe, dict(j.scores)) for r, j in zip(part, results)]
                 )
                 bar.update(len(part))
                 count += len(part)
-        store.set_meta(f"classifier.{clf.name}", clf.version)
+        store.set_meta(f"classifier.{judge.name}", judge.describe())
     return count
 
 
