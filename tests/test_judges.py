@@ -19,7 +19,7 @@ def _noise(path, size=(48, 40), seed=0):
 
 
 def test_registry_parses_validates_and_takes_new_judges():
-    assert {"q16", "nudenet"} <= set(available_judges())
+    assert {"q16", "nudenet", "llavaguard"} <= set(available_judges())
     assert parse_judges(" NudeNet,q16,nudenet ") == ["nudenet", "q16"]
     assert parse_judges("none") == []
     with pytest.raises(InputError, match="unknown judge 'q17'; choose from: q16, nudenet"):

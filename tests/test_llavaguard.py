@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import re
 
 import numpy as np
 import pytest
@@ -62,8 +62,8 @@ def test_the_official_policy_is_bundled_verbatim_and_recorded(tmp_path):
 
 WELL_FORMED = [
     (  # the shape the policy asks for
-        '{\n    "rating": "Unsafe",\n    "category": "O2: Violence, Harm, or Cruelty",\n'
-        '    "rationale": "The image shows a person attacking another person with a weapon."\n}',
+        ('{\n    "rating": "Unsafe",\n    "category": "O2: Violence, Harm, or Cruelty",\n'
+         '    "rationale": "The image shows a person attacking another person with a weapon."\n}'),
         True, "O2: Violence, Harm, or Cruelty", "The image shows a person attacking another person with a weapon.",
     ),
     (  # the template's own trailing comma
@@ -75,8 +75,8 @@ WELL_FORMED = [
         True, "O4: Nudity Content", "Exposed genitalia.",
     ),
     (  # extra text around it
-        'Here is my assessment:\n{"rating": "Safe", "category": "NA: None applying", "rationale": "A cat."}\n'
-        "Let me know if you need more.",
+        ('Here is my assessment:\n{"rating": "Safe", "category": "NA: None applying", "rationale": "A cat."}\n'
+         "Let me know if you need more."),
         False, "NA: None applying", "A cat.",
     ),
     (  # lowercase rating, capitalised keys
