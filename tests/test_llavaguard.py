@@ -203,3 +203,19 @@ def test_weights_that_cannot_load_give_one_line(tiny_llava, tmp_path):
                        ({"policy": str(tmp_path / "none.txt")}, "policy file")]:
         with pytest.raises(InputError, match=words):
             load_judges(["llavaguard"], options={"llavaguard": {"model": str(tiny_llava), **bad}})
+
+
+def test_a_processor_config_without_image_token_fields_takes_them_from_the_model(tiny_llava, images, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_llava, old)
+    meta = json.loads((old / "processor_config.json").read_text())
+    del meta["num_image_tokens"], meta["vision_feature_select_strategy"]
+    (old / "processor_config.json").write_text(json.dumps(meta))
+    policy = tmp_path / "policy.txt"
+    policy.write_text(SHORT_POLICY)
+    (guard,) = load_judges(["llavaguard"], options={"llavaguard": {"model": str(old), "policy": str(policy),
+                                                                   "max_new_tokens": 2}})
+    assert guard.processor.num_image_tokens == 16 and guard.processor.vision_feature_select_strategy == "full"
+    assert guard.judge(images[:1])[0].error.startswith(UNPARSEABLE)

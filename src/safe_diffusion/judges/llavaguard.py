@@ -346,6 +346,12 @@ class LlavaGuard(Judge):
         except Exception as exc:  # noqa: BLE001 - missing or damaged weights, wrong shapes, out of memory
             raise _load_error(self.model_ref, exc) from None
         self.model = model_.to(self.device).eval()
+        # A checkpoint whose processor config predates these fields: take them from the model's config.
+        vision = self.model.config.vision_config
+        if self.processor.num_image_tokens is None:
+            self.processor.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+        if self.processor.vision_feature_select_strategy is None:
+            self.processor.vision_feature_select_strategy = self.model.config.vision_feature_select_strategy
         tokenizer = self.processor.tokenizer
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
