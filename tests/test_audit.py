@@ -144,6 +144,7 @@ def _cases(tmp: Path, models) -> list[tuple[list, str]]:
     out = ["--out", tmp / "r.html"]
     cases = [
         (["audit", tmp / "missing", *out], "does not exist"),
+        (["audit", tmp / WEIRD, *out], f"folder '{tmp}/\\xff\\xfe-name.png' does not exist"),  # printable
         (["audit", tmp / "file.png", *out], "is not a folder"),
         (["audit", images, "--out", tmp / "r.pdf"], "must end in .html"),
         (["audit", images, "--out", tmp / "nope" / "r.html"], "does not exist"),

@@ -40,6 +40,11 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def quoted(path: Path | str) -> str:
+    """A path for a message: in quotes, printable (see :func:`printable`)."""
+    return f"'{printable(str(path))}'"
+
+
 def verdict_word(unsafe: bool | None) -> str:
     return "no verdict" if unsafe is None else "flagged" if unsafe else "not flagged"
 
@@ -174,19 +179,19 @@ def _check_outputs(out: Path) -> tuple[Path, Path, Path]:
     import tempfile
 
     if out.suffix.lower() not in (".html", ".htm"):
-        raise InputError(f"--out {str(out)!r} must end in .html")
+        raise InputError(f"--out {quoted(out)} must end in .html")
     paths = (out, out.with_suffix(".csv"), out.with_suffix(".json"))
     if not out.parent.is_dir():
-        raise InputError(f"folder {str(out.parent)!r} does not exist; create it or choose another --out")
+        raise InputError(f"folder {quoted(out.parent)} does not exist; create it or choose another --out")
     for path in paths:
         if path.is_dir():
-            raise InputError(f"{str(path)!r} is a folder; choose another --out")
+            raise InputError(f"{quoted(path)} is a folder; choose another --out")
     try:  # fail now, not after judging every image
         fd, probe = tempfile.mkstemp(dir=out.parent, prefix=".write-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise InputError(f"folder {str(out.parent)!r} is not writable: {exc.strerror or exc}") from None
+        raise InputError(f"folder {quoted(out.parent)} is not writable: {exc.strerror or exc}") from None
     return paths
 
 
@@ -202,7 +207,7 @@ def _write_all(files: list[tuple[Path, bytes]]) -> None:
         except OSError as exc:
             for p in created:
                 p.unlink(missing_ok=True)
-            raise InputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+            raise InputError(f"cannot write {quoted(path)}: {exc.strerror or exc}") from None
         if not existed:
             created.append(path)
 
@@ -259,14 +264,14 @@ def audit(
         },
     )
     if not folder.exists():
-        raise InputError(f"folder {str(folder)!r} does not exist")
+        raise InputError(f"folder {quoted(folder)} does not exist")
     if not folder.is_dir():
-        raise InputError(f"{str(folder)!r} is not a folder")
+        raise InputError(f"{quoted(folder)} is not a folder")
     html_path, csv_path, json_path = _check_outputs(out)
     images, skipped = scan(folder, {p.resolve() for p in (html_path, csv_path, json_path)})
     if not images:
         why = f"; {len(skipped)} file(s) skipped, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
-        raise InputError(f"folder {str(folder)!r} has no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}){why}")
+        raise InputError(f"folder {quoted(folder)} has no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}){why}")
     loaded = load_judges(names, device=_device(device), options=options)
 
     paths = [p for p, _ in images]
@@ -408,5 +413,5 @@ table{{border-collapse:collapse;margin-bottom:1em}}.kv th{{text-align:left;font-
     )
     typer.echo(
         f"{len(images)} image(s) judged, {len(skipped)} file(s) skipped, {flagged} flagged, {undecided} without"
-        f" a verdict; wrote {html_path}, {csv_path.name} and {json_path.name}"
+        f" a verdict; wrote {printable(str(html_path))}, {printable(csv_path.name)} and {printable(json_path.name)}"
     )
