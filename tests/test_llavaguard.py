@@ -219,3 +219,23 @@ def test_a_processor_config_without_image_token_fields_takes_them_from_the_model
                                                                    "max_new_tokens": 2}})
     assert guard.processor.num_image_tokens == 16 and guard.processor.vision_feature_select_strategy == "full"
     assert guard.judge(images[:1])[0].error.startswith(UNPARSEABLE)
+
+
+def test_hub_errors_become_actionable_lines():
+    """transformers re-raises the hub's errors as OSError from them; the judge names the fix (access, id)."""
+    import httpx
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from safe_diffusion.judges.llavaguard import _load_error
+
+    response = httpx.Response(401, request=httpx.Request("GET", "https://huggingface.co"))
+    for inner, words in [(GatedRepoError("restricted", response=response), "is gated: accept its terms at"),
+                         (RepositoryNotFoundError("404", response=response), "is not on the hub")]:
+        try:
+            try:
+                raise inner
+            except Exception as exc:
+                raise OSError("cannot load this model\nmore detail") from exc
+        except OSError as exc:
+            message = str(_load_error("AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf", exc))
+        assert words in message and "\n" not in message

@@ -23,6 +23,7 @@ What runs, and how it differs from the model card's example (every point is in :
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -177,6 +178,7 @@ def parse_answer(answer: str, *, cut_off_at: int | None = None) -> Judgment:
 # -- loading ----------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _processor_class():
     """LLaVA-OneVision's processor for images only (no video processor, so no torchvision needed)."""
     from transformers import LlavaOnevisionProcessor
@@ -231,7 +233,13 @@ def _one_line(exc: BaseException) -> str:
 
 def _load_error(model: str, exc: BaseException) -> InputError:
     """One actionable line for a checkpoint that did not load."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
+    names, seen, link = set(), set(), exc
+    while link is not None and id(link) not in seen:  # transformers re-raises hub errors as OSError "from" them
+        seen.add(id(link))
+        names |= {cls.__name__ for cls in type(link).__mro__}
+        link = link.__cause__ or link.__context__
+    if "gated repo" in str(exc).lower():
+        names.add("GatedRepoError")
     if "GatedRepoError" in names:
         return InputError(
             f"LlavaGuard model {model!r} is gated: accept its terms at https://huggingface.co/{model}"
