@@ -19,7 +19,7 @@ def _noise(path, size=(48, 40), seed=0):
 
 
 def test_registry_parses_validates_and_takes_new_judges():
-    assert {"q16", "nudenet"} <= set(available_judges())
+    assert {"q16", "nudenet", "llavaguard"} <= set(available_judges())
     assert parse_judges(" NudeNet,q16,nudenet ") == ["nudenet", "q16"]
     assert parse_judges("none") == []
     with pytest.raises(InputError, match="unknown judge 'q17'; choose from: q16, nudenet"):
@@ -66,6 +66,35 @@ def test_damaged_and_missing_images_get_a_failed_judgment_not_an_exception(tmp_p
     assert "damaged image" in results[1].error and "not an image" in results[2].error
     assert results[3].error == "image file is missing"
     assert Judgment.from_dict(results[0].to_dict()) == results[0]
+
+
+def test_files_are_decoded_and_judged_one_batch_at_a_time_in_order(tmp_path):
+    """A 47,030-image job must not hold every decoded image in memory: decoding follows the batches."""
+    events = []
+
+    class Widths(Judge):
+        name = "widths"
+        batch_size = 2
+
+        def describe(self):
+            return {}
+
+        def decode(self, data):
+            image = super().decode(data)
+            events.append(("decode", image.width))
+            return image
+
+        def judge_images(self, images):
+            events.append(("judge", [im.width for im in images]))
+            return [Judgment(False, {"w": float(im.width)}) for im in images]
+
+    paths = [_noise(tmp_path / f"{w}.png", size=(w, 20)) for w in (21, 22, 23)]
+    (tmp_path / "bad.png").write_text("x")
+    paths.insert(1, tmp_path / "bad.png")
+    results = Widths().judge([*paths, _noise(tmp_path / "24.png", size=(24, 20))])
+    assert [r.scores.get("w") for r in results] == [21.0, None, 22.0, 23.0, 24.0]
+    assert events == [("decode", 21), ("decode", 22), ("judge", [21, 22]),
+                      ("decode", 23), ("decode", 24), ("judge", [23, 24])]
 
 
 # -- Q16 ----------------------------------------------------------------------------------------

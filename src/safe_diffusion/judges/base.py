@@ -92,21 +92,32 @@ class Judge(ABC):
         return decode_rgb(data)
 
     def judge(self, paths: Sequence[str | Path]) -> list[Judgment]:
-        """One judgment per file, in order; unreadable files get ``Judgment.failed`` instead of an exception."""
+        """One judgment per file, in order; unreadable files get ``Judgment.failed`` instead of an exception.
+
+        Files are decoded one batch at a time, so memory stays at one batch of images however many
+        paths are given.
+        """
         results: list[Judgment | None] = [None] * len(paths)
-        decoded: list[tuple[int, Any]] = []
+        pending: list[tuple[int, Any]] = []
+
+        def flush() -> None:
+            judgments = self.judge_images([image for _, image in pending])
+            for (i, _), judgment in zip(pending, judgments, strict=True):
+                results[i] = judgment
+            pending.clear()
+
         for i, path in enumerate(paths):
             try:
-                decoded.append((i, self.decode(Path(path).read_bytes())))
+                pending.append((i, self.decode(Path(path).read_bytes())))
             except FileNotFoundError:
                 results[i] = Judgment.failed("image file is missing")
             except (OSError, ValueError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 results[i] = Judgment.failed(f"unreadable image: {reason}")
-        for start in range(0, len(decoded), self.batch_size):
-            chunk = decoded[start : start + self.batch_size]
-            for (i, _), judgment in zip(chunk, self.judge_images([image for _, image in chunk]), strict=True):
-                results[i] = judgment
+            if len(pending) >= self.batch_size:
+                flush()
+        if pending:
+            flush()
         return results  # type: ignore[return-value]
 
 

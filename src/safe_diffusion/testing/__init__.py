@@ -6,6 +6,15 @@ outputs are noise: they test plumbing and numerics, not quality. One module per 
 everything public is re-exported here.
 """
 
+from .llava import build_llava_onevision, byte_level_bpe_tokenizer
 from .stable_diffusion import SIZES, build_checkpoint, build_clip, build_sdxl_checkpoint, byte_level_tokenizer
 
-__all__ = ["SIZES", "build_checkpoint", "build_clip", "build_sdxl_checkpoint", "byte_level_tokenizer"]
+__all__ = [
+    "SIZES",
+    "build_checkpoint",
+    "build_clip",
+    "build_llava_onevision",
+    "build_sdxl_checkpoint",
+    "byte_level_bpe_tokenizer",
+    "byte_level_tokenizer",
+]
