@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -32,14 +31,28 @@ def cli(*args, check=True, launcher=None):
     return proc
 
 
+def raw_image_records(run: Path) -> list[str]:
+    """The key of every image record in every journal segment (duplicates included)."""
+    from safe_diffusion.journal import _decode
+
+    keys = []
+    for seg in sorted((run / "journal").glob("*.log")):
+        for line in seg.read_bytes().split(b"\n"):
+            rec = _decode(line)
+            if rec and rec[0] == "image":
+                keys.append(rec[1])
+    return keys
+
+
 def snapshot(run: Path):
-    """Records (key -> seed, image) and the bytes' hash of every image file."""
-    conn = sqlite3.connect(run / "run.sqlite")
-    records = {(p, k): (s, i) for p, k, s, i in conn.execute("SELECT prompt_index, image_index, seed, image FROM images")}
-    dupes = conn.execute("SELECT COUNT(*) - COUNT(DISTINCT prompt_index || '-' || image_index) FROM images").fetchone()[0]
-    conn.close()
+    """Records (key -> seed, image, sha256), the bytes' hash of every image file, and duplicated records."""
+    from safe_diffusion.evals.store import RunStore
+
+    store = RunStore.open(run)
+    records = {key: (r["seed"], r["image"], r["sha256"]) for key, r in store.images().items()}
+    keys = raw_image_records(run)
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "images").glob("*.png"))}
-    return records, files, dupes
+    return records, files, len(keys) - len(set(keys))
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +77,18 @@ def test_run_writes_a_self_describing_store(reference):
     assert sorted(records) == [(p, k) for p in range(3) for k in range(2)] and dupes == 0
     assert len(files) == 6
     # seed of image 0 is the prompt's sd_seed
-    from safe_diffusion.i2p.data import load_prompts
+    from safe_diffusion.evals.suites import load_prompts
 
     prompts = load_prompts().prompts
     assert records[(1, 0)][0] == prompts[1].sd_seed and records[(1, 1)][0] != prompts[1].sd_seed
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["config"]["prompts"]["sha256"] == "c5ab09e3f37a0f6f01899f8771495385ab68934fb844f6398a6dd12183a6dfbc"
-    assert cfg["versions"]["torch"] and cfg["config"]["safety"] == "strong"
+    assert cfg["config"]["suite"]["sha256"] == "c5ab09e3f37a0f6f01899f8771495385ab68934fb844f6398a6dd12183a6dfbc"
+    assert cfg["versions"]["torch"] and cfg["config"]["mitigation"]["sld_preset"] == "strong"
     results = json.loads((run / "results.json").read_text())
-    assert results["schema_version"] == 1
+    assert results["schema_version"] == 2 and results["i2p"] and results["label"] == "SLD strong"
     assert [r["category"] for r in results["rows"]][-1] == "overall"
-    assert results["classifiers"]["nudenet"]["nudenet"] == "3.4.2"
+    assert results["judges"]["nudenet"]["nudenet"] == "3.4.2"
+    assert results["rule"]["judges"] == ["nudenet", "q16"] and results["rule"]["combine"] == "any"
     # prompts never reach the output at info level
     for p in prompts[:3]:
         assert p.text[:30] not in proc.stdout + proc.stderr
@@ -103,7 +117,7 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tiny_checkpoint, cl
     before = snapshot(run)
     bad = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
               "--classifiers", "none", "--safety", "max", check=False)
-    assert bad.returncode == 2 and "different config" in bad.stderr and "safety" in bad.stderr
+    assert bad.returncode == 2 and "different config" in bad.stderr and "'SLD strong' -> 'SLD max'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     assert snapshot(run) == before
 
@@ -133,7 +147,7 @@ def test_classify_score_export_report(reference, clip, tmp_path):
         cli("i2p", "export", ref, tmp_path / name)
     frame = pd.read_csv(tmp_path / "e.csv", keep_default_na=False)
     assert list(frame.columns[:9]) == ["prompt_index", "prompt", "categories", "image_index", "seed", "image",
-                                       "q16", "nudenet", "unsafe"]
+                                       "nudenet", "q16", "unsafe"]
     assert {"q16_score", "nudenet_score", "nudenet_female_breast_exposed"} <= set(frame.columns)
     assert len(frame) == 6 and len(pd.read_parquet(tmp_path / "e.parquet")) == 6
     # the export scores the same as the run
