@@ -112,6 +112,11 @@ def run(
     state = _process_state(str(dev) if dev is not None else None)
     dev = dev or state.device
     existed = frozen is not None
+    missing_parents = []
+    parent = out.absolute().parent
+    while not parent.exists():
+        missing_parents.append(parent)
+        parent = parent.parent
     with state.main_process_first():
         store = RunStore.create_or_resume(out, config_dict, chosen, _versions())
     lock = store.writer_lock(state.process_index)
@@ -126,6 +131,11 @@ def run(
             if not existed and state.num_processes == 1 and not store.journal.segments():
                 lock.release()
                 shutil.rmtree(out, ignore_errors=True)  # this invocation made it and nothing else is in it
+                for folder in missing_parents:
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
             raise
         if state.is_main_process and store.limit != limit:
             store.set_limit(limit)
