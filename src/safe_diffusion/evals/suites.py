@@ -381,7 +381,12 @@ def _format_of(path: Path) -> str:
 
 def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[str], list[dict], str, str, str | None]:
     """(header, rows, source, sha256, revision) of a hub dataset; one line when it cannot be had."""
-    how = f"; or download it ({spec.how_to_get or spec.homepage}) and pass --data FILE" if spec.how_to_get or spec.homepage else ""
+    if spec.bundled is not None:
+        how = "; omit --data to use the bundled copy"
+    elif spec.how_to_get or spec.homepage:
+        how = f"; or download it ({spec.how_to_get or spec.homepage}) and pass --data FILE"
+    else:
+        how = ""
     try:
         if spec.hub_file:
             from huggingface_hub import hf_hub_download
@@ -417,7 +422,7 @@ def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[st
                 f"hub dataset {repo!r} is gated: accept its conditions on huggingface.co/datasets/{repo} and log in"
                 f" (huggingface-cli login or HF_TOKEN){how}"
             ) from None
-        first = text[:160] or kind
+        first = text.split(". ")[0][:160] or kind
         raise InputError(f"cannot load hub dataset {repo!r} ({first}){how}") from None
     canonical = json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str).encode()
     return header, rows, f"hub:{repo}", hashlib.sha256(canonical).hexdigest(), revision
