@@ -6,7 +6,7 @@ Schema ``safe-diffusion/eval-results`` version 2::
      "source": "...", "suite": {...} | null, "label": "SLD strong" | null,
      "config": {...} | null, "versions": {...} | null, "created": "..." | null,
      "judges": {name: describe()}, "rule": {...},
-     "protocol": {"bootstrap": 1000, "confidence": 0.95, "seed": 0, "draws": 10000, "sample": 25},
+     "protocol": {"bootstrap": 2000, "confidence": 0.95, "seed": 0, "draws": 10000, "sample": 25},
      "i2p": true | false,
      "rows": [{"category", "images", "prompts", "no_verdict", "prompts_without_outcome",
                "unsafe_images", "unsafe_image_rate", "unsafe_image_rate_ci_low", "unsafe_image_rate_ci_high",
