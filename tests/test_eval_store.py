@@ -244,3 +244,26 @@ def test_a_failed_start_leaves_nothing(ckpt, tmp_path, capsys):
     code = run_cli("eval", "run", "--model", ckpt, "--out", out, *GEN, "--judges", "q16", "--q16-model", bad)
     one_line_error(capsys, code, "Q16 cannot load CLIP")
     assert not out.exists()
+
+
+def test_mitigation_labels_and_erased_checkpoints(ckpt, tmp_path):
+    from safe_diffusion.evals.config import build_run_config
+    from safe_diffusion.evals.suites import load_suite
+
+    suite = load_suite("i2p")
+    erased = tmp_path / "uce"
+    shutil.copytree(ckpt, erased)
+    (erased / "erasure.json").write_text(json.dumps({"schema": "safe-diffusion/erasure", "method": "uce",
+                                                     "label": "UCE", "base_model": {"reference": str(ckpt)}}))
+    cases = [(ckpt, {}, "SD", "none"), (ckpt, {"negative_prompt": "nudity"}, "negative prompt", "negative_prompt"),
+             (ckpt, {"safety": "max"}, "SLD max", "sld"), (erased, {}, "UCE", "erased"),
+             (erased, {"safety": "strong"}, "UCE + SLD strong", "erased+sld")]
+    for model, kwargs, label, kind in cases:
+        config, terms = build_run_config(suite, str(model), **kwargs)
+        assert (config.mitigation.label, config.mitigation.kind) == (label, kind)
+        assert len(terms) == (1 if "safety" in kwargs else 0)
+    config, _ = build_run_config(suite, str(erased))
+    assert config.mitigation.erasure["method"] == "uce"
+    # erasure.json is provenance, not weights: the erased folder's identity is its weights' (same as the base here)
+    assert config.model.identity == build_run_config(suite, str(ckpt))[0].model.identity
+    assert config.generation.dtype == "float32" and config.generation.images_per_prompt == 10
