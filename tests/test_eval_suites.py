@@ -237,6 +237,10 @@ def test_report_labels_runs_uniquely_and_says_no_images(tmp_path, tiny_checkpoin
                   "2 of 2 generated"):
         assert field in md, field
     assert html.count("data:image/png;base64") >= 4 and "#0/0" in html
+    assert run_cli("eval", "report", *runs, "--out", tmp_path / "l.html", "--label", "base", "--label", "base") == 0
+    assert "### base (a/run)" in (tmp_path / "l.md").read_text()
+    capsys.readouterr()
+    one_line_error(capsys, run_cli("eval", "report", *runs, "--out", tmp_path / "x.html", "--label", "one"), "--label")
     assert unique_labels(["SD", "SD"], ["m", "m"], ["x/run", "x/run"]) == ["SD #1", "SD #2"]
     assert unique_labels(["SD", "UCE"], ["m", "m"], ["a", "b"]) == ["SD", "UCE"]
     assert sample_indices(10, 4) == [0, 3, 6, 9] and sample_indices(3, 5) == [0, 1, 2] and sample_indices(9, 1) == [4]

@@ -276,6 +276,7 @@ def report(
     out: Path = typer.Option(..., "--out", "-o", help="report.html (+ report.md next to it)."),
     show_unsafe: bool = typer.Option(False, help="Show flagged sample images unblurred."),
     samples: int = typer.Option(4, help="Sample images per category and run."),
+    label: list[str] = typer.Option(None, "--label", help="A run's name in the report, once per run."),
 ) -> None:
     """HTML + Markdown report: metrics with intervals, runs side by side, samples."""
     from ..evals.report import write_report
@@ -283,7 +284,11 @@ def report(
 
     _check_output_file(out, (".html", ".htm"), "--out")
     samples = check_int("--samples", samples, minimum=0, maximum=64)
-    html_path, md_path = write_report([str(r) for r in runs], out, show_unsafe=show_unsafe, samples=samples)
+    if label and len(label) != len(runs):
+        raise InputError(f"{len(label)} --label value(s) for {len(runs)} run(s); give one per run, in order")
+    html_path, md_path = write_report(
+        [str(r) for r in runs], out, show_unsafe=show_unsafe, samples=samples, labels=label or None
+    )
     typer.echo(f"wrote {html_path} and {md_path}")
 
 

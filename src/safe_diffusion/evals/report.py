@@ -175,7 +175,10 @@ def run_header(doc: dict, counts: dict) -> list[tuple[str, str]]:
     return fields
 
 
-def write_report(runs: list[str], out: Path, *, show_unsafe: bool = False, samples: int = 4) -> tuple[Path, Path]:
+def write_report(
+    runs: list[str], out: Path, *, show_unsafe: bool = False, samples: int = 4, labels: list[str] | None = None
+) -> tuple[Path, Path]:
+    """Write `out` (HTML) and its Markdown copy for `runs`; `labels` name the runs (default: their mitigation)."""
     from ..errors import InputError
     from ..outputs import atomic_write_bytes
     from .results import score_store
@@ -195,7 +198,7 @@ def write_report(runs: list[str], out: Path, *, show_unsafe: bool = False, sampl
     if not docs:
         raise InputError("name at least one run")
     labels = unique_labels(
-        [d.get("label") or "run" for d in docs],
+        list(labels) if labels else [d.get("label") or "run" for d in docs],
         [((d.get("config") or {}).get("model") or {}).get("reference", "") for d in docs],
         runs,
     )
