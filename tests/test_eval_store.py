@@ -210,20 +210,34 @@ def test_damaged_and_missing_images_are_reported_judged_without_verdict_and_rege
     assert json.loads((copy / "results.json").read_text())["rows"][-1]["no_verdict"] == 0
 
 
-def test_extending_with_a_larger_limit_equals_an_uninterrupted_run(ckpt, tmp_path, capsys):
+def test_extending_with_a_larger_limit_equals_an_uninterrupted_run(ckpt, tmp_path, capsys, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
     from safe_diffusion.evals.store import RunStore
 
+    calls = []
+    real_call = StableDiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):  # the real pipeline runs; we only note each call's batch
+        calls.append(len(kwargs["prompt"]))
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
     args = ["--images-per-prompt", "1", "--steps", "2", "--batch-size", "2", "--judges", "none"]
     full, grown = tmp_path / "full", tmp_path / "grown"
     assert run_cli("eval", "run", "--model", ckpt, "--out", full, "--limit", "3", *args) == 0
     assert run_cli("eval", "run", "--model", ckpt, "--out", grown, "--limit", "1", *args) == 0
     assert len(RunStore.open(grown).images()) == 1
+    # batches are cut from the whole selection: the limit-3 run computes [p0 p1] [p2 p3] whole and keeps p0..p2;
+    # the limit-1 run computes [p0 p1] and keeps p0
+    assert calls == [2, 2, 2]
     assert run_cli("eval", "run", "--model", ckpt, "--out", grown, "--limit", "3", *args) == 0
     # batches of 2 span prompts: the limit-1 run computed its batch whole, so every image matches
     assert {p.name: p.read_bytes() for p in (full / "images").glob("*.png")} == {
         p.name: p.read_bytes() for p in (grown / "images").glob("*.png")
     }
     assert RunStore.open(grown).status()["generated"] == 3
+    assert calls == [2, 2, 2, 2, 2]  # the extension recomputes [p0 p1] for p1, then [p2 p3] for p2
     capsys.readouterr()
     one_line_error(capsys, run_cli("eval", "run", "--model", ckpt, "--out", grown, "--limit", "2", *args),
                    "smaller --limit")
