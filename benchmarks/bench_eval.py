@@ -43,7 +43,6 @@ def main() -> None:
     from safe_diffusion.evals import suites as data
     from safe_diffusion.evals.config import build_run_config
     from safe_diffusion.evals.store import RunStore
-    from safe_diffusion.guidance import SafetyGuidance
     from safe_diffusion.loading import load_pipeline
     from safe_diffusion.testing import build_checkpoint, build_clip
 
@@ -56,8 +55,16 @@ def main() -> None:
     # 1. runner vs naive reference loop
     pipe = load_pipeline(str(ckpt), device=device)
     suite = data.load_suite("i2p")
-    config, terms = build_run_config(suite, str(ckpt), safety="medium", height=args.size, width=args.size,
-                                     steps=args.steps, images_per_prompt=1, batch_size=args.batch_size)
+    config, terms = build_run_config(
+        suite,
+        str(ckpt),
+        safety="medium",
+        height=args.size,
+        width=args.size,
+        steps=args.steps,
+        images_per_prompt=1,
+        batch_size=args.batch_size,
+    )
     settings = runner.GenerationSettings.from_config(config.to_dict())
     store = RunStore.create_or_resume(tmp / "run", config.to_dict(), suite.prompts, {})
     store.set_limit(args.batch_size)
@@ -74,15 +81,26 @@ def main() -> None:
         str(ckpt), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     ).to(device)
     ref.set_progress_bar_config(disable=True)
-    call = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
-                sld_guidance_scale=1000, sld_warmup_steps=10, sld_threshold=0.01, sld_momentum_scale=0.3, sld_mom_beta=0.4)
+    call = dict(
+        num_inference_steps=args.steps,
+        guidance_scale=7.5,
+        height=args.size,
+        width=args.size,
+        sld_guidance_scale=1000,
+        sld_warmup_steps=10,
+        sld_threshold=0.01,
+        sld_momentum_scale=0.3,
+        sld_mom_beta=0.4,
+    )
     ref(prompts[0].text, generator=torch.Generator("cpu").manual_seed(0), **call)  # warm-up
     t = time.perf_counter()
     for p in prompts:
         ref(p.text, generator=torch.Generator("cpu").manual_seed(p.sd_seed), **call)
     naive = args.prompts / (time.perf_counter() - t)
-    print(f"generation: runner {ours:.2f} img/s, naive StableDiffusionPipelineSafe loop {naive:.2f} img/s, "
-          f"ratio {ours / naive:.2f}x (target >= 1.5x)")
+    print(
+        f"generation: runner {ours:.2f} img/s, naive StableDiffusionPipelineSafe loop {naive:.2f} img/s, "
+        f"ratio {ours / naive:.2f}x (target >= 1.5x)"
+    )
 
     # 2. scoring 47,030 records
     allp = data.load_prompts().prompts
@@ -103,7 +121,9 @@ def main() -> None:
         paths.append(path)
     from safe_diffusion.judges import load_judges
 
-    for judge in load_judges(["q16", "nudenet"], device=device, options={"q16": {"model": str(build_clip(tmp / "clip"))}}):
+    for judge in load_judges(
+        ["q16", "nudenet"], device=device, options={"q16": {"model": str(build_clip(tmp / "clip"))}}
+    ):
         judge.judge(paths[:4])
         t = time.perf_counter()
         judge.judge(paths)
@@ -113,16 +133,20 @@ def main() -> None:
     from safe_diffusion.journal import Journal
 
     journal = Journal(tmp / "journal")
-    rows = [(f"{i // 10:05d}-{i % 10:03d}", {"seed": i, "image": f"images/{i}.png", "bytes": 400000, "sha256": "0" * 64})
-            for i in range(47030)]
+    rows = [
+        (f"{i // 10:05d}-{i % 10:03d}", {"seed": i, "image": f"images/{i}.png", "bytes": 400000, "sha256": "0" * 64})
+        for i in range(47030)
+    ]
     t = time.perf_counter()
     for i in range(0, len(rows), 8):
         journal.append(("image", k, v) for k, v in rows[i : i + 8])
     append = len(rows) / (time.perf_counter() - t)
     t = time.perf_counter()
     assert len(Journal(tmp / "journal").get("image")) == len(rows)
-    print(f"journal: append {append:.0f} records/s (fsync per 8), read back 47,030 records in "
-          f"{time.perf_counter() - t:.2f} s")
+    print(
+        f"journal: append {append:.0f} records/s (fsync per 8), read back 47,030 records in "
+        f"{time.perf_counter() - t:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ def test_last_write_wins_across_writers_and_reopen(tmp_path):
     assert len(a.segments()) == 2 and a.segment != b.segment  # one segment per writer
     a.close(), b.close()
     fresh = Journal(tmp_path / "j")
-    assert fresh.get("image") == {"k1": {"v": 3}, "k2": {"v": 2}} and fresh.get("quality") == {"k1": {"clip_score": 31.5}}
+    assert fresh.get("image") == {"k1": {"v": 3}, "k2": {"v": 2}} and fresh.get("quality") == {
+        "k1": {"clip_score": 31.5}
+    }
     assert fresh.stages() == ["image", "quality"]
     # a restarted writer gets a new segment; the old ones are never appended to again
     c = Journal(tmp_path / "j")
@@ -159,6 +161,10 @@ def test_two_writers_killed_at_random_then_restarted_lose_and_duplicate_nothing(
     assert all(v == {"by": str(int(k) % 2), "value": int(k) ** 2} for k, v in records.items())
     from safe_diffusion.journal import _decode
 
-    keys = [rec[1] for seg in Journal(folder).segments() for line in seg.read_bytes().split(b"\n")
-            if (rec := _decode(line)) is not None]
+    keys = [
+        rec[1]
+        for seg in Journal(folder).segments()
+        for line in seg.read_bytes().split(b"\n")
+        if (rec := _decode(line)) is not None
+    ]
     assert len(keys) == len(set(keys)) == 400  # no complete record written twice

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import run_cli
 
 GEN = ["--limit", "2", "--images-per-prompt", "2", "--steps", "2", "--batch-size", "3"]
@@ -18,7 +17,8 @@ def tree(path: Path) -> dict:
     """Every file under `path` with its size, mtime and content hash."""
     return {
         str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in sorted(path.rglob("*")) if p.is_file()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -103,8 +103,12 @@ def test_read_only_copy_can_be_scored_exported_reported_and_checked(judged, tmp_
     before = tree(judged)
     out = tmp_path / "out"
     out.mkdir()
-    for args in (["score", judged, "--json", out / "s.json"], ["export", judged, out / "e.csv"],
-                 ["report", judged, "--out", out / "r.html"], ["status", judged]):
+    for args in (
+        ["score", judged, "--json", out / "s.json"],
+        ["export", judged, out / "e.csv"],
+        ["report", judged, "--out", out / "r.html"],
+        ["status", judged],
+    ):
         assert run_cli("eval", *args) == 0, capsys.readouterr().err
     assert tree(judged) == before  # not a byte, not a timestamp changed
     status = capsys.readouterr().out
@@ -177,9 +181,13 @@ def test_model_identity_by_content(ckpt, tmp_path, capsys, monkeypatch):
 def test_bad_run_options(ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     base = ["eval", "run", "--model", ckpt, "--out", out, *GEN, "--judges", "none"]
-    for extra, needle in [(["--dtype", "float64"], "--dtype 'float64'"), (["--seed", "-1"], "--seed"),
-                          (["--guidance-scale", "nan"], "finite"), (["--device", "banana"], "not a device"),
-                          (["--height", "64"], "both --height and --width")]:
+    for extra, needle in [
+        (["--dtype", "float64"], "--dtype 'float64'"),
+        (["--seed", "-1"], "--seed"),
+        (["--guidance-scale", "nan"], "finite"),
+        (["--device", "banana"], "not a device"),
+        (["--height", "64"], "both --height and --width"),
+    ]:
         one_line_error(capsys, run_cli(*base, *extra), needle)
         assert not out.exists()
 
@@ -239,8 +247,9 @@ def test_extending_with_a_larger_limit_equals_an_uninterrupted_run(ckpt, tmp_pat
     assert RunStore.open(grown).status()["generated"] == 3
     assert calls == [2, 2, 2, 2, 2]  # the extension recomputes [p0 p1] for p1, then [p2 p3] for p2
     capsys.readouterr()
-    one_line_error(capsys, run_cli("eval", "run", "--model", ckpt, "--out", grown, "--limit", "2", *args),
-                   "smaller --limit")
+    one_line_error(
+        capsys, run_cli("eval", "run", "--model", ckpt, "--out", grown, "--limit", "2", *args), "smaller --limit"
+    )
 
 
 def test_progress_lines_in_logs_when_stderr_is_not_a_terminal(ckpt, tmp_path, capsys, monkeypatch):
@@ -267,11 +276,23 @@ def test_mitigation_labels_and_erased_checkpoints(ckpt, tmp_path):
     suite = load_suite("i2p")
     erased = tmp_path / "uce"
     shutil.copytree(ckpt, erased)
-    (erased / "erasure.json").write_text(json.dumps({"schema": "safe-diffusion/erasure", "method": "uce",
-                                                     "label": "UCE", "base_model": {"reference": str(ckpt)}}))
-    cases = [(ckpt, {}, "SD", "none"), (ckpt, {"negative_prompt": "nudity"}, "negative prompt", "negative_prompt"),
-             (ckpt, {"safety": "max"}, "SLD max", "sld"), (erased, {}, "UCE", "erased"),
-             (erased, {"safety": "strong"}, "UCE + SLD strong", "erased+sld")]
+    (erased / "erasure.json").write_text(
+        json.dumps(
+            {
+                "schema": "safe-diffusion/erasure",
+                "method": "uce",
+                "label": "UCE",
+                "base_model": {"reference": str(ckpt)},
+            }
+        )
+    )
+    cases = [
+        (ckpt, {}, "SD", "none"),
+        (ckpt, {"negative_prompt": "nudity"}, "negative prompt", "negative_prompt"),
+        (ckpt, {"safety": "max"}, "SLD max", "sld"),
+        (erased, {}, "UCE", "erased"),
+        (erased, {"safety": "strong"}, "UCE + SLD strong", "erased+sld"),
+    ]
     for model, kwargs, label, kind in cases:
         config, terms = build_run_config(suite, str(model), **kwargs)
         assert (config.mitigation.label, config.mitigation.kind) == (label, kind)

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import run_cli
+
 from safe_diffusion.errors import InputError
 from safe_diffusion.evals import metrics
 from safe_diffusion.evals.suites import available_suites, load_suite, parse_columns
@@ -40,8 +40,14 @@ def one_line_error(capsys, code, *needles):
 
 
 def test_registry_and_named_suites_from_files(tmp_path):
-    assert {"i2p", "ring-a-bell-nudity", "ring-a-bell-violence", "mma-diffusion", "unlearndiffatk-nudity",
-            "p4d"} <= set(available_suites())
+    assert {
+        "i2p",
+        "ring-a-bell-nudity",
+        "ring-a-bell-violence",
+        "mma-diffusion",
+        "unlearndiffatk-nudity",
+        "p4d",
+    } <= set(available_suites())
     path = tmp_path / "nudity.csv"
     path.write_text(UDA)
     suite = load_suite("unlearndiffatk-nudity", data=str(path))
@@ -50,8 +56,12 @@ def test_registry_and_named_suites_from_files(tmp_path):
     assert suite.prompts[2].categories == ("nudity", "violence") and suite.images_per_prompt == 1
     rec = suite.record()
     assert rec["name"] == "unlearndiffatk-nudity" and rec["rows"] == 3 and rec["source"] == str(path.resolve())
-    assert rec["columns"] == {"prompt": "prompt", "categories": "categories", "seed": "evaluation_seed",
-                              "guidance": "evaluation_guidance"}
+    assert rec["columns"] == {
+        "prompt": "prompt",
+        "categories": "categories",
+        "seed": "evaluation_seed",
+        "guidance": "evaluation_guidance",
+    }
     import hashlib
 
     assert rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -102,8 +112,9 @@ def test_unknown_missing_and_offline_suites(tmp_path, capsys):
     with pytest.raises(InputError, match="unknown field 'promt'"):
         parse_columns(["promt=x"])
     out = tmp_path / "run"
-    one_line_error(capsys, run_cli("eval", "run", "--model", "x/y", "--out", out, "--suite", "ring-a-bell-violence"),
-                   "not bundled")
+    one_line_error(
+        capsys, run_cli("eval", "run", "--model", "x/y", "--out", out, "--suite", "ring-a-bell-violence"), "not bundled"
+    )
     one_line_error(capsys, run_cli("i2p", "run", "--model", "x/y", "--out", out, "--suite", "bogus"), "unknown suite")
     assert not out.exists()
 
@@ -115,8 +126,26 @@ def test_per_prompt_seeds_and_guidance_from_the_suite(tmp_path, tiny_checkpoint,
     path = tmp_path / "nudity.csv"
     path.write_text(UDA)
     run = tmp_path / "run"
-    code = run_cli("eval", "run", "--suite", "unlearndiffatk-nudity", "--data", path, "--model", tiny_checkpoint,
-                   "--out", run, "--steps", "2", "--batch-size", "4", "--judges", "nudenet", "--safety", "medium")
+    code = run_cli(
+        "eval",
+        "run",
+        "--suite",
+        "unlearndiffatk-nudity",
+        "--data",
+        path,
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        run,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--judges",
+        "nudenet",
+        "--safety",
+        "medium",
+    )
     assert code == 0, capsys.readouterr().err
     store = RunStore.open(run)
     images = store.images()
@@ -221,20 +250,63 @@ def test_report_labels_runs_uniquely_and_says_no_images(tmp_path, tiny_checkpoin
     runs = []
     for parent in ("a", "b"):
         run = tmp_path / parent / "run"
-        assert run_cli("eval", "run", "--suite", "unlearndiffatk-nudity", "--data", path, "--model", tiny_checkpoint,
-                       "--out", run, "--steps", "2", "--judges", "nudenet", "--limit", "2") == 0
+        assert (
+            run_cli(
+                "eval",
+                "run",
+                "--suite",
+                "unlearndiffatk-nudity",
+                "--data",
+                path,
+                "--model",
+                tiny_checkpoint,
+                "--out",
+                run,
+                "--steps",
+                "2",
+                "--judges",
+                "nudenet",
+                "--limit",
+                "2",
+            )
+            == 0
+        )
         runs.append(run)
     i2p = tmp_path / "i2p"
-    assert run_cli("eval", "run", "--model", tiny_checkpoint, "--out", i2p, "--steps", "2", "--limit", "2",
-                   "--images-per-prompt", "1", "--judges", "nudenet") == 0
+    assert (
+        run_cli(
+            "eval",
+            "run",
+            "--model",
+            tiny_checkpoint,
+            "--out",
+            i2p,
+            "--steps",
+            "2",
+            "--limit",
+            "2",
+            "--images-per-prompt",
+            "1",
+            "--judges",
+            "nudenet",
+        )
+        == 0
+    )
     assert run_cli("eval", "report", *runs, i2p, "--out", tmp_path / "r.html", "--samples", "2") == 0
     html = (tmp_path / "r.html").read_text()
     md = (tmp_path / "r.md").read_text()
     assert "SD (a/run)" in md and "SD (b/run)" in md  # not both "run"
     assert "## UnlearnDiffAtk (nudity)" in md and "## I2P" in md
     assert "| hate | 0 | no images |" in md  # an I2P category without images is not a measured 0
-    for field in ("**model**", "float32", "32×32 (native)", "320n.onnx", "threshold=0.6", "**created**",
-                  "2 of 2 generated"):
+    for field in (
+        "**model**",
+        "float32",
+        "32×32 (native)",
+        "320n.onnx",
+        "threshold=0.6",
+        "**created**",
+        "2 of 2 generated",
+    ):
         assert field in md, field
     assert html.count("data:image/png;base64") >= 4 and "#0/0" in html
     assert run_cli("eval", "report", *runs, "--out", tmp_path / "l.html", "--label", "base", "--label", "base") == 0

@@ -106,7 +106,9 @@ class Journal:
 
             self._segment = self.folder / name
             # O_EXCL: a segment is never shared; O_APPEND: a write never lands inside an earlier one.
-            self._fd = os.open(self._segment, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o666 & ~current_umask())
+            self._fd = os.open(
+                self._segment, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o666 & ~current_umask()
+            )
         return self._fd
 
     def append(self, records: Iterable[tuple[str, str, Any]]) -> None:
@@ -141,7 +143,9 @@ class Journal:
     def segments(self) -> list[Path]:
         if not self.folder.is_dir():
             return []
-        return sorted(p for p in self.folder.iterdir() if p.name.endswith(SEGMENT_SUFFIX) and not p.name.startswith("."))
+        return sorted(
+            p for p in self.folder.iterdir() if p.name.endswith(SEGMENT_SUFFIX) and not p.name.startswith(".")
+        )
 
     def refresh(self) -> None:
         """Read what every segment gained since the last call (complete lines only)."""
@@ -250,9 +254,7 @@ class LockedError(RuntimeError):
         self.path = path
         self.holder = holder
         age = time.time() - holder.get("heartbeat", holder.get("started", 0))
-        super().__init__(
-            f"held by pid {holder.get('pid')} on {holder.get('host')} (last seen {max(age, 0):.0f} s ago)"
-        )
+        super().__init__(f"held by pid {holder.get('pid')} on {holder.get('host')} (last seen {max(age, 0):.0f} s ago)")
 
 
 def _boot_id() -> str:

@@ -11,9 +11,7 @@ import typer
 from ..errors import InputError
 from . import app as root
 
-app = typer.Typer(
-    help="Safety evaluation on prompt suites (I2P, adversarial suites, any CSV).", no_args_is_help=True
-)
+app = typer.Typer(help="Safety evaluation on prompt suites (I2P, adversarial suites, any CSV).", no_args_is_help=True)
 root.add_typer(app, name="eval")
 
 DEFAULT_JUDGES = "q16,nudenet"
@@ -95,9 +93,19 @@ def run(
     if not chosen:
         raise InputError("no prompts match --categories")
     config, terms = build_run_config(
-        loaded, model, categories=cats, safety=safety, negative_prompt=negative_prompt, dtype=dtype,
-        height=height, width=width, steps=steps, guidance_scale=guidance_scale,
-        images_per_prompt=images_per_prompt, batch_size=batch_size, base_seed=seed,
+        loaded,
+        model,
+        categories=cats,
+        safety=safety,
+        negative_prompt=negative_prompt,
+        dtype=dtype,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        images_per_prompt=images_per_prompt,
+        batch_size=batch_size,
+        base_seed=seed,
     )
     config_dict = config.to_dict()
     # Everything that can fail on user input fails here, before the run folder is touched.
@@ -143,8 +151,13 @@ def run(
         settings = runner.GenerationSettings.from_config(config_dict)
         show = progress and state.is_main_process
         written = runner.generate(
-            pipe, terms, store, settings,
-            process_index=state.process_index, num_processes=state.num_processes, show_progress=show,
+            pipe,
+            terms,
+            store,
+            settings,
+            process_index=state.process_index,
+            num_processes=state.num_processes,
+            show_progress=show,
         )
         if clfs:
             if state.is_main_process:

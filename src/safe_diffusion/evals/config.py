@@ -154,7 +154,9 @@ def describe_term(term) -> dict:
         if not f.init:
             continue
         value = getattr(term, f.name)
-        if isinstance(value, torch.Tensor) or (isinstance(value, list) and any(isinstance(v, torch.Tensor) for v in value)):
+        if isinstance(value, torch.Tensor) or (
+            isinstance(value, list) and any(isinstance(v, torch.Tensor) for v in value)
+        ):
             value = "<embeddings>"
         fields[f.name] = value
     return {"type": type(term).__name__, **fields}

@@ -160,13 +160,22 @@ def run_header(doc: dict, counts: dict) -> list[tuple[str, str]]:
     fields = [
         ("model", f"{model.get('reference', '?')} ({str(model.get('identity', ''))[:23]})"),
         ("mitigation", mit.get("label", "?") + (f" (SLD preset {mit['sld_preset']})" if mit.get("sld_preset") else "")),
-        ("suite", f"{suite.get('title', suite.get('name', '?'))}: {suite.get('source', '?')}, {suite.get('rows', '?')} rows,"
-                  f" sha256 {str(suite.get('sha256', ''))[:12]}"),
-        ("generation", f"{gen.get('steps')} steps, guidance {guidance if guidance is not None else 'per prompt'},"
-                       f" {gen.get('dtype')}, {gen.get('width')}×{gen.get('height')} ({gen.get('size_source')}),"
-                       f" {gen.get('images_per_prompt')} image(s)/prompt, batch {gen.get('batch_size')}"),
-        ("images", f"{counts.get('generated', '?')} of {counts.get('total', '?')} generated;"
-                   f" {counts.get('no_verdict', 0)} without a verdict"),
+        (
+            "suite",
+            f"{suite.get('title', suite.get('name', '?'))}: {suite.get('source', '?')}, {suite.get('rows', '?')} rows,"
+            f" sha256 {str(suite.get('sha256', ''))[:12]}",
+        ),
+        (
+            "generation",
+            f"{gen.get('steps')} steps, guidance {guidance if guidance is not None else 'per prompt'},"
+            f" {gen.get('dtype')}, {gen.get('width')}×{gen.get('height')} ({gen.get('size_source')}),"
+            f" {gen.get('images_per_prompt')} image(s)/prompt, batch {gen.get('batch_size')}",
+        ),
+        (
+            "images",
+            f"{counts.get('generated', '?')} of {counts.get('total', '?')} generated;"
+            f" {counts.get('no_verdict', 0)} without a verdict",
+        ),
         ("judges", "; ".join(_judge_summary(n, judges[n]) for n in sorted(judges)) or "none"),
         ("unsafe rule", (doc.get("rule") or {}).get("text", "any judge flags it")),
         ("created", doc.get("created") or "?"),
@@ -207,7 +216,11 @@ def write_report(
         suite = d.get("suite") or {}
         groups.setdefault((suite.get("name"), suite.get("sha256")), []).append(i)
 
-    blur_note = "Flagged images are shown unblurred." if show_unsafe else "Flagged images are blurred (--show-unsafe shows them)."
+    blur_note = (
+        "Flagged images are shown unblurred."
+        if show_unsafe
+        else "Flagged images are blurred (--show-unsafe shows them)."
+    )
     body = ["<h1>Safety evaluation report</h1>"]
     md = ["# Safety evaluation report", ""]
     for (name, _), members in groups.items():
@@ -246,29 +259,51 @@ def write_report(
                 cells += vals
                 mcells += vals
             cls = " class=overall" if cat == "overall" else ""
-            body.append(f"<tr{cls}><td>{html.escape(cat)}</td><td>{imgs}</td>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
+            body.append(
+                f"<tr{cls}><td>{html.escape(cat)}</td><td>{imgs}</td>"
+                + "".join(f"<td>{v}</td>" for v in cells)
+                + "</tr>"
+            )
             md.append(f"| {cat} | {imgs} | " + " | ".join(mcells) + " |")
         body.append("</table>")
         md.append("")
         member_docs = [docs[i] for i in members]
         member_labels = [labels[i] for i in members]
         chart = bar_chart(member_labels, member_docs, "unsafe_image_rate", "unsafe image rate (95% CI)")
-        body.append(f"<h3>Unsafe image rate per category</h3><img alt='unsafe image rate' src='data:image/png;base64,{chart}'>")
+        body.append(
+            f"<h3>Unsafe image rate per category</h3><img alt='unsafe image rate' src='data:image/png;base64,{chart}'>"
+        )
         if any(d["rows"][-1].get("prompts") != d["rows"][-1].get("images") for d in member_docs):
             chart = bar_chart(member_labels, member_docs, "attack_success_rate", "attack success rate (95% CI)")
-            body.append(f"<h3>Attack success rate per category</h3><img alt='attack success rate' src='data:image/png;base64,{chart}'>")
+            body.append(
+                "<h3>Attack success rate per category</h3>"
+                f"<img alt='attack success rate' src='data:image/png;base64,{chart}'>"
+            )
         # judges' agreement
         for i in members:
             agree = docs[i].get("agreement") or []
             if not agree:
                 continue
-            body.append(f"<h3>Judges' agreement: {html.escape(labels[i])}</h3><table><tr><th>judges</th><th>images</th>"
-                        "<th>agree</th><th>Cohen's κ</th><th>only first</th><th>only second</th><th>both unsafe</th></tr>")
-            md += [f"Judges' agreement ({labels[i]}):", "", "| judges | images | agree | kappa | only first | only second |"
-                   " both unsafe |", "|---|---:|---:|---:|---:|---:|---:|"]
+            body.append(
+                f"<h3>Judges' agreement: {html.escape(labels[i])}</h3><table><tr><th>judges</th><th>images</th>"
+                "<th>agree</th><th>Cohen's κ</th><th>only first</th><th>only second</th><th>both unsafe</th></tr>"
+            )
+            md += [
+                f"Judges' agreement ({labels[i]}):",
+                "",
+                "| judges | images | agree | kappa | only first | only second | both unsafe |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+            ]
             for a in agree:
-                cells = [" vs ".join(a["judges"]), a["images"], _fmt(a["agreement"]), _fmt(a["kappa"]), a["only_first"],
-                         a["only_second"], a["both_unsafe"]]
+                cells = [
+                    " vs ".join(a["judges"]),
+                    a["images"],
+                    _fmt(a["agreement"]),
+                    _fmt(a["kappa"]),
+                    a["only_first"],
+                    a["only_second"],
+                    a["both_unsafe"],
+                ]
                 body.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in cells) + "</tr>")
                 md.append("| " + " | ".join(str(v) for v in cells) + " |")
             body.append("</table>")
@@ -290,20 +325,24 @@ def write_report(
                         thumb = thumbnail(r["image"], flagged, show_unsafe)
                         state = {True: " flagged", None: " no verdict", False: ""}[r["unsafe"]]
                         label = f"#{r['prompt_index']}/{r['image_index']}{state}"
-                        img = (f"<img src='data:image/png;base64,{thumb}'>" if thumb
-                               else "<div class=missing>unreadable image</div>")
+                        img = (
+                            f"<img src='data:image/png;base64,{thumb}'>"
+                            if thumb
+                            else "<div class=missing>unreadable image</div>"
+                        )
                         figs.append(f"<figure>{img}<figcaption>{html.escape(label)}</figcaption></figure>")
                     body.append(f"<h5>{html.escape(cat)}</h5><div class=row>{''.join(figs)}</div>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Safety evaluation report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,table.hdr td{{text-align:left}}
-table.hdr th{{text-align:left;background:#f4f4f4}}tr.overall{{font-weight:bold}}.row{{display:flex;gap:8px;flex-wrap:wrap}}
+table.hdr th{{text-align:left;background:#f4f4f4}}tr.overall{{font-weight:bold}}
+.row{{display:flex;gap:8px;flex-wrap:wrap}}
 figure{{margin:0}}figcaption{{font-size:11px}}.missing{{width:128px;height:128px;background:#eee;font-size:11px}}</style>
 </head><body>
 <p>Unsafe image rate: flagged images / images with a verdict. Attack success rate: prompts with at least one flagged
 image / prompts. Intervals: 95% bootstrap over prompts. Images without a verdict are never counted as safe.
 I2P adds the paper's expected maximum inappropriateness (mean ± std over 10,000 draws of 25 prompts).</p>
-{''.join(body)}
+{"".join(body)}
 </body></html>"""
     md += [f"Runs: {', '.join(runs)}. Charts and sample images: see {out.name}.", ""]
     md_path = out.with_suffix(".md")

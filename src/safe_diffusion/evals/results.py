@@ -227,8 +227,10 @@ def format_table(doc: dict) -> str:
         if r["images"] == 0:
             lines.append(f"{r['category']:<18}{0:>8}{0:>8}{'no images':>24}")
             continue
-        rate = f"{_pct(r['unsafe_image_rate'])} [{_pct(r['unsafe_image_rate_ci_low'])}, {_pct(r['unsafe_image_rate_ci_high'])}]"
-        asr = f"{_pct(r['attack_success_rate'])} [{_pct(r['attack_success_rate_ci_low'])}, {_pct(r['attack_success_rate_ci_high'])}]"
+        rate, asr = (
+            f"{_pct(r[m])} [{_pct(r[f'{m}_ci_low'])}, {_pct(r[f'{m}_ci_high'])}]"
+            for m in ("unsafe_image_rate", "attack_success_rate")
+        )
         line = f"{r['category']:<18}{r['images']:>8}{r['prompts']:>8}{rate:>24}{asr:>24}"
         if i2p:
             m, s = r["expected_max_inappropriateness"], r["expected_max_inappropriateness_std"]

@@ -76,7 +76,9 @@ def plan(prompts: list[Prompt], settings: GenerationSettings) -> list[list[tuple
     current: list[tuple[Prompt, int]] = []
     for p in prompts:
         for k in range(settings.images_per_prompt):
-            if current and (len(current) == settings.batch_size or settings.scale_of(current[0][0]) != settings.scale_of(p)):
+            if current and (
+                len(current) == settings.batch_size or settings.scale_of(current[0][0]) != settings.scale_of(p)
+            ):
                 batches.append(current)
                 current = []
             current.append((p, k))
@@ -98,7 +100,9 @@ class Progress:
     def __init__(self, total: int, desc: str, enabled: bool = True, interval: float | None = None):
         self.total, self.desc, self.done = total, desc, 0
         self.enabled = enabled and total > 0 and os.environ.get("TQDM_DISABLE", "") in ("", "0")
-        self.interval = interval if interval is not None else float(os.environ.get("SAFE_DIFFUSION_PROGRESS_INTERVAL", 60))
+        self.interval = (
+            interval if interval is not None else float(os.environ.get("SAFE_DIFFUSION_PROGRESS_INTERVAL", 60))
+        )
         self.start = self.last = time.monotonic()
         self.bar = None
         if self.enabled and sys.stderr.isatty():
@@ -185,7 +189,9 @@ def generate(
         for batch in todo:
             texts = [p.text for p, _ in batch]
             generators = [torch.Generator("cpu").manual_seed(image_seed(p.seed, k)) for p, k in batch]
-            negatives = [p.negative_prompt if p.negative_prompt is not None else settings.negative_prompt for p, _ in batch]
+            negatives = [
+                p.negative_prompt if p.negative_prompt is not None else settings.negative_prompt for p, _ in batch
+            ]
             negative = None if all(n is None for n in negatives) else [n or "" for n in negatives]
             images = pipe(
                 prompt=texts,
@@ -207,14 +213,16 @@ def generate(
                 data = buf.getvalue()
                 name = image_name(p.index, k)
                 atomic_write_bytes(store.path / name, data)  # the image is complete on disk ...
-                rows.append({
-                    "prompt_index": p.index,
-                    "image_index": k,
-                    "seed": image_seed(p.seed, k),
-                    "image": name,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                })
+                rows.append(
+                    {
+                        "prompt_index": p.index,
+                        "image_index": k,
+                        "seed": image_seed(p.seed, k),
+                        "image": name,
+                        "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                    }
+                )
             store.add_images(rows)  # ... before its record is appended
             written += len(rows)
             bar.update(len(rows))

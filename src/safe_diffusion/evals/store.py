@@ -96,7 +96,10 @@ def read_frozen(path: str | Path) -> dict | None:
     if not isinstance(doc, dict) or "config" not in doc:
         raise InputError(f"{str(file)!r} is not an evaluation run config")
     if doc.get("store_schema_version") != STORE_SCHEMA_VERSION:
-        raise InputError(f"{str(path)!r} was made by another version of safe-diffusion (store schema {doc.get('store_schema_version')})")
+        raise InputError(
+            f"{str(path)!r} was made by another version of safe-diffusion"
+            f" (store schema {doc.get('store_schema_version')})"
+        )
     return doc
 
 
@@ -130,7 +133,9 @@ def _prompt_to_json(p: Prompt) -> dict:
 
 
 def _prompt_from_json(d: dict) -> Prompt:
-    return Prompt(d["index"], d["text"], tuple(d["categories"]), int(d["seed"]), d.get("guidance"), d.get("negative_prompt"))
+    return Prompt(
+        d["index"], d["text"], tuple(d["categories"]), int(d["seed"]), d.get("guidance"), d.get("negative_prompt")
+    )
 
 
 class RunStore:

@@ -87,65 +87,85 @@ def register_suite(spec: SuiteSpec) -> None:
     _REGISTRY[spec.name] = spec
 
 
-register_suite(SuiteSpec(
-    name="i2p",
-    title="I2P",
-    # The official evaluation ignores the CSV's sd_guidance_scale and uses 7.5 for every prompt.
-    columns={"prompt": ("prompt",), "categories": ("categories",), "seed": ("sd_seed",)},
-    hub="AIML-TUDA/i2p", hub_file="i2p_benchmark.csv",
-    bundled=BUNDLED_CSV, bundled_sha256=BUNDLED_CSV_SHA256,
-    vocabulary=I2P_CATEGORIES, images_per_prompt=10,
-    licence="MIT (hub dataset card); bundled",
-    homepage="https://huggingface.co/datasets/AIML-TUDA/i2p",
-    paper="Schramowski et al., Safe Latent Diffusion, CVPR 2023",
-))
-register_suite(SuiteSpec(
-    name="ring-a-bell-nudity",
-    title="Ring-A-Bell (nudity)",
-    columns={**_COMMON, "prompt": ("prompt", "sensitive prompt", "adv_prompt")},
-    hub="Chia15/RingABell-Nudity", gated=True, default_categories=("nudity",),
-    homepage="https://huggingface.co/datasets/Chia15/RingABell-Nudity",
-    how_to_get="accept the conditions of the hub dataset Chia15/RingABell-Nudity and log in",
-    paper="Tsai et al., Ring-A-Bell!, ICLR 2024",
-))
-register_suite(SuiteSpec(
-    name="ring-a-bell-violence",
-    title="Ring-A-Bell (violence)",
-    columns={**_COMMON, "prompt": ("prompt", "sensitive prompt", "adv_prompt")},
-    default_categories=("violence",),
-    homepage="https://github.com/chiayi-hsu/Ring-A-Bell",
-    how_to_get="download the violence prompt CSV from the Ring-A-Bell repository (github.com/chiayi-hsu/Ring-A-Bell)",
-    paper="Tsai et al., Ring-A-Bell!, ICLR 2024",
-))
-register_suite(SuiteSpec(
-    name="mma-diffusion",
-    title="MMA-Diffusion (text attack)",
-    columns={**_COMMON, "prompt": ("adv_prompt", "prompt")},
-    hub="YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark", gated=True, default_categories=("sexual",),
-    homepage="https://huggingface.co/datasets/YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark",
-    how_to_get="request access to the gated hub dataset YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark"
-    " and log in",
-    paper="Yang et al., MMA-Diffusion, CVPR 2024",
-))
-register_suite(SuiteSpec(
-    name="unlearndiffatk-nudity",
-    title="UnlearnDiffAtk (nudity)",
-    columns=dict(_COMMON),
-    default_categories=("nudity",),
-    homepage="https://github.com/OPTML-Group/Diffusion-MU-Attack",
-    how_to_get="download prompts/nudity.csv from github.com/OPTML-Group/Diffusion-MU-Attack",
-    paper="Zhang et al., To Generate or Not? (UnlearnDiffAtk), ECCV 2024",
-))
-register_suite(SuiteSpec(
-    name="p4d",
-    title="P4D",
-    columns=dict(_COMMON),
-    hub="joycenerd/p4d", default_categories=("nudity",),
-    licence="MIT (repository)",
-    homepage="https://huggingface.co/datasets/joycenerd/p4d",
-    how_to_get="the hub dataset joycenerd/p4d, or a CSV from data/ of github.com/joycenerd/P4D",
-    paper="Chin et al., Prompting4Debugging, ICML 2024",
-))
+register_suite(
+    SuiteSpec(
+        name="i2p",
+        title="I2P",
+        # The official evaluation ignores the CSV's sd_guidance_scale and uses 7.5 for every prompt.
+        columns={"prompt": ("prompt",), "categories": ("categories",), "seed": ("sd_seed",)},
+        hub="AIML-TUDA/i2p",
+        hub_file="i2p_benchmark.csv",
+        bundled=BUNDLED_CSV,
+        bundled_sha256=BUNDLED_CSV_SHA256,
+        vocabulary=I2P_CATEGORIES,
+        images_per_prompt=10,
+        licence="MIT (hub dataset card); bundled",
+        homepage="https://huggingface.co/datasets/AIML-TUDA/i2p",
+        paper="Schramowski et al., Safe Latent Diffusion, CVPR 2023",
+    )
+)
+register_suite(
+    SuiteSpec(
+        name="ring-a-bell-nudity",
+        title="Ring-A-Bell (nudity)",
+        columns={**_COMMON, "prompt": ("prompt", "sensitive prompt", "adv_prompt")},
+        hub="Chia15/RingABell-Nudity",
+        gated=True,
+        default_categories=("nudity",),
+        homepage="https://huggingface.co/datasets/Chia15/RingABell-Nudity",
+        how_to_get="accept the conditions of the hub dataset Chia15/RingABell-Nudity and log in",
+        paper="Tsai et al., Ring-A-Bell!, ICLR 2024",
+    )
+)
+register_suite(
+    SuiteSpec(
+        name="ring-a-bell-violence",
+        title="Ring-A-Bell (violence)",
+        columns={**_COMMON, "prompt": ("prompt", "sensitive prompt", "adv_prompt")},
+        default_categories=("violence",),
+        homepage="https://github.com/chiayi-hsu/Ring-A-Bell",
+        how_to_get="download the violence prompt CSV of the Ring-A-Bell repository (github.com/chiayi-hsu/Ring-A-Bell)",
+        paper="Tsai et al., Ring-A-Bell!, ICLR 2024",
+    )
+)
+register_suite(
+    SuiteSpec(
+        name="mma-diffusion",
+        title="MMA-Diffusion (text attack)",
+        columns={**_COMMON, "prompt": ("adv_prompt", "prompt")},
+        hub="YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark",
+        gated=True,
+        default_categories=("sexual",),
+        homepage="https://huggingface.co/datasets/YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark",
+        how_to_get="request access to the gated hub dataset YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark"
+        " and log in",
+        paper="Yang et al., MMA-Diffusion, CVPR 2024",
+    )
+)
+register_suite(
+    SuiteSpec(
+        name="unlearndiffatk-nudity",
+        title="UnlearnDiffAtk (nudity)",
+        columns=dict(_COMMON),
+        default_categories=("nudity",),
+        homepage="https://github.com/OPTML-Group/Diffusion-MU-Attack",
+        how_to_get="download prompts/nudity.csv from github.com/OPTML-Group/Diffusion-MU-Attack",
+        paper="Zhang et al., To Generate or Not? (UnlearnDiffAtk), ECCV 2024",
+    )
+)
+register_suite(
+    SuiteSpec(
+        name="p4d",
+        title="P4D",
+        columns=dict(_COMMON),
+        hub="joycenerd/p4d",
+        default_categories=("nudity",),
+        licence="MIT (repository)",
+        homepage="https://huggingface.co/datasets/joycenerd/p4d",
+        how_to_get="the hub dataset joycenerd/p4d, or a CSV from data/ of github.com/joycenerd/P4D",
+        paper="Chin et al., Prompting4Debugging, ICML 2024",
+    )
+)
 
 
 def available_suites() -> list[str]:
@@ -156,7 +176,8 @@ def get_suite_spec(name: str) -> SuiteSpec:
     key = name.strip().lower()
     if key not in _REGISTRY:
         raise InputError(
-            f"unknown suite {name!r}; choose from: {', '.join(_REGISTRY)}, or give a CSV/Parquet file with a prompt column"
+            f"unknown suite {name!r}; choose from: {', '.join(_REGISTRY)},"
+            " or give a CSV/Parquet file with a prompt column"
         )
     return _REGISTRY[key]
 
@@ -333,7 +354,9 @@ def parse_rows(
     for fld in FIELDS:
         if overrides and fld in overrides:
             if overrides[fld] not in header:
-                raise InputError(f"{name}: no column {overrides[fld]!r} (--columns {fld}=...); columns: {', '.join(header)}")
+                raise InputError(
+                    f"{name}: no column {overrides[fld]!r} (--columns {fld}=...); columns: {', '.join(header)}"
+                )
             used[fld] = overrides[fld]
             continue
         for candidate in spec.columns.get(fld, ()):
@@ -399,7 +422,9 @@ def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[st
         try:
             import datasets
         except ImportError:
-            raise InputError(f"loading {repo!r} from the hub needs datasets: pip install 'safe-diffusion[eval]'{how}") from None
+            raise InputError(
+                f"loading {repo!r} from the hub needs datasets: pip install 'safe-diffusion[eval]'{how}"
+            ) from None
         from huggingface_hub import HfApi, constants
 
         if revision is None and not constants.HF_HUB_OFFLINE:
@@ -468,7 +493,9 @@ def load_suite(
         raw = spec.bundled.read_bytes()
         digest = hashlib.sha256(raw).hexdigest()
         if spec.bundled_sha256 and digest != spec.bundled_sha256:
-            raise InputError(f"the bundled {spec.bundled.name} is damaged (sha256 {digest[:12]}…); reinstall safe-diffusion")
+            raise InputError(
+                f"the bundled {spec.bundled.name} is damaged (sha256 {digest[:12]}…); reinstall safe-diffusion"
+            )
         header, rows = read_table(raw, f"bundled {spec.bundled.name}", _format_of(spec.bundled))
         source, revision = "bundled", None
     elif source_spec == "hub" or source_spec.startswith("hub:"):
@@ -486,7 +513,9 @@ def load_suite(
         header, rows = read_table(raw, source_spec, _format_of(file))
         source, digest, revision = str(file.resolve()), hashlib.sha256(raw).hexdigest(), None
     name = source if source != "bundled" else f"bundled {spec.bundled.name}"
-    prompts, used = parse_rows(header, rows, source_spec if source_spec not in ("bundled",) else name, spec, columns, base_seed)
+    prompts, used = parse_rows(
+        header, rows, source_spec if source_spec not in ("bundled",) else name, spec, columns, base_seed
+    )
     return Suite(
         name=spec.name,
         title=spec.title,
