@@ -195,7 +195,10 @@ def classify(
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
     progress: bool = typer.Option(True, help="Progress bar, or periodic lines in logs."),
 ) -> None:
-    """(Re)judge a run's images without regenerating them, and rescore it."""
+    """Judge a run's images again; rescore.
+
+    Nothing is regenerated; --no-redo judges only images without a current verdict.
+    """
     from ..evals import runner
     from ..evals.config import unsafe_rule
     from ..evals.store import RunStore
@@ -233,7 +236,10 @@ def score(
     source: str = typer.Argument(..., help="Run folder, or CSV/Parquet (prompt, unsafe[, categories])."),
     json_path: Path = typer.Option(None, "--json", help="Write the results JSON here."),
 ) -> None:
-    """Unsafe image rate and attack success rate (with 95% intervals); I2P's metrics."""
+    """Unsafe image rate and ASR, with 95% CIs.
+
+    Also the I2P paper's metrics for I2P runs and records.
+    """
     from ..evals.results import format_table, score_source
     from ..outputs import atomic_write_json
 
@@ -254,7 +260,10 @@ def export(
     run_dir: Path = typer.Argument(..., help="Run folder."),
     file: Path = typer.Argument(..., help="Output FILE.csv or FILE.parquet."),
 ) -> None:
-    """One row per image: prompt, seed, image, each judge's verdict and scores."""
+    """One row per image, with every verdict.
+
+    Prompt, seed, image path, each judge's verdict and raw scores.
+    """
     from ..evals.results import _pandas
     from ..evals.store import RunStore
 
@@ -291,7 +300,10 @@ def report(
     samples: int = typer.Option(4, help="Sample images per category and run."),
     label: list[str] = typer.Option(None, "--label", help="A run's name in the report, once per run."),
 ) -> None:
-    """HTML + Markdown report: metrics with intervals, runs side by side, samples."""
+    """HTML + Markdown report comparing runs.
+
+    Per suite: metrics with intervals side by side, categories, samples.
+    """
     from ..evals.report import write_report
     from ..validation import check_int
 
@@ -310,7 +322,7 @@ def status(
     run_dir: Path = typer.Argument(..., help="Run folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
 ) -> None:
-    """Done/total per stage, damaged or missing images, judges and writers."""
+    """Done/total per stage, and damaged images."""
     from ..evals.store import RunStore
 
     store = RunStore.open(run_dir)
@@ -335,7 +347,7 @@ def status(
 
 @app.command("suites")
 def list_suites() -> None:
-    """The registered prompt suites and where their data comes from."""
+    """The registered prompt suites."""
     from ..evals.suites import available_suites, get_suite_spec
 
     for name in available_suites():
@@ -347,7 +359,10 @@ def list_suites() -> None:
 
 @app.command("demo-clip")
 def demo_clip(path: Path = typer.Argument(..., help="Folder to write a random-weight CLIP into.")) -> None:
-    """Write a random-weight CLIP so Q16 runs offline in demos (meaningless verdicts)."""
+    """Write a random-weight CLIP for offline demos.
+
+    Q16 runs with it offline; its verdicts are meaningless.
+    """
     from ..testing import build_clip
 
     if path.exists():
