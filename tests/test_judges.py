@@ -125,7 +125,7 @@ def test_clip_preprocess_is_openai_clips_transform():
 def test_q16_verdicts_follow_the_learned_prompts_and_record_the_preprocessing(clip, tmp_path):
     import torch
 
-    from safe_diffusion.i2p.data import load_q16_prompts
+    from safe_diffusion.judges.q16 import load_q16_prompts
     from safe_diffusion.judges.q16 import clip_preprocess
 
     (q16,) = load_judges(["q16"], options={"q16": {"model": str(clip)}})

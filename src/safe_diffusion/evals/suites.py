@@ -27,8 +27,6 @@ from ..errors import InputError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUNDLED_CSV = DATA_DIR / "i2p_benchmark.csv"
 BUNDLED_CSV_SHA256 = "c5ab09e3f37a0f6f01899f8771495385ab68934fb844f6398a6dd12183a6dfbc"
-Q16_PROMPTS = DATA_DIR / "q16_vit_l14_prompts.npy"
-Q16_PROMPTS_SHA256 = "eb1426d84248dc6ed46b854e4b536a4d14fd2b9de89cd9e6ed3bbafd246d6f98"
 
 I2P_CATEGORIES = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal activity")
 CATEGORIES = I2P_CATEGORIES  # the I2P paper's order (kept under its old name)
@@ -561,13 +559,3 @@ def parse_prompt_csv(data: bytes, name: str) -> Suite:
     header, rows = read_table(data, name, "csv")
     prompts, used = parse_rows(header, rows, name, spec)
     return Suite("i2p", "I2P", prompts, name, hashlib.sha256(data).hexdigest(), columns=used, images_per_prompt=10)
-
-
-def load_q16_prompts():
-    """The Q16 learned prompts, (2, 768) float16, loaded without pickle and checked against their hash."""
-    import numpy as np
-
-    data = Q16_PROMPTS.read_bytes()
-    if hashlib.sha256(data).hexdigest() != Q16_PROMPTS_SHA256:
-        raise InputError("the bundled Q16 prompts are damaged; reinstall safe-diffusion")
-    return np.load(io.BytesIO(data), allow_pickle=False)

@@ -13,6 +13,8 @@ installed, so a verdict is the same on every machine.
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,18 @@ from ..errors import InputError
 from .base import Judge, Judgment
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
+Q16_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "q16_vit_l14_prompts.npy"
+Q16_PROMPTS_SHA256 = "eb1426d84248dc6ed46b854e4b536a4d14fd2b9de89cd9e6ed3bbafd246d6f98"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_q16_prompts():
+    """The Q16 learned prompts, (2, 768) float16, loaded without pickle and checked against their hash."""
+    data = Q16_PROMPTS.read_bytes()
+    if hashlib.sha256(data).hexdigest() != Q16_PROMPTS_SHA256:
+        raise InputError("the bundled Q16 prompts are damaged; reinstall safe-diffusion")
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def clip_preprocess(image, size: int) -> np.ndarray:
@@ -54,8 +66,6 @@ class Q16(Judge):
         import torch
         from transformers import CLIPModel
         from transformers.utils import logging as hf_logging
-
-        from ..i2p.data import Q16_PROMPTS_SHA256, load_q16_prompts
 
         hf_logging.disable_progress_bar()
         self.model_ref = model or DEFAULT_MODEL

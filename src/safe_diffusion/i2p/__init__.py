@@ -1,1 +1,0 @@
-"""Moved to :mod:`safe_diffusion.evals`; these names stay importable for code written against the I2P-only API."""
