@@ -6,6 +6,15 @@ outputs are noise: they test plumbing and numerics, not quality. One module per 
 everything public is re-exported here.
 """
 
+from .quality import RandomFeatureExtractor, build_inception_weights
 from .stable_diffusion import SIZES, build_checkpoint, build_clip, build_sdxl_checkpoint, byte_level_tokenizer
 
-__all__ = ["SIZES", "build_checkpoint", "build_clip", "build_sdxl_checkpoint", "byte_level_tokenizer"]
+__all__ = [
+    "SIZES",
+    "RandomFeatureExtractor",
+    "build_checkpoint",
+    "build_clip",
+    "build_inception_weights",
+    "build_sdxl_checkpoint",
+    "byte_level_tokenizer",
+]

@@ -1,0 +1,1 @@
+"""Evaluation: prompt suites, quality metrics (CLIP score, FID, KID) and published reference figures."""
