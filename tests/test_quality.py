@@ -199,6 +199,8 @@ def test_reference_statistics_are_cached_by_content_and_extractor(data, tmp_path
     assert not list(cache.glob("*.records")), "per-image records are removed once the statistics are written"
     second = q.reference_statistics(ref, CountingExtractor(), cache_dir=cache, batch_size=4, image_size=SIZE)
     assert second.cache_hit and CountingExtractor.calls == 3, "a cache hit must not run the extractor"
+    assert second.source["kind"] == "folder" and second.source["path"] == str(ref)
+    assert second.source["content_sha256"] == first.source["content_sha256"]
     np.testing.assert_array_equal(first.mu, second.mu)
     np.testing.assert_array_equal(first.sigma, second.sigma)
     np.testing.assert_array_equal(first.features, second.features)

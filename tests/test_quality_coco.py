@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from safe_diffusion.errors import InputError
-from safe_diffusion.evals.coco import SUBSETS, load_coco_captions, sample_annotations
+from safe_diffusion.evals.coco import SUBSETS, load_coco_captions, sample_annotations, val2014_file_name
 
 
 def _annotations(n_images: int = 40, seed: int = 7) -> dict:
@@ -60,6 +60,7 @@ def test_annotation_file_is_sampled_by_the_documented_rule(tmp_path):
 
 def test_named_subsets_and_the_default(tmp_path):
     assert SUBSETS == {"30k": 30_000, "10k": 10_000, "5k": 5_000}
+    assert val2014_file_name(391895) == "COCO_val2014_000000391895.jpg"
     path = tmp_path / "captions.json"
     path.write_text(json.dumps(_annotations(n_images=12)))
     with pytest.raises(InputError, match="needs 30000 images; the file has 12"):

@@ -68,6 +68,12 @@ class CaptionSet:
         return [c.text for c in self.captions]
 
 
+def val2014_file_name(image_id: int) -> str:
+    """The file name of a COCO 2014 validation image (``COCO_val2014_000000391895.jpg``), to build the FID
+    reference folder from the images whose captions were sampled."""
+    return f"COCO_val2014_{int(image_id):012d}.jpg"
+
+
 def _subset_size(subset: int | str | None) -> int | None:
     if subset is None:
         return None

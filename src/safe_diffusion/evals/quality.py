@@ -279,7 +279,11 @@ def folder_images(folder: str | os.PathLike, prompts: Mapping[str, str] | None =
     if not root.is_dir():
         raise InputError(f"image folder {str(folder)!r} does not exist or is not a folder")
     files = sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:
         raise InputError(f"{str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -721,6 +725,7 @@ FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
 
 
 def register_feature_extractor(name: str, factory: Callable[..., FeatureExtractor]) -> None:
+    """Make `factory` available by `name`; it is called with keyword arguments (``device`` at least)."""
     FEATURE_EXTRACTORS[name] = factory
 
 
@@ -974,8 +979,8 @@ def reference_statistics(
     if cached.is_file():
         stats = load_statistics(cached, extractor)
         stats.cache_hit = True
-        stats.source = {**stats.source, **(stats.source.get("computed_from") or {}), "cache": str(cached)}
-        stats.source.pop("computed_from", None)
+        computed = stats.source.get("computed_from") or {}
+        stats.source = {**computed, "path": str(path), "cache": str(cached), "cache_sha256": stats.source["sha256"]}
         logger.info("FID reference statistics from cache %s", cached)
         return stats
     try:
@@ -1184,7 +1189,7 @@ def evaluate_quality(
         elif feature_extractor == "inception":
             extractor = make_feature_extractor("inception", weights=inception_weights, device=device)
         else:
-            extractor = make_feature_extractor(feature_extractor)
+            extractor = make_feature_extractor(feature_extractor, device=device)
         stats = reference_statistics(
             reference, extractor, cache_dir=cache_dir, image_size=image_size, batch_size=batch_size, progress=progress
         )
