@@ -7,7 +7,9 @@
 * :mod:`.runner` — the generate and judge stages (deterministic, sharded, resumable);
 * :mod:`.metrics` / :mod:`.results` — unsafe image rate, attack success rate, bootstrap intervals, the
   I2P paper's metrics, and the versioned results JSON;
-* :mod:`.report` — HTML and Markdown reports across runs.
+* :mod:`.report` — HTML and Markdown reports across runs;
+* :mod:`.quality` — CLIP score, FID and KID (torchmetrics); :mod:`.coco` — COCO captions as prompts;
+* :mod:`.references` — the published I2P figures, shaped like our score rows.
 
 See docs/evaluation.md.
 """

@@ -7,12 +7,15 @@ everything public is re-exported here.
 """
 
 from .llava import build_llava_onevision, byte_level_bpe_tokenizer
+from .quality import RandomFeatureExtractor, build_inception_weights
 from .stable_diffusion import SIZES, build_checkpoint, build_clip, build_sdxl_checkpoint, byte_level_tokenizer
 
 __all__ = [
     "SIZES",
+    "RandomFeatureExtractor",
     "build_checkpoint",
     "build_clip",
+    "build_inception_weights",
     "build_llava_onevision",
     "build_sdxl_checkpoint",
     "byte_level_bpe_tokenizer",
