@@ -3,7 +3,6 @@ papers' closed forms, what changes and what does not, and the output folder."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 

@@ -13,7 +13,7 @@ import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -72,7 +72,7 @@ class ErasureConfig:
         guide_to: list[str] | tuple[str, ...] | None = None,
         preserve: list[str] | tuple[str, ...] | None = None,
         **options,
-    ) -> "ErasureConfig":
+    ) -> ErasureConfig:
         """Validate and complete a configuration; every problem is one :class:`InputError` line."""
         key = (method or "").strip().lower()
         if key not in METHODS:
@@ -246,18 +246,18 @@ def erase_concepts(
     main = accelerator is None or accelerator.is_main_process
     if main:
         check_output_folder(out)
+    t0 = time.monotonic()
+    pipe = load_pipeline(model, device=device, dtype=torch.float32)  # bad models fail before anything is written
+    pipe.set_progress_bar_config(disable=True)
+    require_cross_attention(pipe, model)
+    base = resolve_base_folder(model)
+    from .folder import hash_tree
+
+    base_unet = hash_tree(base / "unet", "unet") if (base / "unet").is_dir() else {}
     with ExitStack() as stack:
         work = stack.enter_context(locked_work_folder(out)) if main else work_folder(out)
         if accelerator is not None:
             accelerator.wait_for_everyone()
-        t0 = time.monotonic()
-        pipe = load_pipeline(model, device=device, dtype=torch.float32)
-        pipe.set_progress_bar_config(disable=True)
-        require_cross_attention(pipe, model)
-        base = resolve_base_folder(model)
-        from .folder import hash_tree
-
-        base_unet = hash_tree(base / "unet", "unet") if (base / "unet").is_dir() else {}
         record: dict = {}
         if config.method == "uce":
             from .closed_form import apply_uce
@@ -310,13 +310,24 @@ def erase_concepts(
 
 
 def _write_model(out, work, base, model, config, unet, weights, record, seconds, *, link, base_unet) -> None:
-    from ..outputs import library_versions
     from ..loading import pipeline_class_name
+    from ..outputs import library_versions
+    from .common import METHODS, move
     from .folder import (
-        RECORD_NAME, SCHEMA, SCHEMA_VERSION, WEIGHTS_NAME, hash_tree, mirror_base, normalise_permissions,
-        publish, read_erasure_record, save_edited_weights, sha256_file, storage_dtype, write_record,
+        RECORD_NAME,
+        SCHEMA,
+        SCHEMA_VERSION,
+        WEIGHTS_NAME,
+        hash_tree,
+        mirror_base,
+        normalise_permissions,
+        publish,
+        read_erasure_record,
+        save_edited_weights,
+        sha256_file,
+        storage_dtype,
+        write_record,
     )
-    from .common import METHODS
 
     staging = work / "model"
     shutil.rmtree(staging, ignore_errors=True)
@@ -326,15 +337,9 @@ def _write_model(out, work, base, model, config, unet, weights, record, seconds,
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # casting warns about modules to keep in float32 (SD has none)
     try:
-        unet = unet.to("cpu")
-        if unet.dtype != dtype:
-            unet = unet.to(dtype)
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
+        move(unet, "cpu", dtype).save_pretrained(staging / "unet", safe_serialization=True)
     finally:
-        diffusers_logging.set_verbosity(verbosity)
         diffusers_logging.enable_progress_bar()
     label, paper = METHODS[config.method]
     save_edited_weights(
@@ -371,7 +376,7 @@ def _write_model(out, work, base, model, config, unet, weights, record, seconds,
         **record,
         "deviations": deviations(config),
         "seconds": seconds,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": library_versions(),
     }
     write_record(staging, full)

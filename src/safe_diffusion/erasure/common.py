@@ -7,6 +7,7 @@ concatenated for SDXL (as in the official UCE and ESD code for each family).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -66,8 +67,9 @@ def sequence_embeddings(pipe, texts: Sequence[str], batch_size: int = 64) -> tor
 
 
 def cross_attention_dim(pipe) -> int:
-    return int(pipe.unet.config.cross_attention_dim if isinstance(pipe.unet.config.cross_attention_dim, int)
-               else pipe.unet.config.cross_attention_dim[0])
+    """The size of the text embeddings the UNet's cross-attention reads."""
+    dim = pipe.unet.config.cross_attention_dim
+    return dim if isinstance(dim, int) else dim[0]
 
 
 def cross_attention_projections(unet, text_dim: int | None = None) -> dict[str, torch.nn.Linear]:
@@ -102,21 +104,35 @@ def esd_parameter_names(unet, method: str) -> list[str]:
     ``time_embed`` and ``out.``).
     """
     names = []
-    for name, _ in unet.named_parameters():
-        in_xattn = ".attn2." in f".{name}"
-        if method == "esd-x" and in_xattn:
-            names.append(name)
-        elif method == "esd-u" and not in_xattn and not name.startswith(
-            ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")
-        ):
-            names.append(name)
     if method not in ("esd-x", "esd-u"):
         raise ValueError(f"not an ESD method: {method!r}")
+    excluded = ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")
+    for name, _ in unet.named_parameters():
+        in_xattn = ".attn2." in f".{name}"
+        if in_xattn if method == "esd-x" else not (in_xattn or name.startswith(excluded)):
+            names.append(name)
     return names
 
 
+def move(model, device=None, dtype: torch.dtype | None = None):
+    """``model.to(device)``, then ``.to(dtype)`` only when it changes something: diffusers warns on every
+    dtype cast of a model that lists no float32-only modules, which is noise here."""
+    if device is not None:
+        model = model.to(device)
+    if dtype is not None and model.dtype != dtype:
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            model = model.to(dtype)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+    return model
+
+
 def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
@@ -168,7 +184,7 @@ class Progress:
         rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         extra = "".join(f" {k} {v:.4g}" for k, v in postfix.items())
-        eta_text = format_duration(eta) if eta == eta else "?"
+        eta_text = format_duration(eta) if math.isfinite(eta) else "?"
         print(
             f"{self.desc}: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%){extra}, "
             f"{rate:.3g} step/s, elapsed {format_duration(elapsed)}, ETA {eta_text}",

@@ -95,9 +95,10 @@ def locked_work_folder(out: Path) -> Iterator[Path]:
     for d in reversed(created):
         d.mkdir()
     work = work_folder(out)
+    existed = work.exists()
     try:
         work.mkdir(exist_ok=True)
-        lock = open(work / ".lock", "a")
+        lock = open(work / ".lock", "a")  # noqa: SIM115 (held until the block ends)
     except OSError as exc:
         _remove_created(created)
         raise InputError(f"cannot create {str(work)!r}: {exc.strerror or exc}") from None
@@ -109,8 +110,11 @@ def locked_work_folder(out: Path) -> Iterator[Path]:
     try:
         yield work
     except BaseException:
-        if not out.exists():
-            _remove_created(created)
+        # keep what a rerun can resume from (ESD checkpoints); take back everything else
+        if not existed and not (work / "checkpoints").is_dir():
+            shutil.rmtree(work, ignore_errors=True)
+            if not out.exists():
+                _remove_created(created)
         raise
     finally:
         lock.close()
@@ -131,7 +135,7 @@ def storage_dtype(folder: Path) -> torch.dtype:
     names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 return names.get(f.get_slice(key).get_dtype(), torch.float32)
     return torch.float32
 

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import InputError
 from ..outputs import atomic_write_json
-from .common import Progress, encode, esd_parameter_names, is_sdxl
+from .common import Progress, encode, esd_parameter_names, is_sdxl, move
 from .esd import classifier_free_guidance, esd_loss, esd_target
 
 CHECKPOINTS = "checkpoints"
@@ -99,7 +99,7 @@ class ESDTrainer:
         self.scheduler.set_timesteps(ddim_steps, device=device)
         self.ddim_steps = ddim_steps
 
-        trained = copy.deepcopy(pipe.unet).to(device, torch.float32)
+        trained = move(copy.deepcopy(pipe.unet), device, torch.float32)
         self.param_names = esd_parameter_names(trained, method)
         wanted = set(self.param_names)
         for name, p in trained.named_parameters():
@@ -107,7 +107,7 @@ class ESDTrainer:
         if gradient_checkpointing:
             trained.enable_gradient_checkpointing()
         trained.train()
-        self.frozen = pipe.unet.to(device, self.weight_dtype).eval().requires_grad_(False)
+        self.frozen = move(pipe.unet, device, self.weight_dtype).eval().requires_grad_(False)
         params = [p for n, p in trained.named_parameters() if n in wanted]
         optimizer = torch.optim.Adam(params, lr=lr)
         self.trained, self.optimizer = acc.prepare(trained, optimizer)
