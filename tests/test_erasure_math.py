@@ -3,7 +3,12 @@
 import torch
 
 from safe_diffusion.erasure.esd import classifier_free_guidance, esd_loss, esd_target
-from safe_diffusion.erasure.rece import rece_adversarial_map, rece_residual
+from safe_diffusion.erasure.rece import (
+    rece_adversarial_map,
+    rece_adversarial_map_gram,
+    rece_residual,
+    rece_residual_gram,
+)
 from safe_diffusion.erasure.uce import uce_closed_form, uce_edit_matrix
 
 
@@ -73,6 +78,21 @@ def test_rece_map_is_the_regularised_least_squares_embedding():
     # an unedited model: the embedding regenerates the concept up to the regulariser's shrinkage
     assert rece_residual(old, old, concept @ rece_adversarial_map(old, old, regularization=1e-9).mT, concept) < 1e-12
     assert rece_residual(old, old, torch.zeros_like(concept), concept) == 1.0
+
+
+def test_rece_gram_form_equals_the_layerwise_form_for_edits_by_a_common_matrix():
+    d = 6
+    old = [_random(50 + i, n, d) for i, n in enumerate((9, 4, 7))]
+    t = torch.eye(d, dtype=torch.float64) + 0.2 * _random(60, d, d)
+    new = [w @ t for w in old]
+    gram = sum(w.T @ w for w in old)
+    k = rece_adversarial_map_gram(gram, t, regularization=0.3)
+    assert torch.allclose(k, rece_adversarial_map(new, old, regularization=0.3), atol=1e-12)
+    concept = _random(61, 5, d)
+    adversarial = concept @ k.mT
+    assert torch.allclose(
+        rece_residual_gram(gram, t, adversarial, concept), rece_residual(new, old, adversarial, concept), atol=1e-12
+    )
 
 
 def test_esd_target_and_loss():

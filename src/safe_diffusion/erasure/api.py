@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from contextlib import ExitStack
@@ -233,6 +234,8 @@ def erase_concepts(
     out = Path(out)
     check_model_reference(model)
     esd = config.method.startswith("esd")
+    if not esd and int(os.environ.get("RANK", "0")) != 0:
+        return None  # launched on several processes: a closed form takes seconds, the main process does it
     accelerator = None
     if esd:
         from accelerate import Accelerator
@@ -244,8 +247,7 @@ def erase_concepts(
         if device is None:
             device = str(accelerator.device)
     main = accelerator is None or accelerator.is_main_process
-    if main:
-        check_output_folder(out)
+    check_output_folder(out)  # in every process: one that failed alone would leave the others at a barrier
     t0 = time.monotonic()
     pipe = load_pipeline(model, device=device, dtype=torch.float32)  # bad models fail before anything is written
     pipe.set_progress_bar_config(disable=True)

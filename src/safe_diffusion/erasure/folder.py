@@ -19,11 +19,13 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..outputs import atomic_write_json, current_umask
+
+if TYPE_CHECKING:
+    import torch
 
 RECORD_NAME = "erasure.json"
 WEIGHTS_NAME = "erasure_weights.safetensors"
@@ -129,11 +131,16 @@ def _remove_created(created: list[Path]) -> None:
 
 
 def storage_dtype(folder: Path) -> torch.dtype:
-    """The dtype a component folder stores its weights in (float32 when it cannot tell)."""
+    """The dtype a component folder stores its weights in: that of the file ``from_pretrained`` loads
+    without a variant (``*.fp16.safetensors`` only when there is nothing else); float32 when it cannot tell."""
+    import re
+
+    import torch
     from safetensors import safe_open
 
     names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-    for file in sorted(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"), key=lambda f: (bool(re.search(r"\.(fp16|bf16|fp32)\.", f.name)), f.name))
+    for file in files:
         with safe_open(file, framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 return names.get(f.get_slice(key).get_dtype(), torch.float32)
@@ -198,30 +205,33 @@ def normalise_permissions(folder: Path, keep: set[str]) -> None:
 def save_edited_weights(path: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """The edited parameters alone, keyed by UNet parameter name, float32, as the official UCE/ESD code saves
     them (``pipe.unet.load_state_dict(load_file(path), strict=False)`` applies them)."""
+    import torch
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     save_file(tensors, str(path), metadata=metadata)
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def publish(staging: Path, out: Path) -> None:
-    """Rename the finished folder onto `out` (a new path, or an empty folder, which rename replaces)."""
+    """Rename the finished folder onto `out` in one step (a new path, or an empty folder, which rename replaces)."""
     out = out.absolute()
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    elif out.exists():
-        raise InputError(f"output folder {str(out)!r} appeared while erasing and is not empty; the model is in {staging}")
-    fd = os.open(staging, os.O_RDONLY)
+    _fsync_dir(staging)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(staging, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.rename(staging, out)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise InputError(f"output {str(out)!r} appeared while erasing and is not an empty folder; "
+                             "rerun with a new --out (an ESD run resumes from its last checkpoint)") from None
+        raise
+    _fsync_dir(out.parent)
 
 
 def write_record(staging: Path, record: dict) -> None:

@@ -35,6 +35,26 @@ def rece_adversarial_map(
     return torch.linalg.solve(gram, cross)
 
 
+def rece_adversarial_map_gram(gram: torch.Tensor, transform: torch.Tensor, *, regularization: float = 0.1) -> torch.Tensor:
+    """:func:`rece_adversarial_map` for projections edited as W'_l = W_l·T (every UCE and RECE edit is one):
+
+    ``K = (λ·I + Tᵀ G T)⁻¹ Tᵀ G`` with the original projections' Gram matrix G = Σ_l W_lᵀ W_l, since
+    Σ_l W'_lᵀ W'_l = Tᵀ G T and Σ_l W'_lᵀ W_l = Tᵀ G. Each epoch then costs O(d³), whatever the layers.
+    """
+    d = gram.shape[-1]
+    tg = transform.mT @ gram
+    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(regularization * eye + tg @ transform, tg)
+
+
+def rece_residual_gram(
+    gram: torch.Tensor, transform: torch.Tensor, adversarial: torch.Tensor, concept: torch.Tensor
+) -> torch.Tensor:
+    """:func:`rece_residual` for W'_l = W_l·T: Σ_l ‖W_l(T c' − c)‖² / Σ_l ‖W_l c‖², through G = Σ_l W_lᵀ W_l."""
+    diff = adversarial @ transform.mT - concept
+    return ((diff @ gram) * diff).sum() / ((concept @ gram) * concept).sum()
+
+
 def rece_residual(
     edited: Sequence[torch.Tensor], original: Sequence[torch.Tensor], adversarial: torch.Tensor, concept: torch.Tensor
 ) -> torch.Tensor:
