@@ -198,9 +198,11 @@ def resolve_base_folder(model: str) -> Path:
         raise InputError(f"cannot get the files of model {model!r}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
 
 
-def _fingerprint(config: ErasureConfig, model: str, base_unet_hashes: dict) -> str:
+def _fingerprint(config: ErasureConfig, base_files: dict[str, str]) -> str:
+    """What a resumed run must share with the one it continues: the settings that change the result and the
+    base model's content (not its path: a moved base resumes)."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _EXECUTION_ONLY}
-    blob = json.dumps({"config": settings, "model": model, "unet": base_unet_hashes}, sort_keys=True)
+    blob = json.dumps({"config": settings, "base": base_files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -229,7 +231,7 @@ def erase_concepts(
     """
     from ..loading import check_model_reference, load_pipeline
     from .common import require_cross_attention
-    from .folder import check_output_folder, locked_work_folder, work_folder
+    from .folder import check_output_folder, hash_base, locked_work_folder, work_folder
 
     out = Path(out)
     check_model_reference(model)
@@ -253,9 +255,7 @@ def erase_concepts(
     pipe.set_progress_bar_config(disable=True)
     require_cross_attention(pipe, model)
     base = resolve_base_folder(model)
-    from .folder import hash_tree
-
-    base_unet = hash_tree(base / "unet", "unet") if (base / "unet").is_dir() else {}
+    base_files = hash_base(base)
     with ExitStack() as stack:
         work = stack.enter_context(locked_work_folder(out)) if main else work_folder(out)
         if accelerator is not None:
@@ -295,7 +295,7 @@ def erase_concepts(
                     setattr(pipe, name, None)
             training = run_esd(
                 trainer, steps=config.steps, checkpoint_every=config.checkpoint_every, work=work,
-                fingerprint=_fingerprint(config, model, base_unet), show_progress=show_progress,
+                fingerprint=_fingerprint(config, base_files), show_progress=show_progress,
             )
             training["gradient_checkpointing"] = checkpointing
             record["training"] = training
@@ -307,11 +307,11 @@ def erase_concepts(
             unet.disable_gradient_checkpointing()
             unet.eval()
         seconds = time.monotonic() - t0
-        _write_model(out, work, base, model, config, unet, weights, record, seconds, link=link, base_unet=base_unet)
+        _write_model(out, work, base, model, config, unet, weights, record, seconds, link=link, base_files=base_files)
     return out
 
 
-def _write_model(out, work, base, model, config, unet, weights, record, seconds, *, link, base_unet) -> None:
+def _write_model(out, work, base, model, config, unet, weights, record, seconds, *, link, base_files) -> None:
     from ..loading import pipeline_class_name
     from ..outputs import library_versions
     from .common import METHODS, move
@@ -334,7 +334,7 @@ def _write_model(out, work, base, model, config, unet, weights, record, seconds,
     staging = work / "model"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    mirrored = mirror_base(base, staging, replace={"unet"}, link=link)
+    how = mirror_base(base, staging, replace={"unet"}, link=link)
     dtype = storage_dtype(base / "unet")
     from diffusers.utils import logging as diffusers_logging
 
@@ -348,7 +348,7 @@ def _write_model(out, work, base, model, config, unet, weights, record, seconds,
         staging / WEIGHTS_NAME, weights,
         {"format": "unet-state-dict", "method": config.method, "concepts": json.dumps(config.erase)},
     )
-    linked = {rel for rel, how in mirrored["how"].items() if how == "hardlink"}
+    linked = {rel for rel, way in how.items() if way == "hardlink"}
     full = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -361,7 +361,7 @@ def _write_model(out, work, base, model, config, unet, weights, record, seconds,
             "reference": model,
             "path": str(base),
             "pipeline": pipeline_class_name(str(base)),
-            "files": {**mirrored["files"], **base_unet},
+            "files": base_files,
             "erasure": read_erasure_record(base),
         },
         "edited_weights": {
@@ -374,7 +374,7 @@ def _write_model(out, work, base, model, config, unet, weights, record, seconds,
             "keys": sorted(weights),
         },
         "unet": {"dtype": str(dtype).removeprefix("torch."), "files": hash_tree(staging / "unet", "unet")},
-        "components": {"linked": sorted(linked), "copied": sorted(set(mirrored["how"]) - linked)},
+        "components": {"linked": sorted(linked), "copied": sorted(set(how) - linked)},
         **record,
         "deviations": deviations(config),
         "seconds": seconds,

@@ -165,23 +165,30 @@ def _link_or_copy(src: Path, dst: Path, link: bool) -> str:
     return "copy"
 
 
-def mirror_base(base: Path, staging: Path, *, replace: set[str], link: bool) -> dict:
-    """Link or copy every file of the base checkpoint into `staging`, except the top-level entries in
-    `replace`, hidden files and a previous erasure's own files; return their hashes and how each got there."""
-    files, how = {}, {}
-    skip_top = {*replace, RECORD_NAME, WEIGHTS_NAME}
+def _base_entries(base: Path, skip_top: set[str]) -> Iterator[tuple[str, Path]]:
+    """(relative path, file) of every file of a checkpoint folder, except hidden ones and top-level `skip_top`."""
     for root, dirs, names in os.walk(base, followlinks=True):
         rel_root = Path(root).relative_to(base)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (rel_root == Path(".") and d in skip_top))
-        (staging / rel_root).mkdir(parents=True, exist_ok=True)
+        top = rel_root == Path(".")
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (top and d in skip_top))
         for name in sorted(names):
-            if name.startswith(".") or (rel_root == Path(".") and name in skip_top):
-                continue
-            rel = (rel_root / name).as_posix()
-            src = Path(root) / name
-            files[rel] = sha256_file(src)
-            how[rel] = _link_or_copy(src, staging / rel, link)
-    return {"files": files, "how": how}
+            if not name.startswith(".") and not (top and name in skip_top):
+                yield (rel_root / name).as_posix(), Path(root) / name
+
+
+def hash_base(base: Path) -> dict[str, str]:
+    """sha256 of every file of the base checkpoint (a previous erasure's own record and weights excepted)."""
+    return {rel: sha256_file(path) for rel, path in _base_entries(base, {RECORD_NAME, WEIGHTS_NAME})}
+
+
+def mirror_base(base: Path, staging: Path, *, replace: set[str], link: bool) -> dict[str, str]:
+    """Link or copy every file of the base checkpoint into `staging`, except the top-level entries in
+    `replace`, hidden files and a previous erasure's own files; returns how each got there."""
+    how = {}
+    for rel, src in _base_entries(base, {*replace, RECORD_NAME, WEIGHTS_NAME}):
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        how[rel] = _link_or_copy(src, staging / rel, link)
+    return how
 
 
 def hash_tree(folder: Path, prefix: str) -> dict[str, str]:
