@@ -669,6 +669,26 @@ def edit_image(
     )
 
 
-def describe_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings without the per-step timesteps list (for one-line summaries)."""
-    return {k: v for k, v in settings.items() if k != "timesteps"}
+def resolved_settings(
+    pipe, family: Family, guidance: LEditsGuidance | None, steps: int | None, final_sigma: str = "min"
+) -> dict[str, Any]:
+    """The LEDITS++ settings :func:`edit_image` will use on `pipe` with these arguments, defaults resolved."""
+    intersect = None if guidance is None else guidance.intersect_from_timestep
+    if intersect == "auto":
+        intersect = DEFAULT_INTERSECT_FROM[family]
+    uses_attention = guidance is not None and guidance.uses_attention
+    settings = {
+        "method": "LEDITS++ (Brack et al., CVPR 2024)",
+        "family": family,
+        "pipeline": type(pipe).__name__,
+        "num_inversion_steps": DEFAULT_STEPS[family] if steps is None else int(steps),
+        "solver": "SDE-DPM-Solver++(2M), midpoint, first order on the first step",
+        "final_sigma": final_sigma,
+        "zero_noise_steps": DEFAULT_ZERO_NOISE_STEPS[family],
+        "intersect_from_timestep": intersect,
+        "attention_resolution_factor": attention_factor(pipe.unet) if uses_attention else None,
+        "prediction_type": getattr(pipe.scheduler.config, "prediction_type", "epsilon"),
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+    }
+    settings["deviations_from_diffusers"] = _deviations(settings, family)
+    return settings
