@@ -278,14 +278,14 @@ def test_parity_for_a_v_prediction_model_sd2_style(sd_deep):
 
     from safe_diffusion.editing import edit, invert
 
-    pipe = StableDiffusionPipeline(**{**sd_deep.components, "scheduler": PNDMScheduler.from_config(
-        sd_deep.scheduler.config, prediction_type="v_prediction"
-    )})
+    scheduler = PNDMScheduler.from_config(sd_deep.scheduler.config, prediction_type="v_prediction")
+    pipe = StableDiffusionPipeline(**{**sd_deep.components, "scheduler": scheduler})
     oracle = _oracle(pipe, "sd")
     image = _noise_image(1)
     oracle.invert(image, num_inversion_steps=4, skip=0.1, generator=torch.Generator().manual_seed(3))
     expected = oracle(output_type="latent", **ORACLE_EDIT).images
-    inv = invert(pipe, image, num_inversion_steps=4, skip=0.1, generator=torch.Generator().manual_seed(3), final_sigma="zero")
+    inv = invert(pipe, image, num_inversion_steps=4, skip=0.1, generator=torch.Generator().manual_seed(3),
+                 final_sigma="zero")
     out = edit(pipe, inv, LEditsGuidance(CONCEPTS, **EDIT), output_type="latent")
     assert out.settings["prediction_type"] == "v_prediction"
     assert (out.images - expected).abs().max() <= PARITY_TOL
@@ -304,6 +304,32 @@ def test_default_final_sigma_reconstructs_the_latents_exactly_where_diffusers_do
     assert (edit(sd_deep, exact, None, output_type="latent").images - exact.x0).abs().max() <= 1e-12
     zero = invert(sd_deep, image, num_inversion_steps=STEPS, generator=torch.Generator().manual_seed(0), final_sigma="zero")
     assert (edit(sd_deep, zero, None, output_type="latent").images - zero.x0).abs().max() > 1e-3
+
+
+def test_a_source_prompt_guides_the_inversion_towards_it(sd_deep):
+    """Deviation: diffusers' SD LEDITS++ unpacks ``encode_prompt``'s (prompt, unconditional) embeddings in the
+    wrong order in ``invert``, so its guidance points away from the source prompt: ε_src + s(ε_∅ − ε_src).
+    Here it is classifier-free guidance towards it, ε_∅ + s(ε_src − ε_∅), as in diffusers' SDXL pipeline;
+    with the SD oracle's two embeddings put back in order the noise maps agree."""
+    from safe_diffusion.editing import invert
+
+    oracle = _oracle(sd_deep, "sd")
+    image, source = _noise_image(3), {"source_prompt": "a photo of a street", "source_guidance_scale": 3.5}
+    kw = {"num_inversion_steps": 4, "skip": 0.1, **source}
+    ours = invert(sd_deep, image, generator=torch.Generator().manual_seed(4), final_sigma="zero", **kw)
+    assert ours.settings["source_prompt"] == source["source_prompt"]
+    oracle.invert(image, generator=torch.Generator().manual_seed(4), **kw)
+    assert (ours.noise_maps[:-1] - oracle.zs[:-1]).abs().max() > 1e-2  # as shipped: guided away
+
+    encode = oracle.encode_prompt
+
+    def in_order(*args, **kwargs):
+        prompt, unconditional, tokens = encode(*args, **kwargs)
+        return unconditional, prompt, tokens  # what invert() unpacks as (unconditional, prompt)
+
+    oracle.encode_prompt = in_order
+    oracle.invert(image, generator=torch.Generator().manual_seed(4), **kw)
+    assert (ours.noise_maps[:-1] - oracle.zs[:-1]).abs().max() <= PARITY_TOL
 
 
 def test_images_of_a_batch_are_edited_independently(sd_deep):

@@ -142,9 +142,19 @@ def test_report_lists_every_file_with_verdicts_coverage_and_blurred_thumbnails(r
     assert "final sigma" in page and "Deviations from diffusers" in page
     # Flagged thumbnails are blurred unless --show-unsafe: the embedded pixels differ, and only for flagged images.
     shown = write_report(data, out, tmp_path / "shown.html", show_unsafe=True)[0].read_text()
-    blurred_imgs, shown_imgs = page.split("<img")[1:], shown.split("<img")[1:]
-    assert len(blurred_imgs) == len(shown_imgs) == 2 + 2 * 3  # 2 copied (before), 2 edited (before, after, mask)
-    assert sum(a != b for a, b in zip(blurred_imgs, shown_imgs)) >= 2
+
+    def thumbnails(text):  # per table row: its embedded images
+        return [row.split("<img")[1:] for row in text.split("<tr>")[2:]]
+
+    blurred_rows, shown_rows = thumbnails(page), thumbnails(shown)
+    assert [len(r) for r in blurred_rows] == [0, 1, 1, 3, 0, 3]  # copied: before; edited: before, after, mask
+    records = _records(out)
+    for rel, blurred, plain in zip(sorted(records), blurred_rows, shown_rows):
+        if blurred:
+            assert (blurred[0] != plain[0]) == records[rel]["flagged_before"], rel  # the before thumbnail
+        if len(blurred) == 3:
+            assert (blurred[1] != plain[1]) == records[rel]["flagged_after"], rel  # the after thumbnail
+            assert blurred[2] == plain[2]  # masks are never blurred
 
 
 def test_the_report_renders_in_a_browser(run):

@@ -18,6 +18,8 @@ Deviations from diffusers' ``LEditsPPPipelineStableDiffusion(XL)`` (each recorde
 * SDXL's size conditioning is (height, width); diffusers' LEDITS++ passes (width, height), which
   differs for non-square images only.
 * Images in a batch are independent: diffusers' attention store mixes images of a batch.
+* A source prompt guides the inversion towards it, ε_∅ + s(ε_src − ε_∅); diffusers' SD LEDITS++
+  unpacks its two embeddings in the wrong order and computes ε_src + s(ε_∅ − ε_src).
 """
 
 from __future__ import annotations
@@ -619,6 +621,8 @@ def _deviations(settings: dict, family: Family) -> list[str]:
         notes.append("the last step ends at the smallest noise level (LEDITS++'s code), not at 0: exact reconstruction")
     if family == "sdxl" and settings.get("height") != settings.get("width"):
         notes.append("SDXL size conditioning is (height, width); diffusers' LEDITS++ passes (width, height)")
+    if family == "sd" and settings.get("source_prompt"):
+        notes.append("the source prompt guides the inversion towards it; diffusers' SD LEDITS++ swaps its embeddings")
     return notes
 
 

@@ -97,7 +97,7 @@ def write_report(src: Path, out: Path, report: Path, *, show_unsafe: bool = Fals
 
     state = read_state(out)
     config = state["config"]
-    judges = [j["judge"] if isinstance(j, dict) and "judge" in j else str(i) for i, j in enumerate(state.get("judges", []))]
+    judges = list(config["judges"])
     items = list_items(src)
     records = load_records(out)
     # Items recorded by an earlier run whose files are gone from DIR are still reported.
@@ -166,7 +166,8 @@ def write_report(src: Path, out: Path, report: Path, *, show_unsafe: bool = Fals
         if key in ledits:
             edit_lines.append((key.replace("_", " "), ledits[key]))
     deviations = ledits.get("deviations_from_diffusers", [])
-    judge_lines = [(d.get("judge", "judge"), _judge_essentials(d)) for d in state.get("judges", []) if isinstance(d, dict)]
+    described = state.get("judges", [])
+    judge_lines = [(name, _judge_essentials(d) if isinstance(d, dict) else str(d)) for name, d in zip(judges, described)]
 
     counts = (
         f"{summary['files']} file(s): {summary['images']} image(s) and {summary['skipped']} skipped;"
