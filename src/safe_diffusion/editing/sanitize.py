@@ -693,7 +693,6 @@ def sanitize(
     from ..loading import load_pipeline
     from ..outputs import library_versions, output_dir
     from .ledits import pipeline_family, resolved_settings
-    from .report import summarize, write_report
 
     src, out = check_paths(src, out)
     check_resume(out, config)
@@ -706,8 +705,13 @@ def sanitize(
             raise InputError(f"folder {display_path(str(report_path.parent))!r} of --report does not exist")
         if src.resolve() in [parent, *parent.parents]:
             raise InputError("--report must not be inside the input folder")
-    if not list_items(src):
+    items = list_items(src)
+    if not items:
         raise InputError(f"folder {display_path(str(src))!r} has no files")
+    if (state_dir(out) / CONFIG_NAME).is_file() and set(items) <= set(load_records(out)):
+        # Everything is done (a rerun after completion): no model to load, only the report to write.
+        mine = len(items[process_index::num_processes])
+        return _finish(src, out, report_path, show_unsafe, process_index, SanitizeSummary(mine, mine))
     check_model(config.model)
     judges = load_judges(list(config.judges), device=device, options=config.judge_options)
     pipe = load_pipeline(config.model, device=device)
@@ -737,6 +741,13 @@ def sanitize(
             show_progress=show_progress,
         )
     wait()
+    return _finish(src, out, report_path, show_unsafe, process_index, summary)
+
+
+def _finish(src, out, report_path, show_unsafe, process_index, summary) -> SanitizeResult:
+    """The main process writes the report from every process's records."""
+    from .report import summarize, write_report
+
     if process_index != 0:
         return SanitizeResult(out, summary, None, None)
     report_path.parent.mkdir(parents=True, exist_ok=True)
