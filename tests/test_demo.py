@@ -394,6 +394,11 @@ def test_browser_generates_side_by_side_and_reports_invalid_input(browser, demo_
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(SCREENSHOT), full_page=False)
         assert SCREENSHOT.stat().st_size < 200_000
+
+    # The same page serves LEDITS++ sanitising in its own tab, on the same pipeline.
+    page.get_by_role("tab", name="Sanitize").click()
+    page.locator("#sanitize-input").wait_for(state="visible")
+    assert page.locator("#sanitize-remove").inner_text().count("nudity") == 1
     page.close()
 
 
