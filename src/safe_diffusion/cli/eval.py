@@ -18,7 +18,7 @@ DEFAULT_JUDGES = "q16,nudenet"
 SUITE_HELP = "Suite name (i2p, ring-a-bell-nudity, ...) or a CSV/Parquet file."
 
 
-def _judge_options(q16_model: str | None, nudenet_model: Path | None, nudenet_resolution: int | None) -> dict:
+def _judge_options(q16_model: str | None, nudenet_model: Path | None, nudenet_resolution: int | None = None) -> dict:
     return {
         "q16": {"model": q16_model},
         "nudenet": {"model": nudenet_model, "resolution": nudenet_resolution},

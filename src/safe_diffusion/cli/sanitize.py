@@ -54,7 +54,7 @@ def sanitize(
     from ..guidance.ledits import SAFETY_CONCEPTS
     from ..judges import parse_judges
     from ..validation import check_device, check_int
-    from .i2p import _judge_options, _process_state
+    from .eval import _judge_options, _process_state
 
     names = parse_judges(judges)
     if unet_batch_size is not None:

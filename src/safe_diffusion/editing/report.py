@@ -38,7 +38,7 @@ def _fmt(value) -> str:
 
 
 def _thumb(path: Path, flagged: bool, show_unsafe: bool) -> str:
-    from ..i2p.report import thumbnail
+    from ..evals.report import thumbnail
 
     try:
         return f"<img alt='' src='data:image/png;base64,{thumbnail(str(path), flagged, show_unsafe, THUMB)}'>"
@@ -53,7 +53,7 @@ def _mask_thumb(b64: str | None) -> str:
 
     from PIL import Image
 
-    from ..i2p.report import _png_b64
+    from ..evals.report import _png_b64
 
     mask = Image.open(io.BytesIO(base64.b64decode(b64))).convert("L")
     mask.thumbnail((THUMB, THUMB))
