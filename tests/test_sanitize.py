@@ -189,7 +189,7 @@ def test_progress_shows_as_lines_when_stderr_is_not_a_terminal(tiny_checkpoint, 
     code, stdout, err = cli("sanitize", data, "--model", tiny_checkpoint, "--out", tmp_path / "o", "--all",
                             "--judges", "none", *FAST)
     assert code == 0
-    assert "sanitize: 1/1 images (100%), 1 edited, 0 copied, 0 skipped, elapsed" in err
+    assert "sanitize: 1/1 images (100.0%), 1 edited, 0 copied, 0 skipped," in err and "ETA" in err
     assert "1 file(s): 1 edited (0 still flagged), 0 copied, 0 skipped" in stdout
 
 

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..guidance.ledits import MASKINGS, SAFETY_CONCEPTS, LEditsGuidance
+from ..progress import ProgressLog
 
 logger = logging.getLogger(__name__)
 
@@ -396,56 +396,6 @@ def check_model(model: str) -> None:
         )
 
 
-class ProgressLog:
-    """A progress bar on a terminal; on a log (stderr not a terminal) one line at the first and last item and
-    at most every `interval` seconds between. Off with ``enabled=False`` or ``TQDM_DISABLE=1`` (``--quiet``)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True, interval: float = 30.0, stream=None):
-        self.total, self.desc, self.interval = total, desc, interval
-        self.stream = stream or sys.stderr
-        self.enabled = enabled and os.environ.get("TQDM_DISABLE", "") in ("", "0") and total > 0
-        self.done = 0
-        self.started = time.monotonic()
-        self.last = None
-        self.bar = None
-        if self.enabled and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="img", file=self.stream, dynamic_ncols=True)
-
-    def update(self, n: int = 1, note: str = "") -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(n)
-            if note:
-                self.bar.set_postfix_str(note, refresh=False)
-            return
-        now = time.monotonic()
-        if self.last is None or self.done >= self.total or now - self.last >= self.interval:
-            self.last = now
-            elapsed = now - self.started
-            eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-            pct = 100.0 * self.done / self.total
-            extra = f", {note}" if note else ""
-            print(
-                f"{self.desc}: {self.done}/{self.total} images ({pct:.0f}%){extra},"
-                f" elapsed {_hms(elapsed)}, eta {_hms(eta)}",
-                file=self.stream,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _hms(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 @dataclass
 class SanitizeSummary:
     """What this process did, and where the run stands."""
@@ -574,7 +524,7 @@ def sanitize_folder(
     todo = [rel for rel in mine if rel not in done]
     summary = SanitizeSummary(total=len(mine), done_before=len(mine) - len(todo))
     guidance = config.guidance()
-    progress = ProgressLog(len(todo), "sanitize", enabled=show_progress)
+    progress = ProgressLog("sanitize", len(todo), enabled=show_progress)
     try:
         for start in range(0, len(todo), JUDGE_CHUNK):
             chunk = todo[start : start + JUDGE_CHUNK]

@@ -7,9 +7,6 @@ concatenated for SDXL (as in the official UCE and ESD code for each family).
 
 from __future__ import annotations
 
-import math
-import sys
-import time
 from collections.abc import Sequence
 
 import torch
@@ -131,66 +128,3 @@ def move(model, device=None, dtype: torch.dtype | None = None):
     return model
 
 
-def format_duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-class Progress:
-    """A progress bar with ETA on a terminal; periodic one-line reports when stderr is not one
-    (a cluster job's log), every `every` steps (default: 5 % of the run) or `interval` seconds."""
-
-    def __init__(self, total: int, desc: str, *, start: int = 0, enabled: bool = True, stream=None,
-                 every: int | None = None, interval: float = 60.0):
-        self.total, self.desc, self.start, self.done = total, desc, start, start
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.every = every or max(1, total // 20)
-        self.interval = interval
-        self.t0 = self.last_report = time.monotonic()
-        self.bar = None
-        if enabled and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, file=self.stream)
-
-    def line(self, text: str) -> None:
-        """A message between updates (a checkpoint written, a resumed run), without breaking the bar."""
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
-
-    def update(self, step: int, **postfix: float) -> None:
-        """Report that `step` steps (of `total`) are done."""
-        self.done = step
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
-            return
-        now = time.monotonic()
-        if step < self.total and (step - self.start) % self.every and now - self.last_report < self.interval:
-            return
-        self.last_report = now
-        elapsed = now - self.t0
-        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        extra = "".join(f" {k} {v:.4g}" for k, v in postfix.items())
-        eta_text = format_duration(eta) if math.isfinite(eta) else "?"
-        print(
-            f"{self.desc}: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%){extra}, "
-            f"{rate:.3g} step/s, elapsed {format_duration(elapsed)}, ETA {eta_text}",
-            file=self.stream, flush=True,
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -22,7 +22,8 @@ import torch
 
 from ..errors import InputError
 from ..outputs import atomic_write_json
-from .common import Progress, encode, esd_parameter_names, is_sdxl, move
+from ..progress import ProgressLog
+from .common import encode, esd_parameter_names, is_sdxl, move
 from .esd import classifier_free_guidance, esd_loss, esd_target
 
 CHECKPOINTS = "checkpoints"
@@ -252,7 +253,7 @@ def run_esd(
         info = trainer.load_checkpoint(ckpt)
         start, losses, resumed = info["step"], list(info["losses"])[: info["step"]], [*info.get("resumed", []), info["step"]]
     label = {"esd-x": "ESD-x", "esd-u": "ESD-u"}[trainer.method]
-    progress = Progress(steps, label, start=start, enabled=show_progress and main)
+    progress = ProgressLog(label, steps, unit="steps", start=start, enabled=show_progress and main)
     if start:
         progress.line(f"{label}: resuming from step {start} ({ckpt})")
     t0 = time.monotonic()
@@ -261,7 +262,7 @@ def run_esd(
             losses.append(trainer.train_step(step))
             done = step + 1
             window = losses[-20:]
-            progress.update(done, loss=sum(window) / len(window))
+            progress.set(done, f"loss {sum(window) / len(window):.4g}")
             if done % checkpoint_every == 0 and done < steps:
                 if main:
                     folder = work / CHECKPOINTS / f"step-{done:08d}"

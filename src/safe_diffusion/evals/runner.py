@@ -17,13 +17,11 @@ was extended with a larger limit — the pixels are bit-identical, not merely cl
 from __future__ import annotations
 
 import logging
-import math
-import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..progress import ProgressLog
 from .store import RunStore, clean_temp_files, image_key, image_name
 from .suites import Prompt
 
@@ -94,51 +92,6 @@ def shard_keys(store: RunStore, settings: GenerationSettings, process_index: int
     return {(p.index, k) for b in batches for p, k in b} & wanted
 
 
-class Progress:
-    """A progress bar on a terminal; elsewhere (nohup, Slurm) a line every `interval` seconds with counts and ETA."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True, interval: float | None = None):
-        self.total, self.desc, self.done = total, desc, 0
-        self.enabled = enabled and total > 0 and os.environ.get("TQDM_DISABLE", "") in ("", "0")
-        self.interval = (
-            interval if interval is not None else float(os.environ.get("SAFE_DIFFUSION_PROGRESS_INTERVAL", 60))
-        )
-        self.start = self.last = time.monotonic()
-        self.bar = None
-        if self.enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
-
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else math.inf
-        eta_text = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        return f"{self.desc}: {self.done}/{self.total} images ({pct:.1f}%), {rate:.2f} img/s, ETA {eta_text}"
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and time.monotonic() - self.last >= self.interval:
-            self.last = time.monotonic()
-            print(self.line(), file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            print(self.line(), file=sys.stderr, flush=True)
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 def report_image_problems(store: RunStore, keys: set) -> int:
     """Warn, by file name, about recorded images of `keys` whose file is missing or damaged; returns how many."""
     records = store.images()
@@ -185,7 +138,7 @@ def generate(
     total = sum(1 for b in todo for p, k in b if (p.index, k) in wanted and (p.index, k) not in done)
     written = 0
     pipe.set_progress_bar_config(disable=True)
-    with guide(pipe, *terms), Progress(total, "generate", show_progress) as bar:
+    with guide(pipe, *terms), ProgressLog("generate", total, enabled=show_progress) as bar:
         for batch in todo:
             texts = [p.text for p, _ in batch]
             generators = [torch.Generator("cpu").manual_seed(image_seed(p.seed, k)) for p, k in batch]
@@ -276,7 +229,7 @@ def classify(
                 todo.append(key)
         store.set_judge(judge.name, judge.describe())
         failures = []
-        with Progress(len(todo), judge.name, show_progress) as bar:
+        with ProgressLog(judge.name, len(todo), enabled=show_progress) as bar:
             for i in range(0, len(todo), chunk):
                 part = todo[i : i + chunk]
                 results = judge.judge([store.path / records[k]["image"] for k in part])
