@@ -111,3 +111,84 @@ def check_device(name: str, value: str | None):
     elif device.type != "cpu":
         raise InputError(f"{name} {value!r} is not supported; use cpu, cuda or mps")
     return device
+
+
+#: ``--safety`` values: no SLD, or one of the paper's presets.
+SAFETY_CHOICES = ("off", "weak", "medium", "strong", "max")
+
+
+def check_safety(name: str, value: Any) -> str:
+    """A safety preset name, normalised to lower case."""
+    key = str(value if value is not None else "off").strip().lower()
+    if key not in SAFETY_CHOICES:
+        raise InputError(f"unknown {name} preset {value!r}; choose one of: {', '.join(SAFETY_CHOICES)}")
+    return key
+
+
+def parse_signed_concept(text: Any, where: str) -> tuple[str, bool]:
+    """``+sunglasses`` → ("sunglasses", False); ``-beard`` → ("beard", True): the concept and whether to remove it."""
+    line = check_text(where, text, allow_empty=True).strip()
+    if not line or line[0] not in "+-":
+        raise InputError(f"{where} ({line!r}) must start with + (add the concept) or - (remove it), e.g. +sunglasses")
+    concept = line[1:].strip()
+    if not concept:
+        raise InputError(f"{where} ({line!r}) names no concept after {line[0]!r}")
+    return concept, line[0] == "-"
+
+
+def _warmups(term: Any) -> list[tuple[str, int]]:
+    """(what, warm-up steps) for each part of a term that waits before it guides."""
+    warmup = getattr(term, "warmup_steps", None)
+    if warmup is None:
+        return []
+    kind = type(term).__name__
+    concepts = list(getattr(term, "concepts", []) or [])
+    if isinstance(warmup, int):
+        return [(kind, warmup)]
+    return [(f"{kind} concept {c!r}" if isinstance(c, str) else f"{kind} concept {i}", int(w))
+            for i, (c, w) in enumerate(zip(concepts, warmup))]
+
+
+def guidance_problems(terms: Any, *, steps: int, guidance_scale: float) -> list[str]:
+    """Why some of `terms` would leave the image exactly as unguided: each reason one line, empty if none.
+
+    SLD and SEGA act through classifier-free guidance, so a guidance scale of 1 or less disables them;
+    a term applies from its warm-up step on (counted in denoiser calls, as the reference counts them),
+    so with `steps` at or below its warm-up it never applies.
+    """
+    terms = list(terms or [])
+    if not terms:
+        return []
+    problems = []
+    if guidance_scale <= 1:
+        names = ", ".join(dict.fromkeys(type(t).__name__ for t in terms))
+        problems.append(
+            f"{names} act through classifier-free guidance, which --guidance-scale {guidance_scale:g} turns off "
+            "(use a scale above 1)"
+        )
+    for term in terms:
+        for what, warmup in _warmups(term):
+            if steps <= warmup:
+                problems.append(
+                    f"{what} starts after a warm-up of {warmup} steps, but only {steps} steps run: it would not apply "
+                    f"(use --steps above {warmup})"
+                )
+    return problems
+
+
+def check_host(name: str, host: str, port: int = 0) -> str:
+    """An address this machine can listen on (a name that resolves, an IP of one of its interfaces)."""
+    import socket
+
+    host = check_text(name, host).strip()
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise InputError(f"{name} {host!r} is not an IP address or host name; use e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address[0], 0))
+        except OSError as exc:
+            raise InputError(f"{name} {host!r} is not an address of this machine ({exc.strerror})") from None
+    return host

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..validation import check_safety, parse_signed_concept
 
-SAFETY_CHOICES = ("off", "weak", "medium", "strong", "max")
 MAX_SEED = 2**32 - 1
 STEPS_RANGE = (1, 150)
 GUIDANCE_SCALE_RANGE = (1.0, 30.0)
@@ -63,17 +63,9 @@ def parse_edits(text: str | None) -> tuple[Edit, ...]:
     """``+sunglasses`` / ``-beard``, one per line (blank lines ignored), or a one-line InputError naming the line."""
     edits = []
     for number, raw in enumerate((text or "").splitlines(), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        sign, concept = line[0], line[1:].strip()
-        if sign not in "+-":
-            raise InputError(
-                f"edit line {number} ({line!r}) must start with + (add the concept) or - (remove it), e.g. +sunglasses"
-            )
-        if not concept:
-            raise InputError(f"edit line {number} ({line!r}) names no concept after {sign!r}")
-        edits.append(Edit(concept=concept, remove=sign == "-"))
+        if raw.strip():
+            concept, remove = parse_signed_concept(raw, f"edit line {number}")
+            edits.append(Edit(concept=concept, remove=remove))
     if len(edits) > MAX_EDITS:
         raise InputError(f"at most {MAX_EDITS} edit concepts, got {len(edits)}")
     return tuple(edits)
@@ -130,9 +122,7 @@ def validate_request(
     lo, hi = GUIDANCE_SCALE_RANGE
     if not lo <= guidance_scale <= hi:
         raise InputError(f"guidance scale must be between {lo:g} and {hi:g}, got {guidance_scale:g}")
-    key = (safety or "").strip().lower()
-    if key not in SAFETY_CHOICES:
-        raise InputError(f"unknown safety preset {safety!r}; choose one of: {', '.join(SAFETY_CHOICES)}")
+    key = check_safety("safety", safety or "")
     parsed_edits = parse_edits(edits)
     if (key != "off" or parsed_edits) and guidance_scale <= 1.0:
         raise InputError("guidance scale must be above 1 for safety guidance or edits to act")
@@ -194,7 +184,7 @@ class DemoGenerator:
         """The unguided and the guided image from the same seed, the settings, and files to download."""
         import torch
 
-        from ..cli.generate import describe_terms
+        from ..guidance import describe_terms
         from ..outputs import atomic_write_json, library_versions, save_image_atomic
         from ..pipelines import guide
 

@@ -6,10 +6,10 @@ import logging
 from importlib import resources
 
 from ..errors import InputError
+from ..validation import SAFETY_CHOICES
 from .core import (
     GUIDANCE_SCALE_RANGE,
     MAX_SEED,
-    SAFETY_CHOICES,
     STEPS_RANGE,
     DemoGenerator,
     settings_json,

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..validation import SAFETY_CHOICES, check_safety
 
 CONFIG_SCHEMA = "safe-diffusion/eval-run"
 CONFIG_SCHEMA_VERSION = 2
 DTYPES = ("float32", "float16", "bfloat16")
 PROTOCOL_DTYPE = "float32"  # the official I2P code generates in float32
-SAFETY_PRESETS = ("off", "weak", "medium", "strong", "max")
+SAFETY_PRESETS = SAFETY_CHOICES
 GOLDEN = 0x9E3779B97F4A7C15
 SEED_RULE = (
     "image k of a prompt: torch.Generator('cpu').manual_seed((seed + k * 0x9E3779B97F4A7C15) mod 2**63),"
@@ -143,40 +144,19 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 def describe_term(term) -> dict:
-    """A guidance term's JSON-ready settings."""
-    if hasattr(term, "describe"):
-        return term.describe()
-    # TODO(engine): every term gets describe(); until it is on main, record its dataclass fields.
-    import torch
-
-    fields = {}
-    for f in dataclasses.fields(term):
-        if not f.init:
-            continue
-        value = getattr(term, f.name)
-        if isinstance(value, torch.Tensor) or (
-            isinstance(value, list) and any(isinstance(v, torch.Tensor) for v in value)
-        ):
-            value = "<embeddings>"
-        fields[f.name] = value
-    return {"type": type(term).__name__, **fields}
+    """A guidance term's JSON-ready settings (each term describes itself)."""
+    return term.describe()
 
 
 def safety_terms(preset: str, concept: str | None = None) -> list:
     """The SLD term of a preset (none for "off")."""
-    from ..guidance import DEFAULT_SAFETY_CONCEPT, SafetyGuidance
+    from ..guidance import safety_terms as terms_of
 
-    preset = parse_safety(preset)
-    if preset == "off":
-        return []
-    return [SafetyGuidance.from_preset(preset, concept=concept or DEFAULT_SAFETY_CONCEPT)]
+    return terms_of(parse_safety(preset), concept)
 
 
 def parse_safety(value: str | None) -> str:
-    key = (value or "off").strip().lower()
-    if key not in SAFETY_PRESETS:
-        raise InputError(f"unknown safety preset {value!r}; choose one of: {', '.join(SAFETY_PRESETS)}")
-    return key
+    return check_safety("safety", value)
 
 
 def read_erasure(model: str) -> dict | None:

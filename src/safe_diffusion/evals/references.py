@@ -20,7 +20,8 @@ from functools import lru_cache
 from typing import Any
 
 from ..errors import InputError
-from .suites import DATA_DIR, I2P_CATEGORIES as CATEGORIES
+from .suites import DATA_DIR
+from .suites import I2P_CATEGORIES as CATEGORIES
 
 REFERENCE_FILE = DATA_DIR / "sld_reference_results.json"
 REFERENCE_SHA256 = "ecf664089965fcb76946d22739069c22644a7fa7923bb1cf10134024f2f102b5"

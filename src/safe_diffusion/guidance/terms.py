@@ -25,6 +25,9 @@ Concept = str | torch.Tensor  # a text, or precomputed text-encoder embeddings o
 class GuidanceTerm(Protocol):
     """What the engine in :mod:`safe_diffusion.pipelines.guide` asks of a term."""
 
+    def describe(self) -> dict:
+        """What a run records about the term (JSON-ready)."""
+
     @property
     def concepts(self) -> Sequence[Concept]: ...
 
@@ -78,6 +81,10 @@ class SafetyGuidance:
 
     def needs(self, step: int) -> list[bool]:
         return [needs_safety_estimate(step, warmup_steps=self.warmup_steps, momentum_scale=self.momentum_scale)]
+
+    def describe(self) -> dict:
+        """Type and hyper-parameters, JSON-ready (concept embeddings are named, not dumped)."""
+        return describe_term(self)
 
     def initial_state(self) -> None:
         return None
@@ -150,6 +157,10 @@ class SemanticGuidance:
             needs_edit_estimate(step, warmup_steps=w, cooldown_steps=c, momentum_scale=self.momentum_scale)
             for w, c in zip(self.warmup_steps, self.cooldown_steps)
         ]
+
+    def describe(self) -> dict:
+        """Type and hyper-parameters, JSON-ready (concept embeddings are named, not dumped)."""
+        return describe_term(self)
 
     def initial_state(self) -> None:
         return None
@@ -256,9 +267,40 @@ class FairGuidance:
     def needs(self, step: int) -> list[bool]:
         return self._semantic.needs(step)
 
+    def describe(self) -> dict:
+        """Type and hyper-parameters, JSON-ready (concept embeddings are named, not dumped)."""
+        return describe_term(self)
+
     def initial_state(self) -> None:
         return None
 
     def apply(self, eps_uncond, eps_text, eps_concepts, step, state, guidance_scale):
         signs = self.signs(eps_uncond.shape[0])
         return self._semantic.apply_signed(eps_uncond, eps_concepts, step, state, guidance_scale, signs)
+
+
+def _json_value(value: Any) -> Any:
+    """A term's field as JSON: embeddings are named, not dumped."""
+    if isinstance(value, torch.Tensor):
+        return "<embeddings>"
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def describe_term(term: Any) -> dict:
+    """What a run records about a term: its type and every hyper-parameter it was built with."""
+    fields = {f.name: _json_value(getattr(term, f.name)) for f in dataclasses.fields(term) if f.init}
+    return {"type": type(term).__name__, **fields}
+
+
+def describe_terms(terms: Sequence[Any]) -> list[dict]:
+    """JSON-ready settings of guidance terms, for sidecars and run records (each term's ``describe()``)."""
+    return [term.describe() for term in terms]
+
+
+def safety_terms(preset: str, concept: Concept | None = None) -> list:
+    """The SLD term of a preset name (``weak`` … ``max``), or none for ``off``."""
+    if preset == "off":
+        return []
+    return [SafetyGuidance.from_preset(preset, concept=concept or DEFAULT_SAFETY_CONCEPT)]
