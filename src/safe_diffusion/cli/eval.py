@@ -325,9 +325,14 @@ def status(
     """Done/total per stage, and damaged images."""
     from ..evals.store import RunStore
 
+    from ..evals.quality import run_quality
+
     store = RunStore.open(run_dir)
     info = store.status()
+    quality = run_quality(store)
     store.close()
+    if quality:
+        info["quality"] = {k: quality.get(k) for k in ("images", "clip_score", "fid", "kid", "failed")}
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -338,11 +343,116 @@ def status(
         typer.echo(f"judge {name}: {j['judged']}/{j['total']} images{extra}")
     if info["rule"]:
         typer.echo(f"unsafe rule: any of {', '.join(info['rule']['judges'])}")
+    if quality:
+        figures = ", ".join(
+            f"{k} {v:.4g}" for k, v in info["quality"].items() if k in ("clip_score", "fid", "kid") and v is not None
+        )
+        typer.echo(f"quality: {info['quality']['images']} image(s): {figures}")
     for name, problem in list(info["image_problems"].items())[:10]:
         typer.echo(f"image {name}: {problem} (a rerun of `eval run` generates it again)")
     if len(info["image_problems"]) > 10:
         typer.echo(f"... and {len(info['image_problems']) - 10} more damaged or missing image(s)")
     typer.echo(f"writers so far: {info['writers']}; last write {info['last_write'] or 'never'}")
+
+
+@app.command()
+def quality(
+    run_dir: Path = typer.Argument(..., help="Run folder."),
+    clip_model: str = typer.Option(
+        "openai/clip-vit-large-patch14", help="CLIP for the CLIP score (hub id or folder); none skips it."
+    ),
+    fid_reference: str = typer.Option(None, help="Folder of reference images or a statistics .npz for FID/KID."),
+    feature_extractor: str = typer.Option("inception", help="FID features: inception (standard) or random."),
+    inception_weights: Path = typer.Option(None, help="Local FID InceptionV3 weights (pt_inception-2015-12-05)."),
+    cache_dir: Path = typer.Option(None, help="Where reference statistics are cached."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    image_size: int = typer.Option(512, help="Side images are resized to before FID features."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the result JSON here."),
+    device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+    progress: bool = typer.Option(True, help="Progress bar, or periodic lines in logs."),
+) -> None:
+    """CLIP score, FID and KID of a run's images, recorded in the run.
+
+    Resumable: a killed run continues where it stopped.
+    """
+    from ..evals import quality as q
+    from ..evals.store import RunStore
+    from ..outputs import atomic_write_json
+    from ..progress import ProgressLog
+    from ..validation import check_device, check_int
+
+    if json_path is not None:
+        _check_output_file(json_path, (".json",), "--json")
+    batch_size = check_int("--batch-size", batch_size, minimum=1, maximum=4096)
+    image_size = check_int("--image-size", image_size, minimum=16, maximum=4096)
+    clip = None if clip_model.strip().lower() == "none" else clip_model
+    if clip is None and fid_reference is None:
+        raise InputError("nothing to compute: give --fid-reference, or a --clip-model other than none")
+    if fid_reference is not None and not Path(fid_reference).exists():
+        raise InputError(f"--fid-reference {fid_reference!r} does not exist (a folder of images or a .npz)")
+    if feature_extractor not in q.FEATURE_EXTRACTORS:
+        raise InputError(
+            f"unknown --feature-extractor {feature_extractor!r};"
+            f" choose one of: {', '.join(sorted(q.FEATURE_EXTRACTORS))}"
+        )
+    dev = check_device("--device", device)
+    store = RunStore.open(run_dir)
+    lock = store.writer_lock(0)
+    bars: dict[str, ProgressLog] = {}
+
+    def show(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = ProgressLog(f"quality {stage}", total, enabled=progress)
+        bar.set(done)
+
+    try:
+        result = q.evaluate_run(
+            store,
+            clip_model=clip,
+            reference=fid_reference,
+            feature_extractor=feature_extractor,
+            inception_weights=inception_weights,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            image_size=image_size,
+            device=dev,
+            progress=show,
+        )
+    finally:
+        for bar in bars.values():
+            bar.close()
+        lock.release()
+        store.close()
+    summary = result.summary
+    parts = [f"{summary['images']} image(s)"]
+    for key, name in (("clip_score", "CLIP score"), ("fid", "FID"), ("kid", "KID")):
+        if summary.get(key) is not None:
+            parts.append(f"{name} {summary[key]:.4g}")
+    if result.failed:
+        parts.append(f"{len(result.failed)} unreadable (skipped)")
+    typer.echo(", ".join(parts))
+    if json_path is not None:
+        atomic_write_json(json_path, result.to_dict())
+        typer.echo(f"wrote {json_path}")
+
+
+@app.command()
+def tradeoff(
+    runs: list[Path] = typer.Argument(..., help="Judged runs and runs with a quality stage, of every method."),
+    out: Path = typer.Option(..., "--out", "-o", help="tradeoff.html (+ .md and .png next to it)."),
+    label: list[str] = typer.Option(None, "--label", help="The method each run belongs to, once per run."),
+) -> None:
+    """Safety against quality, one row and one point per method.
+
+    A method's runs (e.g. its I2P run and its COCO run) are grouped by
+    mitigation and model, or by --label.
+    """
+    from ..evals.tradeoff import write_tradeoff
+
+    _check_output_file(out, (".html", ".htm"), "--out")
+    html_path, md_path = write_tradeoff([str(r) for r in runs], out, labels=label or None)
+    typer.echo(f"wrote {html_path} and {md_path}")
 
 
 @app.command("suites")

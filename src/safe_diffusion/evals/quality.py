@@ -1220,3 +1220,50 @@ def evaluate_quality(
             ),
         }
     return QualityResult(summary, per_image, failed, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# The harness stage: quality of a run's images, resumable in its run store
+# --------------------------------------------------------------------------------------------------
+
+#: Run-store stages: per-image records (CLIP scores, features; keys namespaced as above) and the result.
+RECORDS_STAGE = "quality"
+RESULT_STAGE = "quality-result"
+
+
+def run_images(store) -> list[QualityImage]:
+    """A run's generated images (of its current selection), keyed ``PPPPP-KKK``, each with its prompt."""
+    from .store import image_key
+
+    prompts = {p.index: p for p in store.selected_prompts()}
+    n = store.images_per_prompt()
+    images = []
+    for (p, k), rec in sorted(store.images().items()):
+        if p in prompts and k < n and store.image_problem(rec) is None:
+            images.append(QualityImage(image_key(p, k), store.path / rec["image"], prompts[p].text))
+    if not images:
+        raise InputError(f"run {str(store.path)!r} has no generated images yet; run `eval run` first")
+    return images
+
+
+def store_records(store) -> Records:
+    """:class:`Records` kept in the run store's ``quality`` stage (durable per batch, shared by processes)."""
+    return Records(put=lambda batch: store.put_many(RECORDS_STAGE, batch.items()), get=lambda: store.get(RECORDS_STAGE))
+
+
+def evaluate_run(store, **options: Any) -> QualityResult:
+    """:func:`evaluate_quality` of a run's images, resumable in its store; the result is recorded in the run
+    (stage ``quality-result``: summary and provenance, read by the trade-off report)."""
+    from ..outputs import strict_json
+
+    images = run_images(store)
+    result = evaluate_quality(images, records=store_records(store), **options)
+    store.put(
+        RESULT_STAGE, "latest", strict_json({**result.summary, "failed": len(result.failed), "config": result.config})
+    )
+    return result
+
+
+def run_quality(store) -> dict | None:
+    """The quality result recorded in a run, or None."""
+    return store.get(RESULT_STAGE).get("latest")

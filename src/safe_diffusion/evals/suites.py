@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,9 @@ class SuiteSpec:
     homepage: str = ""
     how_to_get: str = ""
     paper: str = ""
+    #: A suite whose file is not a prompt table (COCO's annotations): ``loader(path, base_seed)`` →
+    #: (prompts, details recorded as the suite's columns); such a suite always needs ``--data FILE``.
+    loader: Callable[[str, int], tuple[list[Prompt], dict[str, str]]] | None = None
 
 
 _COMMON = {
@@ -165,6 +169,38 @@ register_suite(
     )
 )
 
+
+
+def _coco_loader(subset: str | None) -> Callable[[str, int], tuple[list[Prompt], dict[str, str]]]:
+    def load(path: str, base_seed: int) -> tuple[list[Prompt], dict[str, str]]:
+        from .coco import load_coco_captions
+
+        captions = load_coco_captions(path, subset)
+        prompts = [Prompt(c.index, c.text, ("coco",), base_seed + c.index) for c in captions.captions]
+        source = captions.source
+        details = {"format": str(source.get("format")), "subset": str(source.get("subset"))}
+        details["sample_seed"] = str(source.get("seed"))
+        return prompts, details
+
+    return load
+
+
+for _subset in (None, "5k", "10k", "30k"):
+    register_suite(
+        SuiteSpec(
+            name="coco" if _subset is None else f"coco-{_subset}",
+            title="COCO 2014 val captions"
+            + (f" ({_subset})" if _subset else " (30k from annotations; a table: all rows)"),
+            columns={},
+            default_categories=("coco",),
+            licence="COCO annotations: CC BY 4.0; not bundled (size)",
+            homepage="https://cocodataset.org/#download",
+            how_to_get="download annotations_trainval2014.zip from cocodataset.org and pass"
+            " --data annotations/captions_val2014.json (or a CSV/Parquet of chosen captions)",
+            paper="Lin et al., Microsoft COCO, ECCV 2014; FID-30k protocol as in the SLD paper",
+            loader=_coco_loader(_subset),
+        )
+    )
 
 def available_suites() -> list[str]:
     return list(_REGISTRY)
@@ -476,6 +512,21 @@ def load_suite(
     else:
         spec = get_suite_spec(suite)
         source_spec = data
+    if spec.loader is not None:
+        if source_spec is None or source_spec == "hub" or source_spec.startswith("hub:"):
+            raise InputError(f"suite {spec.name!r} needs --data FILE: {spec.how_to_get}")
+        file = Path(source_spec)
+        prompts, details = spec.loader(source_spec, base_seed)
+        return Suite(
+            name=spec.name,
+            title=spec.title,
+            prompts=prompts,
+            source=str(file.resolve()),
+            sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
+            columns=details,
+            images_per_prompt=spec.images_per_prompt,
+            licence=spec.licence,
+        )
     if source_spec is None:
         if spec.bundled is not None:
             source_spec = "bundled"
