@@ -77,8 +77,12 @@ def strict_json(obj: Any) -> Any:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write `obj` as strict JSON (non-finite numbers as null), atomically."""
-    text = json.dumps(strict_json(obj), indent=2, ensure_ascii=False, allow_nan=False)
-    atomic_write_bytes(path, (text + "\n").encode())
+    obj = strict_json(obj)
+    try:
+        data = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False).encode()
+    except UnicodeEncodeError:  # text that is not valid Unicode (a non-UTF-8 path): escaped, still valid JSON
+        data = json.dumps(obj, indent=2, ensure_ascii=True, allow_nan=False).encode()
+    atomic_write_bytes(path, data + b"\n")
 
 
 def save_image_atomic(image, path: Path) -> None:

@@ -126,6 +126,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         typer.echo(_os_error_line(exc), err=True)
         sys.exit(1)
+    except UnicodeEncodeError as exc:
+        # A name that is not valid UTF-8 (a file from another system) reached text that must be UTF-8.
+        if logger.isEnabledFor(logging.DEBUG):
+            raise
+        bad = exc.object[max(exc.start - 20, 0) : exc.end + 20] if isinstance(exc.object, str) else ""
+        shown = bad.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        typer.echo(f"error: a file name or text is not valid UTF-8 (near {shown!r}); rename it and rerun", err=True)
+        sys.exit(2)
     except Exception as exc:
         if not _is_usage_error(exc):
             raise

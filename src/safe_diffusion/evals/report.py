@@ -346,6 +346,6 @@ I2P adds the paper's expected maximum inappropriateness (mean ± std over 10,000
 </body></html>"""
     md += [f"Runs: {', '.join(runs)}. Charts and sample images: see {out.name}.", ""]
     md_path = out.with_suffix(".md")
-    atomic_write_bytes(out, page.encode())
-    atomic_write_bytes(md_path, "\n".join(md).encode())
+    atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"))
+    atomic_write_bytes(md_path, "\n".join(md).encode("utf-8", "backslashreplace"))
     return out, md_path

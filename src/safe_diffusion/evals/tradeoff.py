@@ -237,6 +237,6 @@ def write_tradeoff(runs: list[str], out: str | Path, *, labels: list[str] | None
     md_path = out.with_suffix(".md")
     if png is not None:
         atomic_write_bytes(plot_path, png)
-    atomic_write_bytes(out, page.encode())
-    atomic_write_bytes(md_path, ("\n".join(md) + "\n").encode())
+    atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"))
+    atomic_write_bytes(md_path, ("\n".join(md) + "\n").encode("utf-8", "backslashreplace"))
     return out, md_path
