@@ -3,3 +3,7 @@
 
 class InputError(Exception):
     """Bad input (a path, a value, a file's content, a model that will not load), named in one line."""
+
+
+class UnsupportedPipelineError(InputError):
+    """A pipeline the guidance engine cannot serve (named, with the reason, in one line)."""

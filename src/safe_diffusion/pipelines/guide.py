@@ -65,6 +65,39 @@ def _extend(value: Any, batch: int, blocks: int) -> Any:
     return value
 
 
+#: Pipelines with a UNet that this engine must not serve, and why: their classifier-free-guidance batch is
+#: not [negative; prompt] (PAG and InstructPix2Pix add a third block) or they call the UNet outside that batch.
+UNSERVED = {
+    "PAG": "perturbed-attention guidance adds a third block to the guidance batch",
+    "InstructPix2Pix": "its guidance batch has three blocks (text, image, unconditional)",
+    "SAG": "self-attention guidance calls the UNet again outside the guidance batch",
+    "Panorama": "it denoises views of the latents one UNet call each, outside one guidance batch",
+}
+
+
+def check_supported(pipe) -> None:
+    """Refuse, in one line naming the pipeline, a pipeline this engine cannot guide correctly."""
+    from ..errors import UnsupportedPipelineError
+
+    name = type(pipe).__name__
+    for marker, why in UNSERVED.items():
+        if marker in name:
+            raise UnsupportedPipelineError(f"guide() cannot serve {name}: {why}")
+    if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+        denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "no UNet"
+        raise UnsupportedPipelineError(
+            f"guide() cannot serve {name} yet: its denoiser is a {denoiser}; SLD and SEGA run on UNet pipelines "
+            "with classifier-free guidance (SD 1.x/2.x, SDXL, img2img, inpainting, ControlNet)"
+            if denoiser == "transformer"
+            else f"guide() cannot serve {name}: it has {denoiser}; SLD and SEGA run on UNet pipelines"
+        )
+    if not callable(getattr(pipe, "encode_prompt", None)) or not callable(getattr(pipe, "progress_bar", None)):
+        raise UnsupportedPipelineError(
+            f"guide() cannot serve {name}: it lacks encode_prompt or progress_bar, which the engine uses to encode "
+            "concepts and to see each new denoising loop (modular pipelines: not yet supported)"
+        )
+
+
 class GuidanceEngine:
     """Runs guidance terms inside a pipeline's UNet calls; see the module docstring."""
 
@@ -74,14 +107,14 @@ class GuidanceEngine:
         self._run: _Run | None = None
         self._handles: list = []
         self._warned_no_cfg = False
+        self._patched = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     def attach(self) -> None:
         unet = self.pipe.unet
-        self._handles = [
-            unet.register_forward_pre_hook(self._before_unet, with_kwargs=True),
-            unet.register_forward_hook(self._after_unet, with_kwargs=True),
-        ]
+        # one at a time, so that detach() removes whatever was registered if a later step fails
+        self._handles.append(unet.register_forward_pre_hook(self._before_unet, with_kwargs=True))
+        self._handles.append(unet.register_forward_hook(self._after_unet, with_kwargs=True))
         self._own_progress_bar = vars(self.pipe).get("progress_bar")
         original = self.pipe.progress_bar
 
@@ -90,16 +123,19 @@ class GuidanceEngine:
             return original(*args, **kwargs)
 
         object.__setattr__(self.pipe, "progress_bar", progress_bar)
+        self._patched = True
         object.__setattr__(self.pipe, _ENGINE_ATTR, self)
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._own_progress_bar is None:
-            vars(self.pipe).pop("progress_bar", None)
-        else:
-            object.__setattr__(self.pipe, "progress_bar", self._own_progress_bar)
+        if self._patched:
+            if self._own_progress_bar is None:
+                vars(self.pipe).pop("progress_bar", None)
+            else:
+                object.__setattr__(self.pipe, "progress_bar", self._own_progress_bar)
+            self._patched = False
         vars(self.pipe).pop(_ENGINE_ATTR, None)
         self._run = None
 
@@ -223,8 +259,13 @@ def guide(pipe, *terms: GuidanceTerm) -> Iterator[Any]:
     engine = vars(pipe).get(_ENGINE_ATTR)
     owner = engine is None
     if owner:
+        check_supported(pipe)
         engine = GuidanceEngine(pipe)
-        engine.attach()
+        try:
+            engine.attach()
+        except BaseException:
+            engine.detach()
+            raise
     before = list(engine.terms)
     engine.terms = before + list(terms)
     try:

@@ -1,0 +1,80 @@
+"""guide() refuses, in one line naming the pipeline, every pipeline it cannot guide correctly, before
+touching it: transformer pipelines (not yet served), pipelines whose guidance batch has three blocks
+(PAG, InstructPix2Pix) or whose UNet runs outside it (SAG, Panorama), and pipelines without the hooks
+the engine relies on. Each refused pipeline is left exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safe_diffusion import SafetyGuidance, guide
+from safe_diffusion.errors import InputError, UnsupportedPipelineError
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_checkpoint):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny_checkpoint, safety_checker=None, requires_safety_checker=False)
+
+
+def _hooks(module: torch.nn.Module) -> int:
+    return len(module._forward_hooks) + len(module._forward_pre_hooks)
+
+
+@pytest.mark.parametrize(
+    "cls, why",
+    [
+        ("StableDiffusionPAGPipeline", "third block"),
+        ("StableDiffusionInstructPix2PixPipeline", "three blocks"),
+        ("StableDiffusionSAGPipeline", "outside the guidance batch"),
+        ("StableDiffusionPanoramaPipeline", "one UNet call each"),
+    ],
+)
+def test_unet_pipelines_with_other_guidance_batches_are_refused(sd, cls, why):
+    import diffusers
+
+    pipe = getattr(diffusers, cls).from_pipe(sd)
+    with pytest.raises(UnsupportedPipelineError, match=f"guide\\(\\) cannot serve {cls}: .*{why}"):
+        with guide(pipe, SafetyGuidance.from_preset("max")):
+            pass
+    assert _hooks(pipe.unet) == 0 and "progress_bar" not in vars(pipe)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_transformer_pipelines_are_refused_in_one_line(tmp_path_factory, family):
+    from diffusers import DiffusionPipeline
+
+    from safe_diffusion.testing.flux import build_flux_checkpoint
+    from safe_diffusion.testing.sd3 import build_sd3_checkpoint
+
+    path = tmp_path_factory.mktemp(family)
+    if family == "sd3":
+        build_sd3_checkpoint(path)
+        pipe = DiffusionPipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    else:
+        build_flux_checkpoint(path)
+        pipe = DiffusionPipeline.from_pretrained(path)
+    with pytest.raises(InputError) as info:
+        with guide(pipe, SafetyGuidance.from_preset("max")):
+            pass
+    message = str(info.value)
+    assert "\n" not in message and type(pipe).__name__ in message and "transformer" in message
+    assert _hooks(pipe.transformer) == 0
+
+
+def test_a_failing_attach_leaves_no_hooks(sd, monkeypatch):
+    import importlib
+
+    guide_module = importlib.import_module("safe_diffusion.pipelines.guide")
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("hook registration failed")
+
+    monkeypatch.setattr(torch.nn.Module, "register_forward_hook", broken)
+    with pytest.raises(RuntimeError, match="hook registration failed"):
+        with guide(sd, SafetyGuidance.from_preset("max")):
+            pass
+    monkeypatch.undo()
+    assert _hooks(sd.unet) == 0 and "progress_bar" not in vars(sd) and guide_module._ENGINE_ATTR not in vars(sd)
