@@ -78,3 +78,24 @@ def test_a_failing_attach_leaves_no_hooks(sd, monkeypatch):
             pass
     monkeypatch.undo()
     assert _hooks(sd.unet) == 0 and "progress_bar" not in vars(sd) and guide_module._ENGINE_ATTR not in vars(sd)
+
+
+def test_strict_mode_raises_when_guidance_is_off(sd):
+    from safe_diffusion.errors import GuidanceOffError
+
+    call = dict(num_inference_steps=2, height=32, width=32, guidance_scale=1.0)
+    with guide(sd, SafetyGuidance.from_preset("max")):  # default: a warning, and the plain image
+        sd("a cat", generator=torch.Generator().manual_seed(0), **call)
+    with pytest.raises(GuidanceOffError, match="SafetyGuidance cannot act: classifier-free guidance is off"):
+        with guide(sd, SafetyGuidance.from_preset("max"), strict=True):
+            sd("a cat", generator=torch.Generator().manual_seed(0), **call)
+    assert _hooks(sd.unet) == 0
+
+    def cfg_off(pipe, step, timestep, kwargs):  # a callback that turns guidance off mid-run
+        pipe._guidance_scale = 1.0
+        return kwargs
+
+    with pytest.raises(GuidanceOffError):
+        with guide(sd, SafetyGuidance.from_preset("max"), strict=True):
+            sd("a cat", generator=torch.Generator().manual_seed(0), callback_on_step_end=cfg_off,
+               **{**call, "guidance_scale": 7.5, "num_inference_steps": 3})

@@ -7,3 +7,7 @@ class InputError(Exception):
 
 class UnsupportedPipelineError(InputError):
     """A pipeline the guidance engine cannot serve (named, with the reason, in one line)."""
+
+
+class GuidanceOffError(InputError):
+    """Guidance terms were asked for in a call that runs without classifier-free guidance (strict mode)."""

@@ -149,24 +149,29 @@ def _warmups(term: Any) -> list[tuple[str, int]]:
             for i, (c, w) in enumerate(zip(concepts, warmup))]
 
 
-def guidance_problems(terms: Any, *, steps: int, guidance_scale: float) -> list[str]:
-    """Why some of `terms` would leave the image exactly as unguided: each reason one line, empty if none.
+def cfg_problem(terms: Any, guidance_scale: float) -> str | None:
+    """Why `terms` cannot act at all at this classifier-free guidance scale, or None.
 
-    SLD and SEGA act through classifier-free guidance, so a guidance scale of 1 or less disables them;
-    a term applies from its warm-up step on (counted in denoiser calls, as the reference counts them),
-    so with `steps` at or below its warm-up it never applies.
+    SLD and SEGA act through classifier-free guidance, so a guidance scale of 1 or less disables them.
     """
     terms = list(terms or [])
-    if not terms:
-        return []
+    if not terms or guidance_scale > 1:
+        return None
+    names = ", ".join(dict.fromkeys(type(t).__name__ for t in terms))
+    return (
+        f"{names} act through classifier-free guidance, which --guidance-scale {guidance_scale:g} turns off "
+        "(use a scale above 1)"
+    )
+
+
+def warmup_problems(terms: Any, steps: int) -> list[str]:
+    """Per term (or SEGA concept) whose warm-up the run never leaves, why it would not apply.
+
+    A term applies from its warm-up step on (counted in denoiser calls, as the reference counts them),
+    so with `steps` at or below its warm-up it never applies.
+    """
     problems = []
-    if guidance_scale <= 1:
-        names = ", ".join(dict.fromkeys(type(t).__name__ for t in terms))
-        problems.append(
-            f"{names} act through classifier-free guidance, which --guidance-scale {guidance_scale:g} turns off "
-            "(use a scale above 1)"
-        )
-    for term in terms:
+    for term in list(terms or []):
         for what, warmup in _warmups(term):
             if steps <= warmup:
                 problems.append(
@@ -174,6 +179,12 @@ def guidance_problems(terms: Any, *, steps: int, guidance_scale: float) -> list[
                     f"(use --steps above {warmup})"
                 )
     return problems
+
+
+def guidance_problems(terms: Any, *, steps: int, guidance_scale: float) -> list[str]:
+    """Why some of `terms` would leave the image exactly as unguided: each reason one line, empty if none."""
+    cfg = cfg_problem(terms, guidance_scale)
+    return ([cfg] if cfg else []) + warmup_problems(terms, steps)
 
 
 def check_host(name: str, host: str, port: int = 0) -> str:

@@ -204,7 +204,7 @@ class DemoGenerator:
 
                 report(index / 2, f"{kind} image: starting")
                 generator = torch.Generator(device="cpu").manual_seed(request.seed)
-                with guide(self.pipe, *(terms if kind == "guided" else [])):
+                with guide(self.pipe, *(terms if kind == "guided" else []), strict=True):
                     images[kind] = self.pipe(
                         prompt=request.prompt,
                         negative_prompt=request.negative_prompt,

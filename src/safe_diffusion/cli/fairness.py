@@ -188,7 +188,7 @@ def measure(prompt_list, *, model, directions, proportions, out, n, clip_model, 
             counts = {}
             for kind, terms in (("before", []), ("after", [term])):
                 generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-                with guide(pipe, *terms):
+                with guide(pipe, *terms, strict=True):
                     images = pipe(prompt, num_images_per_prompt=n, generator=generators, num_inference_steps=steps,
                                   guidance_scale=guidance_scale, height=height, width=width).images
                 predicted = classify(images)

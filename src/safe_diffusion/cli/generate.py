@@ -35,10 +35,14 @@ def check_size(name: str, value: int | None) -> None:
 
 
 def check_guidance(terms: list, *, steps: int, guidance_scale: float, strict: bool) -> None:
-    """Warn (or, with --strict, refuse) when the settings would leave the guided image unguided."""
-    from ..validation import guidance_problems
+    """Refuse settings under which the terms cannot act at all; warn (with --strict, refuse) when a
+    term's warm-up is never left."""
+    from ..validation import cfg_problem, warmup_problems
 
-    for problem in guidance_problems(terms, steps=steps, guidance_scale=guidance_scale):
+    problem = cfg_problem(terms, guidance_scale)
+    if problem:  # a "guided" image without guidance is never what was asked for
+        raise InputError(problem)
+    for problem in warmup_problems(terms, steps):
         if strict:
             raise InputError(problem)
         typer.echo(f"warning: {problem}", err=True)
@@ -314,7 +318,7 @@ def generate_images(
                     height=height,
                     width=width,
                 )
-                with guide(pipe, *(bound if guided else [])):
+                with guide(pipe, *(bound if guided else []), strict=True):
                     return pipe(**call).images
 
             guided_images = run(True)

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
 from ..validation import SAFETY_CHOICES, check_safety
+
+logger = logging.getLogger(__name__)
 
 CONFIG_SCHEMA = "safe-diffusion/eval-run"
 CONFIG_SCHEMA_VERSION = 2
@@ -287,6 +290,20 @@ def build_run_config(
     if isinstance(index.get("scheduler"), list) and len(index["scheduler"]) == 2:
         scheduler = index["scheduler"][1]
     mitigation, guidance_terms = build_mitigation(model, safety=safety, terms=terms, negative_prompt=negative_prompt)
+    from ..validation import cfg_problem, warmup_problems
+
+    problem = cfg_problem(guidance_terms, guidance_scale) if guidance_scale is not None else None
+    if problem is None and guidance_terms and guidance_source == "suite":
+        low = min((p.guidance for p in suite.prompts if p.guidance is not None), default=None)
+        problem = cfg_problem(guidance_terms, low) if low is not None else None
+        if problem:
+            problem = f"the suite's guidance column goes down to {low:g}: " + problem.replace(
+                f"--guidance-scale {low:g}", "that scale"
+            ).replace("(use a scale above 1)", "(pass --guidance-scale above 1)")
+    if problem:
+        raise InputError(problem)
+    for warning in warmup_problems(guidance_terms, steps):
+        logger.warning("%s", warning)
     suite_record = {
         **suite.record(),
         "categories": list(categories) if categories else None,

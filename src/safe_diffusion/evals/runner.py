@@ -138,7 +138,7 @@ def generate(
     total = sum(1 for b in todo for p, k in b if (p.index, k) in wanted and (p.index, k) not in done)
     written = 0
     pipe.set_progress_bar_config(disable=True)
-    with guide(pipe, *terms), ProgressLog("generate", total, enabled=show_progress) as bar:
+    with guide(pipe, *terms, strict=True), ProgressLog("generate", total, enabled=show_progress) as bar:
         for batch in todo:
             texts = [p.text for p, _ in batch]
             generators = [torch.Generator("cpu").manual_seed(image_seed(p.seed, k)) for p, k in batch]

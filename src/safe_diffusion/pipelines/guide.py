@@ -108,6 +108,7 @@ class GuidanceEngine:
         self._handles: list = []
         self._warned_no_cfg = False
         self._patched = False
+        self.strict = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -162,6 +163,14 @@ class GuidanceEngine:
 
     def _cfg_active(self) -> bool:
         active = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        if not active and self.strict:
+            from ..errors import GuidanceOffError
+
+            names = ", ".join(dict.fromkeys(type(t).__name__ for t in self.terms))
+            raise GuidanceOffError(
+                f"{names} cannot act: classifier-free guidance is off in this call (guidance_scale <= 1, or turned "
+                "off by a callback); use guidance_scale > 1"
+            )
         if not active and not self._warned_no_cfg:
             logger.warning("guidance terms need classifier-free guidance (guidance_scale > 1); running unguided")
             self._warned_no_cfg = True
@@ -247,11 +256,16 @@ class GuidanceEngine:
 
 
 @contextmanager
-def guide(pipe, *terms: GuidanceTerm) -> Iterator[Any]:
+def guide(pipe, *terms: GuidanceTerm, strict: bool = False) -> Iterator[Any]:
     """Make `pipe` apply the given guidance terms while inside the block; afterwards it is exactly as before.
 
     ``with guide(pipe, SafetyGuidance.from_preset("strong"), SemanticGuidance(["sunglasses"])): pipe(prompt)``.
     Blocks nest: an inner block adds its terms to the outer block's for its duration.
+
+    The terms act through classifier-free guidance. When a call runs without it (``guidance_scale <= 1``,
+    or a callback that turns it off mid-run) they cannot act: by default the engine logs a warning once
+    and the image is unguided; with ``strict=True`` the call raises :class:`~safe_diffusion.errors.GuidanceOffError`
+    (the CLI, the evaluation runner and the demo use strict mode, so a result that says SLD was applied means it was).
     """
     for term in terms:
         if not isinstance(term, GuidanceTerm):
@@ -266,11 +280,13 @@ def guide(pipe, *terms: GuidanceTerm) -> Iterator[Any]:
         except BaseException:
             engine.detach()
             raise
-    before = list(engine.terms)
+    before, strict_before = list(engine.terms), engine.strict
     engine.terms = before + list(terms)
+    engine.strict = strict_before or strict
     try:
         yield pipe
     finally:
         engine.terms = before
+        engine.strict = strict_before
         if owner:
             engine.detach()
