@@ -323,9 +323,8 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
 ) -> None:
     """Done/total per stage, and damaged images."""
-    from ..evals.store import RunStore
-
     from ..evals.quality import run_quality
+    from ..evals.store import RunStore
 
     store = RunStore.open(run_dir)
     info = store.status()
