@@ -7,7 +7,6 @@ widgets to :meth:`DemoGenerator.generate`.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..validation import check_safety, parse_signed_concept
+from ..validation import check_float, check_safety, parse_signed_concept
 
 MAX_SEED = 2**32 - 1
 STEPS_RANGE = (1, 150)
@@ -83,18 +82,6 @@ def _as_int(name: str, value: Any) -> int:
     return int(number)
 
 
-def _as_float(name: str, value: Any) -> float:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise InputError(f"{name} is missing")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    return number
-
-
 def validate_request(
     prompt: str | None,
     negative_prompt: str | None = None,
@@ -118,7 +105,9 @@ def validate_request(
     lo, hi = STEPS_RANGE
     if not lo <= steps <= hi:
         raise InputError(f"steps must be between {lo} and {hi}, got {steps}")
-    guidance_scale = _as_float("guidance scale", guidance_scale)
+    if guidance_scale is None or (isinstance(guidance_scale, str) and not guidance_scale.strip()):
+        raise InputError("guidance scale is missing")
+    guidance_scale = check_float("guidance scale", guidance_scale)
     lo, hi = GUIDANCE_SCALE_RANGE
     if not lo <= guidance_scale <= hi:
         raise InputError(f"guidance scale must be between {lo:g} and {hi:g}, got {guidance_scale:g}")

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
@@ -162,20 +161,6 @@ def parse_safety(value: str | None) -> str:
     return check_safety("safety", value)
 
 
-def read_erasure(model: str) -> dict | None:
-    """The model folder's ``erasure.json`` (written by ``safe-diffusion erase``), or None."""
-    path = Path(model) / "erasure.json"
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable erasure record ({exc})") from None
-    if not isinstance(record, dict):
-        raise InputError(f"{path}: not an erasure record")
-    return record
-
-
 def erasure_label(record: dict) -> str:
     if record.get("label"):
         return str(record["label"])
@@ -196,7 +181,9 @@ def build_mitigation(
     else:
         preset = parse_safety(safety)
         terms = safety_terms(preset)
-    erasure = read_erasure(model)
+    from ..erasure import read_erasure_record
+
+    erasure = read_erasure_record(model)
     parts, kinds = [], []
     if erasure is not None:
         parts.append(erasure_label(erasure))
