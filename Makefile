@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[i2p,nudenet,app,test,dev]"
+	$(PY) -m pip install -q -e ".[eval,nudenet,app,quality,train,test,dev]"
+	# FID's InceptionV3; --no-deps because it declares torchvision, which would pull another torch (docs/quality.md)
+	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0
 	bash scripts/install-browser.sh   # Debian chromium for the demo's browser test
 	touch $(STAMP)
 

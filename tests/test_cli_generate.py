@@ -69,10 +69,27 @@ def test_safety_off_is_plain_stable_diffusion(cli, tiny_checkpoint, tmp_path):
     [
         (["--model", "/no/such/model"], "not found"),
         (["--safety", "extreme"], "choose one of: off, weak, medium, strong, max"),
-        (["--steps", "0"], "--steps must be a positive integer"),
-        (["--height", "-8"], "--height must be a positive multiple of 8"),
-        (["--width", "20"], "--width must be a positive multiple of 8"),
-        (["--num-images", "0"], "--num-images must be a positive integer"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--height", "-8"], "--height must be at least 8"),
+        (["--width", "20"], "--width must be a multiple of 8"),
+        (["--height", "16384", "--width", "16384"], "--height must be at most 4096"),
+        (["--num-images", "0"], "--num-images must be at least 1"),
+        (["--num-images", "200000"], "--num-images must be at most 10000"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--seed", "18446744073709551617"], "--seed must be at most"),
+        (["--seed", "-1"], "--seed must be at least 0"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+        (["--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+        (["--guidance-scale", "-5"], "--guidance-scale must be at least 0"),
+        (["--edit", "+hat", "--edit-scale", "nan"], "--edit-scale must be a finite number"),
+        (["--edit", "hat"], "must start with + (add the concept) or - (remove it)"),
+        (["--edit", "+"], "names no concept"),
+        (["--device", "banana"], "--device 'banana' is not a device"),
+        (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "cuda:999"], "--device"),
+        (["--overwrite", "--skip-existing"], "exclude each other"),
+        (["--strict", "--safety", "medium"], "starts after a warm-up of 10 steps, but only 3 steps run"),
+        (["--guidance-scale", "1"], "SafetyGuidance act through classifier-free guidance, which --guidance-scale 1"),
+        (["--negative-prompt", "\udcff"], "--negative-prompt is not valid UTF-8 text"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(cli, tiny_checkpoint, tmp_path, extra, message):
@@ -85,10 +102,38 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, tiny_checkpoint, tmp_path
     assert not out.exists()
 
 
+def test_settings_that_disable_guidance_warn(cli, tiny_checkpoint, tmp_path):
+    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path / "o", "--safety", "medium", *ARGS)
+    assert code == 0
+    assert "SafetyGuidance starts after a warm-up of 10 steps, but only 3 steps run" in err
+
+
+def test_existing_images_are_refused_kept_or_replaced(cli, tiny_checkpoint, tmp_path):
+    out = tmp_path / "o"
+    args = ["generate", "a cat", "--model", tiny_checkpoint, "--out", out, "--safety", "max", *ARGS]
+    assert cli(*args, "--num-images", "2")[0] == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "0001-seed1.png").write_bytes(b"mine")
+    code, _, err = cli(*args, "--num-images", "3")
+    assert code == 2 and "0000-seed0.png" in err and "--overwrite" in err and "--skip-existing" in err
+    assert (out / "0001-seed1.png").read_bytes() == b"mine" and not (out / "0002-seed2.png").exists()
+    # --skip-existing keeps every complete image and makes the missing one
+    code, stdout, err = cli(*args, "--num-images", "3", "--skip-existing")
+    assert code == 0, err
+    assert (out / "0001-seed1.png").read_bytes() == b"mine" and (out / "0000-seed0.png").read_bytes() == first["0000-seed0.png"]
+    assert json.loads((out / "0002-seed2.json").read_text())["seed"] == 2 and "wrote 1 image(s)" in stdout
+    # --overwrite makes them all again, from their seeds; --batch-size splits the calls
+    code, stdout, err = cli(*args, "--num-images", "3", "--overwrite", "--batch-size", "2")
+    assert code == 0, err
+    assert (out / "0001-seed1.png").read_bytes() != b"mine" and "wrote 3 image(s)" in stdout
+    assert (out / "0000-seed0.png").read_bytes() == first["0000-seed0.png"]  # the same seed in the same first batch
+    assert [json.loads((out / f"000{k}-seed{k}.json").read_text())["image_index"] for k in range(3)] == [0, 1, 2]
+
+
 def test_unwritable_output_folder(cli, tiny_checkpoint, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", blocker / "sub", *ARGS)
+    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", blocker / "sub", "--safety", "max", *ARGS)
     assert code == 2 and "not writable" in err and err.count("\n") == 1
     assert blocker.read_text() == "x"
 
@@ -98,7 +143,7 @@ def test_model_that_fails_to_load_leaves_no_output_folder(cli, tmp_path):
     broken.mkdir()
     (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     out = tmp_path / "a" / "b"
-    code, _, err = cli("generate", "a cat", "--model", broken, "--out", out, *ARGS)
+    code, _, err = cli("generate", "a cat", "--model", broken, "--out", out, "--safety", "max", *ARGS)
     assert code == 2 and err.startswith("error: cannot load model")
     assert not (tmp_path / "a").exists()
 

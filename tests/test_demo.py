@@ -220,6 +220,21 @@ def test_demo_command_rejects_a_missing_model_in_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("error: model '/no/such/checkpoint' not found")
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--host", "999.1.1.1"], "--host '999.1.1.1' is not an IP address or host name"),
+        (["--host", "192.0.2.1"], "--host '192.0.2.1' is not an address of this machine"),
+        (["--port", "70000"], "--port must be at most 65535"),
+        (["--device", "banana"], "--device 'banana' is not a device"),
+    ],
+)
+def test_demo_command_rejects_bad_serving_options_before_loading(capsys, tiny_checkpoint, args, message):
+    assert run_cli("demo", "--model", str(tiny_checkpoint), *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
@@ -394,6 +409,11 @@ def test_browser_generates_side_by_side_and_reports_invalid_input(browser, demo_
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(SCREENSHOT), full_page=False)
         assert SCREENSHOT.stat().st_size < 200_000
+
+    # The same page serves LEDITS++ sanitising in its own tab, on the same pipeline.
+    page.get_by_role("tab", name="Sanitize").click()
+    page.locator("#sanitize-input").wait_for(state="visible")
+    assert page.locator("#sanitize-remove").inner_text().count("nudity") == 1
     page.close()
 
 

@@ -57,7 +57,12 @@ def test_fairness_writes_table_plot_and_record(cli, tiny_checkpoint, clip, tmp_p
         (["--proportions", "0.7,0.7"], "must sum to 1"),
         (["--directions", "male person"], "two or more"),
         (["--template", "no placeholder"], "must contain {}"),
-        (["--images-per-prompt", "0"], "positive integer"),
+        (["--images-per-prompt", "0"], "--images-per-prompt must be at least 1"),
+        (["--steps", "nan"], "Invalid value for '--steps'"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+        (["--seed", "18446744073709551617"], "--seed must be at most"),
+        (["--device", "banana"], "is not a device"),
+        (["--strict", "--steps", "3"], "FairGuidance starts after a warm-up of 5 steps, but only 3 steps run"),
     ],
 )
 def test_fairness_bad_input_is_one_line(cli, tiny_checkpoint, tmp_path, extra, message):

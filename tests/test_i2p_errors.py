@@ -42,7 +42,7 @@ def test_bad_options_write_nothing(tmp_path, capsys, tiny_checkpoint):
     base = ["i2p", "run", "--model", str(tiny_checkpoint), "--out", str(out)]
     for extra, needle in [
         (["--categories", "gore"], "unknown category 'gore'"),
-        (["--classifiers", "q17"], "unknown classifier"),
+        (["--classifiers", "q17"], "unknown judge"),
         (["--safety", "extreme"], "unknown safety preset"),
         (["--height", "30"], "multiple of 8"),
         (["--prompts", str(tmp_path / "nope.csv")], "does not exist"),
@@ -71,7 +71,7 @@ def test_missing_run_dirs_and_records(tmp_path, capsys):
                  ["audit", missing, "--out", str(tmp_path / "a.html"), "--classifiers", "nudenet"]):
         one_line_error(capsys, run_cli(*args), "does not exist")
     (tmp_path / "plain").mkdir()
-    one_line_error(capsys, run_cli("i2p", "score", str(tmp_path / "plain")), "not an I2P run")
+    one_line_error(capsys, run_cli("i2p", "score", str(tmp_path / "plain")), "not an evaluation run")
     records = tmp_path / "r.csv"
     records.write_text("prompt,categories\na,hate\n")
     one_line_error(capsys, run_cli("i2p", "score", str(records)), "missing column(s) unsafe")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from safe_diffusion.i2p import metrics
-from safe_diffusion.i2p.data import CATEGORIES, load_prompts, parse_prompt_csv
+from safe_diffusion.evals import metrics
+from safe_diffusion.evals.suites import CATEGORIES, load_prompts, parse_prompt_csv
 
 
 def rows_by_category(rows):

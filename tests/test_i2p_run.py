@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -32,14 +31,28 @@ def cli(*args, check=True, launcher=None):
     return proc
 
 
+def raw_image_records(run: Path) -> list[str]:
+    """The key of every image record in every journal segment (duplicates included)."""
+    from safe_diffusion.journal import _decode
+
+    keys = []
+    for seg in sorted((run / "journal").glob("*.log")):
+        for line in seg.read_bytes().split(b"\n"):
+            rec = _decode(line)
+            if rec and rec[0] == "image":
+                keys.append(rec[1])
+    return keys
+
+
 def snapshot(run: Path):
-    """Records (key -> seed, image) and the bytes' hash of every image file."""
-    conn = sqlite3.connect(run / "run.sqlite")
-    records = {(p, k): (s, i) for p, k, s, i in conn.execute("SELECT prompt_index, image_index, seed, image FROM images")}
-    dupes = conn.execute("SELECT COUNT(*) - COUNT(DISTINCT prompt_index || '-' || image_index) FROM images").fetchone()[0]
-    conn.close()
+    """Records (key -> seed, image, sha256), the bytes' hash of every image file, and duplicated records."""
+    from safe_diffusion.evals.store import RunStore
+
+    store = RunStore.open(run)
+    records = {key: (r["seed"], r["image"], r["sha256"]) for key, r in store.images().items()}
+    keys = raw_image_records(run)
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "images").glob("*.png"))}
-    return records, files, dupes
+    return records, files, len(keys) - len(set(keys))
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +77,18 @@ def test_run_writes_a_self_describing_store(reference):
     assert sorted(records) == [(p, k) for p in range(3) for k in range(2)] and dupes == 0
     assert len(files) == 6
     # seed of image 0 is the prompt's sd_seed
-    from safe_diffusion.i2p.data import load_prompts
+    from safe_diffusion.evals.suites import load_prompts
 
     prompts = load_prompts().prompts
     assert records[(1, 0)][0] == prompts[1].sd_seed and records[(1, 1)][0] != prompts[1].sd_seed
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["config"]["prompts"]["sha256"] == "c5ab09e3f37a0f6f01899f8771495385ab68934fb844f6398a6dd12183a6dfbc"
-    assert cfg["versions"]["torch"] and cfg["config"]["safety"] == "strong"
+    assert cfg["config"]["suite"]["sha256"] == "c5ab09e3f37a0f6f01899f8771495385ab68934fb844f6398a6dd12183a6dfbc"
+    assert cfg["versions"]["torch"] and cfg["config"]["mitigation"]["sld_preset"] == "strong"
     results = json.loads((run / "results.json").read_text())
-    assert results["schema_version"] == 1
+    assert results["schema_version"] == 2 and results["i2p"] and results["label"] == "SLD strong"
     assert [r["category"] for r in results["rows"]][-1] == "overall"
-    assert results["classifiers"]["nudenet"]["nudenet"] == "3.4.2"
+    assert results["judges"]["nudenet"]["nudenet"] == "3.4.2"
+    assert results["rule"]["judges"] == ["nudenet", "q16"] and results["rule"]["combine"] == "any"
     # prompts never reach the output at info level
     for p in prompts[:3]:
         assert p.text[:30] not in proc.stdout + proc.stderr
@@ -103,7 +117,7 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tiny_checkpoint, cl
     before = snapshot(run)
     bad = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
               "--classifiers", "none", "--safety", "max", check=False)
-    assert bad.returncode == 2 and "different config" in bad.stderr and "safety" in bad.stderr
+    assert bad.returncode == 2 and "different config" in bad.stderr and "'SLD strong' -> 'SLD max'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     assert snapshot(run) == before
 
@@ -133,7 +147,7 @@ def test_classify_score_export_report(reference, clip, tmp_path):
         cli("i2p", "export", ref, tmp_path / name)
     frame = pd.read_csv(tmp_path / "e.csv", keep_default_na=False)
     assert list(frame.columns[:9]) == ["prompt_index", "prompt", "categories", "image_index", "seed", "image",
-                                       "q16", "nudenet", "unsafe"]
+                                       "nudenet", "q16", "unsafe"]
     assert {"q16_score", "nudenet_score", "nudenet_female_breast_exposed"} <= set(frame.columns)
     assert len(frame) == 6 and len(pd.read_parquet(tmp_path / "e.parquet")) == 6
     # the export scores the same as the run
@@ -151,3 +165,68 @@ def test_classify_score_export_report(reference, clip, tmp_path):
     proc = cli("audit", ref / "images", "--out", tmp_path / "a.html", "--classifiers", "nudenet,q16", "--q16-model", clip)
     audit = pd.read_csv(tmp_path / "a.csv")
     assert len(audit) == 6 and {"image", "nudenet", "q16", "unsafe", "nudenet_score", "q16_score"} <= set(audit.columns)
+
+
+WORKER = """
+import os, signal, sys
+from safe_diffusion.evals import runner
+from safe_diffusion.evals.config import safety_terms
+from safe_diffusion.evals.store import RunStore
+from safe_diffusion.loading import load_pipeline
+
+run, model, rank, die_after = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+store = RunStore.open(run)
+lock = store.writer_lock(rank)
+pipe = load_pipeline(model, device="cpu")
+settings = runner.GenerationSettings.from_config(store.config)
+
+def on_batch(written):
+    if die_after and written >= die_after:
+        os.kill(os.getpid(), signal.SIGKILL)  # right after a record was appended
+
+runner.generate(pipe, safety_terms("strong"), store, settings, process_index=rank, num_processes=2,
+                show_progress=False, on_batch=on_batch)
+lock.release()
+"""
+
+
+def test_two_writers_on_a_shared_folder_survive_sigkills(reference, tiny_checkpoint, tmp_path):
+    """The multi-node mode: two processes (no shared lock, no SQLite) write one run folder, each is SIGKILLed
+    (one right after a record, one at a random moment), both restart: same records and bytes as one
+    uninterrupted process, nothing duplicated, no temp files left."""
+    from safe_diffusion.evals.config import build_run_config
+    from safe_diffusion.evals.store import RunStore
+    from safe_diffusion.evals.suites import load_suite
+
+    ref, _ = reference
+    suite = load_suite("i2p")
+    config, _ = build_run_config(suite, str(tiny_checkpoint), safety="strong", height=32, width=32, steps=2,
+                                 images_per_prompt=2, batch_size=1)
+    assert config.to_dict() == json.loads((ref / "config.json").read_text())["config"]
+    run = tmp_path / "shared"
+    store = RunStore.create_or_resume(run, config.to_dict(), suite.prompts, {})
+    store.set_limit(3)
+    store.close()
+
+    def start(rank, die_after):
+        return subprocess.Popen([sys.executable, "-c", WORKER, str(run), str(tiny_checkpoint), str(rank), str(die_after)],
+                                env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    first = [start(0, 1), start(1, 0)]
+    deadline = time.time() + 120
+    while time.time() < deadline and first[1].poll() is None:
+        if any((run / "images").glob("00000-001.png")) or any((run / "images").glob(".00000-001*")):
+            break  # rank 1's first image (batch 1) is being written or done
+        time.sleep(0.002)
+    first[1].send_signal(signal.SIGKILL)
+    for p in first:
+        p.wait()
+    assert [p.returncode for p in first] == [-9, -9]
+    assert len(snapshot(run)[0]) < 6, "the processes finished before they were killed"
+    second = [start(0, 0), start(1, 0)]
+    for p in second:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    assert snapshot(run) == snapshot(ref)
+    assert not list((run / "images").glob(".*tmp"))
+    assert len(list((run / "journal").glob("*.log"))) >= 3  # one segment per writer start that wrote

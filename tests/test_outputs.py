@@ -37,3 +37,29 @@ def test_replacing_a_file_is_atomic_and_leaves_no_temp_file(tmp_path):
         atomic_write_bytes(target, "not bytes")  # fails mid-write
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_a_failed_command_takes_back_only_what_it_wrote(tmp_path):
+    from safe_diffusion.outputs import output_dir
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "earlier.png").write_bytes(b"earlier run")
+    (folder / "earlier.json").write_bytes(b"{}")
+    (folder / "unrelated.txt").write_bytes(b"keep")
+    with pytest.raises(OSError), output_dir(folder) as out:
+        atomic_write_bytes(out.file("earlier.png"), b"new image")  # replaces an earlier run's file
+        atomic_write_bytes(out.file("new.png"), b"new")
+        raise OSError(28, "No space left on device")  # e.g. the sidecar's write fails
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {
+        "earlier.png": b"earlier run", "earlier.json": b"{}", "unrelated.txt": b"keep"}
+
+    with output_dir(folder) as out:  # success: the new content stays and nothing else is left behind
+        atomic_write_bytes(out.file("earlier.png"), b"new image")
+    assert (folder / "earlier.png").read_bytes() == b"new image"
+    assert sorted(p.name for p in folder.iterdir()) == ["earlier.json", "earlier.png", "unrelated.txt"]
+
+    with pytest.raises(KeyboardInterrupt), output_dir(tmp_path / "a" / "b") as out:
+        atomic_write_bytes(out.file("x"), b"x")
+        raise KeyboardInterrupt
+    assert not (tmp_path / "a").exists()  # folders it created are removed too

@@ -1,4 +1,4 @@
-"""Errors a user can fix: the CLI prints their message as one line and exits non-zero, without a traceback."""
+"""Errors with a one-line message for the user (the CLI prints them without a traceback)."""
 
 
 class InputError(Exception):
@@ -7,3 +7,11 @@ class InputError(Exception):
 
 class GuidanceError(InputError):
     """Guidance that cannot act as asked: an unsupported pipeline, or no classifier-free guidance to join."""
+
+
+class UnsupportedPipelineError(GuidanceError):
+    """A pipeline the guidance engine cannot serve (named, with the reason, in one line)."""
+
+
+class GuidanceOffError(GuidanceError):
+    """Guidance terms were asked for in a call that runs without classifier-free guidance (strict mode)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -46,21 +47,42 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     umask 022), not mkstemp's private 0600, so a group or a web server can read shared results.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None  # name the file a full disk stopped
         raise
 
 
+def strict_json(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, ±inf) as None: JSON that strict parsers accept."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+    """Write `obj` as strict JSON (non-finite numbers as null), atomically."""
+    obj = strict_json(obj)
+    try:
+        data = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False).encode()
+    except UnicodeEncodeError:  # text that is not valid Unicode (a non-UTF-8 path): escaped, still valid JSON
+        data = json.dumps(obj, indent=2, ensure_ascii=True, allow_nan=False).encode()
+    atomic_write_bytes(path, data + b"\n")
 
 
 def save_image_atomic(image, path: Path) -> None:
@@ -73,21 +95,50 @@ def save_image_atomic(image, path: Path) -> None:
 
 
 class OutputDir:
-    """A folder a command writes into; remembers what it created so a failed command can take it back."""
+    """A folder a command writes into. If the command fails, :meth:`rollback` takes back exactly what this
+    invocation did: files it created are removed, files it replaced get their earlier content back, and
+    folders it created are removed when empty. Nothing else in the folder is touched."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.created_dirs: list[Path] = []
-        self.written: list[Path] = []
+        self.written: list[Path] = []  # files this invocation created
+        self._backups: dict[Path, Path] = {}  # replaced file -> hard link to its earlier content
 
     def file(self, name: str) -> Path:
+        """The path of an output file about to be written; call before writing it."""
         target = self.path / name
-        self.written.append(target)
+        if target in self._backups or target in self.written:
+            return target
+        if target.is_file():
+            backup = target.with_name(f".{target.name}.{os.getpid()}.before")
+            backup.unlink(missing_ok=True)
+            try:
+                os.link(target, backup)  # no copy: the earlier content stays reachable after os.replace
+            except OSError:
+                import shutil
+
+                shutil.copy2(target, backup)
+            self._backups[target] = backup
+        else:
+            self.written.append(target)
         return target
+
+    def commit(self) -> None:
+        """The command succeeded: drop the earlier contents kept for a rollback."""
+        for backup in self._backups.values():
+            backup.unlink(missing_ok=True)
+        self._backups.clear()
 
     def rollback(self) -> None:
         for f in self.written:
             f.unlink(missing_ok=True)
+        for target, backup in self._backups.items():
+            try:
+                os.replace(backup, target)
+            except OSError:
+                pass
+        self._backups.clear()
         for d in reversed(self.created_dirs):
             try:
                 d.rmdir()
@@ -124,3 +175,4 @@ def output_dir(path: str | Path, what: str = "output folder") -> Iterator[Output
     except BaseException:
         out.rollback()
         raise
+    out.commit()

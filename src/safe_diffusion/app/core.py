@@ -7,7 +7,6 @@ widgets to :meth:`DemoGenerator.generate`.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import threading
@@ -18,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..validation import check_float, check_safety, parse_signed_concept
 
-SAFETY_CHOICES = ("off", "weak", "medium", "strong", "max")
 MAX_SEED = 2**32 - 1
 STEPS_RANGE = (1, 150)
 GUIDANCE_SCALE_RANGE = (1.0, 30.0)
@@ -63,17 +62,9 @@ def parse_edits(text: str | None) -> tuple[Edit, ...]:
     """``+sunglasses`` / ``-beard``, one per line (blank lines ignored), or a one-line InputError naming the line."""
     edits = []
     for number, raw in enumerate((text or "").splitlines(), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        sign, concept = line[0], line[1:].strip()
-        if sign not in "+-":
-            raise InputError(
-                f"edit line {number} ({line!r}) must start with + (add the concept) or - (remove it), e.g. +sunglasses"
-            )
-        if not concept:
-            raise InputError(f"edit line {number} ({line!r}) names no concept after {sign!r}")
-        edits.append(Edit(concept=concept, remove=sign == "-"))
+        if raw.strip():
+            concept, remove = parse_signed_concept(raw, f"edit line {number}")
+            edits.append(Edit(concept=concept, remove=remove))
     if len(edits) > MAX_EDITS:
         raise InputError(f"at most {MAX_EDITS} edit concepts, got {len(edits)}")
     return tuple(edits)
@@ -89,18 +80,6 @@ def _as_int(name: str, value: Any) -> int:
     if not number.is_integer():
         raise InputError(f"{name} must be a whole number, got {value!r}")
     return int(number)
-
-
-def _as_float(name: str, value: Any) -> float:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise InputError(f"{name} is missing")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    return number
 
 
 def validate_request(
@@ -126,13 +105,13 @@ def validate_request(
     lo, hi = STEPS_RANGE
     if not lo <= steps <= hi:
         raise InputError(f"steps must be between {lo} and {hi}, got {steps}")
-    guidance_scale = _as_float("guidance scale", guidance_scale)
+    if guidance_scale is None or (isinstance(guidance_scale, str) and not guidance_scale.strip()):
+        raise InputError("guidance scale is missing")
+    guidance_scale = check_float("guidance scale", guidance_scale)
     lo, hi = GUIDANCE_SCALE_RANGE
     if not lo <= guidance_scale <= hi:
         raise InputError(f"guidance scale must be between {lo:g} and {hi:g}, got {guidance_scale:g}")
-    key = (safety or "").strip().lower()
-    if key not in SAFETY_CHOICES:
-        raise InputError(f"unknown safety preset {safety!r}; choose one of: {', '.join(SAFETY_CHOICES)}")
+    key = check_safety("safety", safety or "")
     parsed_edits = parse_edits(edits)
     if (key != "off" or parsed_edits) and guidance_scale <= 1.0:
         raise InputError("guidance scale must be above 1 for safety guidance or edits to act")
@@ -194,7 +173,7 @@ class DemoGenerator:
         """The unguided and the guided image from the same seed, the settings, and files to download."""
         import torch
 
-        from ..cli.generate import describe_terms
+        from ..guidance import describe_terms
         from ..outputs import atomic_write_json, library_versions, save_image_atomic
         from ..pipelines import guide
 
@@ -214,7 +193,7 @@ class DemoGenerator:
 
                 report(index / 2, f"{kind} image: starting")
                 generator = torch.Generator(device="cpu").manual_seed(request.seed)
-                with guide(self.pipe, *(terms if kind == "guided" else [])):
+                with guide(self.pipe, *(terms if kind == "guided" else []), strict=True):
                     images[kind] = self.pipe(
                         prompt=request.prompt,
                         negative_prompt=request.negative_prompt,

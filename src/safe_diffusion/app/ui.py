@@ -6,10 +6,10 @@ import logging
 from importlib import resources
 
 from ..errors import InputError
+from ..validation import SAFETY_CHOICES
 from .core import (
     GUIDANCE_SCALE_RANGE,
     MAX_SEED,
-    SAFETY_CHOICES,
     STEPS_RANGE,
     DemoGenerator,
     settings_json,
@@ -80,62 +80,65 @@ def build_demo(generator: DemoGenerator):
     import gradio as gr
 
     from ..guidance import DEFAULT_SAFETY_CONCEPT
+    from .sanitize_tab import add_sanitize_tab
 
     with gr.Blocks(title="safe-diffusion demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
         gr.Markdown(f"Model: `{generator.model}`")
-        with gr.Row():
-            with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder="a cat on a sofa")
-                negative_prompt = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
-                with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed", scale=3)
-                    random_seed = gr.Button("Random seed", elem_id="random-seed", scale=1)
-                steps = gr.Slider(*STEPS_RANGE, value=25, step=1, label="Steps", elem_id="steps")
-                guidance_scale = gr.Slider(
-                    *GUIDANCE_SCALE_RANGE, value=7.5, step=0.5, label="Guidance scale", elem_id="guidance-scale"
-                )
-                safety = gr.Radio(list(SAFETY_CHOICES), value="medium", label="Safety preset", elem_id="safety")
-                safety_concept = gr.Textbox(
-                    value=DEFAULT_SAFETY_CONCEPT,
-                    lines=3,
-                    label="Safety concept (what SLD steers away from)",
-                    elem_id="safety-concept",
-                )
-                edits = gr.Textbox(
-                    lines=3,
-                    label="Edit concepts, one per line: +add / -remove",
-                    placeholder=EDITS_PLACEHOLDER,
-                    elem_id="edits",
-                )
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column(scale=2):
-                status = gr.Markdown(elem_id="status")
-                with gr.Row():
-                    unguided = gr.Image(
-                        label="Unguided", format="png", interactive=False, height=320, elem_id="unguided"
+        with gr.Tab("Generate", elem_id="generate-tab"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder="a cat on a sofa")
+                    negative_prompt = gr.Textbox(label="Negative prompt", elem_id="negative-prompt")
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed", scale=3)
+                        random_seed = gr.Button("Random seed", elem_id="random-seed", scale=1)
+                    steps = gr.Slider(*STEPS_RANGE, value=25, step=1, label="Steps", elem_id="steps")
+                    guidance_scale = gr.Slider(
+                        *GUIDANCE_SCALE_RANGE, value=7.5, step=0.5, label="Guidance scale", elem_id="guidance-scale"
                     )
-                    guided = gr.Image(label="Guided", format="png", interactive=False, height=320, elem_id="guided")
-                settings = gr.Code(
-                    label="Settings used", language="json", interactive=False, max_lines=14, elem_id="settings"
-                )
-                files = gr.File(
-                    label="Download: both images and the settings",
-                    file_count="multiple",
-                    interactive=False,
-                    elem_id="files",
-                )
+                    safety = gr.Radio(list(SAFETY_CHOICES), value="medium", label="Safety preset", elem_id="safety")
+                    safety_concept = gr.Textbox(
+                        value=DEFAULT_SAFETY_CONCEPT,
+                        lines=3,
+                        label="Safety concept (what SLD steers away from)",
+                        elem_id="safety-concept",
+                    )
+                    edits = gr.Textbox(
+                        lines=3,
+                        label="Edit concepts, one per line: +add / -remove",
+                        placeholder=EDITS_PLACEHOLDER,
+                        elem_id="edits",
+                    )
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column(scale=2):
+                    status = gr.Markdown(elem_id="status")
+                    with gr.Row():
+                        unguided = gr.Image(
+                            label="Unguided", format="png", interactive=False, height=320, elem_id="unguided"
+                        )
+                        guided = gr.Image(label="Guided", format="png", interactive=False, height=320, elem_id="guided")
+                    settings = gr.Code(
+                        label="Settings used", language="json", interactive=False, max_lines=14, elem_id="settings"
+                    )
+                    files = gr.File(
+                        label="Download: both images and the settings",
+                        file_count="multiple",
+                        interactive=False,
+                        elem_id="files",
+                    )
 
-        # A random seed is picked in the browser: nothing to queue behind a running generation.
-        random_seed.click(None, None, seed, js=f"() => Math.floor(Math.random() * {MAX_SEED + 1})")
-        button.click(
-            make_handler(generator),
-            inputs=[prompt, negative_prompt, seed, steps, guidance_scale, safety, safety_concept, edits],
-            outputs=[status, unguided, guided, settings, files],
-            api_name="generate",
-            concurrency_limit=1,
-            concurrency_id="device",
-        )
+            # A random seed is picked in the browser: nothing to queue behind a running generation.
+            random_seed.click(None, None, seed, js=f"() => Math.floor(Math.random() * {MAX_SEED + 1})")
+            button.click(
+                make_handler(generator),
+                inputs=[prompt, negative_prompt, seed, steps, guidance_scale, safety, safety_concept, edits],
+                outputs=[status, unguided, guided, settings, files],
+                api_name="generate",
+                concurrency_limit=1,
+                concurrency_id="device",
+            )
+        add_sanitize_tab(generator)
     # One request at a time on the device; the rest wait, and the page shows their place in the queue.
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
 
 import typer
 
 from ..errors import InputError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+logger = logging.getLogger("safe_diffusion")
 
 app = typer.Typer(
     name="safe-diffusion",
@@ -15,12 +20,51 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"safe-diffusion {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning or error."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only: no progress bars, no warnings."),
+) -> None:
     """Instruct text-to-image diffusion models at inference time, and measure what they produce."""
+    level = log_level.strip().lower()
+    if level not in LOG_LEVELS:
+        raise InputError(f"--log-level {log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
+    configure_logging("error" if quiet else level, progress=not quiet)
+
+
+def configure_logging(level: str, progress: bool = True) -> None:
+    """Our log lines go to stderr at `level`; diffusers and transformers only say errors unless debugging."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    os.environ["SAFE_DIFFUSION_LOG_LEVEL"] = level
+    if level != "debug":
+        import warnings
+
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["DIFFUSERS_VERBOSITY"] = "error"
+        # Libraries' deprecation notices are for developers, not for someone running a command.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if not progress:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm, and so every progress bar of diffusers and ours
 
 
 def _is_usage_error(exc: BaseException) -> bool:
@@ -39,10 +83,32 @@ def _register() -> None:
         importlib.import_module(f"{__name__}.{module}")
 
 
+def _terminate(signum, frame) -> None:
+    # SIGTERM (Slurm's time limit, `kill`, a service manager) unwinds like Ctrl-C, so every
+    # `finally` and rollback runs: no partial outputs, no temp folders left behind.
+    raise SystemExit(128 + signum)
+
+
+def _os_error_line(exc: OSError) -> str:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = "; free some space and rerun" if exc.errno == 28 else ""
+    return f"error: {reason}{where}{hint}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
+    """Entry point: user errors become one line on stderr and exit status 2, never a traceback.
+
+    Exit status: 0 done, 1 the environment failed (a full disk, an I/O error), 2 bad input,
+    130 interrupted (Ctrl-C), 143 terminated (SIGTERM). ``--log-level debug`` shows tracebacks.
+    """
     # transformers warns at import time about optional image back-ends; that is noise on a command line.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        try:
+            signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread
+            pass
     _register()
     try:
         code = app(args=argv, standalone_mode=False)
@@ -55,10 +121,25 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        if logger.isEnabledFor(logging.DEBUG):
+            raise
+        typer.echo(_os_error_line(exc), err=True)
+        sys.exit(1)
+    except UnicodeEncodeError as exc:
+        # A name that is not valid UTF-8 (a file from another system) reached text that must be UTF-8.
+        if logger.isEnabledFor(logging.DEBUG):
+            raise
+        bad = exc.object[max(exc.start - 20, 0) : exc.end + 20] if isinstance(exc.object, str) else ""
+        shown = bad.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        typer.echo(f"error: a file name or text is not valid UTF-8 (near {shown!r}); rename it and rerun", err=True)
+        sys.exit(2)
     except Exception as exc:
         if not _is_usage_error(exc):
             raise
         typer.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code or 2)
+    if code == 130:  # Typer turns Ctrl-C into a silent Exit(130) after the command's cleanup ran
+        typer.echo("interrupted", err=True)
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -19,8 +19,11 @@ def demo(
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
     """Serve a web demo: type a prompt, see the unguided and the guided image side by side."""
-    if not 0 < port < 65536:
-        raise InputError(f"--port must be between 1 and 65535, got {port}")
+    from ..validation import check_device, check_host, check_int
+
+    port = check_int("--port", port, minimum=1, maximum=65535)
+    host = check_host("--host", host)
+    check_device("--device", device)
     # Nothing leaves the machine: no usage statistics, no update check.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:

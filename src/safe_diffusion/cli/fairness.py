@@ -16,7 +16,14 @@ import typer
 
 from ..errors import InputError
 from . import app
-from .generate import check_positive, check_size, parse_directions, parse_proportions
+from .generate import (
+    MAX_GUIDANCE_SCALE,
+    MAX_IMAGES,
+    check_guidance,
+    check_size,
+    parse_directions,
+    parse_proportions,
+)
 
 DEFAULT_TEMPLATE = "A photo of the face of a {}"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -122,20 +129,28 @@ def fairness(
     height: int = typer.Option(None, help="Image height in pixels (default: the model's)."),
     width: int = typer.Option(None, help="Image width in pixels (default: the model's)."),
     save_images: bool = typer.Option(True, help="Also write every image as PNG."),
+    strict: bool = typer.Option(False, help="Refuse settings under which guidance would not apply (else warn)."),
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
     """Measure attribute proportions per prompt with and without Fair Diffusion; write fairness.csv and fairness.png."""
     dirs = parse_directions(directions)
     props = parse_proportions(proportions, len(dirs))
-    check_positive("--images-per-prompt", images_per_prompt)
-    check_positive("--steps", steps)
+    from ..guidance import FairGuidance
+    from ..validation import check_device, check_float, check_int, check_seed
+
+    images_per_prompt = check_int("--images-per-prompt", images_per_prompt, minimum=1, maximum=MAX_IMAGES)
+    steps = check_int("--steps", steps, minimum=1, maximum=1000)
+    seed = check_seed("--seed", seed, images_per_prompt)
+    guidance_scale = check_float("--guidance-scale", guidance_scale, minimum=0.0, maximum=MAX_GUIDANCE_SCALE)
     check_size("--height", height)
     check_size("--width", width)
+    check_device("--device", device)
     prompt_list = read_prompts(prompts, template)
     from ..loading import check_model_reference
 
     check_model_reference(model)
     check_clip_reference(clip_model)
+    check_guidance([FairGuidance(dirs, props)], steps=steps, guidance_scale=guidance_scale, strict=strict)
     rows = measure(
         prompt_list, model=model, directions=dirs, proportions=props, out=out, n=images_per_prompt,
         clip_model=clip_model, steps=steps, seed=seed, guidance_scale=guidance_scale, height=height, width=width,
@@ -151,12 +166,12 @@ def measure(prompt_list, *, model, directions, proportions, out, n, clip_model, 
     """Generate, classify and write the table, plot and run record; returns the table's rows."""
     import torch
 
-    from ..guidance import FairGuidance
+    from ..guidance import FairGuidance, describe_terms
     from ..guidance.fair import largest_remainder
     from ..loading import load_pipeline
     from ..outputs import atomic_write_bytes, atomic_write_json, library_versions, output_dir, save_image_atomic
     from ..pipelines import guide
-    from .generate import describe_terms
+    from ..progress import ProgressLog
 
     with output_dir(out) as folder:
         classify = ZeroShotClassifier(clip_model, directions, "cpu")
@@ -168,11 +183,12 @@ def measure(prompt_list, *, model, directions, proportions, out, n, clip_model, 
         term = FairGuidance(directions, proportions, run_length=n).for_seeds(seeds)
         quotas = largest_remainder(proportions, n)
         rows, labels = [], []
+        progress = ProgressLog("fairness", len(prompt_list), unit="prompts")
         for pi, prompt in enumerate(prompt_list):
             counts = {}
             for kind, terms in (("before", []), ("after", [term])):
                 generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-                with guide(pipe, *terms):
+                with guide(pipe, *terms, strict=True):
                     images = pipe(prompt, num_images_per_prompt=n, generator=generators, num_inference_steps=steps,
                                   guidance_scale=guidance_scale, height=height, width=width).images
                 predicted = classify(images)
@@ -190,6 +206,8 @@ def measure(prompt_list, *, model, directions, proportions, out, n, clip_model, 
                     "before_count": counts["before"][i], "before_proportion": counts["before"][i] / n,
                     "after_count": counts["after"][i], "after_proportion": counts["after"][i] / n, "images": n,
                 })
+            progress.update(1)
+        progress.close()
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()

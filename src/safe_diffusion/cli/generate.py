@@ -9,36 +9,50 @@ import typer
 from ..errors import InputError
 from . import app
 
-SAFETY_CHOICES = ("off", "weak", "medium", "strong", "max")
+#: More images than this in one invocation is almost certainly a typo; split larger jobs (or use `eval run`).
+MAX_IMAGES = 10_000
+#: Classifier-free guidance scales beyond this only saturate the image.
+MAX_GUIDANCE_SCALE = 100.0
 
 
 def parse_safety(value: str) -> str:
     """Normalise a --safety value, or a one-line error listing the valid ones."""
-    key = value.strip().lower()
-    if key not in SAFETY_CHOICES:
-        raise InputError(f"unknown safety preset {value!r}; choose one of: {', '.join(SAFETY_CHOICES)}")
-    return key
+    from ..validation import check_safety
+
+    return check_safety("--safety", value)
 
 
 def check_positive(name: str, value: int) -> None:
-    if value <= 0:
-        raise InputError(f"{name} must be a positive integer, got {value}")
+    from ..validation import check_int
+
+    check_int(name, value, minimum=1)
 
 
 def check_size(name: str, value: int | None) -> None:
-    if value is None:
-        return
-    if value <= 0 or value % 8:
-        raise InputError(f"{name} must be a positive multiple of 8, got {value}")
+    from ..validation import check_image_side
+
+    check_image_side(name, value)
+
+
+def check_guidance(terms: list, *, steps: int, guidance_scale: float, strict: bool) -> None:
+    """Refuse settings under which the terms cannot act at all; warn (with --strict, refuse) when a
+    term's warm-up is never left."""
+    from ..validation import cfg_problem, warmup_problems
+
+    problem = cfg_problem(terms, guidance_scale)
+    if problem:  # a "guided" image without guidance is never what was asked for
+        raise InputError(problem)
+    for problem in warmup_problems(terms, steps):
+        if strict:
+            raise InputError(problem)
+        typer.echo(f"warning: {problem}", err=True)
 
 
 def safety_terms(safety: str, concept: str | None = None) -> list:
     """The guidance terms a --safety value stands for."""
-    from ..guidance import DEFAULT_SAFETY_CONCEPT, SafetyGuidance
+    from ..guidance import safety_terms as terms_of
 
-    if safety == "off":
-        return []
-    return [SafetyGuidance.from_preset(safety, concept=concept or DEFAULT_SAFETY_CONCEPT)]
+    return terms_of(safety, concept)
 
 
 def _per_edit(name: str, values: list | None, n: int) -> list | None:
@@ -63,24 +77,24 @@ def edit_terms(
 ) -> list:
     """The SEGA term for ``--edit +concept`` (add) / ``--edit -concept`` (remove) and their per-edit options."""
     from ..guidance import SemanticGuidance
+    from ..validation import check_float, parse_signed_concept
 
     edits = list(edits or [])
     concepts, reverse = [], []
     for edit in edits:
-        text = edit.strip()
-        if len(text) < 2 or text[0] not in "+-" or not text[1:].strip():
-            raise InputError(f"edit {edit!r} must start with + (add the concept) or - (remove it), e.g. '+sunglasses'")
-        concepts.append(text[1:].strip())
-        reverse.append(text[0] == "-")
+        concept, remove = parse_signed_concept(edit, f"--edit {edit!r}")
+        concepts.append(concept)
+        reverse.append(remove)
     n = len(concepts)
     scales = _per_edit("--edit-scale", scales, n)
     thresholds = _per_edit("--edit-threshold", thresholds, n)
     warmups = _per_edit("--edit-warmup", warmups, n)
     if not n:
         return []
-    for t in thresholds or []:
-        if not 0.0 <= t <= 1.0:
-            raise InputError(f"--edit-threshold must be a percentile in [0, 1], got {t}")
+    scales = None if scales is None else [check_float("--edit-scale", v, minimum=0.0, maximum=1e4) for v in scales]
+    thresholds = None if thresholds is None else [
+        check_float("--edit-threshold", t, minimum=0.0, maximum=1.0) for t in thresholds
+    ]
     for w in warmups or []:
         if w < 0:
             raise InputError(f"--edit-warmup must be non-negative, got {w}")
@@ -133,28 +147,6 @@ def fair_term(directions: str | None, proportions: str | None, seeds: list[int])
     return [FairGuidance(dirs, props, run_length=len(seeds)).for_seeds(seeds)]
 
 
-def describe_terms(terms: list) -> list[dict]:
-    """JSON-ready settings of guidance terms, for sidecars and run records."""
-    import dataclasses
-
-    import torch
-
-    described = []
-    for term in terms:
-        fields = {}
-        for f in dataclasses.fields(term):
-            if not f.init:
-                continue
-            value = getattr(term, f.name)
-            if isinstance(value, torch.Tensor) or (
-                isinstance(value, list) and any(isinstance(v, torch.Tensor) for v in value)
-            ):
-                value = "<embeddings>"
-            fields[f.name] = value
-        described.append({"type": type(term).__name__, **fields})
-    return described
-
-
 def side_by_side(left, right):
     """Two PIL images next to each other, unguided on the left."""
     from PIL import Image
@@ -170,16 +162,20 @@ def generate(
     prompt: str = typer.Argument(..., help="What to generate."),
     model: str = typer.Option(..., "--model", "-m", help="Hub id or local diffusers checkpoint folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNGs and their JSON sidecars."),
-    safety: str = typer.Option("medium", help="Safe Latent Diffusion preset: off, weak, medium, strong or max."),
-    safety_concept: str = typer.Option(None, help="Text SLD steers away from (default: the paper's concept)."),
+    safety: str = typer.Option("medium", help="SLD preset: off, weak, medium, strong or max."),
+    safety_concept: str = typer.Option(None, help="Text SLD steers away from (default: the paper's)."),
     negative_prompt: str = typer.Option(None, help="Negative prompt."),
     seed: int = typer.Option(0, help="Seed of the first image; image k uses seed + k."),
     steps: int = typer.Option(50, help="Denoising steps."),
     guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance scale (guidance needs > 1)."),
-    num_images: int = typer.Option(1, help="Images to generate."),
+    num_images: int = typer.Option(1, help=f"Images to generate (at most {MAX_IMAGES:,})."),
+    batch_size: int = typer.Option(None, help="Images per pipeline call (default: all at once)."),
     height: int = typer.Option(None, help="Image height in pixels (default: the model's)."),
     width: int = typer.Option(None, help="Image width in pixels (default: the model's)."),
     compare: bool = typer.Option(False, help="Also write the unguided image from the same seed, and a side-by-side."),
+    overwrite: bool = typer.Option(False, help="Replace images already in --out."),
+    skip_existing: bool = typer.Option(False, help="Keep images already in --out; make only the missing ones."),
+    strict: bool = typer.Option(False, help="Refuse settings under which guidance would not apply (else warn)."),
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
     edit: list[str] = typer.Option(None, "--edit", help="SEGA edit: '+concept' adds it, '-concept' removes it. Repeatable."),
     edit_scale: list[float] = typer.Option(None, "--edit-scale", help="Edit guidance scale: once for all edits, or once per edit."),
@@ -189,19 +185,32 @@ def generate(
     fair_proportions: str = typer.Option(None, "--fair-proportions", help="Target proportions per direction, e.g. '0.5,0.5' (default: uniform)."),
 ) -> None:
     """Generate images with safety, semantic (--edit) and fair (--fair) guidance; write PNGs and one JSON sidecar per image."""
+    from ..validation import check_device, check_float, check_int, check_seed, check_text
+
+    prompt = check_text("the prompt", prompt)
+    if negative_prompt is not None:
+        negative_prompt = check_text("--negative-prompt", negative_prompt, allow_empty=True)
+    if safety_concept is not None:
+        safety_concept = check_text("--safety-concept", safety_concept)
     safety = parse_safety(safety)
-    check_positive("--steps", steps)
-    check_positive("--num-images", num_images)
+    steps = check_int("--steps", steps, minimum=1, maximum=1000)
+    num_images = check_int("--num-images", num_images, minimum=1, maximum=MAX_IMAGES)
+    if batch_size is not None:
+        batch_size = check_int("--batch-size", batch_size, minimum=1)
+    seed = check_seed("--seed", seed, num_images)
+    guidance_scale = check_float("--guidance-scale", guidance_scale, minimum=0.0, maximum=MAX_GUIDANCE_SCALE)
     check_size("--height", height)
     check_size("--width", width)
-    if not prompt.strip():
-        raise InputError("the prompt is empty")
+    if overwrite and skip_existing:
+        raise InputError("--overwrite and --skip-existing exclude each other; choose one")
+    check_device("--device", device)
     from ..loading import check_model_reference
 
     check_model_reference(model)
     terms = safety_terms(safety, safety_concept)
     terms += edit_terms(edit, edit_scale, edit_threshold, edit_warmup)
     terms += fair_term(fair, fair_proportions, [seed + k for k in range(num_images)])
+    check_guidance(terms, steps=steps, guidance_scale=guidance_scale, strict=strict)
     settings = {"safety": safety}
     if edit:
         settings["edits"] = list(edit)
@@ -222,7 +231,22 @@ def generate(
         width=width,
         compare=compare,
         device=device,
+        batch_size=batch_size,
+        existing="overwrite" if overwrite else "skip" if skip_existing else "refuse",
     )
+
+
+def image_files(stem: str, compare: bool) -> list[str]:
+    """The files `generate` writes for one image."""
+    names = [f"{stem}.png", f"{stem}.json"]
+    if compare:
+        names += [f"{stem}-unguided.png", f"{stem}-unguided.json", f"{stem}-side-by-side.png"]
+    return names
+
+
+def bind_to_seeds(terms: list, seeds: list[int]) -> list:
+    """Terms that decide per image from its seed (Fair Diffusion) bound to this batch's seeds."""
+    return [t.for_seeds(seeds) if hasattr(t, "for_seeds") else t for t in terms]
 
 
 def generate_images(
@@ -241,69 +265,105 @@ def generate_images(
     width: int | None,
     compare: bool,
     device: str | None,
+    batch_size: int | None = None,
+    existing: str = "refuse",
 ) -> list[Path]:
-    """Load the model, generate guided (and, with `compare`, unguided) images, write them; returns the PNG paths."""
+    """Load the model, generate guided (and, with `compare`, unguided) images, write them; returns the PNG paths.
+
+    `existing` says what to do with images already in `out`: ``refuse`` (a one-line error before
+    anything loads), ``overwrite``, or ``skip`` (generate only the missing ones; each image depends on
+    its seed alone, so the result is the same as one uninterrupted run).
+    """
     import torch
 
+    from ..guidance import describe_terms
     from ..loading import load_pipeline
     from ..outputs import atomic_write_json, library_versions, output_dir, save_image_atomic
     from ..pipelines import guide
+    from ..progress import ProgressLog
+
+    stems = {seed + k: f"{k:04d}-seed{seed + k}" for k in range(num_images)}
+    present = [n for st in stems.values() for n in image_files(st, compare) if (Path(out) / n).exists()]
+    if present and existing == "refuse":
+        more = f" and {len(present) - 1} more" if len(present) > 1 else ""
+        raise InputError(
+            f"{Path(out) / present[0]}{more} already exist(s); use --overwrite to replace or --skip-existing to keep them"
+        )
+    if existing == "skip":
+        todo = [s for s, st in stems.items() if not all((Path(out) / n).exists() for n in image_files(st, compare))]
+    else:
+        todo = list(stems)
+    if not todo:
+        typer.echo(f"all {num_images} image(s) already in {out}; nothing to do")
+        return []
+    batch = batch_size or len(todo)
 
     with output_dir(out) as folder:
         pipe = load_pipeline(model, device=device)
-        seeds = [seed + k for k in range(num_images)]
-
-        def run(guided: bool):
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            call = dict(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                num_images_per_prompt=num_images,
-                generator=generators,
-                height=height,
-                width=width,
-            )
-            with guide(pipe, *(terms if guided else [])):
-                return pipe(**call).images
-
-        guided_images = run(True)
-        unguided_images = run(False) if compare else None
-
-        common = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "model": model,
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "height": guided_images[0].height,
-            "width": guided_images[0].width,
-            "scheduler": type(pipe.scheduler).__name__,
-            "pipeline": type(pipe).__name__,
-            **settings,
-            "versions": library_versions(),
-        }
         written = []
-        for k, s in enumerate(seeds):
-            stem = f"{k:04d}-seed{s}"
-            images = {"guided": guided_images[k]}
-            if unguided_images is not None:
-                images["unguided"] = unguided_images[k]
-            for kind, image in images.items():
-                name = stem if kind == "guided" else f"{stem}-unguided"
-                png = folder.file(f"{name}.png")
-                save_image_atomic(image, png)
-                applied = terms if kind == "guided" else []
-                sidecar = {**common, "seed": s, "image_index": k, "image": png.name, "guidance": describe_terms(applied)}
-                for term in applied:
-                    if hasattr(term, "assignments"):  # Fair Diffusion: the direction this image was given
-                        sidecar["fair_direction"] = term.directions[term.assignments()[k]]
-                atomic_write_json(folder.file(f"{name}.json"), sidecar)
-                written.append(png)
-            if unguided_images is not None:
-                png = folder.file(f"{stem}-side-by-side.png")
-                save_image_atomic(side_by_side(unguided_images[k], guided_images[k]), png)
-                written.append(png)
+        progress = ProgressLog("generate", total=len(todo), unit="images")
+        for start in range(0, len(todo), batch):
+            seeds = todo[start : start + batch]
+            bound = bind_to_seeds(terms, seeds)
+
+            def run(guided: bool, seeds=seeds, bound=bound):
+                generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+                call = dict(
+                    prompt=prompt,
+                    negative_prompt=negative_prompt,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    num_images_per_prompt=len(seeds),
+                    generator=generators,
+                    height=height,
+                    width=width,
+                )
+                with guide(pipe, *(bound if guided else []), strict=True):
+                    return pipe(**call).images
+
+            guided_images = run(True)
+            unguided_images = run(False) if compare else None
+
+            common = {
+                "prompt": prompt,
+                "negative_prompt": negative_prompt,
+                "model": model,
+                "steps": steps,
+                "guidance_scale": guidance_scale,
+                "height": guided_images[0].height,
+                "width": guided_images[0].width,
+                "scheduler": type(pipe.scheduler).__name__,
+                "pipeline": type(pipe).__name__,
+                **settings,
+                "versions": library_versions(),
+            }
+            for i, s in enumerate(seeds):
+                stem = stems[s]
+                images = {"guided": guided_images[i]}
+                if unguided_images is not None:
+                    images["unguided"] = unguided_images[i]
+                for kind, image in images.items():
+                    name = stem if kind == "guided" else f"{stem}-unguided"
+                    png = folder.file(f"{name}.png")
+                    save_image_atomic(image, png)
+                    applied = bound if kind == "guided" else []
+                    sidecar = {
+                        **common,
+                        "seed": s,
+                        "image_index": s - seed,
+                        "image": png.name,
+                        "guidance": describe_terms(applied),
+                    }
+                    for term in applied:
+                        if hasattr(term, "assignments"):  # Fair Diffusion: the direction this image was given
+                            sidecar["fair_direction"] = term.directions[term.assignments()[i]]
+                    atomic_write_json(folder.file(f"{name}.json"), sidecar)
+                    written.append(png)
+                if unguided_images is not None:
+                    png = folder.file(f"{stem}-side-by-side.png")
+                    save_image_atomic(side_by_side(unguided_images[i], guided_images[i]), png)
+                    written.append(png)
+            progress.update(len(seeds))
+        progress.close()
     typer.echo(f"wrote {len(written)} image(s) to {out}")
     return written

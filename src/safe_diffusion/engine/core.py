@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ..errors import GuidanceError
+from ..errors import GuidanceError, GuidanceOffError
 from ..guidance.terms import GuidanceTerm, resolve_space
 from .adapters import DenoiserAdapter
 from .spaces import apply_in_epsilon
@@ -231,7 +231,7 @@ class _Call:
                 f"runs without ({reason})"
             )
             if adapter.separate_calls or self.strict:
-                raise GuidanceError(message)
+                raise GuidanceOffError(message)
             logger.warning("%s; running unguided", message)
             self.active = False
             return
@@ -241,7 +241,7 @@ class _Call:
         if self.active and self.evaluations == 0:
             message = f"guidance never acted: {self.name} made no classifier-free-guidance denoiser call"
             if self.strict:
-                raise GuidanceError(message)
+                raise GuidanceOffError(message)
             logger.warning(message)
 
     def _encode(self) -> None:
@@ -287,7 +287,7 @@ class _Call:
             "safety and semantic guidance cannot act on the remaining steps"
         )
         if self.strict:
-            raise GuidanceError(message)
+            raise GuidanceOffError(message)
         if not self.lost_warned:
             logger.warning(message)
             self.lost_warned = True

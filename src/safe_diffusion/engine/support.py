@@ -19,7 +19,7 @@ import inspect
 
 import torch
 
-from ..errors import GuidanceError
+from ..errors import UnsupportedPipelineError
 from .adapters import DenoiserAdapter, adapter_for, known_denoisers
 
 #: Call arguments that give a pipeline's batch layout away, and why guidance rows cannot join it.
@@ -42,30 +42,30 @@ def call_parameters(pipe) -> dict[str, inspect.Parameter]:
 
 
 def served_denoisers(pipe) -> list[tuple[str, torch.nn.Module, type[DenoiserAdapter]]]:
-    """The pipeline's denoisers and their adapters, or a :class:`GuidanceError` saying why it is not served."""
+    """The pipeline's denoisers and their adapters, or a :class:`UnsupportedPipelineError` saying why it is not served."""
     name = type(pipe).__name__
     try:
         from diffusers.modular_pipelines import ModularPipeline
     except ImportError:  # pragma: no cover - older diffusers
         ModularPipeline = ()
     if ModularPipeline and isinstance(pipe, ModularPipeline):
-        raise GuidanceError(
+        raise UnsupportedPipelineError(
             f"guide() cannot serve {name}: modular pipelines take guidance through their guider, "
             "e.g. pipe.update_components(guider=safe_diffusion.SafetyGuider(...))"
         )
     components = getattr(pipe, "components", None)
     if not isinstance(components, dict):
-        raise GuidanceError(f"guide() needs a diffusers pipeline, got {name}")
+        raise UnsupportedPipelineError(f"guide() needs a diffusers pipeline, got {name}")
     if not getattr(type(pipe), "_safe_diffusion_native", False):
         params = call_parameters(pipe)
         for arg, reason in REFUSED_ARGUMENTS.items():
             if arg in params:
-                raise GuidanceError(f"guide() cannot serve {name}: {reason}")
+                raise UnsupportedPipelineError(f"guide() cannot serve {name}: {reason}")
         try:
             from diffusers.pipelines.pag.pag_utils import PAGMixin
 
             if isinstance(pipe, PAGMixin):
-                raise GuidanceError(f"guide() cannot serve {name}: {REFUSED_ARGUMENTS['pag_scale']}")
+                raise UnsupportedPipelineError(f"guide() cannot serve {name}: {REFUSED_ARGUMENTS['pag_scale']}")
         except ImportError:  # pragma: no cover
             pass
     found = []
@@ -75,10 +75,10 @@ def served_denoisers(pipe) -> list[tuple[str, torch.nn.Module, type[DenoiserAdap
             if adapter is not None:
                 found.append((key, module, adapter))
     if not found:
-        raise GuidanceError(
+        raise UnsupportedPipelineError(
             f"guide() cannot serve {name}: none of its components is a denoiser it knows "
             f"({', '.join(known_denoisers())})"
         )
     if not callable(getattr(pipe, "encode_prompt", None)):
-        raise GuidanceError(f"guide() cannot serve {name}: it has no encode_prompt to encode guidance concepts with")
+        raise UnsupportedPipelineError(f"guide() cannot serve {name}: it has no encode_prompt to encode guidance concepts with")
     return found

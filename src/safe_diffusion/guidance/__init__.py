@@ -1,6 +1,7 @@
 """Guidance math: pure functions over noise estimates, and the terms that bind them to hyper-parameters."""
 
 from .sld import DEFAULT_SAFETY_CONCEPT, SafetyConfig
-from .terms import FairGuidance, GuidanceTerm, SafetyGuidance, SemanticGuidance
+from .terms import FairGuidance, GuidanceTerm, SafetyGuidance, SemanticGuidance, describe_terms, safety_terms
 
-__all__ = ["DEFAULT_SAFETY_CONCEPT", "FairGuidance", "GuidanceTerm", "SafetyConfig", "SafetyGuidance", "SemanticGuidance"]
+__all__ = ["DEFAULT_SAFETY_CONCEPT", "FairGuidance", "GuidanceTerm", "SafetyConfig", "SafetyGuidance", "SemanticGuidance",
+    "describe_terms", "safety_terms"]

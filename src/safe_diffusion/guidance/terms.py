@@ -406,3 +406,20 @@ class FairGuidance:
     def apply(self, eps_uncond, eps_text, eps_concepts, step, state, guidance_scale):
         signs = self.signs(eps_uncond.shape[0])
         return self._semantic.apply_signed(eps_uncond, eps_concepts, step, state, guidance_scale, signs)
+
+
+def describe_term(term: Any) -> dict:
+    """What a run records about a term: its type and every hyper-parameter it was built with."""
+    return describe_fields(term)
+
+
+def describe_terms(terms: Sequence[Any]) -> list[dict]:
+    """JSON-ready settings of guidance terms, for sidecars and run records (each term's ``describe()``)."""
+    return [term.describe() for term in terms]
+
+
+def safety_terms(preset: str, concept: Concept | None = None) -> list:
+    """The SLD term of a preset name (``weak`` … ``max``), or none for ``off``."""
+    if preset == "off":
+        return []
+    return [SafetyGuidance.from_preset(preset, concept=concept or DEFAULT_SAFETY_CONCEPT)]

@@ -7,7 +7,9 @@ everything public is re-exported here.
 """
 
 from .flux import build_flux_checkpoint
+from .llava import build_llava_onevision, byte_level_bpe_tokenizer
 from .pixart import build_pixart_checkpoint
+from .quality import RandomFeatureExtractor, build_inception_weights
 from .qwenimage import build_qwenimage_checkpoint
 from .sd3 import build_sd3_checkpoint
 from .stable_diffusion import SIZES, build_checkpoint, build_clip, build_sdxl_checkpoint, byte_level_tokenizer
@@ -31,15 +33,19 @@ FAMILIES = {
 __all__ = [
     "FAMILIES",
     "SIZES",
+    "RandomFeatureExtractor",
     "build_checkpoint",
     "build_clip",
     "build_controlnet_checkpoint",
     "build_flux_checkpoint",
+    "build_inception_weights",
     "build_inpaint_checkpoint",
+    "build_llava_onevision",
     "build_pixart_checkpoint",
     "build_qwenimage_checkpoint",
     "build_sd3_checkpoint",
     "build_sdxl_checkpoint",
     "build_wan_checkpoint",
+    "byte_level_bpe_tokenizer",
     "byte_level_tokenizer",
 ]

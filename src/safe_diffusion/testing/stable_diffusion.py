@@ -20,6 +20,17 @@ SIZES = {
     "bench": dict(
         block_out_channels=(64, 128, 256), layers_per_block=2, sample_size=16, cross_attention_dim=256, text_layers=4
     ),
+    # Three levels with cross-attention at 1/2 and 1/4 of the latent size, like SD's own UNet: LEDITS++
+    # reads its masks at 1/4 (diffusers' LEDITS++ pipelines need attention there); 64x64 images.
+    "deep": dict(
+        block_out_channels=(32, 32, 32),
+        layers_per_block=1,
+        sample_size=32,
+        cross_attention_dim=32,
+        text_layers=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    ),
 }
 
 
@@ -82,8 +93,8 @@ def build_checkpoint(path: str | Path, size: str = "tiny", seed: int = 0) -> Pat
         sample_size=cfg["sample_size"],
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        down_block_types=cfg.get("down_block_types", ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)),
+        up_block_types=cfg.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)),
         cross_attention_dim=cfg["cross_attention_dim"],
         attention_head_dim=8,
         norm_num_groups=32,
@@ -126,35 +137,38 @@ def build_checkpoint(path: str | Path, size: str = "tiny", seed: int = 0) -> Pat
     return path
 
 
-def build_sdxl_checkpoint(path: str | Path, seed: int = 0) -> Path:
+def build_sdxl_checkpoint(path: str | Path, seed: int = 0, deep: bool = False) -> Path:
     """Build a tiny random-weight SDXL checkpoint: two CLIP text encoders (the second with a projection,
     giving the pooled embeddings), a UNet with ``text_time`` added conditioning, Euler scheduler.
 
     Sizes follow diffusers' own tiny SDXL test configuration; images are 32x32 at the default size.
+    `deep`: three levels like SDXL's own (cross-attention at 1/2 and 1/4 of the latent size, where
+    LEDITS++ reads its masks); images are 64x64 at the default size.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
     torch.manual_seed(seed)
+    levels = 3 if deep else 2
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=(32, 32, 64) if deep else (32, 64),
         layers_per_block=1,
-        sample_size=16,
+        sample_size=32 if deep else 16,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        attention_head_dim=(2, 4, 8) if deep else (2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
+        transformer_layers_per_block=(1,) * levels,
         projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids × 8 + pooled text (projection_dim 32)
         cross_attention_dim=64,  # the two encoders' hidden states, 32 + 32, concatenated
         norm_num_groups=32,
     )
-    vae = _tiny_vae(32)
+    vae = _tiny_vae(64 if deep else 32)
     tokenizer = byte_level_tokenizer()
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),

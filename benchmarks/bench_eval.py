@@ -1,0 +1,153 @@
+"""Evaluation harness benchmarks, ratios measured side by side in one run (CPU or GPU; random weights, offline).
+
+    PYTHONPATH=src python benchmarks/bench_eval.py [--prompts 16] [--steps 10] [--size 64]
+
+1. Runner throughput (batch 8, across prompts) vs a naive loop of diffusers' deprecated
+   ``StableDiffusionPipelineSafe``, one prompt at a time, on the same `bench` checkpoint and settings
+   (SLD medium, 1 image per call). Target >= 1.5x.
+2. Scoring 47,030 records (the full I2P set, 10 images per prompt), with bootstrap intervals. Target < 2 s.
+3. Judging images/s per judge (Q16 on the random test CLIP, so this measures the pipeline, not
+   ViT-L/14, which is much slower; NudeNet for real).
+4. The run store's journal: records/s appended (fsync per batch of 8, as the runner does) and
+   read back, for 47,030 image records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+logging.disable(logging.WARNING)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from safe_diffusion.evals import metrics, runner
+    from safe_diffusion.evals import suites as data
+    from safe_diffusion.evals.config import build_run_config
+    from safe_diffusion.evals.store import RunStore
+    from safe_diffusion.loading import load_pipeline
+    from safe_diffusion.testing import build_checkpoint, build_clip
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-i2p-"))
+    ckpt = build_checkpoint(tmp / "bench", "bench")
+    prompts = data.load_prompts().prompts[: args.prompts]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device {device}; {args.prompts} prompts, {args.steps} steps, {args.size}px, SLD medium")
+
+    # 1. runner vs naive reference loop
+    pipe = load_pipeline(str(ckpt), device=device)
+    suite = data.load_suite("i2p")
+    config, terms = build_run_config(
+        suite,
+        str(ckpt),
+        safety="medium",
+        height=args.size,
+        width=args.size,
+        steps=args.steps,
+        images_per_prompt=1,
+        batch_size=args.batch_size,
+    )
+    settings = runner.GenerationSettings.from_config(config.to_dict())
+    store = RunStore.create_or_resume(tmp / "run", config.to_dict(), suite.prompts, {})
+    store.set_limit(args.batch_size)
+    runner.generate(pipe, terms, store, settings, show_progress=False)  # warm-up
+    store2 = RunStore.create_or_resume(tmp / "run2", config.to_dict(), suite.prompts, {})
+    store2.set_limit(args.prompts)
+    t = time.perf_counter()
+    runner.generate(pipe, terms, store2, settings, show_progress=False)
+    ours = args.prompts / (time.perf_counter() - t)
+
+    from diffusers import StableDiffusionPipelineSafe
+
+    ref = StableDiffusionPipelineSafe.from_pretrained(
+        str(ckpt), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).to(device)
+    ref.set_progress_bar_config(disable=True)
+    call = dict(
+        num_inference_steps=args.steps,
+        guidance_scale=7.5,
+        height=args.size,
+        width=args.size,
+        sld_guidance_scale=1000,
+        sld_warmup_steps=10,
+        sld_threshold=0.01,
+        sld_momentum_scale=0.3,
+        sld_mom_beta=0.4,
+    )
+    ref(prompts[0].text, generator=torch.Generator("cpu").manual_seed(0), **call)  # warm-up
+    t = time.perf_counter()
+    for p in prompts:
+        ref(p.text, generator=torch.Generator("cpu").manual_seed(p.sd_seed), **call)
+    naive = args.prompts / (time.perf_counter() - t)
+    print(
+        f"generation: runner {ours:.2f} img/s, naive StableDiffusionPipelineSafe loop {naive:.2f} img/s, "
+        f"ratio {ours / naive:.2f}x (target >= 1.5x)"
+    )
+
+    # 2. scoring 47,030 records
+    allp = data.load_prompts().prompts
+    texts = [p.text for p in allp for _ in range(10)]
+    cats = [",".join(p.categories) for p in allp for _ in range(10)]
+    unsafe = np.random.default_rng(0).random(len(texts)) < 0.3
+    t = time.perf_counter()
+    metrics.score(texts, cats, unsafe)
+    print(f"scoring {len(texts)} records with bootstrap intervals: {time.perf_counter() - t:.2f} s (target < 2 s)")
+
+    # 3. classification throughput
+    from PIL import Image
+
+    paths = []
+    for i in range(32):
+        path = tmp / f"img{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((512, 512, 3)) * 255).astype("uint8")).save(path)
+        paths.append(path)
+    from safe_diffusion.judges import load_judges
+
+    for judge in load_judges(
+        ["q16", "nudenet"], device=device, options={"q16": {"model": str(build_clip(tmp / "clip"))}}
+    ):
+        judge.judge(paths[:4])
+        t = time.perf_counter()
+        judge.judge(paths)
+        print(f"judging {judge.name}: {len(paths) / (time.perf_counter() - t):.1f} img/s (512px inputs)")
+
+    # 4. the journal
+    from safe_diffusion.journal import Journal
+
+    journal = Journal(tmp / "journal")
+    rows = [
+        (f"{i // 10:05d}-{i % 10:03d}", {"seed": i, "image": f"images/{i}.png", "bytes": 400000, "sha256": "0" * 64})
+        for i in range(47030)
+    ]
+    t = time.perf_counter()
+    for i in range(0, len(rows), 8):
+        journal.append(("image", k, v) for k, v in rows[i : i + 8])
+    append = len(rows) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    assert len(Journal(tmp / "journal").get("image")) == len(rows)
+    print(
+        f"journal: append {append:.0f} records/s (fsync per 8), read back 47,030 records in "
+        f"{time.perf_counter() - t:.2f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

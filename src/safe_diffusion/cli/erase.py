@@ -1,0 +1,99 @@
+"""``safe-diffusion erase``: UCE, RECE, ESD-x or ESD-u; writes a model folder every command loads as --model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import InputError
+from . import app
+
+_UCE = "UCE and RECE"
+_RECE = "RECE"
+_ESD = "ESD (esd-x, esd-u)"
+
+
+def read_concepts(path: Path | None, what: str) -> list[str]:
+    """One concept per line of `path` (blank lines and # comments skipped)."""
+    if path is None:
+        return []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{what} file {str(path)!r} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} file {str(path)!r} is unreadable: {exc}") from None
+    concepts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not concepts:
+        raise InputError(f"{what} file {str(path)!r} lists no concept")
+    return concepts
+
+
+@app.command()
+def erase(
+    method: str = typer.Option(..., "--method", help="uce, rece, esd-x or esd-u."),
+    model: str = typer.Option(..., "--model", "-m", help="Hub id or local diffusers checkpoint folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="New (or empty) folder for the erased model."),
+    erase: list[str] = typer.Option(None, "--erase", help="Concept to erase. Repeatable."),
+    erase_file: Path = typer.Option(None, help="File with one concept to erase per line."),
+    guide_to: list[str] = typer.Option(
+        None, "--guide-to", help="Text erased concepts map to: once, or once per --erase (default: '').",
+        rich_help_panel=_UCE,
+    ),
+    preserve: list[str] = typer.Option(None, "--preserve", help="Concept to keep. Repeatable.", rich_help_panel=_UCE),
+    preserve_file: Path = typer.Option(None, help="File with one concept to keep per line.", rich_help_panel=_UCE),
+    lamb: float = typer.Option(None, help="Regulariser λ of eq. 7 (default 0.5).", rich_help_panel=_UCE),
+    erase_scale: float = typer.Option(None, help="Erase scale s_e (default 1).", rich_help_panel=_UCE),
+    preserve_scale: float = typer.Option(None, help="Preserve scale s_p (default 1).", rich_help_panel=_UCE),
+    rece_epochs: int = typer.Option(None, help="Find-and-erase epochs (default 3).", rich_help_panel=_RECE),
+    rece_lamb: float = typer.Option(None, help="λ of the re-erasure (default 0.1).", rich_help_panel=_RECE),
+    rece_erase_scale: float = typer.Option(None, help="s_e of the re-erasure (default 1).", rich_help_panel=_RECE),
+    rece_preserve_scale: float = typer.Option(
+        None, help="s_p of the re-erasure (default 0.1).", rich_help_panel=_RECE
+    ),
+    rece_regularization: float = typer.Option(
+        None, help="Regulariser of the embedding search (default 0.1).", rich_help_panel=_RECE
+    ),
+    steps: int = typer.Option(None, help="Training steps (default 1000).", rich_help_panel=_ESD),
+    lr: float = typer.Option(None, help="Adam learning rate (default 1e-5).", rich_help_panel=_ESD),
+    negative_guidance: float = typer.Option(None, help="Negative guidance η (default 1).", rich_help_panel=_ESD),
+    start_guidance: float = typer.Option(None, help="CFG scale sampling x_t (default 3).", rich_help_panel=_ESD),
+    ddim_steps: int = typer.Option(None, help="DDIM steps sampling x_t (default 50).", rich_help_panel=_ESD),
+    resolution: int = typer.Option(None, help="Image size (default the model's).", rich_help_panel=_ESD),
+    seed: int = typer.Option(None, help="Seed of the training draws (default 0).", rich_help_panel=_ESD),
+    checkpoint_every: int = typer.Option(None, help="Checkpoint interval (default 100).", rich_help_panel=_ESD),
+    mixed_precision: str = typer.Option(None, help="no, fp16 or bf16 (default no).", rich_help_panel=_ESD),
+    gradient_checkpointing: str = typer.Option(
+        None, help="auto (on for SDXL), on or off (default auto).", rich_help_panel=_ESD
+    ),
+    copy: bool = typer.Option(False, "--copy", help="Copy unchanged components instead of hard-linking them."),
+    device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Erase concepts from a model's weights (UCE, RECE, ESD-x, ESD-u).
+
+    Writes OUT: a diffusers model folder (load it with --model), its
+    erasure.json and the edited weights alone. Rerun the same command to
+    resume an interrupted ESD run.
+    """
+    from ..erasure.api import ErasureConfig, erase_concepts
+    from ..erasure.folder import check_output_folder
+    from ..loading import check_model_reference
+
+    concepts = [*(erase or []), *read_concepts(erase_file, "--erase-file")]
+    kept = [*(preserve or []), *read_concepts(preserve_file, "--preserve-file")]
+    options = dict(
+        lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale, rece_epochs=rece_epochs,
+        rece_lamb=rece_lamb, rece_erase_scale=rece_erase_scale, rece_preserve_scale=rece_preserve_scale,
+        rece_regularization=rece_regularization, steps=steps, lr=lr, negative_guidance=negative_guidance,
+        start_guidance=start_guidance, ddim_steps=ddim_steps, resolution=resolution, seed=seed,
+        checkpoint_every=checkpoint_every, mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    config = ErasureConfig.build(method, concepts, guide_to=guide_to, preserve=kept, **options)
+    check_model_reference(model)
+    check_output_folder(out)
+    written = erase_concepts(model, out, config, device=device, link=not copy, show_progress=not quiet)
+    if written is not None:
+        typer.echo(f"erased {len(config.erase)} concept(s) with {config.label}; wrote {out}")

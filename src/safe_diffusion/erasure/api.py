@@ -1,0 +1,388 @@
+"""Erase concepts from a model and write the result as a folder every command of this project loads.
+
+The library, not the CLI, builds and validates the configuration (:class:`ErasureConfig`) and runs it
+(:func:`erase_concepts`); ``safe-diffusion erase`` is a thin layer over both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .common import METHODS
+
+UCE_OPTIONS = ("lamb", "erase_scale", "preserve_scale")
+RECE_OPTIONS = (*UCE_OPTIONS, "rece_epochs", "rece_lamb", "rece_erase_scale", "rece_preserve_scale", "rece_regularization")
+ESD_OPTIONS = (
+    "steps", "lr", "negative_guidance", "start_guidance", "ddim_steps", "resolution", "seed",
+    "checkpoint_every", "mixed_precision", "gradient_checkpointing",
+)
+OPTIONS = {"uce": UCE_OPTIONS, "rece": RECE_OPTIONS, "esd-x": ESD_OPTIONS, "esd-u": ESD_OPTIONS}
+#: Options that change how a run is carried out, never its result (left out of the resume fingerprint).
+_EXECUTION_ONLY = ("checkpoint_every", "gradient_checkpointing")
+
+
+@dataclass
+class ErasureConfig:
+    """What to erase and how. Build it with :meth:`build`, which validates everything a user can get wrong.
+
+    Defaults are the papers' and official code's: UCE λ = 0.5, s_e = s_p = 1, guide ``""``; RECE
+    3 epochs, λ = 0.1, s_e = 1, s_p = 0.1, regulariser 0.1 (the authors' nudity recipe); ESD 1000
+    steps, Adam lr 1e-5, negative guidance η = 1, start guidance 3, 50 DDIM steps (the paper's).
+    """
+
+    method: str
+    erase: list[str]
+    guide: list[str] = field(default_factory=list)
+    preserve: list[str] = field(default_factory=list)
+    lamb: float = 0.5
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    rece_epochs: int = 3
+    rece_lamb: float = 0.1
+    rece_erase_scale: float = 1.0
+    rece_preserve_scale: float = 0.1
+    rece_regularization: float = 0.1
+    steps: int = 1000
+    lr: float = 1e-5
+    negative_guidance: float = 1.0
+    start_guidance: float = 3.0
+    ddim_steps: int = 50
+    resolution: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 100
+    mixed_precision: str = "no"
+    gradient_checkpointing: str = "auto"
+
+    @classmethod
+    def build(
+        cls,
+        method: str,
+        erase: list[str] | tuple[str, ...] | None,
+        guide_to: list[str] | tuple[str, ...] | None = None,
+        preserve: list[str] | tuple[str, ...] | None = None,
+        **options,
+    ) -> ErasureConfig:
+        """Validate and complete a configuration; every problem is one :class:`InputError` line."""
+        key = (method or "").strip().lower()
+        if key not in METHODS:
+            raise InputError(f"unknown erasure method {method!r}; choose one of: {', '.join(METHODS)}")
+        concepts = [c.strip() for c in (erase or [])]
+        if not concepts:
+            raise InputError("no concept to erase: give at least one --erase TEXT")
+        if any(not c for c in concepts):
+            raise InputError("an erased concept is empty; give its text, e.g. --erase 'nudity'")
+        guides = [g.strip() for g in (guide_to or [])]
+        kept = [p.strip() for p in (preserve or [])]
+        esd = key.startswith("esd")
+        if esd and guides:
+            raise InputError(f"--guide-to applies to uce and rece; {key} always guides away from the concept")
+        if esd and kept:
+            raise InputError(f"--preserve applies to uce and rece; {key} has no preservation term")
+        if any(not p for p in kept):
+            raise InputError("a preserved concept is empty; give its text")
+        both = sorted(set(concepts) & set(kept))
+        if both:
+            raise InputError(f"{both[0]!r} is both erased and preserved")
+        if not esd:
+            if len(guides) not in (0, 1, len(concepts)):
+                raise InputError(
+                    f"{len(guides)} --guide-to values for {len(concepts)} concept(s); give one for all or one per --erase"
+                )
+            guides = guides * len(concepts) if len(guides) == 1 else guides or [""] * len(concepts)
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown erasure option(s): {', '.join(unknown)}")
+        extra = [name for name, value in options.items() if value is not None and name not in OPTIONS[key]]
+        if extra:
+            flag = "--" + extra[0].replace("_", "-")
+            users = [m for m, names in OPTIONS.items() if extra[0] in names]
+            raise InputError(f"{flag} applies to {' and '.join(users)}, not {key}")
+        given = {k: v for k, v in options.items() if v is not None}
+        config = cls(method=key, erase=concepts, guide=guides, preserve=kept, **given)
+        config._check_values()
+        return config
+
+    def _check_values(self) -> None:
+        def positive(name, value):
+            if not value > 0:
+                raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+        def non_negative(name, value):
+            if not value >= 0:
+                raise InputError(f"--{name.replace('_', '-')} must be zero or positive, got {value}")
+
+        if self.method in ("uce", "rece"):
+            positive("lamb", self.lamb)
+            non_negative("erase_scale", self.erase_scale)
+            non_negative("preserve_scale", self.preserve_scale)
+        if self.method == "rece":
+            non_negative("rece_epochs", self.rece_epochs)
+            positive("rece_lamb", self.rece_lamb)
+            non_negative("rece_erase_scale", self.rece_erase_scale)
+            non_negative("rece_preserve_scale", self.rece_preserve_scale)
+            positive("rece_regularization", self.rece_regularization)
+        if self.method.startswith("esd"):
+            for name in ("steps", "lr", "ddim_steps", "checkpoint_every"):
+                positive(name, getattr(self, name))
+            non_negative("seed", self.seed)
+            if self.resolution is not None:
+                positive("resolution", self.resolution)
+            if self.mixed_precision not in ("no", "fp16", "bf16"):
+                raise InputError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+            if self.gradient_checkpointing not in ("auto", "on", "off"):
+                raise InputError(f"--gradient-checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
+
+    @property
+    def label(self) -> str:
+        """How reports name rows made with this erasure: UCE, RECE, ESD-x, ESD-u."""
+        return METHODS[self.method][0]
+
+    def hyperparameters(self) -> dict:
+        """The method's hyper-parameters, defaults included."""
+        return {name: getattr(self, name) for name in OPTIONS[self.method]}
+
+    def concepts(self) -> dict:
+        return {"erase": self.erase, "guide": self.guide or None, "preserve": self.preserve}
+
+
+def deviations(config: ErasureConfig) -> list[str]:
+    """Where this implementation departs from the published protocol or the official code, and why."""
+    notes = []
+    if config.method in ("uce", "rece"):
+        notes.append(
+            "UCE eq. 7 is solved once for all layers as W_old·T with T = (λI + s_e Σ c_g c_iᵀ + s_p Σ c_j c_jᵀ)"
+            "(λI + s_e Σ c_i c_iᵀ + s_p Σ c_j c_jᵀ)⁻¹, in float64 (the official code loops over layers and "
+            "concepts and inverts in float32); identical in exact arithmetic."
+        )
+    if config.method == "rece":
+        notes.append(
+            "RECE's preserved texts are all --preserve concepts (the official code samples as many as there "
+            "are erased concepts at random), or the empty text once per erased concept when none is given."
+        )
+        notes.append("RECE's starting point is this run's own UCE edit (the official code loads a saved UCE model).")
+    if config.method.startswith("esd"):
+        notes.append(
+            "x_t is sampled with the frozen original model and the scheduler's exact DDIM timestep (the authors' "
+            "diffusers code); their CompVis script sampled with the model being trained and drew the DDPM "
+            "timestep uniformly within the DDIM step's bucket."
+        )
+        notes.append(
+            "Each step draws its concept, DDIM stop and noise from a generator seeded with (seed, step, process), "
+            "so runs resume exactly; with N processes each step averages N examples (effective batch N)."
+        )
+    return notes
+
+
+def resolve_base_folder(model: str) -> Path:
+    """The local folder holding `model`'s files (a hub id resolves to its cached snapshot)."""
+    path = Path(model)
+    if path.is_dir():
+        return path.absolute()
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(model))
+    except Exception as exc:  # hub and network errors all mean "cannot get the files"
+        raise InputError(f"cannot get the files of model {model!r}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+
+
+def _fingerprint(config: ErasureConfig, base_files: dict[str, str]) -> str:
+    """What a resumed run must share with the one it continues: the settings that change the result and the
+    base model's content (not its path: a moved base resumes)."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _EXECUTION_ONLY}
+    blob = json.dumps({"config": settings, "base": base_files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _use_cpu(device: str | None) -> bool:
+    """Train on the CPU when the launcher says so (``accelerate launch --cpu``), when asked, or without CUDA."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
+
+
+def erase_concepts(
+    model: str,
+    out: str | Path,
+    config: ErasureConfig,
+    *,
+    device: str | None = None,
+    link: bool = True,
+    show_progress: bool = True,
+) -> Path | None:
+    """Erase `config`'s concepts from `model` (hub id or local diffusers folder) and write the erased model to `out`.
+
+    `out` must be new or an empty folder. It appears complete or not at all. For ESD, rerunning the same
+    call after a crash resumes from the last checkpoint. `link` hard-links unchanged components to the
+    base model's files where possible (else copies them). Returns `out` (None in non-main processes of a
+    multi-process ``accelerate launch`` ESD run, which only train).
+    """
+    from ..loading import check_model_reference, load_pipeline
+    from .common import require_cross_attention
+    from .folder import check_output_folder, hash_base, locked_work_folder, work_folder
+
+    out = Path(out)
+    check_model_reference(model)
+    esd = config.method.startswith("esd")
+    if not esd and int(os.environ.get("RANK", "0")) != 0:
+        return None  # launched on several processes: a closed form takes seconds, the main process does it
+    accelerator = None
+    if esd:
+        from accelerate import Accelerator
+
+        cpu = _use_cpu(device)
+        if config.mixed_precision == "fp16" and cpu:
+            raise InputError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU")
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+        if device is None:
+            device = str(accelerator.device)
+    main = accelerator is None or accelerator.is_main_process
+    check_output_folder(out)  # in every process: one that failed alone would leave the others at a barrier
+    t0 = time.monotonic()
+    pipe = load_pipeline(model, device=device, dtype=torch.float32)  # bad models fail before anything is written
+    pipe.set_progress_bar_config(disable=True)
+    require_cross_attention(pipe, model)
+    base = resolve_base_folder(model)
+    base_files = hash_base(base)
+    with ExitStack() as stack:
+        work = stack.enter_context(locked_work_folder(out)) if main else work_folder(out)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        record: dict = {}
+        if config.method == "uce":
+            from .closed_form import apply_uce
+
+            result = apply_uce(
+                pipe, config.erase, config.guide, config.preserve, lamb=config.lamb,
+                erase_scale=config.erase_scale, preserve_scale=config.preserve_scale, model_name=model,
+            )
+            weights, unet = result.weights, pipe.unet
+        elif config.method == "rece":
+            from .closed_form import apply_rece
+
+            result = apply_rece(
+                pipe, config.erase, config.guide, config.preserve, lamb=config.lamb,
+                erase_scale=config.erase_scale, preserve_scale=config.preserve_scale, epochs=config.rece_epochs,
+                rece_lamb=config.rece_lamb, rece_erase_scale=config.rece_erase_scale,
+                rece_preserve_scale=config.rece_preserve_scale, regularization=config.rece_regularization,
+                model_name=model,
+            )
+            weights, unet = result.weights, pipe.unet
+            record["rece"] = {"epochs": result.epochs}
+        else:
+            from .training import ESDTrainer, resolve_gradient_checkpointing, run_esd
+
+            checkpointing = resolve_gradient_checkpointing(config.gradient_checkpointing, pipe)
+            trainer = ESDTrainer(
+                pipe, config.method, config.erase, lr=config.lr, negative_guidance=config.negative_guidance,
+                start_guidance=config.start_guidance, ddim_steps=config.ddim_steps, resolution=config.resolution,
+                seed=config.seed, gradient_checkpointing=checkpointing, accelerator=accelerator,
+            )
+            for name in ("text_encoder", "text_encoder_2"):  # not needed any more: free their memory
+                if getattr(pipe, name, None) is not None:
+                    setattr(pipe, name, None)
+            training = run_esd(
+                trainer, steps=config.steps, checkpoint_every=config.checkpoint_every, work=work,
+                fingerprint=_fingerprint(config, base_files), show_progress=show_progress,
+            )
+            training["gradient_checkpointing"] = checkpointing
+            record["training"] = training
+            accelerator.wait_for_everyone()
+            if not main:
+                return None
+            weights = trainer.trained_weights()
+            unet = trainer.unwrapped()
+            unet.disable_gradient_checkpointing()
+            unet.eval()
+        seconds = time.monotonic() - t0
+        _write_model(out, work, base, model, config, unet, weights, record, seconds, link=link, base_files=base_files)
+    return out
+
+
+def _write_model(out, work, base, model, config, unet, weights, record, seconds, *, link, base_files) -> None:
+    from ..loading import pipeline_class_name
+    from ..outputs import library_versions
+    from .common import METHODS, move
+    from .folder import (
+        RECORD_NAME,
+        SCHEMA,
+        SCHEMA_VERSION,
+        WEIGHTS_NAME,
+        hash_tree,
+        mirror_base,
+        normalise_permissions,
+        publish,
+        read_erasure_record,
+        save_edited_weights,
+        sha256_file,
+        storage_dtype,
+        write_record,
+    )
+
+    staging = work / "model"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    how = mirror_base(base, staging, replace={"unet"}, link=link)
+    dtype = storage_dtype(base / "unet")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    try:
+        move(unet, "cpu", dtype).save_pretrained(staging / "unet", safe_serialization=True)
+    finally:
+        diffusers_logging.enable_progress_bar()
+    label, paper = METHODS[config.method]
+    save_edited_weights(
+        staging / WEIGHTS_NAME, weights,
+        {"format": "unet-state-dict", "method": config.method, "concepts": json.dumps(config.erase)},
+    )
+    linked = {rel for rel, way in how.items() if way == "hardlink"}
+    full = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "method": config.method,
+        "label": label,
+        "paper": paper,
+        "concepts": config.concepts(),
+        "hyperparameters": config.hyperparameters(),
+        "base_model": {
+            "reference": model,
+            "path": str(base),
+            "pipeline": pipeline_class_name(str(base)),
+            "files": base_files,
+            "erasure": read_erasure_record(base),
+        },
+        "edited_weights": {
+            "file": WEIGHTS_NAME,
+            "sha256": sha256_file(staging / WEIGHTS_NAME),
+            "format": "safetensors, float32, keyed by UNet parameter name; "
+                      "apply with pipe.unet.load_state_dict(load_file(file), strict=False)",
+            "tensors": len(weights),
+            "values": int(sum(w.numel() for w in weights.values())),
+            "keys": sorted(weights),
+        },
+        "unet": {"dtype": str(dtype).removeprefix("torch."), "files": hash_tree(staging / "unet", "unet")},
+        "components": {"linked": sorted(linked), "copied": sorted(set(how) - linked)},
+        **record,
+        "deviations": deviations(config),
+        "seconds": seconds,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+    }
+    write_record(staging, full)
+    normalise_permissions(staging, keep=linked)
+    publish(staging, out)
+    shutil.rmtree(work, ignore_errors=True)
+    assert (out / RECORD_NAME).is_file()

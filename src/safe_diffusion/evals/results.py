@@ -1,0 +1,242 @@
+"""Scored results: from a run or a records file to the versioned results JSON (see docs/evaluation.md).
+
+Schema ``safe-diffusion/eval-results`` version 2::
+
+    {"schema": "safe-diffusion/eval-results", "schema_version": 2,
+     "source": "...", "suite": {...} | null, "label": "SLD strong" | null,
+     "config": {...} | null, "versions": {...} | null, "created": "..." | null,
+     "judges": {name: describe()}, "rule": {...},
+     "protocol": {"bootstrap": 2000, "confidence": 0.95, "seed": 0, "draws": 10000, "sample": 25},
+     "i2p": true | false,
+     "rows": [{"category", "images", "prompts", "no_verdict", "prompts_without_outcome",
+               "unsafe_images", "unsafe_image_rate", "unsafe_image_rate_ci_low", "unsafe_image_rate_ci_high",
+               "successful_prompts", "attack_success_rate", "attack_success_rate_ci_low",
+               "attack_success_rate_ci_high",
+               (I2P only) "inappropriate_probability", "expected_max_inappropriateness",
+               "expected_max_inappropriateness_std"}, ..., {"category": "overall", ...}]}
+
+Rates are fractions in [0, 1]; a value that cannot be computed (a category without images) is null.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from . import metrics
+
+RESULTS_SCHEMA = "safe-diffusion/eval-results"
+SCHEMA_VERSION = 2
+TRUE = {"1", "true", "yes", "unsafe", "t", "y"}
+FALSE = {"0", "false", "no", "safe", "f", "n"}
+NONE = {"", "none", "null", "nan", "na", "n/a"}
+
+
+def _pandas():
+    try:
+        import pandas as pd
+    except ImportError:
+        raise InputError("this needs pandas: pip install 'safe-diffusion[eval]'") from None
+    return pd
+
+
+def parse_flag(value, where: str) -> bool | None:
+    """true/false/1/0/unsafe/safe → bool; empty/null/none/nan → None (no verdict)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    if text in NONE:
+        return None
+    raise InputError(f"{where}: unsafe value {value!r} is not a boolean (true/false/1/0, or empty for no verdict)")
+
+
+def load_records_file(path: Path) -> tuple[list, list, list]:
+    """(prompts, categories, unsafe) from a CSV or Parquet with one row per image (categories optional)."""
+    from .suites import decode_text_file, parse_categories
+
+    pd = _pandas()
+    name = str(path)
+    if not path.exists():
+        raise InputError(f"{name!r} does not exist (expected a run directory or a CSV/Parquet of records)")
+    if not path.is_file():
+        raise InputError(f"{name!r} is not a file")
+    data = path.read_bytes()
+    if path.suffix.lower() == ".parquet":
+        if not data:
+            raise InputError(f"{name} is empty")
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:
+            raise InputError(f"{name}: not a readable Parquet file ({type(exc).__name__})") from None
+    else:
+        decode_text_file(data, name)
+        try:
+            frame = pd.read_csv(path, keep_default_na=False, dtype={"prompt": str, "categories": str, "unsafe": str})
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"{name}: not a readable CSV ({first})") from None
+    missing = [c for c in ("prompt", "unsafe") if c not in frame.columns]
+    if missing:
+        raise InputError(f"{name}: missing column(s) {', '.join(missing)} (needs prompt, unsafe; categories optional)")
+    if frame.empty:
+        raise InputError(f"{name} has no rows")
+    if "categories" in frame.columns:
+        cats = {c: ",".join(parse_categories(c, name)) for c in frame["categories"].astype(str).unique()}
+        categories = [cats[c] for c in frame["categories"].astype(str)]
+    else:
+        categories = ["all"] * len(frame)
+    flags = {}
+    for v in frame["unsafe"].unique():
+        flags[v if not (isinstance(v, float) and math.isnan(v)) else "nan"] = parse_flag(v, name)
+    unsafe = [flags[v if not (isinstance(v, float) and math.isnan(v)) else "nan"] for v in frame["unsafe"]]
+    return frame["prompt"].astype(str).tolist(), categories, unsafe
+
+
+def _clean(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+@dataclass
+class Results:
+    """The typed results document (``to_dict()`` is the JSON)."""
+
+    rows: list[dict]
+    source: str
+    i2p: bool
+    protocol: dict
+    suite: dict | None = None
+    label: str | None = None
+    config: dict | None = None
+    versions: dict | None = None
+    created: str | None = None
+    judges: dict = field(default_factory=dict)
+    rule: dict = field(default_factory=dict)
+    agreement: list = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": RESULTS_SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "source": self.source,
+            "suite": self.suite,
+            "label": self.label,
+            "config": self.config,
+            "versions": self.versions,
+            "created": self.created,
+            "judges": self.judges,
+            "rule": self.rule,
+            "protocol": self.protocol,
+            "i2p": self.i2p,
+            "agreement": [{k: _clean(v) for k, v in r.items()} for r in self.agreement],
+            "rows": [{k: _clean(v) for k, v in r.items()} for r in self.rows],
+        }
+
+
+def score_document(prompts, categories, unsafe, *, vocabulary=None, i2p=None, **context) -> dict:
+    """The results JSON for one image per input row."""
+    rows = metrics.score(prompts, categories, unsafe, vocabulary=vocabulary, i2p=i2p)
+    is_i2p = "inappropriate_probability" in rows[0]
+    protocol = {"bootstrap": metrics.BOOTSTRAP, "confidence": metrics.CONFIDENCE, "seed": metrics.SEED}
+    if is_i2p:
+        protocol.update(draws=metrics.DRAWS, sample=metrics.SAMPLE)
+    return Results(rows=rows, i2p=is_i2p, protocol=protocol, **context).to_dict()
+
+
+def score_store(store) -> dict:
+    """Score a run (read-only)."""
+    records = store.records()
+    if not records:
+        raise InputError(f"run {str(store.path)!r} has no images yet")
+    rule = store.rule_judges()
+    if not rule:
+        raise InputError(f"run {str(store.path)!r} is not judged yet; run `safe-diffusion eval classify {store.path}`")
+    suite = store.config.get("suite", {})
+    from .suites import _REGISTRY
+
+    spec = _REGISTRY.get(suite.get("name", ""))
+    vocabulary = None
+    if spec is not None and spec.vocabulary:
+        vocabulary = list(spec.vocabulary)
+    else:
+        seen: dict[str, None] = {}
+        for p in store.selected_prompts():
+            for c in p.categories:
+                seen.setdefault(c)
+        vocabulary = list(seen)
+    verdicts = {name: [r.get(name) for r in records] for name in sorted(set(store.judges()) | set(rule))}
+    return score_document(
+        [r["prompt"] for r in records],
+        [r["categories"] for r in records],
+        [r["unsafe"] for r in records],
+        vocabulary=vocabulary,
+        i2p=suite.get("name") == "i2p",
+        source=str(store.path),
+        suite=suite,
+        label=store.config.get("mitigation", {}).get("label"),
+        config=store.config,
+        versions=store.versions,
+        created=store.created,
+        judges=store.judges(),
+        rule=store.evaluation() or {"judges": rule, "combine": "any"},
+        agreement=metrics.agreement(verdicts) if len(verdicts) > 1 else [],
+    )
+
+
+def score_source(source: str) -> dict:
+    """Score a run directory or a records file."""
+    from .store import RunStore
+
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"{source!r} does not exist (expected a run directory or a CSV/Parquet of records)")
+    if path.is_dir():
+        store = RunStore.open(path)
+        try:
+            return score_store(store)
+        finally:
+            store.close()
+    return score_document(*load_records_file(path), source=str(path))
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_table(doc: dict) -> str:
+    """A plain-text table of a results document."""
+    rows = doc["rows"]
+    i2p = doc.get("i2p")
+    head = f"{'category':<18}{'images':>8}{'prompts':>8}{'unsafe rate [95% CI]':>24}{'ASR [95% CI]':>24}"
+    if i2p:
+        head += f"{'exp. max':>14}"
+    lines = [head]
+    for r in rows:
+        if r["images"] == 0:
+            lines.append(f"{r['category']:<18}{0:>8}{0:>8}{'no images':>24}")
+            continue
+        rate, asr = (
+            f"{_pct(r[m])} [{_pct(r[f'{m}_ci_low'])}, {_pct(r[f'{m}_ci_high'])}]"
+            for m in ("unsafe_image_rate", "attack_success_rate")
+        )
+        line = f"{r['category']:<18}{r['images']:>8}{r['prompts']:>8}{rate:>24}{asr:>24}"
+        if i2p:
+            m, s = r["expected_max_inappropriateness"], r["expected_max_inappropriateness_std"]
+            line += f"{'-' if m is None else f'{m:.2f} ± {s:.2f}':>14}"
+        lines.append(line)
+    missing = sum(r["no_verdict"] for r in rows if r["category"] == "overall")
+    if missing:
+        lines.append(f"{missing} image(s) without a verdict are left out of every rate (never counted as safe)")
+    return "\n".join(lines)

@@ -1,0 +1,254 @@
+"""The generate and judge stages of an evaluation run.
+
+Determinism: image k of a prompt starts from latent noise drawn on the CPU by its own
+``torch.Generator`` seeded with :func:`image_seed` (the prompt's seed, k) — independent of batch
+composition, process count and resume order. The prompt's seed is the suite's (I2P's ``sd_seed``,
+UnlearnDiffAtk's ``evaluation_seed``) or, for a suite without seeds, base_seed + row.
+
+Batching and sharding: the keys (prompt_index, image_index) of the run's whole prompt selection, in
+order, are cut into fixed batches of ``batch_size`` that span prompts (and are also cut where the
+per-prompt guidance scale changes, since one pipeline call has one scale); batch b belongs to process
+b mod N. A batch's composition depends neither on N, nor on what is already done, nor on ``--limit``
+(a batch cut by the limit is computed whole and only its wanted images are kept), so every image
+comes out of the same batched UNet computation whether the run used 1 or N processes, was resumed, or
+was extended with a larger limit — the pixels are bit-identical, not merely close.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..progress import ProgressLog
+from .store import RunStore, clean_temp_files, image_key, image_name
+from .suites import Prompt
+
+logger = logging.getLogger(__name__)
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def image_seed(seed: int, k: int) -> int:
+    """Seed of image k of a prompt: the prompt's seed itself for k = 0, then spread by the golden-ratio constant.
+
+    This does not reproduce the official I2P images: the official code draws all of a prompt's latents at
+    once from one CUDA generator seeded with sd_seed, so even its first image differs from ours.
+    """
+    return (seed + k * _GOLDEN) % (2**63)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    images_per_prompt: int = 10
+    steps: int = 50
+    guidance_scale: float | None = 7.5  # None: each prompt's own
+    height: int = 512
+    width: int = 512
+    batch_size: int = 8
+    negative_prompt: str | None = None
+
+    @classmethod
+    def from_config(cls, config: dict) -> GenerationSettings:
+        g = config["generation"]
+        return cls(
+            images_per_prompt=g["images_per_prompt"],
+            steps=g["steps"],
+            guidance_scale=g["guidance_scale"],
+            height=g["height"],
+            width=g["width"],
+            batch_size=g["batch_size"],
+            negative_prompt=config["mitigation"].get("negative_prompt"),
+        )
+
+    def scale_of(self, prompt: Prompt) -> float:
+        if self.guidance_scale is not None:
+            return self.guidance_scale
+        return 7.5 if prompt.guidance is None else prompt.guidance
+
+
+def plan(prompts: list[Prompt], settings: GenerationSettings) -> list[list[tuple[Prompt, int]]]:
+    """All (prompt, image_index) of the selection in key order, cut into fixed batches."""
+    batches: list[list[tuple[Prompt, int]]] = []
+    current: list[tuple[Prompt, int]] = []
+    for p in prompts:
+        for k in range(settings.images_per_prompt):
+            if current and (
+                len(current) == settings.batch_size or settings.scale_of(current[0][0]) != settings.scale_of(p)
+            ):
+                batches.append(current)
+                current = []
+            current.append((p, k))
+    if current:
+        batches.append(current)
+    return batches
+
+
+def shard_keys(store: RunStore, settings: GenerationSettings, process_index: int, num_processes: int) -> set:
+    """The wanted keys of this process's batches."""
+    wanted = set(store.wanted_keys())
+    batches = plan(store.prompts(), settings)[process_index::num_processes]
+    return {(p.index, k) for b in batches for p, k in b} & wanted
+
+
+def report_image_problems(store: RunStore, keys: set) -> int:
+    """Warn, by file name, about recorded images of `keys` whose file is missing or damaged; returns how many."""
+    records = store.images()
+    bad = [(records[k]["image"], store.image_problem(records[k])) for k in sorted(keys) if k in records]
+    bad = [(name, why) for name, why in bad if why]
+    for name, why in bad[:5]:
+        print(f"warning: {store.path / name} is {why}; generating it again", file=sys.stderr)
+    if len(bad) > 5:
+        print(f"warning: {len(bad) - 5} more damaged or missing image(s) will be generated again", file=sys.stderr)
+    return len(bad)
+
+
+def generate(
+    pipe,
+    terms: list,
+    store: RunStore,
+    settings: GenerationSettings,
+    *,
+    process_index: int = 0,
+    num_processes: int = 1,
+    show_progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
+    """Generate this process's missing images into `store`; returns how many it wrote."""
+    import hashlib
+
+    import torch
+
+    from ..outputs import atomic_write_bytes
+    from ..pipelines import guide
+
+    # diffusers warns with the prompt text when it truncates a prompt: suite prompts must not reach logs.
+    logging.getLogger("diffusers.pipelines").setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    wanted = set(store.wanted_keys())
+    batches = plan(store.prompts(), settings)[process_index::num_processes]
+    mine = {(p.index, k) for b in batches for p, k in b} & wanted
+    clean_temp_files(store, mine)
+    report_image_problems(store, mine)
+    done = store.done_keys()
+    todo = [b for b in batches if any((p.index, k) in wanted and (p.index, k) not in done for p, k in b)]
+    total = sum(1 for b in todo for p, k in b if (p.index, k) in wanted and (p.index, k) not in done)
+    written = 0
+    pipe.set_progress_bar_config(disable=True)
+    with guide(pipe, *terms, strict=True), ProgressLog("generate", total, enabled=show_progress) as bar:
+        for batch in todo:
+            texts = [p.text for p, _ in batch]
+            generators = [torch.Generator("cpu").manual_seed(image_seed(p.seed, k)) for p, k in batch]
+            negatives = [
+                p.negative_prompt if p.negative_prompt is not None else settings.negative_prompt for p, _ in batch
+            ]
+            negative = None if all(n is None for n in negatives) else [n or "" for n in negatives]
+            images = pipe(
+                prompt=texts,
+                negative_prompt=negative,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.scale_of(batch[0][0]),
+                height=settings.height,
+                width=settings.width,
+                generator=generators,
+            ).images
+            rows = []
+            for (p, k), image in zip(batch, images):
+                if (p.index, k) not in wanted or (p.index, k) in done:
+                    continue
+                import io
+
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                data = buf.getvalue()
+                name = image_name(p.index, k)
+                atomic_write_bytes(store.path / name, data)  # the image is complete on disk ...
+                rows.append(
+                    {
+                        "prompt_index": p.index,
+                        "image_index": k,
+                        "seed": image_seed(p.seed, k),
+                        "image": name,
+                        "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                    }
+                )
+            store.add_images(rows)  # ... before its record is appended
+            written += len(rows)
+            bar.update(len(rows))
+            if on_batch is not None:
+                on_batch(written)
+    return written
+
+
+def check_judges(store: RunStore, judges: list) -> None:
+    """Refuse to add judgments from a judge configured differently from the one that judged this run."""
+    from ..errors import InputError
+
+    recorded = store.judges()
+    for judge in judges:
+        old = recorded.get(judge.name)
+        if old is None or not store.judgments(judge.name):
+            continue
+        new = judge.describe()
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise InputError(
+                f"run {str(store.path)!r} was judged by {judge.name} configured differently ({', '.join(diff[:3])});"
+                f" rejudge it with `safe-diffusion eval classify {store.path} --judges {judge.name}`"
+            )
+
+
+def classify(
+    store: RunStore,
+    judges: list,
+    *,
+    keys: set[tuple[int, int]] | None = None,
+    redo: bool = False,
+    chunk: int = 64,
+    show_progress: bool = True,
+) -> int:
+    """Judge recorded images (only `keys` when given) a judge has no current verdict for (all with `redo`).
+
+    A verdict is current when it judged the image's recorded bytes; a missing or damaged image gets a
+    judgment without a verdict (its error), reported by name and counted, never an exception.
+    """
+    records = store.images()
+    wanted = set(store.wanted_keys())
+    candidates = sorted(k for k in records if k in wanted and (keys is None or k in keys))
+    count = 0
+    for judge in judges:
+        existing = {} if redo else store.judgments(judge.name)
+        todo = []
+        for key in candidates:
+            j = existing.get(key)
+            if j is None or j.get("unsafe") is None or j.get("image_sha256") != records[key].get("sha256"):
+                todo.append(key)
+        store.set_judge(judge.name, judge.describe())
+        failures = []
+        with ProgressLog(judge.name, len(todo), enabled=show_progress) as bar:
+            for i in range(0, len(todo), chunk):
+                part = todo[i : i + chunk]
+                results = judge.judge([store.path / records[k]["image"] for k in part])
+                items = []
+                for key, result in zip(part, results):
+                    payload = result.to_dict()
+                    payload["image_sha256"] = records[key].get("sha256")
+                    items.append((key, payload))
+                    if result.unsafe is None:
+                        failures.append((records[key]["image"], result.error))
+                store.set_judgments(judge.name, items)
+                bar.update(len(part))
+                count += len(part)
+        for name, error in failures[:5]:
+            print(f"warning: {judge.name} has no verdict for {store.path / name}: {error}", file=sys.stderr)
+        if len(failures) > 5:
+            print(f"warning: {judge.name} has no verdict for {len(failures) - 5} more image(s)", file=sys.stderr)
+    return count
+
+
+def image_keys_for(store: RunStore) -> list[str]:
+    return [image_key(p, k) for p, k in store.wanted_keys()]

@@ -1,0 +1,612 @@
+"""Prompt suites as data: a registry of specs, and one loader for files, the bundled I2P copy and the hub.
+
+A suite is a table with a prompt per row and optional per-prompt ``categories`` (comma-separated
+labels), ``seed``, ``guidance`` (classifier-free guidance scale) and ``negative_prompt``. A
+:class:`SuiteSpec` says where a named suite comes from and which of its columns mean what (a list of
+candidate names per field, the first present wins; ``--columns field=column`` overrides). Any CSV
+or Parquet file with a ``prompt`` column is a suite too.
+
+Prompts are kept exactly as the file has them (I2P's ``Null``, its four zero-width joiners U+200D
+and its four prompts with line breaks included): they are what the model is given, and duplicates
+are pooled by exact text when scoring. Every loaded suite is recorded by name, source, revision,
+content hash and row count (:meth:`Suite.record`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+BUNDLED_CSV = DATA_DIR / "i2p_benchmark.csv"
+BUNDLED_CSV_SHA256 = "c5ab09e3f37a0f6f01899f8771495385ab68934fb844f6398a6dd12183a6dfbc"
+
+I2P_CATEGORIES = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal activity")
+CATEGORIES = I2P_CATEGORIES  # the I2P paper's order (kept under its old name)
+FIELDS = ("prompt", "categories", "seed", "guidance", "negative_prompt")
+FILE_SUFFIXES = (".csv", ".parquet", ".tsv", ".jsonl")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int  # 0-based row in the suite
+    text: str
+    categories: tuple[str, ...]
+    seed: int  # image k uses runner.image_seed(seed, k); image 0 uses `seed` itself
+    guidance: float | None = None  # the suite's per-prompt guidance scale, if it has one
+    negative_prompt: str | None = None
+
+    @property
+    def sd_seed(self) -> int:  # I2P's name for it
+        return self.seed
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """Where a named suite comes from and what its columns mean."""
+
+    name: str
+    title: str
+    columns: dict[str, tuple[str, ...]]
+    hub: str | None = None  # dataset repo id
+    hub_file: str | None = None  # one file of the repo (exact bytes), else datasets.load_dataset
+    split: str = "train"
+    bundled: Path | None = None
+    bundled_sha256: str | None = None
+    default_categories: tuple[str, ...] = ()
+    vocabulary: tuple[str, ...] | None = None  # allowed category labels (None: any)
+    images_per_prompt: int = 1
+    gated: bool = False
+    licence: str = "unknown: check the source"
+    homepage: str = ""
+    how_to_get: str = ""
+    paper: str = ""
+    #: A suite whose file is not a prompt table (COCO's annotations): ``loader(path, base_seed)`` →
+    #: (prompts, details recorded as the suite's columns); such a suite always needs ``--data FILE``.
+    loader: Callable[[str, int], tuple[list[Prompt], dict[str, str]]] | None = None
+
+
+_COMMON = {
+    "prompt": ("prompt",),
+    "categories": ("categories",),
+    "seed": ("seed", "sd_seed", "evaluation_seed"),
+    "guidance": ("guidance", "evaluation_guidance"),
+    "negative_prompt": ("negative_prompt",),
+}
+
+_REGISTRY: dict[str, SuiteSpec] = {}
+
+
+def register_suite(spec: SuiteSpec) -> None:
+    _REGISTRY[spec.name] = spec
+
+
+register_suite(
+    SuiteSpec(
+        name="i2p",
+        title="I2P",
+        # The official evaluation ignores the CSV's sd_guidance_scale and uses 7.5 for every prompt.
+        columns={"prompt": ("prompt",), "categories": ("categories",), "seed": ("sd_seed",)},
+        hub="AIML-TUDA/i2p",
+        hub_file="i2p_benchmark.csv",
+        bundled=BUNDLED_CSV,
+        bundled_sha256=BUNDLED_CSV_SHA256,
+        vocabulary=I2P_CATEGORIES,
+        images_per_prompt=10,
+        licence="MIT (hub dataset card); bundled",
+        homepage="https://huggingface.co/datasets/AIML-TUDA/i2p",
+        paper="Schramowski et al., Safe Latent Diffusion, CVPR 2023",
+    )
+)
+register_suite(
+    SuiteSpec(
+        name="ring-a-bell-nudity",
+        title="Ring-A-Bell (nudity)",
+        columns={**_COMMON, "prompt": ("prompt", "sensitive prompt", "adv_prompt")},
+        hub="Chia15/RingABell-Nudity",
+        gated=True,
+        default_categories=("nudity",),
+        homepage="https://huggingface.co/datasets/Chia15/RingABell-Nudity",
+        how_to_get="accept the conditions of the hub dataset Chia15/RingABell-Nudity and log in",
+        paper="Tsai et al., Ring-A-Bell!, ICLR 2024",
+    )
+)
+register_suite(
+    SuiteSpec(
+        name="ring-a-bell-violence",
+        title="Ring-A-Bell (violence)",
+        columns={**_COMMON, "prompt": ("prompt", "sensitive prompt", "adv_prompt")},
+        default_categories=("violence",),
+        homepage="https://github.com/chiayi-hsu/Ring-A-Bell",
+        how_to_get="download the violence prompt CSV of the Ring-A-Bell repository (github.com/chiayi-hsu/Ring-A-Bell)",
+        paper="Tsai et al., Ring-A-Bell!, ICLR 2024",
+    )
+)
+register_suite(
+    SuiteSpec(
+        name="mma-diffusion",
+        title="MMA-Diffusion (text attack)",
+        columns={**_COMMON, "prompt": ("adv_prompt", "prompt")},
+        hub="YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark",
+        gated=True,
+        default_categories=("sexual",),
+        homepage="https://huggingface.co/datasets/YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark",
+        how_to_get="request access to the gated hub dataset YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark"
+        " and log in",
+        paper="Yang et al., MMA-Diffusion, CVPR 2024",
+    )
+)
+register_suite(
+    SuiteSpec(
+        name="unlearndiffatk-nudity",
+        title="UnlearnDiffAtk (nudity)",
+        columns=dict(_COMMON),
+        default_categories=("nudity",),
+        homepage="https://github.com/OPTML-Group/Diffusion-MU-Attack",
+        how_to_get="download prompts/nudity.csv from github.com/OPTML-Group/Diffusion-MU-Attack",
+        paper="Zhang et al., To Generate or Not? (UnlearnDiffAtk), ECCV 2024",
+    )
+)
+register_suite(
+    SuiteSpec(
+        name="p4d",
+        title="P4D",
+        columns=dict(_COMMON),
+        hub="joycenerd/p4d",
+        default_categories=("nudity",),
+        licence="MIT (repository)",
+        homepage="https://huggingface.co/datasets/joycenerd/p4d",
+        how_to_get="the hub dataset joycenerd/p4d, or a CSV from data/ of github.com/joycenerd/P4D",
+        paper="Chin et al., Prompting4Debugging, ICML 2024",
+    )
+)
+
+
+
+def _coco_loader(subset: str | None) -> Callable[[str, int], tuple[list[Prompt], dict[str, str]]]:
+    def load(path: str, base_seed: int) -> tuple[list[Prompt], dict[str, str]]:
+        from .coco import load_coco_captions
+
+        captions = load_coco_captions(path, subset)
+        prompts = [Prompt(c.index, c.text, ("coco",), base_seed + c.index) for c in captions.captions]
+        source = captions.source
+        details = {"format": str(source.get("format")), "subset": str(source.get("subset"))}
+        details["sample_seed"] = str(source.get("seed"))
+        return prompts, details
+
+    return load
+
+
+for _subset in (None, "5k", "10k", "30k"):
+    register_suite(
+        SuiteSpec(
+            name="coco" if _subset is None else f"coco-{_subset}",
+            title="COCO 2014 val captions"
+            + (f" ({_subset})" if _subset else " (30k from annotations; a table: all rows)"),
+            columns={},
+            default_categories=("coco",),
+            licence="COCO annotations: CC BY 4.0; not bundled (size)",
+            homepage="https://cocodataset.org/#download",
+            how_to_get="download annotations_trainval2014.zip from cocodataset.org and pass"
+            " --data annotations/captions_val2014.json (or a CSV/Parquet of chosen captions)",
+            paper="Lin et al., Microsoft COCO, ECCV 2014; FID-30k protocol as in the SLD paper",
+            loader=_coco_loader(_subset),
+        )
+    )
+
+def available_suites() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_suite_spec(name: str) -> SuiteSpec:
+    key = name.strip().lower()
+    if key not in _REGISTRY:
+        raise InputError(
+            f"unknown suite {name!r}; choose from: {', '.join(_REGISTRY)},"
+            " or give a CSV/Parquet file with a prompt column"
+        )
+    return _REGISTRY[key]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A loaded, validated suite."""
+
+    name: str
+    title: str
+    prompts: list[Prompt]
+    source: str  # "bundled", "hub:owner/name" or a resolved path
+    sha256: str  # of the file's bytes, or of the rows' canonical JSON for a hub dataset
+    revision: str | None = None  # the hub commit, when from the hub
+    columns: dict[str, str] = field(default_factory=dict)  # field -> column used
+    images_per_prompt: int = 1
+    licence: str = ""
+
+    @property
+    def has_seeds(self) -> bool:
+        return "seed" in self.columns
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """Every category label of the suite, the known vocabulary's order first."""
+        seen = dict.fromkeys(c for p in self.prompts for c in p.categories)
+        spec = _REGISTRY.get(self.name)
+        order = list(spec.vocabulary) if spec and spec.vocabulary else []
+        return tuple([c for c in order if c in seen] + [c for c in seen if c not in order])
+
+    def record(self) -> dict:
+        """What a run records about its suite."""
+        return {
+            "name": self.name,
+            "title": self.title,
+            "source": self.source,
+            "revision": self.revision,
+            "sha256": self.sha256,
+            "rows": len(self.prompts),
+            "columns": dict(self.columns),
+            "licence": self.licence,
+        }
+
+
+# -- parsing --------------------------------------------------------------------------------------
+
+
+def decode_text_file(data: bytes, name: str) -> str:
+    if not data.strip():
+        raise InputError(f"{name} is empty")
+    if b"\x00" in data[:8192]:
+        raise InputError(f"{name} is a binary file, not a CSV")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{name} is not UTF-8 text") from None
+
+
+def read_table(data: bytes, name: str, fmt: str) -> tuple[list[str], list[dict]]:
+    """(header, rows) of a CSV/TSV/JSONL/Parquet file's bytes; every failure is one InputError."""
+    if fmt == "parquet":
+        if not data:
+            raise InputError(f"{name} is empty")
+        try:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(io.BytesIO(data))
+        except ImportError:
+            raise InputError("Parquet needs pyarrow: pip install 'safe-diffusion[eval]'") from None
+        except Exception as exc:
+            raise InputError(f"{name}: not a readable Parquet file ({type(exc).__name__})") from None
+        return list(table.column_names), table.to_pylist()
+    text = decode_text_file(data, name)
+    if fmt == "jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise InputError(f"{name} line {i + 1}: not JSON") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{name} line {i + 1}: not a JSON object")
+                rows.append(row)
+        return (list(rows[0]) if rows else []), rows
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
+        header = list(reader.fieldnames or [])
+        rows = []
+        for i, row in enumerate(reader):
+            if None in row or any(v is None for v in row.values()):
+                raise InputError(f"{name} row {i}: wrong number of fields")
+            rows.append(row)
+    except csv.Error as exc:
+        raise InputError(f"{name}: not a readable CSV ({exc})") from None
+    return header, rows
+
+
+def parse_categories(value, where: str, vocabulary: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """'sexual, violence' -> ('sexual', 'violence'); unknown (given a vocabulary) or none is one line."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    labels = tuple(dict.fromkeys(c.strip().lower() for c in str(value).split(",") if c.strip()))
+    if not labels:
+        raise InputError(f"{where}: no categories")
+    if vocabulary is not None:
+        unknown = [c for c in labels if c not in vocabulary]
+        if unknown:
+            raise InputError(f"{where}: unknown category {unknown[0]!r}; known: {', '.join(vocabulary)}")
+    return labels
+
+
+def _seed(value, where: str, column: str = "seed") -> int:
+    from ..validation import MAX_SEED
+
+    bad = InputError(f"{where}: {column} {value!r} is not a whole number")
+    if isinstance(value, bool) or value is None:
+        raise bad
+    if isinstance(value, int):
+        seed = value
+    else:
+        text = str(value).strip()
+        if text.isdigit():
+            seed = int(text)
+        else:
+            try:
+                number = float(text)
+            except ValueError:
+                raise bad from None
+            if not math.isfinite(number) or not number.is_integer():
+                raise bad
+            seed = int(number)
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"{where}: {column} {seed} is outside 0..{MAX_SEED}")
+    return seed
+
+
+def _guidance(value, where: str, column: str = "guidance") -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: {column} {value!r} is not a number") from None
+    if not math.isfinite(number) or number < 0:
+        raise InputError(f"{where}: {column} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def parse_columns(values: list[str] | None) -> dict[str, str]:
+    """``["prompt=adv_prompt", "seed=evaluation_seed"]`` (or comma-separated) → {field: column}."""
+    mapping = {}
+    for item in ",".join(values or []).split(","):
+        if not item.strip():
+            continue
+        fld, sep, col = item.partition("=")
+        fld = fld.strip().lower()
+        if not sep or not col.strip():
+            raise InputError(f"--columns {item!r} must be FIELD=COLUMN, e.g. prompt=adv_prompt")
+        if fld not in FIELDS:
+            raise InputError(f"--columns: unknown field {fld!r}; fields: {', '.join(FIELDS)}")
+        mapping[fld] = col.strip()
+    return mapping
+
+
+def parse_rows(
+    header: list[str],
+    rows: list[dict],
+    name: str,
+    spec: SuiteSpec,
+    overrides: dict[str, str] | None = None,
+    base_seed: int = 0,
+) -> tuple[list[Prompt], dict[str, str]]:
+    """Validate rows into prompts; returns them and the column used for each field."""
+    used: dict[str, str] = {}
+    for fld in FIELDS:
+        if overrides and fld in overrides:
+            if overrides[fld] not in header:
+                raise InputError(
+                    f"{name}: no column {overrides[fld]!r} (--columns {fld}=...); columns: {', '.join(header)}"
+                )
+            used[fld] = overrides[fld]
+            continue
+        for candidate in spec.columns.get(fld, ()):
+            if candidate in header:
+                used[fld] = candidate
+                break
+    if "prompt" not in used:
+        wanted = "/".join(spec.columns.get("prompt", ("prompt",)))
+        raise InputError(f"{name}: missing column {wanted} (or map one with --columns prompt=COLUMN)")
+    if spec.vocabulary is not None and "categories" not in used:
+        raise InputError(f"{name}: missing column(s) categories")
+    if spec.name == "i2p" and "seed" not in used:
+        raise InputError(f"{name}: missing column(s) sd_seed (needs prompt, categories, sd_seed)")
+    prompts = []
+    for i, row in enumerate(rows):
+        where = f"{name} row {i}"
+        text = row.get(used["prompt"])
+        if text is None or (isinstance(text, float) and math.isnan(text)):
+            raise InputError(f"{where}: no prompt")
+        text = str(text)
+        if not text.strip():
+            raise InputError(f"{where}: empty prompt")
+        if "categories" in used:
+            cats = parse_categories(row.get(used["categories"]), where, spec.vocabulary)
+        else:
+            cats = spec.default_categories or ("all",)
+        seed = _seed(row.get(used["seed"]), where, used["seed"]) if "seed" in used else (base_seed + i) % (2**63)
+        guidance = _guidance(row.get(used["guidance"]), where, used["guidance"]) if "guidance" in used else None
+        negative = None
+        if "negative_prompt" in used:
+            value = row.get(used["negative_prompt"])
+            negative = None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+        prompts.append(Prompt(i, text, cats, seed, guidance, negative))
+    if not prompts:
+        raise InputError(f"{name} has a header but no prompts")
+    return prompts, used
+
+
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise InputError(f"suite file {str(path)!r} must be .csv, .tsv, .jsonl or .parquet")
+    return suffix[1:]
+
+
+def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[str], list[dict], str, str, str | None]:
+    """(header, rows, source, sha256, revision) of a hub dataset; one line when it cannot be had."""
+    if spec.bundled is not None:
+        how = "; omit --data to use the bundled copy"
+    elif spec.how_to_get or spec.homepage:
+        how = f"; or download it ({spec.how_to_get or spec.homepage}) and pass --data FILE"
+    else:
+        how = ""
+    try:
+        if spec.hub_file:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(repo_id=repo, filename=spec.hub_file, repo_type="dataset", revision=revision))
+            data = path.read_bytes()
+            commit = path.parent.name if path.parent.parent.name == "snapshots" else revision
+            header, rows = read_table(data, f"hub dataset {repo}", _format_of(path))
+            return header, rows, f"hub:{repo}", hashlib.sha256(data).hexdigest(), commit
+        try:
+            import datasets
+        except ImportError:
+            raise InputError(
+                f"loading {repo!r} from the hub needs datasets: pip install 'safe-diffusion[eval]'{how}"
+            ) from None
+        from huggingface_hub import HfApi, constants
+
+        if revision is None and not constants.HF_HUB_OFFLINE:
+            try:
+                revision = HfApi().dataset_info(repo).sha
+            except Exception:
+                pass  # load_dataset reports the reason below
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset(repo, split=spec.split, revision=revision)
+        rows = ds.to_list()
+        header = list(ds.column_names)
+    except InputError:
+        raise
+    except Exception as exc:  # offline, gated, unknown: all mean "not available here"
+        text = " ".join(str(exc).split())
+        kind = type(exc).__name__
+        if "Gated" in kind or "gated" in text.lower() or "401" in text or "403" in text:
+            raise InputError(
+                f"hub dataset {repo!r} is gated: accept its conditions on huggingface.co/datasets/{repo} and log in"
+                f" (huggingface-cli login or HF_TOKEN){how}"
+            ) from None
+        first = text.split(". ")[0][:160] or kind
+        raise InputError(f"cannot load hub dataset {repo!r} ({first}){how}") from None
+    canonical = json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str).encode()
+    return header, rows, f"hub:{repo}", hashlib.sha256(canonical).hexdigest(), revision
+
+
+def load_suite(
+    suite: str | None = "i2p",
+    *,
+    data: str | None = None,
+    columns: dict[str, str] | None = None,
+    revision: str | None = None,
+    base_seed: int = 0,
+) -> Suite:
+    """Load suite `suite` (a registered name or a file path).
+
+    `data`: where a named suite's rows come from: a local file, ``hub`` (the spec's dataset) or
+    ``hub:owner/name``; default: the bundled copy, else the hub, else an error saying how to get it.
+    `columns` overrides the field → column mapping. `base_seed`: prompt i's seed is base_seed + i
+    when the suite has no seed column.
+    """
+    suite = suite or "i2p"
+    path = Path(suite)
+    if suite.strip().lower() not in _REGISTRY and (path.suffix.lower() in FILE_SUFFIXES or path.exists()):
+        if data is not None:
+            raise InputError("--data is for named suites; --suite already names a file")
+        spec = SuiteSpec(name=path.stem, title=path.name, columns=dict(_COMMON))
+        source_spec = str(path)
+    else:
+        spec = get_suite_spec(suite)
+        source_spec = data
+    if spec.loader is not None:
+        if source_spec is None or source_spec == "hub" or source_spec.startswith("hub:"):
+            raise InputError(f"suite {spec.name!r} needs --data FILE: {spec.how_to_get}")
+        file = Path(source_spec)
+        prompts, details = spec.loader(source_spec, base_seed)
+        return Suite(
+            name=spec.name,
+            title=spec.title,
+            prompts=prompts,
+            source=str(file.resolve()),
+            sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
+            columns=details,
+            images_per_prompt=spec.images_per_prompt,
+            licence=spec.licence,
+        )
+    if source_spec is None:
+        if spec.bundled is not None:
+            source_spec = "bundled"
+        elif spec.hub is not None:
+            source_spec = "hub"
+        else:
+            raise InputError(
+                f"suite {spec.name!r} is not bundled (licence unclear): {spec.how_to_get}, then pass --data FILE"
+            )
+    if source_spec == "bundled":
+        if spec.bundled is None:
+            raise InputError(f"suite {spec.name!r} has no bundled copy; pass --data FILE or --data hub")
+        raw = spec.bundled.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        if spec.bundled_sha256 and digest != spec.bundled_sha256:
+            raise InputError(
+                f"the bundled {spec.bundled.name} is damaged (sha256 {digest[:12]}…); reinstall safe-diffusion"
+            )
+        header, rows = read_table(raw, f"bundled {spec.bundled.name}", _format_of(spec.bundled))
+        source, revision = "bundled", None
+    elif source_spec == "hub" or source_spec.startswith("hub:"):
+        repo = source_spec.partition(":")[2] or spec.hub
+        if not repo:
+            raise InputError(f"suite {spec.name!r} has no hub dataset; pass --data FILE ({spec.how_to_get})")
+        header, rows, source, digest, revision = _load_hub(spec, repo, revision)
+    else:
+        file = Path(source_spec)
+        if not file.exists():
+            raise InputError(f"suite file {source_spec!r} does not exist")
+        if not file.is_file():
+            raise InputError(f"suite file {source_spec!r} is not a file")
+        raw = file.read_bytes()
+        header, rows = read_table(raw, source_spec, _format_of(file))
+        source, digest, revision = str(file.resolve()), hashlib.sha256(raw).hexdigest(), None
+    name = source if source != "bundled" else f"bundled {spec.bundled.name}"
+    prompts, used = parse_rows(
+        header, rows, source_spec if source_spec not in ("bundled",) else name, spec, columns, base_seed
+    )
+    return Suite(
+        name=spec.name,
+        title=spec.title,
+        prompts=prompts,
+        source=source,
+        sha256=digest,
+        revision=revision,
+        columns=used,
+        images_per_prompt=spec.images_per_prompt,
+        licence=spec.licence,
+    )
+
+
+def parse_category_filter(values: list[str] | None, suite: Suite | None = None) -> tuple[str, ...] | None:
+    """--categories values (repeatable, or comma-separated) -> a validated tuple, or None for all."""
+    if not values:
+        return None
+    known = suite.categories if suite is not None else I2P_CATEGORIES
+    spec = _REGISTRY.get(suite.name) if suite is not None else None
+    vocabulary = (spec.vocabulary if spec and spec.vocabulary else None) or known
+    return parse_categories(",".join(values), "--categories", tuple(vocabulary))
+
+
+def select(prompts: list[Prompt], categories: tuple[str, ...] | None, limit: int | None) -> list[Prompt]:
+    """Prompts with any of `categories` (all when None), the first `limit` of them."""
+    chosen = [p for p in prompts if categories is None or set(p.categories) & set(categories)]
+    return chosen[:limit] if limit is not None else chosen
+
+
+# -- compatibility with the I2P-only API ------------------------------------------------------------
+
+
+def load_prompts(spec: str | Path | None = None) -> Suite:
+    """The I2P suite: bundled (None / 'bundled'), the hub ('hub' / 'hub:owner/name') or a CSV path."""
+    if spec is None or str(spec) == "bundled":
+        return load_suite("i2p")
+    return load_suite("i2p", data=str(spec))
+
+
+def parse_prompt_csv(data: bytes, name: str) -> Suite:
+    """An I2P-format CSV's bytes (prompt, categories, sd_seed) → a validated suite."""
+    spec = get_suite_spec("i2p")
+    header, rows = read_table(data, name, "csv")
+    prompts, used = parse_rows(header, rows, name, spec)
+    return Suite("i2p", "I2P", prompts, name, hashlib.sha256(data).hexdigest(), columns=used, images_per_prompt=10)

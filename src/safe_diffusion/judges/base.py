@@ -1,0 +1,131 @@
+"""What every image judge is: a name, a self-description, and one verdict per image.
+
+A judge turns image files into :class:`Judgment` records. It never raises on a bad image: an
+unreadable, truncated or non-image file gets a judgment with ``unsafe=None`` and an ``error``, so
+one damaged file never stops a 47,030-image job, and the report can count it. Equally, an answer a
+judge cannot interpret (a vision-language judge's malformed reply) is ``unsafe=None`` with the
+reason, never silently "safe".
+
+:meth:`Judge.describe` returns everything that makes its verdicts reproducible (model and file
+hashes, versions, resolution, preprocessing, labels, thresholds, prompts); runs record it.
+"""
+
+from __future__ import annotations
+
+import io
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Judgment:
+    """One judge's verdict on one image.
+
+    ``unsafe`` is None when there is no verdict (``error`` says why). ``scores`` are the raw numbers
+    behind the verdict (floats); ``category`` and ``rationale`` are filled by judges that give them.
+    """
+
+    unsafe: bool | None
+    scores: Mapping[str, float] = field(default_factory=dict)
+    category: str | None = None
+    rationale: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, error: str) -> Judgment:
+        return cls(unsafe=None, error=error)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "unsafe": self.unsafe,
+            "scores": dict(self.scores),
+            "category": self.category,
+            "rationale": self.rationale,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Judgment:
+        unsafe = data.get("unsafe")
+        return cls(
+            unsafe=None if unsafe is None else bool(unsafe),
+            scores={k: float(v) for k, v in (data.get("scores") or {}).items()},
+            category=data.get("category"),
+            rationale=data.get("rationale"),
+            error=data.get("error"),
+        )
+
+
+def decode_rgb(data: bytes):
+    """The image in `data` as a fully loaded RGB PIL image; ValueError naming the problem otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # a truncated file fails here, not later
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError("not an image") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise ValueError(f"damaged image ({str(exc).strip() or type(exc).__name__})") from None
+
+
+class Judge(ABC):
+    """An image judge. Subclasses set :attr:`name` and implement :meth:`judge_images` and :meth:`describe`."""
+
+    name: ClassVar[str]
+    batch_size: int = 16
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready: everything that determines this judge's verdicts."""
+
+    @abstractmethod
+    def judge_images(self, images: Sequence[Any]) -> list[Judgment]:
+        """One judgment per decoded image (as returned by :meth:`decode`)."""
+
+    def decode(self, data: bytes) -> Any:
+        """Decode one file's bytes for :meth:`judge_images` (RGB PIL by default); ValueError when it cannot."""
+        return decode_rgb(data)
+
+    def judge(self, paths: Sequence[str | Path]) -> list[Judgment]:
+        """One judgment per file, in order; unreadable files get ``Judgment.failed`` instead of an exception.
+
+        Files are decoded one batch at a time, so memory stays at one batch of images however many
+        paths are given.
+        """
+        results: list[Judgment | None] = [None] * len(paths)
+        pending: list[tuple[int, Any]] = []
+
+        def flush() -> None:
+            judgments = self.judge_images([image for _, image in pending])
+            for (i, _), judgment in zip(pending, judgments, strict=True):
+                results[i] = judgment
+            pending.clear()
+
+        for i, path in enumerate(paths):
+            try:
+                pending.append((i, self.decode(Path(path).read_bytes())))
+            except FileNotFoundError:
+                results[i] = Judgment.failed("image file is missing")
+            except (OSError, ValueError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                results[i] = Judgment.failed(f"unreadable image: {reason}")
+            if len(pending) >= self.batch_size:
+                flush()
+        if pending:
+            flush()
+        return results  # type: ignore[return-value]
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,104 @@
+"""The command line as a whole: version, logging options, readable help, and how it ends when stopped or failing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
+    env.update(OMP_NUM_THREADS="1", COLUMNS="80", **extra)
+    return env
+
+
+def _run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "safe_diffusion", *map(str, args)], env=_env(), capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def test_version_and_log_level(cli):
+    from safe_diffusion import __version__
+
+    code, out, _ = cli("--version")
+    assert code == 0 and out.strip() == f"safe-diffusion {__version__}"
+    code, _, err = cli("--log-level", "loud", "audit", "x", "--out", "y.html")
+    assert code == 2 and err.strip() == "error: --log-level 'loud': choose one of debug, info, warning, error"
+
+
+def _commands(group, path=()):
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name)
+
+
+def test_every_commands_help_fits_80_columns(cli):
+    from typer.main import get_command
+
+    from safe_diffusion.cli import _register, app
+
+    _register()
+    commands = list(_commands(get_command(app)))
+    assert ("generate",) in commands and len(commands) >= 5
+    for command in [(), *commands]:
+        code, out, err = cli(*command, "--help")
+        assert code == 0, err
+        wide = [line for line in out.splitlines() if len(line) > 80]
+        assert not wide, f"{' '.join(command)} --help: {wide}"
+        assert "…" not in out, f"{' '.join(command)} --help cuts text"
+
+
+def _start_generation(checkpoint, out):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "safe_diffusion", "generate", "a cat", "-m", str(checkpoint), "-o", str(out),
+         "--steps", "400", "--height", "32", "--width", "32", "--num-images", "2"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not out.exists():  # the output folder exists once the command is inside its rollback scope
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    return proc
+
+
+@pytest.mark.parametrize("sig, code, words", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "")])
+def test_a_stopped_command_says_so_and_leaves_nothing(tiny_checkpoint, tmp_path, sig, code, words):
+    out = tmp_path / "out"
+    proc = _start_generation(tiny_checkpoint, out)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and words in err
+    assert not out.exists()  # the folder it created is gone with everything in it
+
+
+def test_a_failing_write_is_one_line_and_keeps_the_earlier_run(tiny_checkpoint, tmp_path):
+    import resource
+
+    out = tmp_path / "out"
+    args = ["generate", "a cat", "-m", tiny_checkpoint, "-o", out, "--steps", "2", "--height", "32", "--width", "32"]
+    assert _run(*args).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def small_files():  # the PNG cannot be written: EFBIG, as a full disk gives ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
+
+    proc = _run(*args, "--seed", "1", preexec_fn=small_files)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last == f"error: File too large ({out / '0000-seed1.png'})", proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

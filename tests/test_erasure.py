@@ -1,0 +1,271 @@
+"""UCE, RECE and ESD on tiny random-weight models: parity with independent float64 computations of the
+papers' closed forms, what changes and what does not, and the output folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from safe_diffusion.erasure import ErasureConfig, erase_concepts, load_erasure_weights, read_erasure_record
+from safe_diffusion.errors import InputError
+
+ERASE = ["nudity", "violence"]
+GUIDE = ["", "a dog"]
+PRESERVE = ["a cat", "a red house"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _unet_state(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(next((folder / "unet").glob("*.safetensors"))))
+
+
+def _edited(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "erasure_weights.safetensors"))
+
+
+def _eq7(w, erase, targets, preserve, preserve_targets, lamb, se, sp):
+    """UCE eq. 7 term by term with an explicit inverse, in float64."""
+    d = w.shape[1]
+    left = lamb * w.clone()
+    right = lamb * torch.eye(d, dtype=torch.float64)
+    for c, v in zip(erase, targets):
+        left += se * torch.outer(v, c)
+        right += se * torch.outer(c, c)
+    for c, v in zip(preserve, preserve_targets):
+        left += sp * torch.outer(v, c)
+        right += sp * torch.outer(c, c)
+    return left @ torch.inverse(right)
+
+
+class Texts:
+    """Independent float64 text embeddings, straight from transformers (no diffusers encode_prompt)."""
+
+    def __init__(self, folder, sdxl=False):
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        self.tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        self.encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float64)]
+        if sdxl:
+            self.encoders.append(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=torch.float64))
+        self.sdxl = sdxl
+
+    @torch.no_grad()
+    def sequence(self, text):
+        ids = self.tok(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        if self.sdxl:  # both encoders' penultimate layers, concatenated (as SDXL conditions its UNet)
+            hidden = [e(ids.input_ids, output_hidden_states=True).hidden_states[-2][0] for e in self.encoders]
+            return torch.cat(hidden, dim=-1), int(ids.attention_mask.sum())
+        return self.encoders[0](ids.input_ids).last_hidden_state[0], int(ids.attention_mask.sum())
+
+    def last_token(self, text):
+        seq, length = self.sequence(text)
+        return seq[length - 2]  # the last token before end-of-text (the start token for "")
+
+
+def _reference_uce(base_state, names, texts, erase, guide, preserve, lamb=0.5, se=1.0, sp=1.0):
+    c_e = [texts.last_token(t) for t in erase]
+    c_g = [texts.last_token(t) for t in guide]
+    c_p = [texts.last_token(t) for t in preserve]
+    out = {}
+    for name in names:
+        w = base_state[name].double()
+        out[name] = _eq7(w, c_e, [w @ c for c in c_g], c_p, [w @ c for c in c_p], lamb, se, sp)
+    return out
+
+
+def _xattn_kv(state) -> list[str]:
+    return sorted(k for k in state if ".attn2.to_k.weight" in k or ".attn2.to_v.weight" in k)
+
+
+@pytest.fixture(scope="module")
+def uce_model(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uce") / "model"
+    config = ErasureConfig.build("uce", ERASE, guide_to=GUIDE, preserve=PRESERVE)
+    erase_concepts(str(tiny_checkpoint), out, config, device="cpu", show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def texts(tiny_checkpoint):
+    return Texts(tiny_checkpoint)
+
+
+def test_uce_equals_eq7_computed_independently_in_float64(tiny_checkpoint, uce_model, texts):
+    base, edited, ours = _unet_state(tiny_checkpoint), _edited(uce_model), _unet_state(uce_model)
+    names = _xattn_kv(base)
+    assert sorted(edited) == names and len(names) == 8  # every cross-attention key and value projection
+    reference = _reference_uce(base, names, texts, ERASE, GUIDE, PRESERVE)
+    for name in names:
+        assert _rel(edited[name], reference[name]) <= 1e-5, name
+        assert torch.equal(ours[name], edited[name])  # the UNet holds exactly the exchanged weights
+        assert _rel(edited[name], base[name]) > 1e-2  # and they did change
+    for name in base.keys() - set(names):
+        assert torch.equal(ours[name], base[name]), f"{name} changed"
+
+
+def test_uce_moves_erased_concepts_and_keeps_preserved_ones(tiny_checkpoint, uce_model, texts):
+    base, edited = _unet_state(tiny_checkpoint), _edited(uce_model)
+    erased = [texts.last_token(t) for t in ERASE]
+    kept = [texts.last_token(t) for t in PRESERVE]
+    guide = texts.last_token(GUIDE[1])
+    for name in _xattn_kv(base):
+        old, new = base[name].double(), edited[name].double()
+        moved = min(float((new @ c - old @ c).norm() / (old @ c).norm()) for c in erased)
+        stayed = max(float((new @ c - old @ c).norm() / (old @ c).norm()) for c in kept)
+        assert stayed < 0.1 * moved, (name, stayed, moved)
+        # "violence" now reads closer to what "a dog" read than to what it read itself
+        assert (new @ erased[1] - old @ guide).norm() < (new @ erased[1] - old @ erased[1]).norm()
+
+
+def test_uce_on_sdxl_uses_both_text_encoders(tmp_path):
+    from safe_diffusion.loading import load_pipeline
+    from safe_diffusion.testing import build_sdxl_checkpoint
+
+    base = build_sdxl_checkpoint(tmp_path / "sdxl")
+    out = tmp_path / "erased"
+    erase_concepts(str(base), out, ErasureConfig.build("uce", ["nudity"], preserve=["a cat"]), device="cpu",
+                   show_progress=False)
+    state, edited = _unet_state(base), _edited(out)
+    names = _xattn_kv(state)
+    assert sorted(edited) == names and edited[names[0]].shape[1] == 64  # 32 + 32: the concatenated embedding
+    reference = _reference_uce(state, names, Texts(base, sdxl=True), ["nudity"], [""], ["a cat"])
+    for name in names:
+        assert _rel(edited[name], reference[name]) <= 1e-5, name
+    pipe = load_pipeline(str(out), device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert read_erasure_record(out)["base_model"]["pipeline"] == "StableDiffusionXLPipeline"
+
+
+def test_rece_runs_its_epochs_on_cross_attention_only(tiny_checkpoint, tmp_path):
+    out = tmp_path / "rece"
+    config = ErasureConfig.build("rece", ["nudity"], rece_epochs=2)
+    erase_concepts(str(tiny_checkpoint), out, config, device="cpu", show_progress=False)
+    record = read_erasure_record(out)
+    assert record["label"] == "RECE" and [e["epoch"] for e in record["rece"]["epochs"]] == [1, 2]
+    assert record["hyperparameters"]["rece_epochs"] == 2 and record["hyperparameters"]["rece_lamb"] == 0.1
+    base, edited, ours = _unet_state(tiny_checkpoint), _edited(out), _unet_state(out)
+    names = _xattn_kv(base)
+    assert sorted(edited) == names
+    for name in base.keys() - set(names):
+        assert torch.equal(ours[name], base[name]), f"{name} changed"
+    uce = tmp_path / "uce"
+    erase_concepts(str(tiny_checkpoint), uce, ErasureConfig.build("uce", ["nudity"]), device="cpu", show_progress=False)
+    uce_only = _edited(uce)
+    assert all(_rel(edited[n], uce_only[n]) > 1e-3 for n in names)  # the epochs did edit further
+    # found embeddings regenerate the concept less and less as the epochs erase them
+    residuals = [e["adversarial_residual"] for e in record["rece"]["epochs"]]
+    assert 0 <= residuals[0] < residuals[1] <= 1
+
+
+def test_rece_equals_its_closed_forms_computed_independently_in_float64(tiny_checkpoint, texts):
+    """UCE (eq. 7), then per epoch the closed-form embedding c' = (λI + Σ W'ᵀW')⁻¹ Σ W'ᵀW c of every token
+    and its erasure towards "" over whole token sequences, preserving "" (the official defaults),
+    written layer by layer. The pipeline runs in float64 too, so both sides are exact to rounding."""
+    from safe_diffusion.erasure import apply_rece
+    from safe_diffusion.loading import load_pipeline
+
+    pipe = load_pipeline(str(tiny_checkpoint), device="cpu", dtype=torch.float64)
+    result = apply_rece(pipe, ["nudity"], epochs=2)
+    base = _unet_state(tiny_checkpoint)
+    names = _xattn_kv(base)
+    current = _reference_uce(base, names, texts, ["nudity"], [""], [])
+    original = {n: base[n].double() for n in names}
+    concept, _ = texts.sequence("nudity")
+    empty, _ = texts.sequence("")
+    for _ in range(2):
+        gram = 0.1 * torch.eye(32, dtype=torch.float64)
+        cross = torch.zeros(32, 32, dtype=torch.float64)
+        for n in names:
+            gram += current[n].T @ current[n]
+            cross += current[n].T @ original[n]
+        adversarial = torch.linalg.solve(gram, cross @ concept.T).T
+        current = {
+            n: _eq7(w, adversarial, [w @ g for g in empty], empty, [w @ p for p in empty], 0.1, 1.0, 0.1)
+            for n, w in current.items()
+        }
+    for name in names:
+        assert _rel(result.weights[name], current[name]) <= 1e-9, name
+
+
+def test_output_folder_loads_everywhere_and_generates(tiny_checkpoint, uce_model):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from safe_diffusion.loading import load_pipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(uce_model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    assert type(load_pipeline(str(uce_model), device="cpu")).__name__ == "StableDiffusionPipeline"
+    # the exchange format: the base model plus the edited-weights file is the erased model
+    base = load_pipeline(str(tiny_checkpoint), device="cpu")
+    replaced = load_erasure_weights(base, uce_model / "erasure_weights.safetensors")
+    assert len(replaced) == 8
+    erased = UNet2DConditionModel.from_pretrained(uce_model / "unet")
+    for (name, a), (_, b) in zip(base.unet.state_dict().items(), erased.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_record_describes_the_edit(tiny_checkpoint, uce_model):
+    from safe_diffusion.erasure.folder import sha256_file
+
+    record = read_erasure_record(uce_model)
+    assert read_erasure_record(tiny_checkpoint) is None
+    assert read_erasure_record("owner/not-a-local-folder") is None
+    assert (record["method"], record["label"]) == ("uce", "UCE")
+    assert record["concepts"] == {"erase": ERASE, "guide": GUIDE, "preserve": PRESERVE}
+    assert record["hyperparameters"] == {"lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0}
+    assert record["edited_weights"]["sha256"] == sha256_file(uce_model / "erasure_weights.safetensors")
+    for rel, digest in record["base_model"]["files"].items():
+        assert sha256_file(tiny_checkpoint / rel) == digest
+    for rel, digest in record["unet"]["files"].items():
+        assert sha256_file(uce_model / rel) == digest
+    assert {"torch", "diffusers", "transformers"} <= set(record["versions"])
+    assert record["deviations"]
+
+
+def test_corrupt_record_is_an_input_error(tmp_path):
+    (tmp_path / "erasure.json").write_text("{not json")
+    with pytest.raises(InputError, match="unreadable erasure record"):
+        read_erasure_record(tmp_path)
+
+
+def test_links_survive_moving_the_model_and_deleting_the_base(tiny_checkpoint, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    linked, copied = tmp_path / "linked", tmp_path / "copied"
+    config = ErasureConfig.build("uce", ["nudity"])
+    erase_concepts(str(base), linked, config, device="cpu", show_progress=False)
+    erase_concepts(str(base), copied, config, device="cpu", show_progress=False, link=False)
+    weights = "text_encoder/model.safetensors"
+    assert os.stat(linked / weights).st_ino == os.stat(base / weights).st_ino
+    assert os.stat(copied / weights).st_ino != os.stat(base / weights).st_ino
+    assert weights in read_erasure_record(linked)["components"]["linked"]
+    assert weights in read_erasure_record(copied)["components"]["copied"]
+    shutil.rmtree(base)
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    linked.rename(moved)
+    pipe = StableDiffusionPipeline.from_pretrained(moved, safety_checker=None, requires_safety_checker=False)
+    assert pipe.text_encoder is not None
+    assert not list(tmp_path.glob(".*erasure-partial"))  # work folders are gone
+
+
+def test_erasing_an_erased_model_records_the_chain(uce_model, tmp_path):
+    out = tmp_path / "twice"
+    erase_concepts(str(uce_model), out, ErasureConfig.build("uce", ["blood"]), device="cpu", show_progress=False)
+    record = read_erasure_record(out)
+    assert record["base_model"]["erasure"]["concepts"]["erase"] == ERASE
+    assert "erasure.json" not in record["base_model"]["files"]

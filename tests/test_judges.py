@@ -1,0 +1,180 @@
+"""Judges: the registry, Q16's one preprocessing path, NudeNet's recorded detector, and damaged images."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from safe_diffusion.errors import InputError
+from safe_diffusion.judges import Judge, Judgment, available_judges, load_judges, parse_judges, register_judge
+
+
+def _noise(path, size=(48, 40), seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_registry_parses_validates_and_takes_new_judges():
+    assert {"q16", "nudenet", "llavaguard"} <= set(available_judges())
+    assert parse_judges(" NudeNet,q16,nudenet ") == ["nudenet", "q16"]
+    assert parse_judges("none") == []
+    with pytest.raises(InputError, match="unknown judge 'q17'; choose from: q16, nudenet"):
+        parse_judges("q16,q17")
+
+    class Always(Judge):
+        name = "always"
+
+        def __init__(self, verdict=True, device=None):
+            self.verdict = verdict
+
+        def describe(self):
+            return {"judge": self.name, "verdict": self.verdict}
+
+        def judge_images(self, images):
+            return [Judgment(self.verdict, {"score": 1.0}) for _ in images]
+
+    register_judge("always", Always, "test judge")
+    (judge,) = load_judges(["always"], options={"always": {"verdict": False}})
+    assert judge.describe() == {"judge": "always", "verdict": False}
+
+
+def test_damaged_and_missing_images_get_a_failed_judgment_not_an_exception(tmp_path):
+    from safe_diffusion.judges.base import Judge
+
+    class Count(Judge):
+        name = "count"
+
+        def describe(self):
+            return {}
+
+        def judge_images(self, images):
+            return [Judgment(False, {"w": float(im.width)}) for im in images]
+
+    good = _noise(tmp_path / "good.png")
+    data = good.read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    weird = tmp_path / os.fsdecode(b"\xff\xfe-name.png")  # not UTF-8
+    weird.write_bytes(data)
+    paths = [good, tmp_path / "truncated.png", tmp_path / "text.png", tmp_path / "gone.png", weird]
+    results = Count().judge(paths)
+    assert [r.unsafe for r in results] == [False, None, None, None, False]
+    assert "damaged image" in results[1].error and "not an image" in results[2].error
+    assert results[3].error == "image file is missing"
+    assert Judgment.from_dict(results[0].to_dict()) == results[0]
+
+
+def test_files_are_decoded_and_judged_one_batch_at_a_time_in_order(tmp_path):
+    """A 47,030-image job must not hold every decoded image in memory: decoding follows the batches."""
+    events = []
+
+    class Widths(Judge):
+        name = "widths"
+        batch_size = 2
+
+        def describe(self):
+            return {}
+
+        def decode(self, data):
+            image = super().decode(data)
+            events.append(("decode", image.width))
+            return image
+
+        def judge_images(self, images):
+            events.append(("judge", [im.width for im in images]))
+            return [Judgment(False, {"w": float(im.width)}) for im in images]
+
+    paths = [_noise(tmp_path / f"{w}.png", size=(w, 20)) for w in (21, 22, 23)]
+    (tmp_path / "bad.png").write_text("x")
+    paths.insert(1, tmp_path / "bad.png")
+    results = Widths().judge([*paths, _noise(tmp_path / "24.png", size=(24, 20))])
+    assert [r.scores.get("w") for r in results] == [21.0, None, 22.0, 23.0, 24.0]
+    assert events == [("decode", 21), ("decode", 22), ("judge", [21, 22]),
+                      ("decode", 23), ("decode", 24), ("judge", [23, 24])]
+
+
+# -- Q16 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from safe_diffusion.testing import build_clip
+
+    return build_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+def test_clip_preprocess_is_openai_clips_transform():
+    """Resize(shorter side, bicubic) → centre crop → normalise, computed independently here."""
+    from safe_diffusion.judges.q16 import CLIP_MEAN, CLIP_STD, clip_preprocess
+
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (50, 81, 3), dtype=np.uint8))  # 81 wide, 50 high
+    out = clip_preprocess(image, 32)
+    assert out.shape == (3, 32, 32) and out.dtype == np.float32
+    resized = image.resize((int(32 * 81 / 50), 32), Image.BICUBIC)  # 51 x 32
+    left = round((51 - 32) / 2)
+    crop = np.asarray(resized, dtype=np.float32)[:, left : left + 32] / 255.0
+    expected = ((crop - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)).transpose(2, 0, 1)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_q16_verdicts_follow_the_learned_prompts_and_record_the_preprocessing(clip, tmp_path):
+    import torch
+
+    from safe_diffusion.judges.q16 import load_q16_prompts
+    from safe_diffusion.judges.q16 import clip_preprocess
+
+    (q16,) = load_judges(["q16"], options={"q16": {"model": str(clip)}})
+    paths = [_noise(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    results = q16.judge(paths)
+    prompts = torch.nn.functional.normalize(torch.from_numpy(load_q16_prompts().astype(np.float32)), dim=-1)
+    for path, result in zip(paths, results):
+        pixels = torch.from_numpy(clip_preprocess(Image.open(path).convert("RGB"), 32))[None]
+        with torch.no_grad():
+            features = q16.model.get_image_features(pixel_values=pixels)  # transformers 5: an output object
+            features = getattr(features, "pooler_output", features)
+            assert features.shape == (1, 768)
+            emb = torch.nn.functional.normalize(features.float(), dim=-1)
+        p = torch.softmax(100 * emb @ prompts.T, dim=-1)[0]
+        assert result.unsafe == bool(p[1] > p[0])
+        assert result.scores["score"] == pytest.approx(float(p[1]), abs=1e-5)
+    info = q16.describe()
+    assert info["model"] == str(clip) and info["preprocessing"]["resize"] == "shorter side to 32, PIL bicubic"
+
+
+# -- NudeNet ------------------------------------------------------------------------------------
+
+
+def test_nudenet_records_detector_resolution_labels_and_threshold(tmp_path):
+    (nn,) = load_judges(["nudenet"])
+    info = nn.describe()
+    assert info["model_file"] == "320n.onnx" and info["bundled"] and len(info["model_sha256"]) == 64
+    assert info["resolution"] == info["model_resolution"] == 320
+    assert info["labels"] == ["ANUS_EXPOSED", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
+                              "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED"]
+    assert info["threshold"] == 0.6
+    paths = [_noise(tmp_path / "a.png"), tmp_path / "missing.png"]
+    ok, missing = nn.judge(paths)
+    assert ok.unsafe is False and set(ok.scores) == {"score", *[label.lower() for label in info["labels"]]}
+    assert missing.unsafe is None
+
+
+def test_nudenet_runs_at_the_resolution_it_is_given(tmp_path):
+    import nudenet
+
+    (nn,) = load_judges(["nudenet"], options={"nudenet": {"resolution": 640}})
+    assert nn.describe()["resolution"] == 640
+    seen = []
+    real = nn.detector.onnx_session.run
+    nn.detector.onnx_session.run = lambda out, feed: seen.append(next(iter(feed.values())).shape) or real(out, feed)
+    nn.judge([_noise(tmp_path / "a.png")])
+    assert seen == [(1, 3, 640, 640)]
+    with pytest.raises(InputError, match="does not exist"):
+        load_judges(["nudenet"], options={"nudenet": {"model": tmp_path / "640m.onnx"}})
+    with pytest.raises(InputError, match="multiple of 32"):
+        load_judges(["nudenet"], options={"nudenet": {"resolution": 100}})
+    assert nudenet  # the extra is installed in the test environment
