@@ -54,3 +54,13 @@ def test_bad_model_references_raise_input_error(model, message):
 def test_folder_without_model_index_is_refused(tmp_path):
     with pytest.raises(InputError, match="no model_index.json"):
         load_pipeline(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("family, expected", [("pixart-sigma", "PixArtSigmaPipeline"), ("flux", "FluxPipeline")])
+def test_load_pipeline_loads_the_checkpoints_own_pipeline_class(tmp_path, family, expected):
+    from safe_diffusion.loading import load_pipeline
+    from safe_diffusion.testing import FAMILIES
+
+    FAMILIES[family](tmp_path)
+    pipe = load_pipeline(str(tmp_path), device="cpu")
+    assert type(pipe).__name__ == expected and pipe.transformer.dtype == torch.float32

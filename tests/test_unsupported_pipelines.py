@@ -1,7 +1,7 @@
 """guide() refuses, in one line naming the pipeline, every pipeline it cannot guide correctly, before
-touching it: transformer pipelines (not yet served), pipelines whose guidance batch has three blocks
-(PAG, InstructPix2Pix) or whose UNet runs outside it (SAG, Panorama), and pipelines without the hooks
-the engine relies on. Each refused pipeline is left exactly as it was."""
+touching it: pipelines whose guidance batch has three blocks
+(PAG, InstructPix2Pix) or whose UNet runs outside it (SAG, Panorama). Transformer families are served
+(tests/test_families.py). Each refused pipeline is left exactly as it was."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from safe_diffusion import SafetyGuidance, guide
-from safe_diffusion.errors import InputError, UnsupportedPipelineError
+from safe_diffusion.errors import UnsupportedPipelineError
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def _hooks(module: torch.nn.Module) -> int:
     [
         ("StableDiffusionPAGPipeline", "third block"),
         ("StableDiffusionInstructPix2PixPipeline", "three blocks"),
-        ("StableDiffusionSAGPipeline", "outside the guidance batch"),
-        ("StableDiffusionPanoramaPipeline", "one UNet call each"),
+        ("StableDiffusionSAGPipeline", "attention maps of the guidance batch"),
+        ("StableDiffusionPanoramaPipeline", "batches of views"),
     ],
 )
 def test_unet_pipelines_with_other_guidance_batches_are_refused(sd, cls, why):
@@ -39,35 +39,13 @@ def test_unet_pipelines_with_other_guidance_batches_are_refused(sd, cls, why):
     with pytest.raises(UnsupportedPipelineError, match=f"guide\\(\\) cannot serve {cls}: .*{why}"):
         with guide(pipe, SafetyGuidance.from_preset("max")):
             pass
-    assert _hooks(pipe.unet) == 0 and "progress_bar" not in vars(pipe)
-
-
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_transformer_pipelines_are_refused_in_one_line(tmp_path_factory, family):
-    from diffusers import DiffusionPipeline
-
-    from safe_diffusion.testing.flux import build_flux_checkpoint
-    from safe_diffusion.testing.sd3 import build_sd3_checkpoint
-
-    path = tmp_path_factory.mktemp(family)
-    if family == "sd3":
-        build_sd3_checkpoint(path)
-        pipe = DiffusionPipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
-    else:
-        build_flux_checkpoint(path)
-        pipe = DiffusionPipeline.from_pretrained(path)
-    with pytest.raises(InputError) as info:
-        with guide(pipe, SafetyGuidance.from_preset("max")):
-            pass
-    message = str(info.value)
-    assert "\n" not in message and type(pipe).__name__ in message and "transformer" in message
-    assert _hooks(pipe.transformer) == 0
+    assert _hooks(pipe.unet) == 0 and type(pipe) is getattr(diffusers, cls)
 
 
 def test_a_failing_attach_leaves_no_hooks(sd, monkeypatch):
-    import importlib
+    from safe_diffusion.engine import core
 
-    guide_module = importlib.import_module("safe_diffusion.pipelines.guide")
+    cls = type(sd)
 
     def broken(self, *args, **kwargs):
         raise RuntimeError("hook registration failed")
@@ -77,7 +55,7 @@ def test_a_failing_attach_leaves_no_hooks(sd, monkeypatch):
         with guide(sd, SafetyGuidance.from_preset("max")):
             pass
     monkeypatch.undo()
-    assert _hooks(sd.unet) == 0 and "progress_bar" not in vars(sd) and guide_module._ENGINE_ATTR not in vars(sd)
+    assert _hooks(sd.unet) == 0 and type(sd) is cls and sd not in core._ENGINES
 
 
 def test_strict_mode_raises_when_guidance_is_off(sd):
@@ -86,7 +64,7 @@ def test_strict_mode_raises_when_guidance_is_off(sd):
     call = dict(num_inference_steps=2, height=32, width=32, guidance_scale=1.0)
     with guide(sd, SafetyGuidance.from_preset("max")):  # default: a warning, and the plain image
         sd("a cat", generator=torch.Generator().manual_seed(0), **call)
-    with pytest.raises(GuidanceOffError, match="SafetyGuidance cannot act: classifier-free guidance is off"):
+    with pytest.raises(GuidanceOffError, match="need classifier-free guidance, which this StableDiffusionPipeline call runs without"):
         with guide(sd, SafetyGuidance.from_preset("max"), strict=True):
             sd("a cat", generator=torch.Generator().manual_seed(0), **call)
     assert _hooks(sd.unet) == 0

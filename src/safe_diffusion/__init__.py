@@ -17,7 +17,7 @@ _EXPORTS = {
     "SemanticGuidance": "safe_diffusion.guidance",
     "SafeStableDiffusionPipeline": "safe_diffusion.pipelines",
     "SemanticStableDiffusionPipeline": "safe_diffusion.pipelines",
-    "guide": "safe_diffusion.pipelines",
+    "guide": "safe_diffusion.engine",
     "load_pipeline": "safe_diffusion.loading",
 }
 

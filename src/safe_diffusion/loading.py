@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -64,22 +65,27 @@ def _quiet_loading():
 
 
 def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Load `model` as the plain diffusers pipeline its family uses: ``StableDiffusionXLPipeline`` for SDXL
-    checkpoints, ``StableDiffusionPipeline`` for every other Stable Diffusion checkpoint.
+    """Load `model` as the plain diffusers pipeline its checkpoint names (``_class_name`` in
+    ``model_index.json``: SD, SDXL, SD3, FLUX, PixArt, Qwen-Image, Wan, …); a checkpoint naming no known
+    pipeline class loads as ``StableDiffusionXLPipeline`` ("XL" in its name) or ``StableDiffusionPipeline``.
 
     The pipeline applies no guidance of its own; attach guidance with :func:`safe_diffusion.guide`.
     No safety checker is loaded: guidance and the I2P classifiers do the safety work here.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     check_model_reference(model)
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
+    # the checkpoint's own pipeline class (SD, SDXL, SD3, FLUX, PixArt, Qwen-Image, Wan, …); guide() refuses
+    # in one line a pipeline it cannot serve
     class_name = pipeline_class_name(model) or ""
-    cls = StableDiffusionXLPipeline if "XL" in class_name else StableDiffusionPipeline
-    kwargs = {"torch_dtype": dtype}
-    if cls is StableDiffusionPipeline:
+    cls = getattr(diffusers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        cls = diffusers.StableDiffusionXLPipeline if "XL" in class_name else diffusers.StableDiffusionPipeline
+    kwargs = {"dtype": dtype}
+    if "safety_checker" in inspect.signature(cls.__init__).parameters:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
         with _quiet_loading():

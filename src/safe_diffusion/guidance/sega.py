@@ -20,15 +20,22 @@ def semantic_direction(
     threshold: float,
     sign: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
-    """γ_i = μ(ψ_i; s_e, λ)·ψ_i of SEGA eq. (3)–(5): ±s_e(ε_e − ε_∅), kept where |·| reaches its λ-quantile per sample and channel."""
+    """γ_i = μ(ψ_i; s_e, λ)·ψ_i of SEGA eq. (3)–(5): ±s_e(ε_e − ε_∅), kept where |·| reaches its λ-quantile per sample and channel.
+
+    Estimates are laid out (batch, channels, *spatial): any number of spatial dimensions, e.g. (H, W)
+    for images or (frames, H, W) for video; the quantile is taken over all of them.
+    """
     diff = eps_edit - eps_uncond
-    if isinstance(sign, torch.Tensor):  # per image: shape (batch,) → broadcast over C, H, W
+    if diff.ndim < 3:
+        raise ValueError(f"estimates must be laid out (batch, channels, *spatial), got shape {tuple(diff.shape)}")
+    if isinstance(sign, torch.Tensor):  # per image: shape (batch,) → broadcast over channels and spatial dims
         sign = sign.to(device=diff.device, dtype=diff.dtype).reshape(-1, *([1] * (diff.ndim - 1)))
     psi = diff * sign * scale
     magnitude = psi.abs()
-    # torch.quantile needs float32; half-precision pipelines compute the percentile in float32.
+    # The percentile is taken in float32 whatever the dtype, as the reference does (half precision needs it).
     q = torch.quantile(magnitude.flatten(start_dim=2).float(), threshold, dim=2).to(psi.dtype)
-    return torch.where(magnitude >= q[:, :, None, None], psi, torch.zeros_like(psi))
+    q = q.reshape(*q.shape, *([1] * (psi.ndim - 2)))  # (batch, channels, 1, …): one threshold per sample and channel
+    return torch.where(magnitude >= q, psi, torch.zeros_like(psi))
 
 
 def sega_step(
@@ -72,7 +79,7 @@ def sega_step(
             semantic_direction(eps_uncond, eps_edit, scale=scales[i], threshold=thresholds[i], sign=signs[i])
         )
         concept_weights.append(max(weights[i], 0.0))
-    gamma = torch.stack(gammas)  # (concepts, batch, C, H, W)
+    gamma = torch.stack(gammas)  # (concepts, batch, channels, *spatial)
     w = torch.tensor(concept_weights, dtype=eps_uncond.dtype, device=eps_uncond.device)[:, None].expand(n, batch)
 
     n_warm = sum(warm)
@@ -82,9 +89,9 @@ def sega_step(
         w_warm = w[idx]
         # A warm set whose weights are all zero (all cooled down) would divide 0 by 0; it adds nothing instead.
         w_warm = torch.nan_to_num(w_warm / w_warm.sum(dim=0))
-        term = torch.einsum("cb,cbijk->bijk", w_warm, gamma[idx])
+        term = torch.einsum("cb,cb...->b...", w_warm, gamma[idx])
 
-    combined = torch.einsum("cb,cbijk->bijk", w, gamma) + momentum_scale * momentum  # eq. (8), (6)
+    combined = torch.einsum("cb,cb...->b...", w, gamma) + momentum_scale * momentum  # eq. (8), (6)
     new_momentum = mom_beta * momentum + (1 - mom_beta) * combined  # eq. (7)
     if n_warm == n:
         term = combined

@@ -4,6 +4,11 @@ A term names the concepts whose noise estimates it needs, says at which steps it
 turns the estimates into a correction of the prompt's estimate ε_p: the pipeline's own
 classifier-free guidance, ε_∅ + s_g·(ε_p + Δ − ε_∅), then yields the guided estimate. Terms hold
 no tensors between runs; each run's state is created by :meth:`initial_state` and passed back in.
+
+Every term describes itself (:meth:`describe`: JSON-ready settings for sidecars and run records),
+says in which prediction space its thresholds and scales act (``space``, see :data:`SPACES` and
+docs/guidance.md), and may give its warm-up as a fraction of the schedule, resolved to steps for
+one run by :meth:`for_schedule`.
 """
 
 from __future__ import annotations
@@ -20,13 +25,68 @@ from .sld import DEFAULT_SAFETY_CONCEPT, SafetyConfig, needs_safety_estimate, sl
 
 Concept = str | torch.Tensor  # a text, or precomputed text-encoder embeddings of shape (tokens, dim)
 
+#: Where a term's thresholds and scales act. "model": on the denoiser's own output, whatever it
+#: predicts. "epsilon": on the ε-equivalent of the output (its differences rescaled to those of a
+#: noise prediction at the same x_t). "auto": "model" for ε- and v-prediction models (exactly what the
+#: reference pipelines do) and "epsilon" for flow-matching velocity models. See docs/guidance.md.
+SPACES = ("auto", "model", "epsilon")
+
+
+def _check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
+
+
+def _check_fraction(name: str, value) -> None:
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is not None and not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name} must be a fraction of the schedule in [0, 1], got {v}")
+
+
+def steps_from_fraction(fraction: float, total_steps: int) -> int:
+    """The first step at or after `fraction` of a run of `total_steps` denoiser evaluations (floor, as diffusers'
+    guiders turn their ``start``/``stop`` fractions into steps)."""
+    return int(float(fraction) * total_steps)
+
+
+def _describe_value(value):
+    if isinstance(value, torch.Tensor):
+        return "<embeddings>"
+    if isinstance(value, (list, tuple)):
+        return [_describe_value(v) for v in value]
+    return value
+
+
+def describe_fields(term, prediction: str | None = None) -> dict:
+    """``{"type": …, <every constructor field>…}`` of a dataclass term, JSON-ready (embeddings as
+    ``"<embeddings>"``). Given the pipeline's `prediction` type ("epsilon", "v_prediction", "flow"), also
+    ``"prediction"`` and ``"acts_in"``: the space ("model" or "epsilon") the term's ``space`` setting means there."""
+    out = {"type": type(term).__name__}
+    for f in dataclasses.fields(term):
+        if f.init:
+            out[f.name] = _describe_value(getattr(term, f.name))
+    if prediction is not None:
+        out["prediction"] = prediction
+        out["acts_in"] = resolve_space(getattr(term, "space", "auto"), prediction)
+    return out
+
+
+def resolve_space(space: str, prediction: str) -> str:
+    """The space a term with setting `space` acts in on a model predicting `prediction`
+    ("epsilon", "v_prediction", "flow", …): "model" or "epsilon"."""
+    _check_space(space)
+    if space != "auto":
+        return space
+    return "epsilon" if prediction == "flow" else "model"
+
 
 @runtime_checkable
 class GuidanceTerm(Protocol):
-    """What the engine in :mod:`safe_diffusion.pipelines.guide` asks of a term."""
+    """What the engine (:mod:`safe_diffusion.engine`) asks of a term.
 
-    def describe(self) -> dict:
-        """What a run records about the term (JSON-ready)."""
+    Optional members, used when present: ``space`` (one of :data:`SPACES`, default "auto") and
+    ``for_schedule(total_steps)`` (the term with fractional warm-ups resolved for one run).
+    """
 
     @property
     def concepts(self) -> Sequence[Concept]: ...
@@ -47,12 +107,18 @@ class GuidanceTerm(Protocol):
     ) -> tuple[torch.Tensor, Any]:
         """The correction Δ to ε_p at `step`, and the new state."""
 
+    def describe(self, prediction: str | None = None) -> dict:
+        """JSON-ready settings: type, hyper-parameters, the prediction space it acts in."""
+
 
 @dataclass(frozen=True)
 class SafetyGuidance:
     """Safe Latent Diffusion (Schramowski et al., CVPR 2023): steer away from a safety concept.
 
-    Defaults are the MEDIUM preset, as in diffusers' ``StableDiffusionPipelineSafe``.
+    Defaults are the MEDIUM preset, as in diffusers' ``StableDiffusionPipelineSafe``. Steps count
+    denoiser evaluations, as the reference does (a second-order scheduler such as Heun evaluates twice
+    per step); ``warmup_fraction`` instead starts guidance at that fraction of the run's evaluations
+    (not the reference's rule). ``space``: see :data:`SPACES`.
     """
 
     concept: Concept = DEFAULT_SAFETY_CONCEPT
@@ -61,12 +127,21 @@ class SafetyGuidance:
     threshold: float = 0.01
     momentum_scale: float = 0.3
     mom_beta: float = 0.4
+    warmup_fraction: float | None = None
+    space: str = "auto"
+
+    def __post_init__(self):
+        _check_space(self.space)
+        _check_fraction("warmup_fraction", self.warmup_fraction)
+        if int(self.warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
 
     @classmethod
-    def from_preset(cls, name: str, concept: Concept = DEFAULT_SAFETY_CONCEPT) -> SafetyGuidance:
-        """The paper's WEAK / MEDIUM / STRONG / MAX hyper-parameters (SLD, Table 1)."""
+    def from_preset(cls, name: str, concept: Concept = DEFAULT_SAFETY_CONCEPT, **overrides) -> SafetyGuidance:
+        """The paper's WEAK / MEDIUM / STRONG / MAX hyper-parameters (SLD, Table 1); `overrides` replace fields
+        (e.g. ``space="model"``, ``warmup_fraction=0.2``)."""
         p = SafetyConfig.get(name)
-        return cls(
+        fields_ = dict(
             concept=concept,
             scale=p.sld_guidance_scale,
             warmup_steps=p.sld_warmup_steps,
@@ -74,17 +149,25 @@ class SafetyGuidance:
             momentum_scale=p.sld_momentum_scale,
             mom_beta=p.sld_mom_beta,
         )
+        return cls(**{**fields_, **overrides})
 
     @property
     def concepts(self) -> list[Concept]:
         return [self.concept]
 
+    def for_schedule(self, total_steps: int) -> SafetyGuidance:
+        """This term for a run of `total_steps` denoiser evaluations: ``warmup_fraction`` turned into steps."""
+        if self.warmup_fraction is None:
+            return self
+        return dataclasses.replace(
+            self, warmup_steps=steps_from_fraction(self.warmup_fraction, total_steps), warmup_fraction=None
+        )
+
+    def describe(self, prediction: str | None = None) -> dict:
+        return describe_fields(self, prediction)
+
     def needs(self, step: int) -> list[bool]:
         return [needs_safety_estimate(step, warmup_steps=self.warmup_steps, momentum_scale=self.momentum_scale)]
-
-    def describe(self) -> dict:
-        """Type and hyper-parameters, JSON-ready (concept embeddings are named, not dumped)."""
-        return describe_term(self)
 
     def initial_state(self) -> None:
         return None
@@ -119,7 +202,9 @@ class SemanticGuidance:
 
     Every per-concept setting is a single value or a list with one entry per concept; `reverse`
     removes a concept instead of adding it. Defaults are those of diffusers'
-    ``SemanticStableDiffusionPipeline``.
+    ``SemanticStableDiffusionPipeline``. ``warmup_fraction`` / ``cooldown_fraction`` (one value or
+    one per concept) replace the step counts by fractions of the run's denoiser evaluations (not the
+    reference's rule). ``space``: see :data:`SPACES`.
     """
 
     concepts: Sequence[Concept] = ()
@@ -131,9 +216,13 @@ class SemanticGuidance:
     weights: Sequence[float] | None = None
     momentum_scale: float = 0.1
     mom_beta: float = 0.4
+    warmup_fraction: float | None | Sequence[float | None] = None
+    cooldown_fraction: float | None | Sequence[float | None] = None
+    space: str = "auto"
     _signs: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        _check_space(self.space)
         concepts = [self.concepts] if isinstance(self.concepts, (str, torch.Tensor)) else list(self.concepts)
         if not concepts:
             raise ValueError("SemanticGuidance needs at least one edit concept")
@@ -141,6 +230,12 @@ class SemanticGuidance:
         n = len(concepts)
         for name in ("reverse", "scale", "threshold", "warmup_steps", "cooldown_steps"):
             object.__setattr__(self, name, _per_concept(getattr(self, name), n, name))
+        for name in ("warmup_fraction", "cooldown_fraction"):
+            value = getattr(self, name)
+            if value is not None:
+                value = _per_concept(value, n, name)
+                _check_fraction(name, value)
+                object.__setattr__(self, name, value)
         weights = [1.0] * n if self.weights is None else _per_concept(list(self.weights), n, "weights")
         object.__setattr__(self, "weights", weights)
         for t in self.threshold:
@@ -152,15 +247,31 @@ class SemanticGuidance:
         """Per concept, +1 to add it or −1 to remove it (a scalar, or a per-image tensor in subclasses)."""
         return self._signs
 
+    def for_schedule(self, total_steps: int) -> SemanticGuidance:
+        """This term for a run of `total_steps` denoiser evaluations: fractional warm-ups/cool-downs turned into steps."""
+        if self.warmup_fraction is None and self.cooldown_fraction is None:
+            return self
+        changes: dict = {"warmup_fraction": None, "cooldown_fraction": None}
+        if self.warmup_fraction is not None:
+            changes["warmup_steps"] = [
+                w if f is None else steps_from_fraction(f, total_steps)
+                for w, f in zip(self.warmup_steps, self.warmup_fraction)
+            ]
+        if self.cooldown_fraction is not None:
+            changes["cooldown_steps"] = [
+                c if f is None else steps_from_fraction(f, total_steps)
+                for c, f in zip(self.cooldown_steps, self.cooldown_fraction)
+            ]
+        return dataclasses.replace(self, **changes)
+
+    def describe(self, prediction: str | None = None) -> dict:
+        return describe_fields(self, prediction)
+
     def needs(self, step: int) -> list[bool]:
         return [
             needs_edit_estimate(step, warmup_steps=w, cooldown_steps=c, momentum_scale=self.momentum_scale)
             for w, c in zip(self.warmup_steps, self.cooldown_steps)
         ]
-
-    def describe(self) -> dict:
-        """Type and hyper-parameters, JSON-ready (concept embeddings are named, not dumped)."""
-        return describe_term(self)
 
     def initial_state(self) -> None:
         return None
@@ -198,6 +309,7 @@ class FairGuidance:
     batch, in batch order: ``FairGuidance(["male person", "female person"]).for_seeds(seeds)``.
     `run_length` defaults to the shortest run over which the proportions are whole numbers.
     Defaults are those of the paper's code: warm-up 5, edit scale 4, threshold 0.95, momentum 0.5, β 0.6.
+    ``warmup_fraction`` and ``space`` as in :class:`SemanticGuidance`.
     """
 
     directions: Sequence[str] = ()
@@ -209,11 +321,15 @@ class FairGuidance:
     mom_beta: float = 0.6
     run_length: int | None = None
     seeds: Sequence[int] | None = None
+    warmup_fraction: float | None = None
+    space: str = "auto"
     _semantic: SemanticGuidance = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         from .fair import check_proportions, minimal_run_length
 
+        _check_space(self.space)
+        _check_fraction("warmup_fraction", self.warmup_fraction)
         directions = [self.directions] if isinstance(self.directions, str) else list(self.directions)
         if len(directions) < 2:
             raise ValueError("Fair Diffusion needs at least two directions")
@@ -238,6 +354,8 @@ class FairGuidance:
                 warmup_steps=self.warmup_steps,
                 momentum_scale=self.momentum_scale,
                 mom_beta=self.mom_beta,
+                warmup_fraction=self.warmup_fraction,
+                space=self.space,
             ),
         )
 
@@ -257,6 +375,21 @@ class FairGuidance:
     def concepts(self) -> list[str]:
         return self.directions
 
+    def for_schedule(self, total_steps: int) -> FairGuidance:
+        """This term for a run of `total_steps` denoiser evaluations: ``warmup_fraction`` turned into steps."""
+        if self.warmup_fraction is None:
+            return self
+        return dataclasses.replace(
+            self, warmup_steps=steps_from_fraction(self.warmup_fraction, total_steps), warmup_fraction=None
+        )
+
+    def describe(self, prediction: str | None = None) -> dict:
+        """Settings as :meth:`SemanticGuidance.describe`; when bound to seeds, also each image's direction."""
+        out = describe_fields(self, prediction)
+        if self.seeds is not None:
+            out["assigned_directions"] = [self.directions[i] for i in self.assignments()]
+        return out
+
     def signs(self, batch: int) -> list[torch.Tensor]:
         """Per direction, a per-image tensor: +1 where it is the image's direction, −1 elsewhere."""
         chosen = torch.tensor(self.assignments())
@@ -267,10 +400,6 @@ class FairGuidance:
     def needs(self, step: int) -> list[bool]:
         return self._semantic.needs(step)
 
-    def describe(self) -> dict:
-        """Type and hyper-parameters, JSON-ready (concept embeddings are named, not dumped)."""
-        return describe_term(self)
-
     def initial_state(self) -> None:
         return None
 
@@ -279,19 +408,9 @@ class FairGuidance:
         return self._semantic.apply_signed(eps_uncond, eps_concepts, step, state, guidance_scale, signs)
 
 
-def _json_value(value: Any) -> Any:
-    """A term's field as JSON: embeddings are named, not dumped."""
-    if isinstance(value, torch.Tensor):
-        return "<embeddings>"
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    return value
-
-
 def describe_term(term: Any) -> dict:
     """What a run records about a term: its type and every hyper-parameter it was built with."""
-    fields = {f.name: _json_value(getattr(term, f.name)) for f in dataclasses.fields(term) if f.init}
-    return {"type": type(term).__name__, **fields}
+    return describe_fields(term)
 
 
 def describe_terms(terms: Sequence[Any]) -> list[dict]:

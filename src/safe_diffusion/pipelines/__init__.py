@@ -1,6 +1,6 @@
 """diffusers integration: drop-in pipelines and guidance attached to any pipeline."""
 
-from .guide import guide
+from ..engine import guide
 from .safe import SafeStableDiffusionPipeline, SafeStableDiffusionPipelineOutput
 from .semantic import SemanticStableDiffusionPipeline, SemanticStableDiffusionPipelineOutput
 

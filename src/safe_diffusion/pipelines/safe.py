@@ -12,7 +12,7 @@ from diffusers.utils import BaseOutput
 
 from ..guidance.sld import DEFAULT_SAFETY_CONCEPT
 from ..guidance.terms import SafetyGuidance
-from .guide import guide
+from ..engine import guide, guided_call
 
 
 @dataclass
@@ -36,6 +36,7 @@ class SafeStableDiffusionPipeline(StableDiffusionPipeline):
     """
 
     _safety_concept: str = DEFAULT_SAFETY_CONCEPT
+    _safe_diffusion_native = True  # our own drop-in: guide() serves it
 
     @property
     def safety_concept(self) -> str:
@@ -90,7 +91,7 @@ class SafeStableDiffusionPipeline(StableDiffusionPipeline):
         if callback is not None:
             kwargs.update(callback=callback, callback_steps=callback_steps)
         self._flagged = None
-        with guide(self, *terms):
+        with guide(self, *terms), guided_call(self, guidance_scale=guidance_scale, **kwargs):
             out = super().__call__(
                 prompt=prompt,
                 height=height,

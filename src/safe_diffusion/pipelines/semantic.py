@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from ..guidance.terms import SemanticGuidance
-from .guide import guide
+from ..engine import guide, guided_call
 
 
 @dataclass
@@ -28,6 +28,8 @@ class SemanticStableDiffusionPipeline(StableDiffusionPipeline):
     Takes the arguments of diffusers' ``SemanticStableDiffusionPipeline``; every ``edit_*`` argument
     is one value for all concepts or a list with one value per concept.
     """
+
+    _safe_diffusion_native = True  # our own drop-in: guide() serves it, its editing_prompt is ours
 
     @torch.no_grad()
     def __call__(
@@ -82,7 +84,7 @@ class SemanticStableDiffusionPipeline(StableDiffusionPipeline):
             )
         if callback is not None:
             kwargs.update(callback=callback, callback_steps=callback_steps)
-        with guide(self, *terms):
+        with guide(self, *terms), guided_call(self, guidance_scale=guidance_scale, **kwargs):
             out = super().__call__(
                 prompt=prompt,
                 height=height,

@@ -1,0 +1,473 @@
+"""The guidance engine: guidance terms run inside a pipeline's own denoiser calls.
+
+``with guide(pipe, *terms): pipe(...)`` — the pipeline runs unchanged. Three pieces do the work:
+
+* **One call, one state.** Inside the block the pipeline's class is a thin subclass whose
+  ``__call__`` opens a :class:`_Call` for that call only: the concepts are encoded with the call's
+  own arguments (``lora_scale``, ``clip_skip``, ``max_sequence_length``), the step counter and the
+  terms' momenta start from zero, and the state lives in a :class:`contextvars.ContextVar` that is
+  reset when the call returns or raises. A new denoising loop is therefore a new pipeline call,
+  whatever the pipeline does inside it (no reliance on ``progress_bar``); two calls with the same
+  seed give the same images; two threads each see their own call.
+* **Hooks on the denoiser, owned by nobody.** Each denoiser component gets one forward pre-hook
+  and one forward hook (torch module hooks, shared by every engine that serves the module and
+  removed with the last one). They act only while a guided call of a pipeline that owns that
+  denoiser is running in the current context, so a pipeline sharing the denoiser (``from_pipe``,
+  ``**pipe.components``) is never guided by another's block. Torch hooks, not diffusers'
+  ``HookRegistry``: the registry replaces ``module.forward``, which accelerate's model offloading
+  also replaces and restores after every call (``maybe_free_model_hooks``), silently dropping a
+  registry hook installed after it; torch hooks live beside ``forward`` and survive that. They
+  are excluded from ``torch.compile`` tracing, so a compiled denoiser is compiled without them.
+* **Rows ride along.** Where the pipeline batches classifier-free guidance in one call
+  ([negative; prompt]: SD, SDXL, SD3, PixArt), the pre-hook appends one block of rows per needed
+  concept (the prompt's latents and conditioning with the concept's text) and the hook folds
+  each term's correction Δ into the prompt's estimate; the pipeline's own formula
+  ε_∅ + s·(ε_p + Δ − ε_∅) then yields the guided estimate. Where the pipeline evaluates the prompt
+  and the negative prompt in two calls, prompt first (FLUX and Qwen-Image true CFG, Wan), the
+  concept rows ride with the prompt's call and Δ is added to the prompt's estimate once the
+  negative estimate exists, in place, before the pipeline combines them. Either way there is no
+  extra denoiser call per step.
+
+Steps count guided denoiser evaluations, as the reference pipelines count them (a second-order
+scheduler such as Heun evaluates twice per step; terms can give warm-ups as fractions of the run
+instead, see :meth:`~safe_diffusion.guidance.SafetyGuidance.for_schedule`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+
+from ..errors import GuidanceError, GuidanceOffError
+from ..guidance.terms import GuidanceTerm, resolve_space
+from .adapters import DenoiserAdapter
+from .spaces import apply_in_epsilon
+from .support import served_denoisers
+
+logger = logging.getLogger(__name__)
+
+#: The guided pipeline call running in this context (thread, task), if any.
+_CURRENT: ContextVar[_Call | None] = ContextVar("safe_diffusion_guided_call", default=None)
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline → its engine
+_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser → [pre handle, hook handle, users]
+_GUIDED_CLASSES: dict[type, type] = {}
+_LOCK = threading.RLock()
+
+
+# -- the hooks ----------------------------------------------------------------------------------------
+
+
+@torch.compiler.disable
+def _before_denoiser(module, args, kwargs):
+    call = _CURRENT.get()
+    if call is None:
+        return None
+    return call.before(module, args, kwargs)
+
+
+@torch.compiler.disable
+def _after_denoiser(module, args, kwargs, output):
+    call = _CURRENT.get()
+    if call is None:
+        return None
+    return call.after(module, output)
+
+
+def _hook(module) -> None:
+    with _LOCK:
+        entry = _HOOKS.get(module)
+        if entry is None:
+            pre = module.register_forward_pre_hook(_before_denoiser, with_kwargs=True)
+            try:
+                post = module.register_forward_hook(_after_denoiser, with_kwargs=True)
+            except BaseException:
+                pre.remove()
+                raise
+            entry = _HOOKS[module] = [pre, post, 0]
+        entry[2] += 1
+
+
+def _unhook(module) -> None:
+    with _LOCK:
+        entry = _HOOKS.get(module)
+        if entry is None:
+            return
+        entry[2] -= 1
+        if entry[2] <= 0:
+            entry[0].remove()
+            entry[1].remove()
+            del _HOOKS[module]
+
+
+# -- the pipeline's call ----------------------------------------------------------------------------
+
+
+def _guided_class(cls: type) -> type:
+    """A subclass of `cls`, same name, whose ``__call__`` runs each call of a guided pipeline in its own state."""
+    with _LOCK:
+        sub = _GUIDED_CLASSES.get(cls)
+        if sub is not None:
+            return sub
+        signature = inspect.signature(cls.__call__)
+
+        def __call__(self, *args, **kwargs):
+            engine = _ENGINES.get(self)
+            if engine is None or not engine.terms:
+                return cls.__call__(self, *args, **kwargs)
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+            except TypeError:  # let the pipeline report its own argument error
+                return cls.__call__(self, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            arguments.pop(next(iter(signature.parameters)), None)  # self
+            for name, param in signature.parameters.items():
+                if param.kind is param.VAR_KEYWORD:
+                    arguments.update(arguments.pop(name, {}))
+            with engine.run(arguments):
+                return cls.__call__(self, *args, **kwargs)
+
+        __call__.__doc__ = cls.__call__.__doc__
+        __call__.__signature__ = signature
+        sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        sub.__qualname__ = cls.__qualname__
+        _GUIDED_CLASSES[cls] = sub
+        return sub
+
+
+class _Engine:
+    """The terms attached to one pipeline, its denoisers' hooks, and its swapped class."""
+
+    def __init__(self, pipe):
+        found = served_denoisers(pipe)  # raises GuidanceError before anything changes
+        self.pipe = pipe
+        self.terms: list[GuidanceTerm] = []
+        self.strict = 0
+        self.modules = [module for _, module, _ in found]
+        self.adapters: dict[int, DenoiserAdapter] = {id(m): a(pipe, n, m) for n, m, a in found}
+        self.original_class = type(pipe)
+
+    def attach(self) -> None:
+        hooked = []
+        try:
+            for module in self.modules:
+                _hook(module)
+                hooked.append(module)
+            object.__setattr__(self.pipe, "__class__", _guided_class(self.original_class))
+            _ENGINES[self.pipe] = self
+        except BaseException:
+            for module in hooked:
+                _unhook(module)
+            object.__setattr__(self.pipe, "__class__", self.original_class)
+            _ENGINES.pop(self.pipe, None)
+            raise
+
+    def detach(self) -> None:
+        _ENGINES.pop(self.pipe, None)
+        object.__setattr__(self.pipe, "__class__", self.original_class)
+        for module in self.modules:
+            _unhook(module)
+
+    @property
+    def adapter(self) -> DenoiserAdapter:
+        return next(iter(self.adapters.values()))
+
+    @contextmanager
+    def run(self, arguments: dict) -> Iterator[_Call]:
+        """One pipeline call with the terms attached now: its own state, cleared when the call ends."""
+        call = _Call(self, arguments)
+        call.start()
+        token = _CURRENT.set(call)
+        try:
+            yield call
+            call.finish()
+        finally:
+            _CURRENT.reset(token)
+
+
+class _Call:
+    """The state of one guided pipeline call."""
+
+    def __init__(self, engine: _Engine, arguments: dict):
+        self.engine = engine
+        self.pipe = engine.pipe
+        self.arguments = arguments
+        self.terms = list(engine.terms)
+        self.strict = engine.strict > 0
+        self.step = 0
+        self.evaluations = 0
+        self.states = [t.initial_state() for t in self.terms]
+        self.active = True
+        self.cfg_entry = True
+        self.lost_warned = False
+        self.scheduled = False
+        self.rows: list[list[dict]] = []  # per term, per concept: the rows that stand for it
+        self.pending: dict[int, tuple] = {}
+        self.cond: dict | None = None  # separate calls: the prompt call's estimates, until the negative call
+        prediction = engine.adapter.prediction()
+        self.prediction = prediction
+        self.spaces = [resolve_space(getattr(t, "space", "auto"), prediction) for t in self.terms]
+
+    @property
+    def name(self) -> str:
+        return self.engine.original_class.__name__
+
+    # -- start and end ---------------------------------------------------------------------------
+    def start(self) -> None:
+        adapter = self.engine.adapter
+        cfg, reason = adapter.cfg_in_call(self.arguments)
+        self.cfg_entry = cfg
+        if not cfg:
+            message = (
+                f"safety and semantic guidance need classifier-free guidance, which this {self.name} call "
+                f"runs without ({reason})"
+            )
+            if adapter.separate_calls or self.strict:
+                raise GuidanceOffError(message)
+            logger.warning("%s; running unguided", message)
+            self.active = False
+            return
+        self._encode()
+
+    def finish(self) -> None:
+        if self.active and self.evaluations == 0:
+            message = f"guidance never acted: {self.name} made no classifier-free-guidance denoiser call"
+            if self.strict:
+                raise GuidanceOffError(message)
+            logger.warning(message)
+
+    def _encode(self) -> None:
+        adapter = self.engine.adapter
+        texts = sorted({c for t in self.terms for c in t.concepts if isinstance(c, str)})
+        encoded = {}
+        if texts:
+            device = self.pipe._execution_device
+            with torch.no_grad():
+                encoded = dict(zip(texts, adapter.encode(texts, self.arguments, device)))
+        if any(not isinstance(c, str) for t in self.terms for c in t.concepts):
+            with torch.no_grad():
+                probe = adapter.encode([""], self.arguments, self.pipe._execution_device)[0]
+            if set(probe) != {"encoder_hidden_states"}:
+                raise GuidanceError(
+                    f"{self.name} conditions on more than token embeddings ({', '.join(map(str, probe))}); "
+                    "give its guidance concepts as text"
+                )
+        for term in self.terms:
+            per_concept = []
+            for concept in term.concepts:
+                if isinstance(concept, str):
+                    per_concept.append(encoded[concept])
+                else:
+                    per_concept.append({"encoder_hidden_states": concept})
+            self.rows.append(per_concept)
+
+    def _schedule(self) -> None:
+        """Resolve fractional warm-ups against this run's number of denoiser evaluations."""
+        self.scheduled = True
+        if not any(callable(getattr(t, "for_schedule", None)) for t in self.terms):
+            return
+        total = vars(self.pipe).get("_num_timesteps")
+        if not total:
+            timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+            total = 0 if timesteps is None else len(timesteps)
+        self.terms = [t.for_schedule(int(total)) if callable(getattr(t, "for_schedule", None)) else t
+                      for t in self.terms]
+
+    def _cfg_lost(self) -> None:
+        message = (
+            f"classifier-free guidance was turned off during the {self.name} call (at guided step {self.step}); "
+            "safety and semantic guidance cannot act on the remaining steps"
+        )
+        if self.strict:
+            raise GuidanceOffError(message)
+        if not self.lost_warned:
+            logger.warning(message)
+            self.lost_warned = True
+
+    # -- inside the denoiser ---------------------------------------------------------------------
+    def _needed(self) -> list[tuple[int, int]]:
+        return [
+            (ti, ci) for ti, term in enumerate(self.terms) for ci, flag in enumerate(term.needs(self.step)) if flag
+        ]
+
+    def before(self, module, args, kwargs):
+        adapter = self.engine.adapters.get(id(module))
+        if adapter is None or not self.active:
+            return None
+        kw = adapter.as_kwargs(args, kwargs)
+        if adapter.auxiliary(kw):
+            return None
+        if adapter.separate_calls and self.cond is not None:
+            # The prompt's call of this step came first; guidance cannot be switched off between the two.
+            self.pending[id(module)] = ("negative", kw)
+            return None
+        if not adapter.cfg_now(self.arguments, self.cfg_entry):
+            self._cfg_lost()
+            return None
+        if not self.scheduled:
+            self._schedule()
+        rows = kw[adapter.sample_arg].shape[0]
+        if adapter.separate_calls:
+            batch, text = rows, slice(0, rows)
+        else:
+            if rows % 2:
+                self._cfg_lost()
+                return None
+            batch, text = rows // 2, slice(rows // 2, rows)
+        needed = self._needed()
+        kind = "prompt" if adapter.separate_calls else "batched"
+        self.pending[id(module)] = (kind, kw, batch, needed)
+        if adapter.separate_calls:
+            self.cond = {}
+        if not needed:
+            return None
+        blocks = [self.rows[ti][ci] for ti, ci in needed]
+        return (), adapter.extend(kw, text, blocks, batch)
+
+    def after(self, module, output):
+        pending = self.pending.pop(id(module), None)
+        if pending is None:
+            return None
+        adapter = self.engine.adapters[id(module)]
+        out = _output_tensor(output)
+        if pending[0] == "negative":
+            cond = self.cond
+            self.cond = None
+            if cond is None or "text" not in cond:
+                return None
+            delta = self._correction(adapter, cond["kw"], out, cond["text"], cond["estimates"], cond["batch"])
+            cond["text"].add_(delta)  # the pipeline holds this tensor as the prompt's estimate
+            self.step += 1
+            self.evaluations += 1
+            return None
+        kind, kw, batch, needed = pending
+        if kind == "prompt":
+            text = out[:batch]
+            self.cond.update(kw=kw, batch=batch, text=text, estimates=self._estimates(needed, out, batch, 1))
+            return _replace_output(output, text) if needed else None
+        uncond, text = out[:batch], out[batch : 2 * batch]
+        delta = self._correction(adapter, kw, uncond, text, self._estimates(needed, out, batch, 2), batch)
+        self.step += 1
+        self.evaluations += 1
+        return _replace_output(output, torch.cat([uncond, text + delta]))
+
+    def _estimates(self, needed, out, batch: int, skip: int) -> list[list]:
+        per_term = [[None] * len(term.concepts) for term in self.terms]
+        extra = out[skip * batch :].split(batch) if needed else ()
+        for (ti, ci), estimate in zip(needed, extra):
+            per_term[ti][ci] = estimate
+        return per_term
+
+    def _correction(self, adapter, kw, uncond, text, per_term, batch) -> torch.Tensor:
+        """Σ over terms of Δ, in the layout of the denoiser's output."""
+        guidance_scale = adapter.guidance_scale(self.arguments)
+        u = adapter.to_math(uncond, kw)
+        t = adapter.to_math(text, kw)
+        concepts = [[None if e is None else adapter.to_math(e, kw) for e in est] for est in per_term]
+        total = None
+        for ti, term in enumerate(self.terms):
+            if self.spaces[ti] == "epsilon":
+                delta = self._apply_in_epsilon(adapter, kw, term, ti, u, t, concepts[ti], guidance_scale, batch)
+            else:
+                delta, self.states[ti] = term.apply(u, t, concepts[ti], self.step, self.states[ti], guidance_scale)
+            total = delta if total is None else total + delta
+        return adapter.from_math(total, kw, like=text)
+
+    def _apply_in_epsilon(self, adapter, kw, term, ti, u, t, concepts, guidance_scale, batch):
+        def apply(u_, t_, c_):
+            return term.apply(u_, t_, c_, self.step, self.states[ti], guidance_scale)
+
+        delta, self.states[ti] = apply_in_epsilon(apply, adapter.epsilon_scale(kw, batch), u, t, concepts)
+        return delta
+
+
+def _output_tensor(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple):
+        return output[0]
+    return output.sample
+
+
+def _replace_output(output, tensor: torch.Tensor):
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if isinstance(output, tuple):
+        return (tensor, *output[1:])
+    return type(output)(sample=tensor)
+
+
+# -- the public entry points --------------------------------------------------------------------------
+
+
+@contextmanager
+def guide(pipe, *terms: GuidanceTerm, strict: bool = False) -> Iterator[Any]:
+    """Make `pipe` apply the given guidance terms while inside the block; afterwards it is exactly as before.
+
+    ``with guide(pipe, SafetyGuidance.from_preset("strong"), SemanticGuidance(["sunglasses"])): pipe(prompt)``.
+    Blocks nest: an inner block adds its terms to the outer block's for its duration.
+
+    A pipeline the engine cannot serve is refused here, in one line (:class:`~safe_diffusion.errors.GuidanceError`).
+    With ``strict=True`` guidance that cannot act also raises :class:`~safe_diffusion.errors.GuidanceError`
+    (a call without classifier-free guidance, guidance turned off mid-run, a call that never reached a
+    guidance batch); otherwise it logs a warning and the call runs unguided. Pipelines whose
+    classifier-free guidance is optional per call and off (FLUX or Qwen-Image without true CFG) always
+    raise: guidance attached to them could never act.
+    """
+    for term in terms:
+        if not isinstance(term, GuidanceTerm):
+            raise TypeError(f"{term!r} is not a guidance term")
+    if not terms and _ENGINES.get(pipe) is None:
+        yield pipe  # nothing to apply: the pipeline is left untouched
+        return
+    with _LOCK:
+        engine = _ENGINES.get(pipe)
+        owner = engine is None
+        if owner:
+            engine = _Engine(pipe)
+            engine.attach()
+        before = list(engine.terms)
+        engine.terms = before + list(terms)
+        engine.strict += int(strict)
+    try:
+        yield pipe
+    finally:
+        with _LOCK:
+            engine.terms = before
+            engine.strict -= int(strict)
+            if owner:
+                engine.detach()
+
+
+@contextmanager
+def guided_call(pipe, **arguments) -> Iterator[None]:
+    """Run one call of `pipe` as a guided call, for code that calls the pipeline's ``__call__`` itself
+    (``super().__call__`` in a subclass, as the drop-in pipelines do) inside a :func:`guide` block.
+
+    `arguments` are the call's arguments (at least the guidance scale; also ``cross_attention_kwargs``,
+    ``clip_skip`` …). Outside a guide block, or with no terms, it does nothing.
+    """
+    engine = _ENGINES.get(pipe)
+    if engine is None or not engine.terms:
+        yield
+        return
+    with engine.run(arguments):
+        yield
+
+
+def prediction_type(pipe) -> str | None:
+    """What `pipe`'s denoiser predicts ("epsilon", "v_prediction", "flow", …), or None if guide() cannot serve it."""
+    try:
+        found = served_denoisers(pipe)
+    except GuidanceError:
+        return None
+    name, module, adapter = found[0]
+    return adapter(pipe, name, module).prediction()
