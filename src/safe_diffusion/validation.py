@@ -203,3 +203,23 @@ def check_host(name: str, host: str, port: int = 0) -> str:
         except OSError as exc:
             raise InputError(f"{name} {host!r} is not an address of this machine ({exc.strerror})") from None
     return host
+
+
+def read_lines(path: Any, what: str, *, empty: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file that are not ``#`` comments, stripped.
+
+    `what` names the file in messages ("prompts file", "--erase-file file"); `empty` says what a file
+    without such lines lacks ("has no prompts").
+    """
+    from pathlib import Path
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{what} {str(path)!r} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} {str(path)!r} is unreadable: {exc}") from None
+    found = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not found:
+        raise InputError(f"{what} {str(path)!r} {empty}")
+    return found

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from ..errors import InputError
 from . import app
 
 _UCE = "UCE and RECE"
@@ -18,16 +17,9 @@ def read_concepts(path: Path | None, what: str) -> list[str]:
     """One concept per line of `path` (blank lines and # comments skipped)."""
     if path is None:
         return []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{what} file {str(path)!r} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{what} file {str(path)!r} is unreadable: {exc}") from None
-    concepts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    if not concepts:
-        raise InputError(f"{what} file {str(path)!r} lists no concept")
-    return concepts
+    from ..validation import read_lines
+
+    return read_lines(path, f"{what} file", empty="lists no concept")
 
 
 @app.command()

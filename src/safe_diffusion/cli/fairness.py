@@ -34,15 +34,9 @@ def read_prompts(path: Path, template: str) -> list[str]:
     """One subject per line (blank lines and # comments skipped), put into `template` at ``{}``."""
     if "{}" not in template:
         raise InputError(f"template {template!r} must contain {{}} where the subject goes")
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"prompts file {str(path)!r} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"prompts file {str(path)!r} is unreadable: {exc}") from None
-    subjects = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    if not subjects:
-        raise InputError(f"prompts file {str(path)!r} has no prompts")
+    from ..validation import read_lines
+
+    subjects = read_lines(path, "prompts file", empty="has no prompts")
     return [template.replace("{}", s, 1) for s in subjects]
 
 
