@@ -47,38 +47,9 @@ def _images(folder: Path, n: int, seed: int = 0) -> None:
 
 def _vit_l14(path: Path) -> Path:
     """Save a random-weight CLIP with ViT-L/14's architecture (openai/clip-vit-large-patch14's config sizes)."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from safe_diffusion.testing import build_clip
 
-    from safe_diffusion.testing import byte_level_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = byte_level_tokenizer()
-    text = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        projection_dim=768,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=224,
-        patch_size=14,
-        projection_dim=768,
-    )
-    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=768))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_clip(path, size="vit-l14")
 
 
 def _per_1000(seconds: float, cpu: float, n: int) -> str:

@@ -205,21 +205,31 @@ def build_sdxl_checkpoint(path: str | Path, seed: int = 0, deep: bool = False) -
     return path
 
 
-def build_clip(path: str | Path, projection_dim: int = 768, seed: int = 0) -> Path:
-    """Save a tiny random-weight CLIP (``CLIPModel``, byte-level ``CLIPTokenizer``, ``CLIPImageProcessor``) in one
-    folder, loadable with ``from_pretrained`` like ``openai/clip-vit-large-patch14``; it sees 32x32 inputs."""
+#: CLIP sizes: ``tiny`` for tests (32x32 inputs), ``vit-l14`` with openai/clip-vit-large-patch14's config sizes
+#: (random weights: for timing the real architecture).
+CLIP_SIZES = {
+    "tiny": dict(text=(32, 37, 2, 4), vision=(32, 37, 2, 4), image_size=32, patch_size=8),
+    "vit-l14": dict(text=(768, 3072, 12, 12), vision=(1024, 4096, 24, 16), image_size=224, patch_size=14),
+}
+
+
+def build_clip(path: str | Path, projection_dim: int = 768, seed: int = 0, size: str = "tiny") -> Path:
+    """Save a random-weight CLIP (``CLIPModel``, byte-level ``CLIPTokenizer``, ``CLIPImageProcessor``) in one
+    folder, loadable with ``from_pretrained`` like ``openai/clip-vit-large-patch14`` (`size`: see CLIP_SIZES)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = byte_level_tokenizer()
+    dims = CLIP_SIZES[size]
+    (th, ti, tl, ta), (vh, vi, vl, va) = dims["text"], dims["vision"]
     text = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        hidden_size=th,
+        intermediate_size=ti,
+        num_hidden_layers=tl,
+        num_attention_heads=ta,
         max_position_embeddings=77,
         projection_dim=projection_dim,
         bos_token_id=tokenizer.bos_token_id,
@@ -227,16 +237,17 @@ def build_clip(path: str | Path, projection_dim: int = 768, seed: int = 0) -> Pa
         pad_token_id=tokenizer.pad_token_id,
     )
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
+        hidden_size=vh,
+        intermediate_size=vi,
+        num_hidden_layers=vl,
+        num_attention_heads=va,
+        image_size=dims["image_size"],
+        patch_size=dims["patch_size"],
         projection_dim=projection_dim,
     )
     model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim))
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    side = dims["image_size"]
+    processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     processor.save_pretrained(path)
