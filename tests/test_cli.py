@@ -65,6 +65,9 @@ def _start_generation(checkpoint, out):
         [sys.executable, "-m", "safe_diffusion", "generate", "a cat", "-m", str(checkpoint), "-o", str(out),
          "--steps", "400", "--height", "32", "--width", "32", "--num-images", "2"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C reaches a command started from a terminal; a suite started in the background
+        # (`make test &`, some CI runners) would otherwise hand the child SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not out.exists():  # the output folder exists once the command is inside its rollback scope
