@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -125,6 +126,53 @@ def test_two_threads_sharing_a_unet(sd, img2img):
     assert not errors, errors
     assert np.array_equal(results["sd"], expected_sd)
     assert np.array_equal(results["i2i"], expected_i2i)
+
+
+class _WatchedTokenizer:
+    """The pipeline's tokenizer, counting how many threads are inside it at once."""
+
+    def __init__(self, inner):
+        self.inner, self.inside, self.most, self.lock = inner, 0, 0, threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        try:
+            time.sleep(0.02)  # widen the window in which a second thread would change the padding
+            return self.inner(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+def test_guided_pipelines_sharing_a_tokenizer_encode_one_thread_at_a_time(sd, img2img, monkeypatch):
+    watched = _WatchedTokenizer(sd.tokenizer)
+    monkeypatch.setattr(sd, "tokenizer", watched)
+    monkeypatch.setattr(img2img, "tokenizer", watched)
+    start, shapes, errors = threading.Barrier(2, timeout=60), [], []
+
+    def encode(pipe, prompt):
+        try:
+            start.wait()
+            for _ in range(3):
+                embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, True)
+                shapes.append(tuple(embeds.shape))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with guide(sd, MAX), guide(img2img, EDIT):
+        threads = [threading.Thread(target=encode, args=(p, t)) for p, t in ((sd, "a cat"), (img2img, "a dog"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert watched.most == 1 and watched.inside == 0
+    assert set(shapes) == {(1, 77, 32)}
 
 
 def test_same_seed_twice_in_one_block_gives_the_same_image(sd):

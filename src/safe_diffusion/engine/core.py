@@ -8,7 +8,9 @@
   terms' momenta start from zero, and the state lives in a :class:`contextvars.ContextVar` that is
   reset when the call returns or raises. A new denoising loop is therefore a new pipeline call,
   whatever the pipeline does inside it (no reliance on ``progress_bar``); two calls with the same
-  seed give the same images; two threads each see their own call.
+  seed give the same images; two threads each see their own call. The subclass's
+  ``encode_prompt`` encodes one call's text at a time: a tokenizer shared by two pipelines is not
+  safe to use from two threads at once (see ``_TEXT_LOCK``).
 * **Hooks on the denoiser, owned by nobody.** Each denoiser component gets one forward pre-hook
   and one forward hook (torch module hooks, shared by every engine that serves the module and
   removed with the last one). They act only while a guided call of a pipeline that owns that
@@ -35,6 +37,7 @@ instead, see :meth:`~safe_diffusion.guidance.SafetyGuidance.for_schedule`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -60,6 +63,11 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline â†
 _HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser â†’ [pre handle, hook handle, users]
 _GUIDED_CLASSES: dict[type, type] = {}
 _LOCK = threading.RLock()
+#: Held while a guided pipeline encodes text. A fast tokenizer keeps its padding and truncation
+#: settings on its shared backend between the set-up and the encoding of each call, so two threads
+#: encoding with one tokenizer (pipelines built from ``**pipe.components``) can get each other's
+#: padding: one pipeline's prompt comes back 6 tokens long instead of 77.
+_TEXT_LOCK = threading.RLock()
 
 
 # -- the hooks ----------------------------------------------------------------------------------------
@@ -137,7 +145,16 @@ def _guided_class(cls: type) -> type:
 
         __call__.__doc__ = cls.__call__.__doc__
         __call__.__signature__ = signature
-        sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        namespace = {"__call__": __call__, "__module__": cls.__module__}
+        if callable(getattr(cls, "encode_prompt", None)):
+
+            @functools.wraps(cls.encode_prompt)
+            def encode_prompt(self, *args, **kwargs):
+                with _TEXT_LOCK:
+                    return cls.encode_prompt(self, *args, **kwargs)
+
+            namespace["encode_prompt"] = encode_prompt
+        sub = type(cls.__name__, (cls,), namespace)
         sub.__qualname__ = cls.__qualname__
         _GUIDED_CLASSES[cls] = sub
         return sub
