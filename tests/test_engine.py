@@ -233,7 +233,7 @@ def test_modular_pipeline_is_refused_in_one_line_and_left_untouched(sd):
     pipe = StableDiffusionXLAutoBlocks().init_pipeline()
     pipe.update_components(unet=sd.unet)
     hooks = (dict(sd.unet._forward_pre_hooks), dict(sd.unet._forward_hooks))
-    with pytest.raises(GuidanceError, match=r"modular pipelines take guidance through their guider, and safe-diffusion has no SLD/SEGA guider yet"):
+    with pytest.raises(GuidanceError, match=r"modular pipelines take guidance through their guider; use safe_diffusion.engine.guiders.SafetyGuider"):
         with guide(pipe, MAX):
             pass
     assert (dict(sd.unet._forward_pre_hooks), dict(sd.unet._forward_hooks)) == hooks

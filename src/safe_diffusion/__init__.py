@@ -18,6 +18,9 @@ _EXPORTS = {
     "SafeStableDiffusionPipeline": "safe_diffusion.pipelines",
     "SemanticStableDiffusionPipeline": "safe_diffusion.pipelines",
     "guide": "safe_diffusion.engine",
+    "SafetyGuider": "safe_diffusion.engine.guiders",
+    "SemanticGuider": "safe_diffusion.engine.guiders",
+    "with_guidance_concepts": "safe_diffusion.engine.guiders",
     "load_pipeline": "safe_diffusion.loading",
 }
 

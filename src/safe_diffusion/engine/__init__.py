@@ -1,8 +1,8 @@
 """The guidance engine: one implementation that runs guidance terms inside any supported diffusers pipeline.
 
 :func:`guide` attaches terms to a pipeline for a ``with`` block; :mod:`.adapters` holds what each
-denoiser family needs; :mod:`.support` decides which pipelines are served. (diffusers guiders for
-modular pipelines are not written yet; modular pipelines are refused in one line.)
+denoiser family needs; :mod:`.support` decides which pipelines are served; :mod:`.guiders` gives
+modular pipelines the same terms as diffusers guiders (``SafetyGuider``, ``SemanticGuider``).
 """
 
 from .adapters import ADAPTERS, DenoiserAdapter, register_adapter

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from ..errors import GuidanceError, GuidanceOffError
-from ..guidance.terms import GuidanceTerm, resolve_space
+from ..guidance.terms import GuidanceTerm, for_schedule, needed_concepts, resolve_space
 from .adapters import DenoiserAdapter
 from .spaces import apply_in_epsilon
 from .support import served_denoisers
@@ -295,8 +295,7 @@ class _Call:
         if not total:
             timesteps = getattr(self.pipe.scheduler, "timesteps", None)
             total = 0 if timesteps is None else len(timesteps)
-        self.terms = [t.for_schedule(int(total)) if callable(getattr(t, "for_schedule", None)) else t
-                      for t in self.terms]
+        self.terms = for_schedule(self.terms, int(total))
 
     def _cfg_lost(self) -> None:
         message = (
@@ -311,9 +310,7 @@ class _Call:
 
     # -- inside the denoiser ---------------------------------------------------------------------
     def _needed(self) -> list[tuple[int, int]]:
-        return [
-            (ti, ci) for ti, term in enumerate(self.terms) for ci, flag in enumerate(term.needs(self.step)) if flag
-        ]
+        return needed_concepts(self.terms, self.step)
 
     def before(self, module, args, kwargs):
         adapter = self.engine.adapters.get(id(module))

@@ -9,8 +9,8 @@ cannot join are refused on entering ``guide()`` (never a silent no-op, never a c
 * self-attention guidance (SAG), which reads the CFG batch's attention maps split in two;
 * MultiDiffusion panoramas, which denoise view batches with interleaved CFG rows;
 * pipelines that apply semantic guidance of their own (LEDITS++, diffusers' SEGA pipeline);
-* modular pipelines, which take guidance through their guider (a ``BaseGuidance`` for SLD/SEGA is
-  not written yet).
+* modular pipelines, which take guidance through their guider: :mod:`.guiders` has SLD and SEGA
+  as ``BaseGuidance`` guiders for them.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def served_denoisers(pipe) -> list[tuple[str, torch.nn.Module, type[DenoiserAdap
         ModularPipeline = ()
     if ModularPipeline and isinstance(pipe, ModularPipeline):
         raise UnsupportedPipelineError(
-            f"guide() cannot serve {name}: modular pipelines take guidance through their guider, and "
-            "safe-diffusion has no SLD/SEGA guider yet; use the pipeline's non-modular class"
+            f"guide() cannot serve {name}: modular pipelines take guidance through their guider; use "
+            "safe_diffusion.engine.guiders.SafetyGuider or SemanticGuider (docs/guidance.md)"
         )
     components = getattr(pipe, "components", None)
     if not isinstance(components, dict):

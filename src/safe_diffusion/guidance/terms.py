@@ -111,6 +111,16 @@ class GuidanceTerm(Protocol):
         """JSON-ready settings: type, hyper-parameters, the prediction space it acts in."""
 
 
+def for_schedule(terms: Sequence[GuidanceTerm], total_steps: int) -> list[GuidanceTerm]:
+    """The terms for a run of `total_steps` denoiser evaluations (fractional warm-ups resolved where a term has them)."""
+    return [t.for_schedule(int(total_steps)) if callable(getattr(t, "for_schedule", None)) else t for t in terms]
+
+
+def needed_concepts(terms: Sequence[GuidanceTerm], step: int) -> list[tuple[int, int]]:
+    """(term index, concept index) of every concept estimate some term uses at `step`."""
+    return [(ti, ci) for ti, term in enumerate(terms) for ci, flag in enumerate(term.needs(step)) if flag]
+
+
 @dataclass(frozen=True)
 class SafetyGuidance:
     """Safe Latent Diffusion (Schramowski et al., CVPR 2023): steer away from a safety concept.
