@@ -171,37 +171,33 @@ class DemoGenerator:
 
     def generate(self, request: DemoRequest, progress: Progress | None = None) -> DemoResult:
         """The unguided and the guided image from the same seed, the settings, and files to download."""
-        import torch
-
+        from ..comparison import KINDS, generate_guided_images, pipeline_record
         from ..guidance import describe_terms
-        from ..outputs import atomic_write_json, library_versions, save_image_atomic
-        from ..pipelines import guide
+        from ..outputs import atomic_write_json, save_image_atomic
 
         terms = guidance_terms(request)
         report = progress or (lambda fraction, desc: None)
 
+        def step_callback(kind):
+            index = KINDS.index(kind)
+            report(index / 2, f"{kind} image: starting")
+
+            def on_step(pipe, step, timestep, kwargs):
+                # Some schedulers (PNDM) take more denoising steps than asked for; count theirs.
+                n = max(getattr(pipe, "num_timesteps", 0) or request.steps, step + 1)
+                report((index + (step + 1) / n) / 2, f"{kind} image: step {step + 1}/{n}")
+                return kwargs
+
+            return on_step
+
         with self.lock:
             started = time.monotonic()
-            images = {}
-            for index, kind in enumerate(("unguided", "guided")):
-
-                def on_step(pipe, step, timestep, kwargs, index=index, kind=kind):
-                    # Some schedulers (PNDM) take more denoising steps than asked for; count theirs.
-                    n = max(getattr(pipe, "num_timesteps", 0) or request.steps, step + 1)
-                    report((index + (step + 1) / n) / 2, f"{kind} image: step {step + 1}/{n}")
-                    return kwargs
-
-                report(index / 2, f"{kind} image: starting")
-                generator = torch.Generator(device="cpu").manual_seed(request.seed)
-                with guide(self.pipe, *(terms if kind == "guided" else []), strict=True):
-                    images[kind] = self.pipe(
-                        prompt=request.prompt,
-                        negative_prompt=request.negative_prompt,
-                        num_inference_steps=request.steps,
-                        guidance_scale=request.guidance_scale,
-                        generator=generator,
-                        callback_on_step_end=on_step,
-                    ).images[0]
+            made = generate_guided_images(
+                self.pipe, request.prompt, [request.seed], terms, kinds=KINDS, step_callback=step_callback,
+                negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+            )
+            images = {kind: made.images[kind][0] for kind in KINDS}
             seconds = round(time.monotonic() - started, 2)
 
             self._count += 1
@@ -213,13 +209,10 @@ class DemoGenerator:
             **{k: v for k, v in asdict(request).items() if k != "edits"},
             "safety_concept": None if request.safety == "off" else terms[0].concept,
             "edits": [("-" if e.remove else "+") + e.concept for e in request.edits],
-            "height": images["guided"].height,
-            "width": images["guided"].width,
-            "scheduler": type(self.pipe.scheduler).__name__,
+            **pipeline_record(self.pipe, images["guided"]),
             "device": str(getattr(self.pipe, "device", "")),
             "seconds": seconds,
             "guidance": describe_terms(terms),
-            "versions": library_versions(),
         }
         files = []
         for kind, image in images.items():

@@ -158,13 +158,11 @@ def fairness(
 def measure(prompt_list, *, model, directions, proportions, out, n, clip_model, steps, seed, guidance_scale,
             height, width, save_images, device) -> list[dict]:
     """Generate, classify and write the table, plot and run record; returns the table's rows."""
-    import torch
-
+    from ..comparison import generate_guided_images
     from ..guidance import FairGuidance, describe_terms
     from ..guidance.fair import largest_remainder
     from ..loading import load_pipeline
     from ..outputs import atomic_write_bytes, atomic_write_json, library_versions, output_dir, save_image_atomic
-    from ..pipelines import guide
     from ..progress import ProgressLog
 
     with output_dir(out) as folder:
@@ -180,11 +178,11 @@ def measure(prompt_list, *, model, directions, proportions, out, n, clip_model, 
         progress = ProgressLog("fairness", len(prompt_list), unit="prompts")
         for pi, prompt in enumerate(prompt_list):
             counts = {}
-            for kind, terms in (("before", []), ("after", [term])):
-                generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-                with guide(pipe, *terms, strict=True):
-                    images = pipe(prompt, num_images_per_prompt=n, generator=generators, num_inference_steps=steps,
-                                  guidance_scale=guidance_scale, height=height, width=width).images
+            made = generate_guided_images(pipe, prompt, seeds, [term], kinds=("unguided", "guided"),
+                                          num_inference_steps=steps, guidance_scale=guidance_scale,
+                                          height=height, width=width)
+            for kind, made_kind in (("before", "unguided"), ("after", "guided")):
+                images = made.images[made_kind]
                 predicted = classify(images)
                 counts[kind] = [predicted.count(i) for i in range(len(directions))]
                 for k, (s, image, label) in enumerate(zip(seeds, images, predicted)):
@@ -193,7 +191,7 @@ def measure(prompt_list, *, model, directions, proportions, out, n, clip_model, 
                         save_image_atomic(image, folder.file(name))
                     labels.append({"prompt": prompt, "kind": kind, "seed": s, "image": name if save_images else None,
                                    "predicted": directions[label],
-                                   "assigned": directions[term.assignments()[k]] if kind == "after" else None})
+                                   "assigned": made.fair_direction(k) if kind == "after" else None})
             for i, d in enumerate(directions):
                 rows.append({
                     "prompt": prompt, "direction": d, "target": proportions[i], "assigned_count": quotas[i],

@@ -244,11 +244,6 @@ def image_files(stem: str, compare: bool) -> list[str]:
     return names
 
 
-def bind_to_seeds(terms: list, seeds: list[int]) -> list:
-    """Terms that decide per image from its seed (Fair Diffusion) bound to this batch's seeds."""
-    return [t.for_seeds(seeds) if hasattr(t, "for_seeds") else t for t in terms]
-
-
 def generate_images(
     prompt: str,
     *,
@@ -272,14 +267,12 @@ def generate_images(
 
     `existing` says what to do with images already in `out`: ``refuse`` (a one-line error before
     anything loads), ``overwrite``, or ``skip`` (generate only the missing ones; each image depends on
-    its seed alone, so the result is the same as one uninterrupted run).
+    its seed alone, so the result is that of one uninterrupted run — to the rounding of batched
+    arithmetic, as the missing images are batched without the others).
     """
-    import torch
-
-    from ..guidance import describe_terms
+    from ..comparison import generate_guided_images, pipeline_record
     from ..loading import load_pipeline
-    from ..outputs import atomic_write_json, library_versions, output_dir, save_image_atomic
-    from ..pipelines import guide
+    from ..outputs import atomic_write_json, output_dir, save_image_atomic
     from ..progress import ProgressLog
 
     stems = {seed + k: f"{k:04d}-seed{seed + k}" for k in range(num_images)}
@@ -304,59 +297,28 @@ def generate_images(
         progress = ProgressLog("generate", total=len(todo), unit="images")
         for start in range(0, len(todo), batch):
             seeds = todo[start : start + batch]
-            bound = bind_to_seeds(terms, seeds)
-
-            def run(guided: bool, seeds=seeds, bound=bound):
-                generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-                call = dict(
-                    prompt=prompt,
-                    negative_prompt=negative_prompt,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    num_images_per_prompt=len(seeds),
-                    generator=generators,
-                    height=height,
-                    width=width,
-                )
-                with guide(pipe, *(bound if guided else []), strict=True):
-                    return pipe(**call).images
-
-            guided_images = run(True)
-            unguided_images = run(False) if compare else None
-
+            made = generate_guided_images(
+                pipe, prompt, seeds, terms, kinds=("guided", "unguided") if compare else ("guided",),
+                negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                height=height, width=width,
+            )
+            guided_images, unguided_images = made.guided, made.unguided
             common = {
                 "prompt": prompt,
                 "negative_prompt": negative_prompt,
                 "model": model,
                 "steps": steps,
                 "guidance_scale": guidance_scale,
-                "height": guided_images[0].height,
-                "width": guided_images[0].width,
-                "scheduler": type(pipe.scheduler).__name__,
-                "pipeline": type(pipe).__name__,
+                **pipeline_record(pipe, guided_images[0]),
                 **settings,
-                "versions": library_versions(),
             }
             for i, s in enumerate(seeds):
                 stem = stems[s]
-                images = {"guided": guided_images[i]}
-                if unguided_images is not None:
-                    images["unguided"] = unguided_images[i]
-                for kind, image in images.items():
+                for kind, kind_images in made.images.items():
                     name = stem if kind == "guided" else f"{stem}-unguided"
                     png = folder.file(f"{name}.png")
-                    save_image_atomic(image, png)
-                    applied = bound if kind == "guided" else []
-                    sidecar = {
-                        **common,
-                        "seed": s,
-                        "image_index": s - seed,
-                        "image": png.name,
-                        "guidance": describe_terms(applied),
-                    }
-                    for term in applied:
-                        if hasattr(term, "assignments"):  # Fair Diffusion: the direction this image was given
-                            sidecar["fair_direction"] = term.directions[term.assignments()[i]]
+                    save_image_atomic(kind_images[i], png)
+                    sidecar = {**common, "image_index": s - seed, "image": png.name, **made.record(i, kind)}
                     atomic_write_json(folder.file(f"{name}.json"), sidecar)
                     written.append(png)
                 if unguided_images is not None:
