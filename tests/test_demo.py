@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -270,16 +271,17 @@ def test_demo_command_stops_before_serving_when_the_model_does_not_load(tmp_path
     assert "serving" not in proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def demo_url(tiny_checkpoint):
-    """The real CLI serving the tiny checkpoint on a free local port."""
+def _serve(checkpoint, env=None):
+    """The real CLI serving `checkpoint` on a free local port, once it answers: (process, url)."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "safe_diffusion", "demo", "--model", str(tiny_checkpoint), "--port", str(port)],
-        env=_env(),
+        [sys.executable, "-m", "safe_diffusion", "demo", "--model", str(checkpoint), "--port", str(port)],
+        env=env or _env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # Ctrl-C reaches a server started from a terminal, also when the suite runs in the background
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
@@ -290,20 +292,52 @@ def demo_url(tiny_checkpoint):
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
-                        break
+                        return proc, url
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 pytest.fail("the demo did not start serving within 180 s")
             time.sleep(0.5)
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def demo_url(tiny_checkpoint):
+    """The real CLI serving the tiny checkpoint on a free local port."""
+    proc, url = _serve(tiny_checkpoint)
+    try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_demo_removes_its_image_folder(tiny_checkpoint, tmp_path, sig):
+    env = {**_env(), "TMPDIR": str(tmp_path)}  # where the demo makes its folder for generated images
+    proc, _ = _serve(tiny_checkpoint, env)
+    try:
+        assert len(list(tmp_path.glob("safe-diffusion-demo-*"))) == 1  # there while it serves …
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+    assert "Traceback" not in output, output
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, output
+    assert not list(tmp_path.glob("safe-diffusion-demo-*"))  # … and gone with it
 
 
 @pytest.mark.slow
