@@ -30,7 +30,8 @@ CALLS = {
 LOAD = {"sd3": dict(text_encoder_3=None, tokenizer_3=None)}
 
 
-def _time(fn, repeat: int) -> float:
+def best_of(fn, repeat: int) -> float:
+    """Seconds of the fastest of `repeat` calls of `fn`, after one warm-up call."""
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeat):
@@ -71,10 +72,10 @@ def main() -> None:
         def plain(_pipe=pipe, _call=call):
             _pipe("a photo", generator=torch.Generator().manual_seed(0), **_call)
 
-        t_plain = _time(plain, args.repeat)
-        t_none = _time(run, args.repeat)
-        t_sld = _time(lambda: run(sld), args.repeat)
-        t_sega = _time(lambda: run(sega), args.repeat)
+        t_plain = best_of(plain, args.repeat)
+        t_none = best_of(run, args.repeat)
+        t_sld = best_of(lambda: run(sld), args.repeat)
+        t_sega = best_of(lambda: run(sega), args.repeat)
         n = args.concepts
         print(f"{name:14} {100 * (t_none / t_plain - 1):+8.1f}% {t_sld / t_plain:8.2f} {1.5:6.2f} "
               f"{t_sega / t_plain:9.2f} {(2 + n) / 2:6.2f}")

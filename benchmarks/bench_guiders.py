@@ -13,20 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import time
 import warnings
 
 import torch
-
-
-def _time(fn, repeat: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from bench_families import best_of  # this folder is on sys.path when a script here runs
 
 
 def main() -> None:
@@ -70,12 +60,12 @@ def main() -> None:
 
     sld = dict(warmup_steps=0, concept="a painting")
     times = {
-        ("modular", "cfg"): _time(run_modular(ClassifierFreeGuidance(guidance_scale=7.5)), args.repeat),
-        ("modular", "sld"): _time(run_modular(SafetyGuider.from_preset("max", **sld)), args.repeat),
-        ("modular", "sega"): _time(run_modular(SemanticGuider(concepts=concepts, warmup_steps=0)), args.repeat),
-        ("classic", "cfg"): _time(run_classic(), args.repeat),
-        ("classic", "sld"): _time(run_classic(SafetyGuidance.from_preset("max", **sld)), args.repeat),
-        ("classic", "sega"): _time(run_classic(SemanticGuidance(concepts, warmup_steps=0)), args.repeat),
+        ("modular", "cfg"): best_of(run_modular(ClassifierFreeGuidance(guidance_scale=7.5)), args.repeat),
+        ("modular", "sld"): best_of(run_modular(SafetyGuider.from_preset("max", **sld)), args.repeat),
+        ("modular", "sega"): best_of(run_modular(SemanticGuider(concepts=concepts, warmup_steps=0)), args.repeat),
+        ("classic", "cfg"): best_of(run_classic(), args.repeat),
+        ("classic", "sld"): best_of(run_classic(SafetyGuidance.from_preset("max", **sld)), args.repeat),
+        ("classic", "sega"): best_of(run_classic(SemanticGuidance(concepts, warmup_steps=0)), args.repeat),
     }
     print(f"{'pipeline':10} {'SLD/CFG':>8} {'floor':>6} {f'SEGA({n})/CFG':>12} {'floor':>6} {'CFG s':>7}")
     for kind in ("modular", "classic"):
