@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo-output
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-quick demo bench clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,14 @@ $(STAMP): pyproject.toml
 	bash scripts/install-browser.sh   # Debian chromium for the demo's browser test
 	touch $(STAMP)
 
+# CI's command: the suite with this CPU's kernels, then the portability guard (CONTRIBUTING.md): the suite again
+# under the portable and the AVX2 kernels, one thread and another MKL code path.
 test: setup
+	$(PY) -m pytest -q
+	bash scripts/portability-guard.sh $(PY)
+
+# One pass, for working on the code; CI runs `make test`.
+test-quick: setup
 	$(PY) -m pytest -q
 
 # I2P prompts are inappropriate by design: demo-output/ is git-ignored and must never be committed.
