@@ -140,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from safe_diffusion.loading import load_pipeline
+    from safe_diffusion.common.loading import load_pipeline
     from safe_diffusion.testing import build_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,11 +39,11 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from safe_diffusion.common.loading import load_pipeline
     from safe_diffusion.evals import metrics, runner
     from safe_diffusion.evals import suites as data
     from safe_diffusion.evals.config import build_run_config
     from safe_diffusion.evals.store import RunStore
-    from safe_diffusion.loading import load_pipeline
     from safe_diffusion.testing import build_checkpoint, build_clip
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-i2p-"))
@@ -130,7 +130,7 @@ def main() -> None:
         print(f"judging {judge.name}: {len(paths) / (time.perf_counter() - t):.1f} img/s (512px inputs)")
 
     # 4. the journal
-    from safe_diffusion.journal import Journal
+    from safe_diffusion.records.journal import Journal
 
     journal = Journal(tmp / "journal")
     rows = [

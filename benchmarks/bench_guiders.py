@@ -24,8 +24,14 @@ def main() -> None:
     from diffusers.guiders import ClassifierFreeGuidance
     from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
 
-    from safe_diffusion import SafetyGuidance, SafetyGuider, SemanticGuidance, SemanticGuider, guide
-    from safe_diffusion import with_guidance_concepts
+    from safe_diffusion import (
+        SafetyGuidance,
+        SafetyGuider,
+        SemanticGuidance,
+        SemanticGuider,
+        guide,
+        with_guidance_concepts,
+    )
     from safe_diffusion.testing import build_sdxl_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

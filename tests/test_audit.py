@@ -211,7 +211,7 @@ def test_a_failing_judge_leaves_earlier_reports_untouched(tmp_path, capsys):
 
 def test_a_write_that_fails_removes_only_what_this_audit_created(tmp_path):
     from safe_diffusion.cli.audit import _write_all
-    from safe_diffusion.errors import InputError
+    from safe_diffusion.common.errors import InputError
 
     kept = tmp_path / "kept.csv"
     kept.write_bytes(b"earlier")

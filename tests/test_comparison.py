@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from safe_diffusion import FairGuidance, SafetyGuidance, guide
-from safe_diffusion.comparison import generate_guided_images
-from safe_diffusion.errors import GuidanceOffError
+from safe_diffusion.common.errors import GuidanceOffError
+from safe_diffusion.jobs.compare import generate_guided_images
 
 CALL = dict(num_inference_steps=3, height=32, width=32, output_type="np")
 MAX = SafetyGuidance.from_preset("max", warmup_steps=0)

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from safe_diffusion.app.core import (
     MAX_SEED,
@@ -25,9 +26,7 @@ from safe_diffusion.app.core import (
     validate_request,
     warmup_note,
 )
-from safe_diffusion.errors import InputError
-
-from helpers import run_cli
+from safe_diffusion.common.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "demo.png"

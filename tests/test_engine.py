@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from safe_diffusion import SafetyGuidance, SemanticGuidance, guide
-from safe_diffusion.errors import GuidanceError, InputError
+from safe_diffusion.common.errors import GuidanceError, InputError
 
 KW = dict(num_inference_steps=3, output_type="np", height=32, width=32)
 MAX = SafetyGuidance.from_preset("max")

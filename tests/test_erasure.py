@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
+from safe_diffusion.common.errors import InputError
 from safe_diffusion.erasure import ErasureConfig, erase_concepts, load_erasure_weights, read_erasure_record
-from safe_diffusion.errors import InputError
 
 ERASE = ["nudity", "violence"]
 GUIDE = ["", "a dog"]
@@ -128,7 +128,7 @@ def test_uce_moves_erased_concepts_and_keeps_preserved_ones(tiny_checkpoint, uce
 
 
 def test_uce_on_sdxl_uses_both_text_encoders(tmp_path):
-    from safe_diffusion.loading import load_pipeline
+    from safe_diffusion.common.loading import load_pipeline
     from safe_diffusion.testing import build_sdxl_checkpoint
 
     base = build_sdxl_checkpoint(tmp_path / "sdxl")
@@ -171,8 +171,8 @@ def test_rece_equals_its_closed_forms_computed_independently_in_float64(tiny_che
     """UCE (eq. 7), then per epoch the closed-form embedding c' = (λI + Σ W'ᵀW')⁻¹ Σ W'ᵀW c of every token
     and its erasure towards "" over whole token sequences, preserving "" (the official defaults),
     written layer by layer. The pipeline runs in float64 too, so both sides are exact to rounding."""
+    from safe_diffusion.common.loading import load_pipeline
     from safe_diffusion.erasure import apply_rece
-    from safe_diffusion.loading import load_pipeline
 
     pipe = load_pipeline(str(tiny_checkpoint), device="cpu", dtype=torch.float64)
     result = apply_rece(pipe, ["nudity"], epochs=2)
@@ -200,7 +200,7 @@ def test_rece_equals_its_closed_forms_computed_independently_in_float64(tiny_che
 def test_output_folder_loads_everywhere_and_generates(tiny_checkpoint, uce_model):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from safe_diffusion.loading import load_pipeline
+    from safe_diffusion.common.loading import load_pipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(uce_model, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

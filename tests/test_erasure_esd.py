@@ -20,7 +20,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 @pytest.fixture
 def pipe(tiny_checkpoint):
-    from safe_diffusion.loading import load_pipeline
+    from safe_diffusion.common.loading import load_pipeline
 
     return load_pipeline(str(tiny_checkpoint), device="cpu", dtype=torch.float32)
 

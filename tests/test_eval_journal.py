@@ -1,4 +1,4 @@
-"""The crash-safe record log, atomic creation and the writer lock (safe_diffusion.journal)."""
+"""The crash-safe record log, atomic creation and the writer lock (safe_diffusion.records.journal)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from safe_diffusion.journal import Journal, LockedError, WriterLock, create_atomically, remove_leftovers
+from safe_diffusion.records.journal import Journal, LockedError, WriterLock, create_atomically, remove_leftovers
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -131,7 +131,7 @@ def _boot_id() -> str:
 
 WRITER = """
 import sys, time
-from safe_diffusion.journal import Journal
+from safe_diffusion.records.journal import Journal
 j = Journal(sys.argv[1])
 name = sys.argv[2]
 done = set(j.get("work"))
@@ -159,7 +159,7 @@ def test_two_writers_killed_at_random_then_restarted_lose_and_duplicate_nothing(
     records = Journal(folder).get("work")
     assert sorted(records) == [f"{i:04d}" for i in range(400)]
     assert all(v == {"by": str(int(k) % 2), "value": int(k) ** 2} for k, v in records.items())
-    from safe_diffusion.journal import _decode
+    from safe_diffusion.records.journal import _decode
 
     keys = [
         rec[1]

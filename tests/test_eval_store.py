@@ -76,7 +76,7 @@ def test_run_records_dtype_native_size_and_judges(judged, ckpt):
 
 
 def test_native_size_of_a_768_checkpoint(tmp_path):
-    from safe_diffusion.provenance import native_size
+    from safe_diffusion.common.provenance import native_size
 
     (tmp_path / "unet").mkdir()
     (tmp_path / "vae").mkdir()
@@ -165,7 +165,7 @@ def test_model_identity_by_content(ckpt, tmp_path, capsys, monkeypatch):
     shutil.rmtree(model)
     build_checkpoint(model, "tiny", seed=1)
     capsys.readouterr()
-    import safe_diffusion.loading as loading
+    import safe_diffusion.common.loading as loading
 
     monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
     code = run_cli("eval", "run", "--model", "m", "--out", run, *GEN, "--judges", "none")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from safe_diffusion.errors import InputError
+from safe_diffusion.common.errors import InputError
 from safe_diffusion.evals import metrics
 from safe_diffusion.evals.suites import available_suites, load_suite, parse_columns
 
@@ -243,7 +243,7 @@ def test_scoring_47030_records_with_intervals_is_fast_enough_to_be_vectorised():
 
 
 def test_report_labels_runs_uniquely_and_says_no_images(tmp_path, tiny_checkpoint, capsys):
-    from safe_diffusion.evals.report import sample_indices, unique_labels
+    from safe_diffusion.reports.eval import sample_indices, unique_labels
 
     path = tmp_path / "nudity.csv"
     path.write_text(UDA)

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 
-
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     from safe_diffusion.testing import build_clip

@@ -16,7 +16,7 @@ import torch
 from helpers import PARITY_TOL
 
 from safe_diffusion import SafetyGuidance, SemanticGuidance, guide
-from safe_diffusion.errors import GuidanceError
+from safe_diffusion.common.errors import GuidanceError
 
 STEPS = 2
 SLD = SafetyGuidance.from_preset("max")  # no warm-up: acts from the first step

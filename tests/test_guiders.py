@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from safe_diffusion import SafetyGuidance, SemanticGuidance, guide
-from safe_diffusion.errors import GuidanceError, GuidanceOffError
+from safe_diffusion.common.errors import GuidanceError, GuidanceOffError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 KW = dict(num_inference_steps=4, height=32, width=32)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import run_cli
 
 GEN = ["--limit", "1", "--images-per-prompt", "1", "--steps", "1", "--height", "32", "--width", "32", "--classifiers", "none"]

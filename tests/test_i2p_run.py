@@ -34,7 +34,7 @@ def cli(*args, check=True, launcher=None):
 
 def raw_image_records(run: Path) -> list[str]:
     """The key of every image record in every journal segment (duplicates included)."""
-    from safe_diffusion.journal import _decode
+    from safe_diffusion.records.journal import _decode
 
     keys = []
     for seg in sorted((run / "journal").glob("*.log")):
@@ -187,7 +187,7 @@ import os, signal, sys
 from safe_diffusion.evals import runner
 from safe_diffusion.evals.config import safety_terms
 from safe_diffusion.evals.store import RunStore
-from safe_diffusion.loading import load_pipeline
+from safe_diffusion.common.loading import load_pipeline
 
 run, model, rank, die_after = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 store = RunStore.open(run)

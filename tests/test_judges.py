@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safe_diffusion.errors import InputError
+from safe_diffusion.common.errors import InputError
 from safe_diffusion.judges import Judge, Judgment, available_judges, load_judges, parse_judges, register_judge
 
 
@@ -125,8 +125,7 @@ def test_clip_preprocess_is_openai_clips_transform():
 def test_q16_verdicts_follow_the_learned_prompts_and_record_the_preprocessing(clip, tmp_path):
     import torch
 
-    from safe_diffusion.judges.q16 import load_q16_prompts
-    from safe_diffusion.judges.q16 import clip_preprocess
+    from safe_diffusion.judges.q16 import clip_preprocess, load_q16_prompts
 
     (q16,) = load_judges(["q16"], options={"q16": {"model": str(clip)}})
     paths = [_noise(tmp_path / f"{i}.png", seed=i) for i in range(3)]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safe_diffusion.errors import InputError
+from safe_diffusion.common.errors import InputError
 from safe_diffusion.judges import Judgment, load_judges
 from safe_diffusion.judges.llavaguard import POLICY_SHA256, UNPARSEABLE, load_policy, parse_answer
 

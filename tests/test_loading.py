@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from safe_diffusion import SafeStableDiffusionPipeline, load_pipeline
-from safe_diffusion.errors import InputError
+from safe_diffusion.common.errors import InputError
 
 
 def test_random_checkpoint_is_a_real_diffusers_folder(tiny_checkpoint):
@@ -18,9 +18,7 @@ def test_random_checkpoint_is_a_real_diffusers_folder(tiny_checkpoint):
 
 
 def test_load_pipeline_round_trips_weights(tiny_checkpoint):
-    from diffusers import UNet2DConditionModel
-
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     pipe = load_pipeline(str(tiny_checkpoint), device="cpu")
     # a plain pipeline: guidance comes from guide() alone, never from a drop-in's defaults
@@ -58,7 +56,7 @@ def test_folder_without_model_index_is_refused(tmp_path):
 
 @pytest.mark.parametrize("family, expected", [("pixart-sigma", "PixArtSigmaPipeline"), ("flux", "FluxPipeline")])
 def test_load_pipeline_loads_the_checkpoints_own_pipeline_class(tmp_path, family, expected):
-    from safe_diffusion.loading import load_pipeline
+    from safe_diffusion.common.loading import load_pipeline
     from safe_diffusion.testing import FAMILIES
 
     FAMILIES[family](tmp_path)

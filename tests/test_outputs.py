@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from safe_diffusion.outputs import atomic_write_bytes, atomic_write_json, current_umask
+from safe_diffusion.common.outputs import atomic_write_bytes, atomic_write_json, current_umask
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_replacing_a_file_is_atomic_and_leaves_no_temp_file(tmp_path):
 
 
 def test_a_failed_command_takes_back_only_what_it_wrote(tmp_path):
-    from safe_diffusion.outputs import output_dir
+    from safe_diffusion.common.outputs import output_dir
 
     folder = tmp_path / "out"
     folder.mkdir()

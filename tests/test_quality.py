@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from safe_diffusion.errors import InputError
+from safe_diffusion.common.errors import InputError
 from safe_diffusion.evals import quality as q
 from safe_diffusion.testing import RandomFeatureExtractor, build_clip
 

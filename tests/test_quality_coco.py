@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from safe_diffusion.errors import InputError
+from safe_diffusion.common.errors import InputError
 from safe_diffusion.evals.coco import SUBSETS, load_coco_captions, sample_annotations, val2014_file_name
 
 

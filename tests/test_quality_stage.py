@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safe_diffusion.errors import InputError
+from safe_diffusion.common.errors import InputError
 from safe_diffusion.evals import quality as q
 from safe_diffusion.evals.store import RunStore
 from safe_diffusion.testing import RandomFeatureExtractor, build_clip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from safe_diffusion.errors import InputError
+from safe_diffusion.common.errors import InputError
 from safe_diffusion.evals import references as ref
 from safe_diffusion.evals.suites import I2P_CATEGORIES as CATEGORIES
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from helpers import PARITY_TOL, load_float64
+
 from safe_diffusion import SafeStableDiffusionPipeline, SafetyConfig
 
 reference = pytest.importorskip(

@@ -122,7 +122,7 @@ def test_unflagged_images_are_copied_byte_for_byte_and_bad_files_skipped(run):
 
 
 def test_report_lists_every_file_with_verdicts_coverage_and_blurred_thumbnails(run, tmp_path):
-    from safe_diffusion.editing.report import write_report
+    from safe_diffusion.reports.sanitize import write_report
 
     data, out = run
     report = out / ".sanitize" / "report.html"
@@ -391,8 +391,8 @@ def test_bad_models_and_options(cli, tiny_checkpoint, data, tmp_path):
 def test_a_pipeline_without_ledits_components_is_refused_in_one_line(tiny_checkpoint):
     from diffusers import StableDiffusionPipeline
 
+    from safe_diffusion.common.errors import InputError
     from safe_diffusion.editing import pipeline_family
-    from safe_diffusion.errors import InputError
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_checkpoint, safety_checker=None, requires_safety_checker=False)
     assert pipeline_family(pipe) == "sd"

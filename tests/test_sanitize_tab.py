@@ -15,7 +15,7 @@ from safe_diffusion.app.sanitize_tab import (
     make_sanitize_handler,
     validate_sanitize_request,
 )
-from safe_diffusion.errors import InputError
+from safe_diffusion.common.errors import InputError
 from safe_diffusion.guidance.ledits import SAFETY_CONCEPTS
 
 NO_PROGRESS = {"progress": lambda *a, **k: None}

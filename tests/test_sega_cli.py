@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-
 ARGS = ["--steps", "3", "--height", "32", "--width", "32"]
 
 

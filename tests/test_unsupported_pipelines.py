@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from safe_diffusion import SafetyGuidance, guide
-from safe_diffusion.errors import UnsupportedPipelineError
+from safe_diffusion.common.errors import UnsupportedPipelineError
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_a_failing_attach_leaves_no_hooks(sd, monkeypatch):
 
 
 def test_strict_mode_raises_when_guidance_is_off(sd):
-    from safe_diffusion.errors import GuidanceOffError
+    from safe_diffusion.common.errors import GuidanceOffError
 
     call = dict(num_inference_steps=2, height=32, width=32, guidance_scale=1.0)
     with guide(sd, SafetyGuidance.from_preset("max")):  # default: a warning, and the plain image

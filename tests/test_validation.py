@@ -2,8 +2,8 @@
 
 import pytest
 
-from safe_diffusion.errors import InputError
-from safe_diffusion.validation import (
+from safe_diffusion.common.errors import InputError
+from safe_diffusion.common.validation import (
     MAX_SEED,
     check_device,
     check_float,

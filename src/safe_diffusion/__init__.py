@@ -21,7 +21,11 @@ _EXPORTS = {
     "SafetyGuider": "safe_diffusion.engine.guiders",
     "SemanticGuider": "safe_diffusion.engine.guiders",
     "with_guidance_concepts": "safe_diffusion.engine.guiders",
-    "load_pipeline": "safe_diffusion.loading",
+    "load_pipeline": "safe_diffusion.common.loading",
+    "InputError": "safe_diffusion.common.errors",
+    "GuidanceError": "safe_diffusion.common.errors",
+    "GuidanceOffError": "safe_diffusion.common.errors",
+    "UnsupportedPipelineError": "safe_diffusion.common.errors",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -1,17 +1,14 @@
-"""Errors with a one-line message for the user (the CLI prints them without a traceback)."""
+"""Deprecated location of the error types: use ``safe_diffusion.GuidanceOffError`` (etc.) or
+:mod:`safe_diffusion.common.errors`. Kept so that code written against 0.1 keeps working."""
 
+import warnings
 
-class InputError(Exception):
-    """Bad input (a path, a value, a file's content, a model that will not load), named in one line."""
+from .common.errors import GuidanceError, GuidanceOffError, InputError, UnsupportedPipelineError
 
+warnings.warn(
+    "safe_diffusion.errors moved to safe_diffusion.common.errors (the types are also exported by safe_diffusion itself)",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
-class GuidanceError(InputError):
-    """Guidance that cannot act as asked: an unsupported pipeline, or no classifier-free guidance to join."""
-
-
-class UnsupportedPipelineError(GuidanceError):
-    """A pipeline the guidance engine cannot serve (named, with the reason, in one line)."""
-
-
-class GuidanceOffError(GuidanceError):
-    """Guidance terms were asked for in a call that runs without classifier-free guidance (strict mode)."""
+__all__ = ["GuidanceError", "GuidanceOffError", "InputError", "UnsupportedPipelineError"]

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..validation import check_float, check_safety, parse_signed_concept
+from ..common.errors import InputError
+from ..common.validation import check_float, check_safety, parse_signed_concept
 
 MAX_SEED = 2**32 - 1
 STEPS_RANGE = (1, 150)
@@ -161,7 +161,7 @@ class DemoGenerator:
     @classmethod
     def load(cls, model: str, device: str | None = None, output_root: str | Path | None = None) -> DemoGenerator:
         """Load `model` once (a one-line InputError if it will not load)."""
-        from ..loading import load_pipeline
+        from ..common.loading import load_pipeline
 
         return cls(load_pipeline(model, device=device), model, output_root=output_root)
 
@@ -171,9 +171,9 @@ class DemoGenerator:
 
     def generate(self, request: DemoRequest, progress: Progress | None = None) -> DemoResult:
         """The unguided and the guided image from the same seed, the settings, and files to download."""
-        from ..comparison import KINDS, generate_guided_images, pipeline_record
+        from ..common.outputs import atomic_write_json, save_image_atomic
         from ..guidance import describe_terms
-        from ..outputs import atomic_write_json, save_image_atomic
+        from ..jobs.compare import KINDS, generate_guided_images, pipeline_record
 
         terms = guidance_terms(request)
         report = progress or (lambda fraction, desc: None)

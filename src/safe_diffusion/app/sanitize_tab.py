@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import InputError
+from ..common.errors import InputError
 from ..guidance.ledits import SAFETY_CONCEPTS
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def validate_sanitize_request(
     keep_unmasked: bool = True,
 ) -> SanitizeRequest:
     """Check the form's values; a one-line :class:`InputError` names the first problem."""
-    from ..validation import check_float, check_int, check_seed
+    from ..common.validation import check_float, check_int, check_seed
 
     remove = list(dict.fromkeys([*(checked or []), *_concepts(extra_remove)]))
     added = _concepts(add)

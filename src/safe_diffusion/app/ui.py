@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from importlib import resources
 
-from ..errors import InputError
-from ..validation import SAFETY_CHOICES
+from ..common.errors import InputError
+from ..common.validation import SAFETY_CHOICES
 from .core import (
     GUIDANCE_SCALE_RANGE,
     MAX_SEED,

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from ..errors import InputError
+from ..common.errors import InputError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 logger = logging.getLogger("safe_diffusion")

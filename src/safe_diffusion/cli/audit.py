@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from ..errors import InputError
+from ..common.errors import InputError
 from . import app
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -159,7 +159,7 @@ def _device(device: str | None):
     import torch
 
     if device is None:
-        from ..loading import default_device
+        from ..common.loading import default_device
 
         return default_device()
     try:
@@ -197,7 +197,7 @@ def _check_outputs(out: Path) -> tuple[Path, Path, Path]:
 
 def _write_all(files: list[tuple[Path, bytes]]) -> None:
     """Write every file atomically; if one fails, remove those this call created, then one line."""
-    from ..outputs import atomic_write_bytes
+    from ..common.outputs import atomic_write_bytes
 
     created: list[Path] = []
     for path, data in files:
@@ -244,8 +244,8 @@ def audit(
     import json
     from datetime import UTC, datetime
 
+    from ..common.outputs import library_versions
     from ..judges import load_judges, parse_judges
-    from ..outputs import library_versions
 
     if judges is not None and classifiers is not None:
         raise InputError("give --judges only (--classifiers is its old name)")

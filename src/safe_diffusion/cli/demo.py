@@ -7,7 +7,7 @@ import warnings
 
 import typer
 
-from ..errors import InputError
+from ..common.errors import InputError
 from . import app
 
 
@@ -19,7 +19,7 @@ def demo(
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
     """Serve a web demo: type a prompt, see the unguided and the guided image side by side."""
-    from ..validation import check_device, check_host, check_int
+    from ..common.validation import check_device, check_host, check_int
 
     port = check_int("--port", port, minimum=1, maximum=65535)
     host = check_host("--host", host)
@@ -32,7 +32,7 @@ def demo(
         raise InputError("the demo needs gradio: pip install 'safe-diffusion[app]'") from None
     from ..app.core import DemoGenerator
     from ..app.ui import build_demo, launch_options
-    from ..loading import check_model_reference
+    from ..common.loading import check_model_reference
 
     check_model_reference(model)
     # A server's log is not a terminal: no loading/step progress bars (the page has its own progress

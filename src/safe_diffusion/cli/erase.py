@@ -17,7 +17,7 @@ def read_concepts(path: Path | None, what: str) -> list[str]:
     """One concept per line of `path` (blank lines and # comments skipped)."""
     if path is None:
         return []
-    from ..validation import read_lines
+    from ..common.validation import read_lines
 
     return read_lines(path, f"{what} file", empty="lists no concept")
 
@@ -69,9 +69,9 @@ def erase(
     erasure.json and the edited weights alone. Rerun the same command to
     resume an interrupted ESD run.
     """
+    from ..common.loading import check_model_reference
     from ..erasure.api import ErasureConfig, erase_concepts
     from ..erasure.folder import check_output_folder
-    from ..loading import check_model_reference
 
     concepts = [*(erase or []), *read_concepts(erase_file, "--erase-file")]
     kept = [*(preserve or []), *read_concepts(preserve_file, "--preserve-file")]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import InputError
+from ..common.errors import InputError
 from . import app as root
 
 app = typer.Typer(help="Safety evaluation on prompt suites (I2P, adversarial suites, any CSV).", no_args_is_help=True)
@@ -40,8 +40,8 @@ def _process_state(device: str | None):
 
 
 def _write_results(store) -> None:
+    from ..common.outputs import atomic_write_json
     from ..evals.results import format_table, score_store
-    from ..outputs import atomic_write_json
 
     doc = score_store(store)
     atomic_write_json(store.path / "results.json", doc)
@@ -76,11 +76,11 @@ def run(
     progress: bool = typer.Option(True, help="Progress bar, or periodic lines in logs."),
 ) -> None:
     """Generate a suite's images and judge them; rerun to resume."""
+    from ..common.validation import check_device, check_int
     from ..evals import runner, suites
     from ..evals.config import build_run_config, torch_dtype, unsafe_rule
     from ..evals.store import RunStore, check_resume, read_frozen
     from ..judges import load_judges, parse_judges
-    from ..validation import check_device, check_int
 
     if limit is not None:
         limit = check_int("--limit", limit, minimum=1)
@@ -132,7 +132,7 @@ def run(
         try:
             clfs = load_judges(names, device=dev, options=_judge_options(q16_model, nudenet_model, nudenet_resolution))
             runner.check_judges(store, clfs)
-            from ..loading import load_pipeline
+            from ..common.loading import load_pipeline
 
             pipe = load_pipeline(model, device=dev, dtype=torch_dtype(config.generation.dtype))
         except BaseException:
@@ -179,7 +179,7 @@ def run(
 
 
 def _versions() -> dict:
-    from ..outputs import library_versions
+    from ..common.outputs import library_versions
 
     return library_versions()
 
@@ -199,11 +199,11 @@ def classify(
 
     Nothing is regenerated; --no-redo judges only images without a current verdict.
     """
+    from ..common.validation import check_device
     from ..evals import runner
     from ..evals.config import unsafe_rule
     from ..evals.store import RunStore
     from ..judges import load_judges, parse_judges
-    from ..validation import check_device
 
     names = parse_judges(judges, allow_none=False)
     store = RunStore.open(run_dir)
@@ -240,8 +240,8 @@ def score(
 
     Also the I2P paper's metrics for I2P runs and records.
     """
+    from ..common.outputs import atomic_write_json
     from ..evals.results import format_table, score_source
-    from ..outputs import atomic_write_json
 
     if json_path is not None:
         _check_output_file(json_path, (".json",), "--json")
@@ -281,7 +281,7 @@ def export(
     frame = frame[first + sorted(c for c in frame.columns if c not in first)]
     import io
 
-    from ..outputs import atomic_write_bytes
+    from ..common.outputs import atomic_write_bytes
 
     buf = io.BytesIO()
     if file.suffix.lower() == ".csv":
@@ -304,8 +304,8 @@ def report(
 
     Per suite: metrics with intervals side by side, categories, samples.
     """
-    from ..evals.report import write_report
-    from ..validation import check_int
+    from ..common.validation import check_int
+    from ..reports.eval import write_report
 
     _check_output_file(out, (".html", ".htm"), "--out")
     samples = check_int("--samples", samples, minimum=0, maximum=64)
@@ -374,11 +374,11 @@ def quality(
 
     Resumable: a killed run continues where it stopped.
     """
+    from ..common.outputs import atomic_write_json
+    from ..common.progress import ProgressLog
+    from ..common.validation import check_device, check_int
     from ..evals import quality as q
     from ..evals.store import RunStore
-    from ..outputs import atomic_write_json
-    from ..progress import ProgressLog
-    from ..validation import check_device, check_int
 
     if json_path is not None:
         _check_output_file(json_path, (".json",), "--json")
@@ -447,7 +447,7 @@ def tradeoff(
     A method's runs (e.g. its I2P run and its COCO run) are grouped by
     mitigation and model, or by --label.
     """
-    from ..evals.tradeoff import write_tradeoff
+    from ..reports.tradeoff import write_tradeoff
 
     _check_output_file(out, (".html", ".htm"), "--out")
     html_path, md_path = write_tradeoff([str(r) for r in runs], out, labels=label or None)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import InputError
+from ..common.errors import InputError
 from . import app
 from .generate import (
     MAX_GUIDANCE_SCALE,
@@ -34,7 +34,7 @@ def read_prompts(path: Path, template: str) -> list[str]:
     """One subject per line (blank lines and # comments skipped), put into `template` at ``{}``."""
     if "{}" not in template:
         raise InputError(f"template {template!r} must contain {{}} where the subject goes")
-    from ..validation import read_lines
+    from ..common.validation import read_lines
 
     subjects = read_lines(path, "prompts file", empty="has no prompts")
     return [template.replace("{}", s, 1) for s in subjects]
@@ -42,7 +42,7 @@ def read_prompts(path: Path, template: str) -> list[str]:
 
 def check_clip_reference(model: str) -> None:
     """Fail fast on a CLIP model that is neither a transformers folder nor shaped like a hub id."""
-    from ..loading import _HUB_ID
+    from ..common.loading import _HUB_ID
 
     path = Path(model)
     if path.exists():
@@ -84,7 +84,7 @@ def plot_proportions(rows: list[dict], directions: list[str], path: Path) -> Non
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..outputs import atomic_write_bytes
+    from ..common.outputs import atomic_write_bytes
 
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
     fig, axes = plt.subplots(len(directions), 1, figsize=(max(6, 1.2 * len(prompts) + 2), 2.6 * len(directions)), squeeze=False)
@@ -129,8 +129,8 @@ def fairness(
     """Measure attribute proportions per prompt with and without Fair Diffusion; write fairness.csv and fairness.png."""
     dirs = parse_directions(directions)
     props = parse_proportions(proportions, len(dirs))
+    from ..common.validation import check_device, check_float, check_int, check_seed
     from ..guidance import FairGuidance
-    from ..validation import check_device, check_float, check_int, check_seed
 
     images_per_prompt = check_int("--images-per-prompt", images_per_prompt, minimum=1, maximum=MAX_IMAGES)
     steps = check_int("--steps", steps, minimum=1, maximum=1000)
@@ -140,7 +140,7 @@ def fairness(
     check_size("--width", width)
     check_device("--device", device)
     prompt_list = read_prompts(prompts, template)
-    from ..loading import check_model_reference
+    from ..common.loading import check_model_reference
 
     check_model_reference(model)
     check_clip_reference(clip_model)
@@ -158,12 +158,12 @@ def fairness(
 def measure(prompt_list, *, model, directions, proportions, out, n, clip_model, steps, seed, guidance_scale,
             height, width, save_images, device) -> list[dict]:
     """Generate, classify and write the table, plot and run record; returns the table's rows."""
-    from ..comparison import generate_guided_images
+    from ..common.loading import load_pipeline
+    from ..common.outputs import atomic_write_bytes, atomic_write_json, library_versions, output_dir, save_image_atomic
+    from ..common.progress import ProgressLog
     from ..guidance import FairGuidance, describe_terms
     from ..guidance.fair import largest_remainder
-    from ..loading import load_pipeline
-    from ..outputs import atomic_write_bytes, atomic_write_json, library_versions, output_dir, save_image_atomic
-    from ..progress import ProgressLog
+    from ..jobs.compare import generate_guided_images
 
     with output_dir(out) as folder:
         classify = ZeroShotClassifier(clip_model, directions, "cpu")

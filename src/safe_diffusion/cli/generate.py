@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import InputError
+from ..common.errors import InputError
 from . import app
 
 #: More images than this in one invocation is almost certainly a typo; split larger jobs (or use `eval run`).
@@ -17,19 +17,19 @@ MAX_GUIDANCE_SCALE = 100.0
 
 def parse_safety(value: str) -> str:
     """Normalise a --safety value, or a one-line error listing the valid ones."""
-    from ..validation import check_safety
+    from ..common.validation import check_safety
 
     return check_safety("--safety", value)
 
 
 def check_positive(name: str, value: int) -> None:
-    from ..validation import check_int
+    from ..common.validation import check_int
 
     check_int(name, value, minimum=1)
 
 
 def check_size(name: str, value: int | None) -> None:
-    from ..validation import check_image_side
+    from ..common.validation import check_image_side
 
     check_image_side(name, value)
 
@@ -37,7 +37,7 @@ def check_size(name: str, value: int | None) -> None:
 def check_guidance(terms: list, *, steps: int, guidance_scale: float, strict: bool) -> None:
     """Refuse settings under which the terms cannot act at all; warn (with --strict, refuse) when a
     term's warm-up is never left."""
-    from ..validation import cfg_problem, warmup_problems
+    from ..common.validation import cfg_problem, warmup_problems
 
     problem = cfg_problem(terms, guidance_scale)
     if problem:  # a "guided" image without guidance is never what was asked for
@@ -76,8 +76,8 @@ def edit_terms(
     warmups: list[int] | None = None,
 ) -> list:
     """The SEGA term for ``--edit +concept`` (add) / ``--edit -concept`` (remove) and their per-edit options."""
+    from ..common.validation import check_float, parse_signed_concept
     from ..guidance import SemanticGuidance
-    from ..validation import check_float, parse_signed_concept
 
     edits = list(edits or [])
     concepts, reverse = [], []
@@ -185,7 +185,7 @@ def generate(
     fair_proportions: str = typer.Option(None, "--fair-proportions", help="Target proportions per direction, e.g. '0.5,0.5' (default: uniform)."),
 ) -> None:
     """Generate images with safety, semantic (--edit) and fair (--fair) guidance; write PNGs and one JSON sidecar per image."""
-    from ..validation import check_device, check_float, check_int, check_seed, check_text
+    from ..common.validation import check_device, check_float, check_int, check_seed, check_text
 
     prompt = check_text("the prompt", prompt)
     if negative_prompt is not None:
@@ -204,7 +204,7 @@ def generate(
     if overwrite and skip_existing:
         raise InputError("--overwrite and --skip-existing exclude each other; choose one")
     check_device("--device", device)
-    from ..loading import check_model_reference
+    from ..common.loading import check_model_reference
 
     check_model_reference(model)
     terms = safety_terms(safety, safety_concept)
@@ -270,10 +270,10 @@ def generate_images(
     its seed alone, so the result is that of one uninterrupted run — to the rounding of batched
     arithmetic, as the missing images are batched without the others).
     """
-    from ..comparison import generate_guided_images, pipeline_record
-    from ..loading import load_pipeline
-    from ..outputs import atomic_write_json, output_dir, save_image_atomic
-    from ..progress import ProgressLog
+    from ..common.loading import load_pipeline
+    from ..common.outputs import atomic_write_json, output_dir, save_image_atomic
+    from ..common.progress import ProgressLog
+    from ..jobs.compare import generate_guided_images, pipeline_record
 
     stems = {seed + k: f"{k:04d}-seed{seed + k}" for k in range(num_images)}
     present = [n for st in stems.values() for n in image_files(st, compare) if (Path(out) / n).exists()]

@@ -49,11 +49,11 @@ def sanitize(
     files are skipped and listed. Edited images are judged again. Rerun the
     same command to resume; shard with `accelerate launch`.
     """
+    from ..common.validation import check_device, check_int
     from ..editing.sanitize import SanitizeConfig, display_path
     from ..editing.sanitize import sanitize as run
     from ..guidance.ledits import SAFETY_CONCEPTS
     from ..judges import parse_judges
-    from ..validation import check_device, check_int
     from .eval import _judge_options, _process_state
 
     names = parse_judges(judges)

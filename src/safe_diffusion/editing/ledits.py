@@ -34,7 +34,7 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
-from ..errors import InputError
+from ..common.errors import InputError
 from ..guidance.ledits import (
     LEditsGuidance,
     denoised,

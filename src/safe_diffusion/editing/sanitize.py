@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..common.errors import InputError
+from ..common.progress import ProgressLog
 from ..guidance.ledits import MASKINGS, SAFETY_CONCEPTS, LEditsGuidance
-from ..progress import ProgressLog
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class SanitizeConfig:
     keep_unmasked: bool = True  # pixels outside the edit mask stay the input's (see sanitize_image)
 
     def __post_init__(self):
-        from ..validation import check_float, check_int, check_seed, check_text
+        from ..common.validation import check_float, check_int, check_seed, check_text
 
         remove = tuple(check_text("--remove", c).strip() for c in self.remove)
         add = tuple(check_text("--add", c).strip() for c in self.add)
@@ -371,7 +371,7 @@ def _short(value) -> str:
 
 def check_model(model: str) -> None:
     """For a local checkpoint folder: the components LEDITS++ needs are there (one InputError line otherwise)."""
-    from ..loading import check_model_reference
+    from ..common.loading import check_model_reference
 
     check_model_reference(model)
     index = Path(model) / "model_index.json"
@@ -418,7 +418,7 @@ def prepare_output(out: Path, config: SanitizeConfig, run: dict, *, clean: bool 
     the LEDITS++ settings resolved for the model); written with the config when the run starts.
     `clean`: remove what a killed run's atomic writes left (only the main process, before the others start).
     """
-    from ..outputs import atomic_write_bytes
+    from ..common.outputs import atomic_write_bytes
 
     records = state_dir(out) / RECORDS_DIR
     records.mkdir(parents=True, exist_ok=True)
@@ -472,7 +472,7 @@ def load_records(out: Path) -> dict[str, dict]:
 
 
 def _write_record(out: Path, record: dict) -> None:
-    from ..outputs import atomic_write_bytes
+    from ..common.outputs import atomic_write_bytes
 
     path = state_dir(out) / RECORDS_DIR / f"{record_key(record['path'])}.json"
     atomic_write_bytes(path, (json.dumps(record, indent=1, ensure_ascii=True, sort_keys=True) + "\n").encode())
@@ -516,7 +516,7 @@ def sanitize_folder(
     """
     import numpy as np
 
-    from ..outputs import atomic_write_bytes
+    from ..common.outputs import atomic_write_bytes
 
     items = list_items(src)
     mine = [rel for i, rel in enumerate(items) if i % num_processes == process_index]
@@ -639,9 +639,9 @@ def sanitize(
     processes (``accelerate launch``), each handles items i ≡ `process_index` (mod `num_processes`);
     `barrier` waits for all of them before the main process writes the report.
     """
+    from ..common.loading import load_pipeline
+    from ..common.outputs import library_versions, output_dir
     from ..judges import load_judges
-    from ..loading import load_pipeline
-    from ..outputs import library_versions, output_dir
     from .ledits import pipeline_family, resolved_settings
 
     src, out = check_paths(src, out)
@@ -696,7 +696,7 @@ def sanitize(
 
 def _finish(src, out, report_path, show_unsafe, process_index, summary) -> SanitizeResult:
     """The main process writes the report from every process's records."""
-    from .report import summarize, write_report
+    from ..reports.sanitize import summarize, write_report
 
     if process_index != 0:
         return SanitizeResult(out, summary, None, None)

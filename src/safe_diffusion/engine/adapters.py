@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import GuidanceError
+from ..common.errors import GuidanceError
 
 Path = str | tuple[str, str]  # a forward argument, or (argument, key) inside a dict argument
 

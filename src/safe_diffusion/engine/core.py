@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from ..errors import GuidanceError, GuidanceOffError
+from ..common.errors import GuidanceError, GuidanceOffError
 from ..guidance.terms import GuidanceTerm, for_schedule, needed_concepts, resolve_space
 from .adapters import DenoiserAdapter
 from .spaces import apply_in_epsilon
@@ -429,8 +429,8 @@ def guide(pipe, *terms: GuidanceTerm, strict: bool = False) -> Iterator[Any]:
     ``with guide(pipe, SafetyGuidance.from_preset("strong"), SemanticGuidance(["sunglasses"])): pipe(prompt)``.
     Blocks nest: an inner block adds its terms to the outer block's for its duration.
 
-    A pipeline the engine cannot serve is refused here, in one line (:class:`~safe_diffusion.errors.GuidanceError`).
-    With ``strict=True`` guidance that cannot act also raises :class:`~safe_diffusion.errors.GuidanceError`
+    A pipeline the engine cannot serve is refused here, in one line (:class:`~safe_diffusion.common.errors.GuidanceError`).
+    With ``strict=True`` guidance that cannot act also raises :class:`~safe_diffusion.common.errors.GuidanceError`
     (a call without classifier-free guidance, guidance turned off mid-run, a call that never reached a
     guidance batch); otherwise it logs a warning and the call runs unguided. Pipelines whose
     classifier-free guidance is optional per call and off (FLUX or Qwen-Image without true CFG) always

@@ -35,7 +35,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from diffusers.modular_pipelines.modular_pipeline import BlockState, ModularPipelineBlocks
 from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, InputParam
 
-from ..errors import GuidanceError, GuidanceOffError
+from ..common.errors import GuidanceError, GuidanceOffError
 from ..guidance.sld import DEFAULT_SAFETY_CONCEPT, SafetyConfig
 from ..guidance.terms import (
     GuidanceTerm,

@@ -19,7 +19,7 @@ import inspect
 
 import torch
 
-from ..errors import UnsupportedPipelineError
+from ..common.errors import UnsupportedPipelineError
 from .adapters import DenoiserAdapter, adapter_for, known_denoisers
 
 #: Call arguments that give a pipeline's batch layout away, and why guidance rows cannot join it.

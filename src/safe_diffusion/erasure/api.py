@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..common.errors import InputError
 from .common import METHODS
 
 UCE_OPTIONS = ("lamb", "erase_scale", "preserve_scale")
@@ -229,7 +229,7 @@ def erase_concepts(
     base model's files where possible (else copies them). Returns `out` (None in non-main processes of a
     multi-process ``accelerate launch`` ESD run, which only train).
     """
-    from ..loading import check_model_reference, load_pipeline
+    from ..common.loading import check_model_reference, load_pipeline
     from .common import require_cross_attention
     from .folder import check_output_folder, hash_base, locked_work_folder, work_folder
 
@@ -312,8 +312,8 @@ def erase_concepts(
 
 
 def _write_model(out, work, base, model, config, unet, weights, record, seconds, *, link, base_files) -> None:
-    from ..loading import pipeline_class_name
-    from ..outputs import library_versions
+    from ..common.loading import pipeline_class_name
+    from ..common.outputs import library_versions
     from .common import METHODS, move
     from .folder import (
         RECORD_NAME,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import InputError
+from ..common.errors import InputError
 
 #: The methods, their labels in reports, and the papers they come from.
 METHODS = {

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import InputError
-from ..outputs import atomic_write_json, current_umask
+from ..common.errors import InputError
+from ..common.outputs import atomic_write_json, current_umask
 
 if TYPE_CHECKING:
     import torch

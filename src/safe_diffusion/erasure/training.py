@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..outputs import atomic_write_json
-from ..progress import ProgressLog
+from ..common.errors import InputError
+from ..common.outputs import atomic_write_json
+from ..common.progress import ProgressLog
 from .common import encode, esd_parameter_names, is_sdxl, move
 from .esd import classifier_free_guidance, esd_loss, esd_target
 

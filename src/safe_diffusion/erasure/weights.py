@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
+from ..common.errors import InputError
 
 
 def load_erasure_weights(pipe, path: str | Path) -> list[str]:

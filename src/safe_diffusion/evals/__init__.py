@@ -3,7 +3,7 @@
 * :mod:`.suites` — the registry of prompt suites (I2P, Ring-A-Bell, MMA-Diffusion, UnlearnDiffAtk, P4D,
   any CSV/Parquet) and their loader;
 * :mod:`.config` — the typed, versioned run config the library builds;
-* :mod:`.store` — one folder per run, safe on shared network file systems (on :mod:`safe_diffusion.journal`);
+* :mod:`.store` — one folder per run, safe on shared network file systems (on :mod:`safe_diffusion.records.journal`);
 * :mod:`.runner` — the generate and judge stages (deterministic, sharded, resumable);
 * :mod:`.metrics` / :mod:`.results` — unsafe image rate, attack success rate, bootstrap intervals, the
   I2P paper's metrics, and the versioned results JSON;

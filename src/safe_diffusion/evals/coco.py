@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..common.errors import InputError
 
 #: Named subset sizes; ``"30k"`` is the usual FID-30k protocol, ``"5k"`` a quick run.
 SUBSETS = {"30k": 30_000, "10k": 10_000, "5k": 5_000}

@@ -2,7 +2,7 @@
 
 :func:`build_run_config` turns what a user asked for (a suite, a model, a mitigation, generation
 settings) into a :class:`RunConfig` without loading any weights: the model is identified by content
-(:mod:`safe_diffusion.provenance`), its native size and scheduler are read from its configs, and an
+(:mod:`safe_diffusion.common.provenance`), its native size and scheduler are read from its configs, and an
 erased checkpoint's ``erasure.json`` is read from its folder. A run stores ``RunConfig.to_dict()``;
 resuming compares :meth:`RunConfig.identity` — only what determines the images — so another
 spelling of the model's path, or the same suite from another path, resumes, while another checkpoint
@@ -21,8 +21,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InputError
-from ..validation import SAFETY_CHOICES, check_safety
+from ..common.errors import InputError
+from ..common.validation import SAFETY_CHOICES, check_safety
 
 logger = logging.getLogger(__name__)
 
@@ -240,9 +240,9 @@ def build_run_config(
     `height`/`width` None: the checkpoint's native size. `images_per_prompt` None: the suite's default
     (I2P: 10, adversarial suites: 1).
     """
-    from .. import provenance
-    from ..loading import check_model_reference
-    from ..validation import check_float, check_image_side, check_int, check_text
+    from ..common import provenance
+    from ..common.loading import check_model_reference
+    from ..common.validation import check_float, check_image_side, check_int, check_text
 
     check_model_reference(model)
     steps = check_int("--steps", steps, minimum=1, maximum=10_000)
@@ -277,7 +277,7 @@ def build_run_config(
     if isinstance(index.get("scheduler"), list) and len(index["scheduler"]) == 2:
         scheduler = index["scheduler"][1]
     mitigation, guidance_terms = build_mitigation(model, safety=safety, terms=terms, negative_prompt=negative_prompt)
-    from ..validation import cfg_problem, warmup_problems
+    from ..common.validation import cfg_problem, warmup_problems
 
     problem = cfg_problem(guidance_terms, guidance_scale) if guidance_scale is not None else None
     if problem is None and guidance_terms and guidance_source == "suite":

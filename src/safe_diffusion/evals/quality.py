@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import InputError
+from ..common.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def _clip_score_update():
 
 def quality_versions() -> dict[str, str]:
     """Versions of the libraries a quality number depends on (those installed)."""
-    from ..outputs import library_versions
+    from ..common.outputs import library_versions
 
     versions = library_versions()
     for dist in ("torchmetrics", "torch-fidelity", "lightning-utilities", "numpy", "pillow"):
@@ -222,7 +222,7 @@ class _FolderRecords:
             raise InputError(f"records folder {str(path)!r} is not a folder")
 
     def put(self, batch: Mapping[str, dict]) -> None:
-        from ..outputs import atomic_write_bytes
+        from ..common.outputs import atomic_write_bytes
 
         self.path.mkdir(parents=True, exist_ok=True)
         name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}{self.SUFFIX}"
@@ -863,7 +863,7 @@ def save_statistics(stats: ReferenceStatistics, path: str | os.PathLike) -> None
 
     ``mu``/``sigma`` follow pytorch-fid's and clean-fid's convention, so other tools read the file too.
     """
-    from ..outputs import atomic_write_bytes
+    from ..common.outputs import atomic_write_bytes
 
     arrays: dict[str, np.ndarray] = {"mu": stats.mu, "sigma": stats.sigma, "source": np.array(json.dumps(stats.source))}
     if stats.count is not None:
@@ -1254,7 +1254,7 @@ def store_records(store) -> Records:
 def evaluate_run(store, **options: Any) -> QualityResult:
     """:func:`evaluate_quality` of a run's images, resumable in its store; the result is recorded in the run
     (stage ``quality-result``: summary and provenance, read by the trade-off report)."""
-    from ..outputs import strict_json
+    from ..common.outputs import strict_json
 
     images = run_images(store)
     result = evaluate_quality(images, records=store_records(store), **options)

@@ -19,7 +19,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from ..errors import InputError
+from ..common.errors import InputError
 from .suites import DATA_DIR
 from .suites import I2P_CATEGORIES as CATEGORIES
 

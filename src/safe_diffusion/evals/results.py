@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..common.errors import InputError
 from . import metrics
 
 RESULTS_SCHEMA = "safe-diffusion/eval-results"

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..progress import ProgressLog
+from ..common.progress import ProgressLog
 from .store import RunStore, clean_temp_files, image_key, image_name
 from .suites import Prompt
 
@@ -120,7 +120,7 @@ def generate(
 
     import torch
 
-    from ..outputs import atomic_write_bytes
+    from ..common.outputs import atomic_write_bytes
     from ..pipelines import guide
 
     # diffusers warns with the prompt text when it truncates a prompt: suite prompts must not reach logs.
@@ -186,7 +186,7 @@ def generate(
 
 def check_judges(store: RunStore, judges: list) -> None:
     """Refuse to add judgments from a judge configured differently from the one that judged this run."""
-    from ..errors import InputError
+    from ..common.errors import InputError
 
     recorded = store.judges()
     for judge in judges:

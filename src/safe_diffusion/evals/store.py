@@ -5,12 +5,12 @@ Layout::
     RUN/config.json      the frozen run config and library versions (written once; the run exists iff it does)
     RUN/prompts.json     the suite's selected prompts (text, categories, seed, ...): the run is self-contained
     RUN/images/PPPPP-KKK.png
-    RUN/journal/*.log    per-writer append-only segments (see safe_diffusion.journal)
+    RUN/journal/*.log    per-writer append-only segments (see safe_diffusion.records.journal)
     RUN/locks/writer-R.lock   one live writer per process slot R
 
 * **Creation is atomic**: config.json and prompts.json are written into a hidden sibling folder that
   is renamed into place, so a kill (or a full disk) during creation leaves no half-made run.
-* **Records** live in a :class:`~safe_diffusion.journal.Journal`: per (stage, key), the last write
+* **Records** live in a :class:`~safe_diffusion.records.journal.Journal`: per (stage, key), the last write
   wins. Stages: ``image`` (key ``PPPPP-KKK`` → seed, file, size, sha256), ``judgment:<judge>`` (the
   judge's :class:`~safe_diffusion.judges.Judgment` and the sha256 of the image it judged), ``judge``
   (each judge's ``describe()``), ``evaluation`` (the unsafe rule), ``selection`` (the prompt limit);
@@ -35,8 +35,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..journal import Journal, LockedError, WriterLock, create_atomically, remove_leftovers
+from ..common.errors import InputError
+from ..records.journal import Journal, LockedError, WriterLock, create_atomically, remove_leftovers
 from .config import config_differences
 from .suites import Prompt
 
@@ -170,7 +170,7 @@ class RunStore:
         }
 
         def populate(tmp: Path) -> None:
-            from ..outputs import atomic_write_json
+            from ..common.outputs import atomic_write_json
 
             (tmp / IMAGES_DIR).mkdir()
             atomic_write_json(tmp / PROMPTS_NAME, [_prompt_to_json(p) for p in prompts])

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..common.errors import InputError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUNDLED_CSV = DATA_DIR / "i2p_benchmark.csv"
@@ -325,7 +325,7 @@ def parse_categories(value, where: str, vocabulary: tuple[str, ...] | None = Non
 
 
 def _seed(value, where: str, column: str = "seed") -> int:
-    from ..validation import MAX_SEED
+    from ..common.validation import MAX_SEED
 
     bad = InputError(f"{where}: {column} {value!r} is not a whole number")
     if isinstance(value, bool) or value is None:

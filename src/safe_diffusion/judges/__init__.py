@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
-from ..errors import InputError
+from ..common.errors import InputError
 from .base import Judge, Judgment, decode_rgb
 
 __all__ = [

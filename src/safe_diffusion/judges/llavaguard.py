@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..common.errors import InputError
 from .base import Judge, Judgment
 
 DEFAULT_MODEL = "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf"
@@ -322,7 +322,7 @@ class LlavaGuard(Judge):
         elif not _HUB_ID.match(self.model_ref):
             raise InputError(f"LlavaGuard model {self.model_ref!r} not found: no such folder, and not a hub id")
         if device is None:
-            from ..loading import default_device
+            from ..common.loading import default_device
 
             device = default_device()
         self.device = torch.device(device)

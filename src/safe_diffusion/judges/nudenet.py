@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from ..errors import InputError
+from ..common.errors import InputError
 from .base import Judge, Judgment, decode_rgb, file_sha256
 
 PINNED_VERSION = "3.4.2"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..common.errors import InputError
 from .base import Judge, Judgment
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"

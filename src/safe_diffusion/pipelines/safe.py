@@ -10,9 +10,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from ..engine import guide, guided_call
 from ..guidance.sld import DEFAULT_SAFETY_CONCEPT
 from ..guidance.terms import SafetyGuidance
-from ..engine import guide, guided_call
 
 
 @dataclass

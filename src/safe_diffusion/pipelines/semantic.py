@@ -10,8 +10,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from ..guidance.terms import SemanticGuidance
 from ..engine import guide, guided_call
+from ..guidance.terms import SemanticGuidance
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..common.errors import InputError
 
 
 @dataclass
@@ -53,7 +53,7 @@ def _safety_entry(doc: dict, run: str) -> dict:
 
 def _published(mitigation: dict, config: dict) -> float | None:
     """The published overall I2P probability for this mitigation, when one exists (SD 1.4 runs only compare)."""
-    from .references import method_for, reference_rows
+    from ..evals.references import method_for, reference_rows
 
     if mitigation.get("erasure") or mitigation.get("sld_preset") == "custom":
         return None
@@ -68,9 +68,9 @@ def _published(mitigation: dict, config: dict) -> float | None:
 
 def collect(runs: list[str], labels: list[str] | None = None) -> list[Method]:
     """Read every run (read-only) and group them into methods."""
-    from .quality import run_quality
-    from .results import score_store
-    from .store import RunStore
+    from ..evals.quality import run_quality
+    from ..evals.results import score_store
+    from ..evals.store import RunStore
 
     if labels is not None and len(labels) != len(runs):
         raise InputError(f"{len(labels)} --label value(s) for {len(runs)} run(s); give one per run, in order")
@@ -175,7 +175,7 @@ def scatter(methods: list[Method]) -> bytes | None:
 
 def write_tradeoff(runs: list[str], out: str | Path, *, labels: list[str] | None = None) -> tuple[Path, Path]:
     """Write `out` (HTML), its Markdown copy and the plot (PNG) next to it; returns (html, md)."""
-    from ..outputs import atomic_write_bytes
+    from ..common.outputs import atomic_write_bytes
 
     out = Path(out)
     methods = collect(runs, labels)

@@ -11,7 +11,7 @@ import html
 import io
 from pathlib import Path
 
-from .sanitize import display_path, list_items, load_records, read_state
+from ..editing.sanitize import display_path, list_items, load_records, read_state
 
 THUMB = 128
 STATUSES = ("edited", "copied", "skipped")
@@ -38,7 +38,7 @@ def _fmt(value) -> str:
 
 
 def _thumb(path: Path, flagged: bool, show_unsafe: bool) -> str:
-    from ..evals.report import thumbnail
+    from .eval import thumbnail
 
     try:
         return f"<img alt='' src='data:image/png;base64,{thumbnail(str(path), flagged, show_unsafe, THUMB)}'>"
@@ -53,7 +53,7 @@ def _mask_thumb(b64: str | None) -> str:
 
     from PIL import Image
 
-    from ..evals.report import _png_b64
+    from .eval import _png_b64
 
     mask = Image.open(io.BytesIO(base64.b64decode(b64))).convert("L")
     mask.thumbnail((THUMB, THUMB))
@@ -93,7 +93,7 @@ def _judge_essentials(describe: dict) -> str:
 
 def write_report(src: Path, out: Path, report: Path, *, show_unsafe: bool = False) -> tuple[Path, Path, Path]:
     """Write `report` (.html) with its .md and .csv next to it, from the records in `out`."""
-    from ..outputs import atomic_write_bytes
+    from ..common.outputs import atomic_write_bytes
 
     state = read_state(out)
     config = state["config"]

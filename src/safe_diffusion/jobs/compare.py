@@ -45,7 +45,7 @@ class GuidedImages:
 
     def record(self, index: int, kind: str) -> dict:
         """JSON-ready: the image's seed, the guidance applied to it and, for Fair Diffusion, its direction."""
-        from .guidance import describe_terms
+        from ..guidance import describe_terms
 
         out: dict[str, Any] = {"seed": self.seeds[index], "guidance": describe_terms(self.terms if kind == "guided" else [])}
         direction = self.fair_direction(index) if kind == "guided" else None
@@ -69,7 +69,7 @@ def generate_guided_images(
     `call` holds the pipeline's other arguments (steps, guidance scale, size, negative prompt …)."""
     import torch
 
-    from .engine import guide
+    from ..engine import guide
 
     seeds = [int(s) for s in seeds]
     bound = bind_to_seeds(terms, seeds)
@@ -91,7 +91,7 @@ def generate_guided_images(
 
 def pipeline_record(pipe, image) -> dict:
     """JSON-ready: which pipeline and scheduler made `image`, its size, and the library versions."""
-    from .outputs import library_versions
+    from ..common.outputs import library_versions
 
     return {
         "height": image.height,

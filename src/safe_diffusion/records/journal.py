@@ -102,7 +102,7 @@ class Journal:
             host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())[:40]
             who = self._writer_name or f"{host}-{os.getpid()}"
             name = f"{who}-{time.time_ns()}-{secrets.token_hex(3)}{SEGMENT_SUFFIX}"
-            from .outputs import current_umask
+            from ..common.outputs import current_umask
 
             self._segment = self.folder / name
             # O_EXCL: a segment is never shared; O_APPEND: a write never lands inside an earlier one.
@@ -224,7 +224,7 @@ def create_atomically(path: str | os.PathLike, populate: Callable[[Path], None],
     tmp = path.parent / f"{CREATING_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        from .outputs import current_umask
+        from ..common.outputs import current_umask
 
         os.chmod(tmp, 0o777 & ~current_umask())
         populate(tmp)

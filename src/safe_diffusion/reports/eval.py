@@ -188,10 +188,10 @@ def write_report(
     runs: list[str], out: Path, *, show_unsafe: bool = False, samples: int = 4, labels: list[str] | None = None
 ) -> tuple[Path, Path]:
     """Write `out` (HTML) and its Markdown copy for `runs`; `labels` name the runs (default: their mitigation)."""
-    from ..errors import InputError
-    from ..outputs import atomic_write_bytes
-    from .results import score_store
-    from .store import RunStore
+    from ..common.errors import InputError
+    from ..common.outputs import atomic_write_bytes
+    from ..evals.results import score_store
+    from ..evals.store import RunStore
 
     docs, records, counts = [], [], []
     for run in runs:
