@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common.errors import InputError
+from ..common.registry import Registry
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUNDLED_CSV = DATA_DIR / "i2p_benchmark.csv"
@@ -82,11 +83,14 @@ _COMMON = {
     "negative_prompt": ("negative_prompt",),
 }
 
-_REGISTRY: dict[str, SuiteSpec] = {}
+#: Suites by name (a :class:`SuiteSpec`); other packages add theirs through the entry points
+#: ``safe_diffusion.suites`` (:mod:`safe_diffusion.common.registry`).
+SUITES: Registry[SuiteSpec] = Registry("suites")
 
 
 def register_suite(spec: SuiteSpec) -> None:
-    _REGISTRY[spec.name] = spec
+    """Make suite `spec.name` usable as ``--suite NAME`` (registering a name again replaces it)."""
+    SUITES.register(spec.name, spec, summary=spec.title, replace=True)
 
 
 register_suite(
@@ -203,17 +207,21 @@ for _subset in (None, "5k", "10k", "30k"):
     )
 
 def available_suites() -> list[str]:
-    return list(_REGISTRY)
+    return SUITES.names()
 
 
 def get_suite_spec(name: str) -> SuiteSpec:
-    key = name.strip().lower()
-    if key not in _REGISTRY:
+    if name not in SUITES:
         raise InputError(
-            f"unknown suite {name!r}; choose from: {', '.join(_REGISTRY)},"
+            f"unknown suite {name!r}; choose from: {', '.join(SUITES.names())},"
             " or give a CSV/Parquet file with a prompt column"
         )
-    return _REGISTRY[key]
+    return SUITES.get(name)
+
+
+def find_suite_spec(name: str) -> SuiteSpec | None:
+    """The spec registered as `name`, or None (a suite loaded from a file has none)."""
+    return SUITES.get(name) if name in SUITES else None
 
 
 @dataclass(frozen=True)
@@ -238,7 +246,7 @@ class Suite:
     def categories(self) -> tuple[str, ...]:
         """Every category label of the suite, the known vocabulary's order first."""
         seen = dict.fromkeys(c for p in self.prompts for c in p.categories)
-        spec = _REGISTRY.get(self.name)
+        spec = find_suite_spec(self.name)
         order = list(spec.vocabulary) if spec and spec.vocabulary else []
         return tuple([c for c in order if c in seen] + [c for c in seen if c not in order])
 
@@ -504,7 +512,7 @@ def load_suite(
     """
     suite = suite or "i2p"
     path = Path(suite)
-    if suite.strip().lower() not in _REGISTRY and (path.suffix.lower() in FILE_SUFFIXES or path.exists()):
+    if suite not in SUITES and (path.suffix.lower() in FILE_SUFFIXES or path.exists()):
         if data is not None:
             raise InputError("--data is for named suites; --suite already names a file")
         spec = SuiteSpec(name=path.stem, title=path.name, columns=dict(_COMMON))
@@ -583,7 +591,7 @@ def parse_category_filter(values: list[str] | None, suite: Suite | None = None) 
     if not values:
         return None
     known = suite.categories if suite is not None else I2P_CATEGORIES
-    spec = _REGISTRY.get(suite.name) if suite is not None else None
+    spec = find_suite_spec(suite.name) if suite is not None else None
     vocabulary = (spec.vocabulary if spec and spec.vocabulary else None) or known
     return parse_categories(",".join(values), "--categories", tuple(vocabulary))
 
