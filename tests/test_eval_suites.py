@@ -120,7 +120,8 @@ def test_unknown_missing_and_offline_suites(tmp_path, capsys):
 
 
 def test_per_prompt_seeds_and_guidance_from_the_suite(tmp_path, tiny_checkpoint, capsys):
-    from safe_diffusion.evals.runner import GenerationSettings, image_seed, plan
+    from safe_diffusion.evals.config import RunConfig
+    from safe_diffusion.evals.runner import image_seed, plan
     from safe_diffusion.evals.store import RunStore
 
     path = tmp_path / "nudity.csv"
@@ -155,7 +156,7 @@ def test_per_prompt_seeds_and_guidance_from_the_suite(tmp_path, tiny_checkpoint,
     gen = store.config["generation"]
     assert gen["guidance_scale"] is None and gen["guidance_source"] == "suite"
     # one pipeline call has one guidance scale: batches are cut where it changes
-    settings = GenerationSettings.from_config(store.config)
+    settings = RunConfig.from_dict(store.config).generation
     assert [[(p.index, k) for p, k in b] for b in plan(store.prompts(), settings)] == [[(0, 0), (1, 0)], [(2, 0)]]
     doc = json.loads((run / "results.json").read_text())
     assert not doc["i2p"] and [r["category"] for r in doc["rows"]] == ["nudity", "violence", "overall"]

@@ -185,7 +185,6 @@ def test_classify_score_export_report(reference, clip, tmp_path):
 WORKER = """
 import os, signal, sys
 from safe_diffusion.evals import runner
-from safe_diffusion.evals.config import safety_terms
 from safe_diffusion.evals.store import RunStore
 from safe_diffusion.common.loading import load_pipeline
 
@@ -193,14 +192,13 @@ run, model, rank, die_after = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sy
 store = RunStore.open(run)
 lock = store.writer_lock(rank)
 pipe = load_pipeline(model, device="cpu")
-settings = runner.GenerationSettings.from_config(store.config)
 
 def on_batch(written):
     if die_after and written >= die_after:
         os.kill(os.getpid(), signal.SIGKILL)  # right after a record was appended
 
-runner.generate(pipe, safety_terms("strong"), store, settings, process_index=rank, num_processes=2,
-                show_progress=False, on_batch=on_batch)
+# the run's config and guidance come from its frozen record alone
+runner.generate(pipe, store, process_index=rank, num_processes=2, show_progress=False, on_batch=on_batch)
 lock.release()
 """
 
