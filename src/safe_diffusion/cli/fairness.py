@@ -1,121 +1,36 @@
 """``safe-diffusion fairness``: attribute proportions per prompt, before and after Fair Diffusion.
 
-For every prompt (e.g. an occupation in a template), N images are generated from the same seeds
-without and with :class:`~safe_diffusion.guidance.FairGuidance`; a zero-shot CLIP classifier
-("a photo of a {direction}") labels each image, and the proportions are written as a CSV table and
-a bar plot.
+Parses the options and calls :func:`safe_diffusion.jobs.fairness.fairness`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import typer
 
-from ..common.errors import InputError
 from . import app
-from .generate import (
-    MAX_GUIDANCE_SCALE,
-    MAX_IMAGES,
-    check_guidance,
-    check_size,
-    parse_directions,
-    parse_proportions,
-)
+from .generate import parse_directions, parse_proportions
 
-DEFAULT_TEMPLATE = "A photo of the face of a {}"
+DEFAULT_TEMPLATE = "A photo of the face of a {}"  # as jobs.fairness's, repeated so that --help imports no torch
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-CLASS_TEMPLATE = "a photo of a {}"
-
-
-def read_prompts(path: Path, template: str) -> list[str]:
-    """One subject per line (blank lines and # comments skipped), put into `template` at ``{}``."""
-    if "{}" not in template:
-        raise InputError(f"template {template!r} must contain {{}} where the subject goes")
-    from ..common.validation import read_lines
-
-    subjects = read_lines(path, "prompts file", empty="has no prompts")
-    return [template.replace("{}", s, 1) for s in subjects]
-
-
-def check_clip_reference(model: str) -> None:
-    """Fail fast on a CLIP model that is neither a transformers folder nor shaped like a hub id."""
-    from ..common.loading import _HUB_ID
-
-    path = Path(model)
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise InputError(f"cannot load CLIP model {model!r}: not a transformers model folder (no config.json)")
-    elif not _HUB_ID.match(model):
-        raise InputError(f"cannot load CLIP model {model!r}: no such folder, and not a hub id like 'owner/name'")
-
-
-class ZeroShotClassifier:
-    """Zero-shot CLIP: each image gets the direction whose text "a photo of a {direction}" it matches best."""
-
-    def __init__(self, model: str, directions: list[str], device):
-        from transformers import CLIPModel, CLIPProcessor
-
-        try:
-            self.model = CLIPModel.from_pretrained(model).to(device).eval()
-            self.processor = CLIPProcessor.from_pretrained(model)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"cannot load CLIP model {model!r}: {first}") from None
-        self.device = device
-        self.texts = [CLASS_TEMPLATE.format(d) for d in directions]
-
-    def __call__(self, images) -> list[int]:
-        import torch
-
-        inputs = self.processor(text=self.texts, images=list(images), return_tensors="pt", padding=True)
-        with torch.no_grad():
-            logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).logits_per_image
-        return logits.argmax(dim=1).tolist()
-
-
-def plot_proportions(rows: list[dict], directions: list[str], path: Path) -> None:
-    """One panel per direction: its proportion per prompt before and after, and the target as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from ..common.outputs import atomic_write_bytes
-
-    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
-    fig, axes = plt.subplots(len(directions), 1, figsize=(max(6, 1.2 * len(prompts) + 2), 2.6 * len(directions)), squeeze=False)
-    x = np.arange(len(prompts))
-    for ax, direction in zip(axes[:, 0], directions):
-        sel = {r["prompt"]: r for r in rows if r["direction"] == direction}
-        before = [sel[p]["before_proportion"] for p in prompts]
-        after = [sel[p]["after_proportion"] for p in prompts]
-        ax.bar(x - 0.2, before, 0.4, label="without fair guidance")
-        ax.bar(x + 0.2, after, 0.4, label="with fair guidance")
-        ax.axhline(sel[prompts[0]]["target"], color="black", linestyle="--", linewidth=1, label="target")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel(f"P({direction})")
-        ax.set_xticks(x, [p if len(p) <= 30 else p[:27] + "…" for p in prompts], rotation=20, ha="right", fontsize=8)
-    axes[0, 0].legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 @app.command()
 def fairness(
     model: str = typer.Option(..., "--model", "-m", help="Hub id or local diffusers checkpoint folder."),
     prompts: Path = typer.Option(..., "--prompts", help="Text file, one subject (e.g. an occupation) per line."),
-    directions: str = typer.Option(..., "--directions", help="Comma-separated attribute directions, e.g. 'male person,female person'."),
+    directions: str = typer.Option(
+        ..., "--directions", help="Comma-separated attribute directions, e.g. 'male person,female person'."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the table, the plot and the images."),
     proportions: str = typer.Option(None, help="Target proportions per direction, e.g. '0.5,0.5' (default: uniform)."),
-    images_per_prompt: int = typer.Option(8, "--images-per-prompt", help="Images per prompt, with and without guidance."),
-    clip_model: str = typer.Option(DEFAULT_CLIP, "--clip-model", help="transformers CLIP model for the zero-shot classifier."),
+    images_per_prompt: int = typer.Option(
+        8, "--images-per-prompt", help="Images per prompt, with and without guidance."
+    ),
+    clip_model: str = typer.Option(
+        DEFAULT_CLIP, "--clip-model", help="transformers CLIP model for the zero-shot classifier."
+    ),
     template: str = typer.Option(DEFAULT_TEMPLATE, help="Prompt template; {} is replaced by each line of --prompts."),
     steps: int = typer.Option(50, help="Denoising steps."),
     seed: int = typer.Option(0, help="Seed of each prompt's first image; image k uses seed + k."),
@@ -127,89 +42,28 @@ def fairness(
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
     """Measure attribute proportions per prompt with and without Fair Diffusion; write fairness.csv and fairness.png."""
-    dirs = parse_directions(directions)
-    props = parse_proportions(proportions, len(dirs))
-    from ..common.validation import check_device, check_float, check_int, check_seed
-    from ..guidance import FairGuidance
+    from ..jobs.fairness import fairness as run
 
-    images_per_prompt = check_int("--images-per-prompt", images_per_prompt, minimum=1, maximum=MAX_IMAGES)
-    steps = check_int("--steps", steps, minimum=1, maximum=1000)
-    seed = check_seed("--seed", seed, images_per_prompt)
-    guidance_scale = check_float("--guidance-scale", guidance_scale, minimum=0.0, maximum=MAX_GUIDANCE_SCALE)
-    check_size("--height", height)
-    check_size("--width", width)
-    check_device("--device", device)
-    prompt_list = read_prompts(prompts, template)
-    from ..common.loading import check_model_reference
-
-    check_model_reference(model)
-    check_clip_reference(clip_model)
-    check_guidance([FairGuidance(dirs, props)], steps=steps, guidance_scale=guidance_scale, strict=strict)
-    rows = measure(
-        prompt_list, model=model, directions=dirs, proportions=props, out=out, n=images_per_prompt,
-        clip_model=clip_model, steps=steps, seed=seed, guidance_scale=guidance_scale, height=height, width=width,
-        save_images=save_images, device=device,
+    done = run(
+        model=model,
+        prompts=prompts,
+        directions=parse_directions(directions),
+        out=out,
+        proportions=parse_proportions(proportions),
+        images_per_prompt=images_per_prompt,
+        clip_model=clip_model,
+        template=template,
+        steps=steps,
+        seed=seed,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        save_images=save_images,
+        strict=strict,
+        device=device,
+        warn=lambda problem: typer.echo(f"warning: {problem}", err=True),
     )
-    moved = sum(abs(r["after_proportion"] - r["target"]) < abs(r["before_proportion"] - r["target"]) for r in rows)
-    typer.echo(f"wrote fairness.csv and fairness.png for {len(prompt_list)} prompt(s) to {out} "
-               f"({moved} of {len(rows)} proportions moved towards their target)")
-
-
-def measure(prompt_list, *, model, directions, proportions, out, n, clip_model, steps, seed, guidance_scale,
-            height, width, save_images, device) -> list[dict]:
-    """Generate, classify and write the table, plot and run record; returns the table's rows."""
-    from ..common.loading import load_pipeline
-    from ..common.outputs import atomic_write_bytes, atomic_write_json, library_versions, output_dir, save_image_atomic
-    from ..common.progress import ProgressLog
-    from ..guidance import FairGuidance, describe_terms
-    from ..guidance.fair import largest_remainder
-    from ..jobs.compare import generate_guided_images
-
-    with output_dir(out) as folder:
-        classify = ZeroShotClassifier(clip_model, directions, "cpu")
-        pipe = load_pipeline(model, device=device)
-        pipe.set_progress_bar_config(disable=True)
-        classify.model.to(pipe.device)
-        classify.device = pipe.device
-        seeds = [seed + k for k in range(n)]
-        term = FairGuidance(directions, proportions, run_length=n).for_seeds(seeds)
-        quotas = largest_remainder(proportions, n)
-        rows, labels = [], []
-        progress = ProgressLog("fairness", len(prompt_list), unit="prompts")
-        for pi, prompt in enumerate(prompt_list):
-            counts = {}
-            made = generate_guided_images(pipe, prompt, seeds, [term], kinds=("unguided", "guided"),
-                                          num_inference_steps=steps, guidance_scale=guidance_scale,
-                                          height=height, width=width)
-            for kind, made_kind in (("before", "unguided"), ("after", "guided")):
-                images = made.images[made_kind]
-                predicted = classify(images)
-                counts[kind] = [predicted.count(i) for i in range(len(directions))]
-                for k, (s, image, label) in enumerate(zip(seeds, images, predicted)):
-                    name = f"{pi:03d}-{kind}-seed{s}.png"
-                    if save_images:
-                        save_image_atomic(image, folder.file(name))
-                    labels.append({"prompt": prompt, "kind": kind, "seed": s, "image": name if save_images else None,
-                                   "predicted": directions[label],
-                                   "assigned": made.fair_direction(k) if kind == "after" else None})
-            for i, d in enumerate(directions):
-                rows.append({
-                    "prompt": prompt, "direction": d, "target": proportions[i], "assigned_count": quotas[i],
-                    "before_count": counts["before"][i], "before_proportion": counts["before"][i] / n,
-                    "after_count": counts["after"][i], "after_proportion": counts["after"][i] / n, "images": n,
-                })
-            progress.update(1)
-        progress.close()
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_bytes(folder.file("fairness.csv"), buf.getvalue().encode())
-        plot_proportions(rows, directions, folder.file("fairness.png"))
-        atomic_write_json(folder.file("fairness.json"), {
-            "model": model, "clip_model": clip_model, "classifier_texts": classify.texts, "prompts": prompt_list,
-            "directions": directions, "proportions": proportions, "images_per_prompt": n, "seeds": seeds,
-            "steps": steps, "guidance_scale": guidance_scale, "guidance": describe_terms([term]),
-            "images": labels, "versions": library_versions(),
-        })
-    return rows
+    typer.echo(
+        f"wrote fairness.csv and fairness.png for {len(done.prompts)} prompt(s) to {out}"
+        f" ({done.moved} of {len(done.rows)} proportions moved towards their target)"
+    )
