@@ -38,7 +38,7 @@ demo: setup
 	$(PY) -m safe_diffusion.testing $(DEMO)/checkpoint --size small
 	$(PY) -m safe_diffusion generate "a lighthouse on a cliff at dusk" --model $(DEMO)/checkpoint \
 		--out $(DEMO)/generate --safety strong --compare --num-images 2 --steps 25
-	$(PY) -m safe_diffusion i2p demo-clip $(DEMO)/clip
+	$(PY) -m safe_diffusion.testing clip $(DEMO)/clip
 	$(PY) -m safe_diffusion i2p run --model $(DEMO)/checkpoint --out $(DEMO)/i2p-off --safety off $(I2P_SAMPLE)
 	$(PY) -m safe_diffusion i2p run --model $(DEMO)/checkpoint --out $(DEMO)/i2p-strong --safety strong $(I2P_SAMPLE)
 	$(PY) -m safe_diffusion i2p score $(DEMO)/i2p-strong --json $(DEMO)/i2p-strong-results.json
