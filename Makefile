@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo-output
 
-.PHONY: setup test test-quick demo bench clean
+.PHONY: setup test test-quick lint demo bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: setup
 # One pass, for working on the code; CI runs `make test`.
 test-quick: setup
 	$(PY) -m pytest -q
+
+# The rule set is in pyproject.toml ([tool.ruff.lint]); not part of `make test` yet.
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
 
 # I2P prompts are inappropriate by design: demo-output/ is git-ignored and must never be committed.
 I2P_SAMPLE := --limit 6 --images-per-prompt 2 --steps 10 --height 64 --width 64 --batch-size 4 \

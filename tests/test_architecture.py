@@ -1,5 +1,6 @@
 """The layout's rules, checked on the source: production never imports the test doubles in ``testing/``, and
-module-level imports form no cycle (issue 22; imports inside functions, which keep --help fast, are not edges). The CLI repeats a few defaults of the jobs so that ``--help``
+module-level imports form no cycle (issue 22; imports inside functions, which keep --help fast, are not edges).
+The CLI repeats a few defaults of the jobs so that ``--help``
 imports no torch: they must stay equal."""
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def test_cli_defaults_equal_the_jobs():
 
     assert generate_cli.MAX_IMAGES == generate.MAX_IMAGES
     assert eval_cli.DEFAULT_JUDGES == evaluate.DEFAULT_JUDGES
-    assert (fairness_cli.DEFAULT_TEMPLATE, fairness_cli.DEFAULT_CLIP) == (fairness.DEFAULT_TEMPLATE, fairness.DEFAULT_CLIP)
+    assert fairness_cli.DEFAULT_TEMPLATE == fairness.DEFAULT_TEMPLATE
+    assert fairness_cli.DEFAULT_CLIP == fairness.DEFAULT_CLIP
 
 
 @pytest.mark.parametrize("command", [["generate", "--help"], ["eval", "run", "--help"], ["--help"]])

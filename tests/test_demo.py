@@ -169,7 +169,7 @@ def test_concurrent_requests_both_get_images_one_at_a_time(generator):
         def work(seed):
             try:
                 results[seed] = generator.generate(validate_request(HARMLESS_PROMPT, seed=seed, steps=2))
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]

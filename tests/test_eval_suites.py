@@ -101,10 +101,10 @@ def test_bad_suite_files_are_one_line(tmp_path, content, args, needle):
 def test_unknown_missing_and_offline_suites(tmp_path, capsys):
     with pytest.raises(InputError, match=r"unknown suite 'nope'; choose from: i2p, .*p4d"):
         load_suite("nope")
-    with pytest.raises(InputError, match="not bundled.*Diffusion-MU-Attack.*--data FILE"):
+    with pytest.raises(InputError, match=r"not bundled.*Diffusion-MU-Attack.*--data FILE"):
         load_suite("unlearndiffatk-nudity")
     # offline (HF_HUB_OFFLINE=1 in tests): one line naming how to get the data, at once
-    with pytest.raises(InputError, match="cannot load hub dataset 'joycenerd/p4d'.*--data FILE") as err:
+    with pytest.raises(InputError, match=r"cannot load hub dataset 'joycenerd/p4d'.*--data FILE") as err:
         load_suite("p4d")
     assert "\n" not in str(err.value)
     with pytest.raises(InputError, match="cannot load hub dataset 'AIML-TUDA/i2p'"):

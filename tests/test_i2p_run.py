@@ -177,7 +177,9 @@ def test_classify_score_export_report(reference, clip, tmp_path):
     html = (tmp_path / "r.html").read_text()
     assert "data:image/png;base64" in html and "overall" in html
     assert "| overall |" in (tmp_path / "r.md").read_text()
-    proc = cli("audit", ref / "images", "--out", tmp_path / "a.html", "--classifiers", "nudenet,q16", "--q16-model", clip)
+    proc = cli(
+        "audit", ref / "images", "--out", tmp_path / "a.html", "--classifiers", "nudenet,q16", "--q16-model", clip
+    )
     audit = pd.read_csv(tmp_path / "a.csv")
     assert len(audit) == 6 and {"image", "nudenet", "q16", "unsafe", "nudenet_score", "q16_score"} <= set(audit.columns)
 
@@ -222,8 +224,8 @@ def test_two_writers_on_a_shared_folder_survive_sigkills(reference, tiny_checkpo
     store.close()
 
     def start(rank, die_after):
-        return subprocess.Popen([sys.executable, "-c", WORKER, str(run), str(tiny_checkpoint), str(rank), str(die_after)],
-                                env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        worker = [sys.executable, "-c", WORKER, str(run), str(tiny_checkpoint), str(rank), str(die_after)]
+        return subprocess.Popen(worker, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     first = [start(0, 1), start(1, 0)]
     deadline = time.time() + 120

@@ -9,11 +9,13 @@ import warnings
 from collections.abc import Callable
 from importlib import resources
 
+from diffusers.utils import logging as diffusers_logging
+
 from ..common.errors import InputError
 from ..common.loading import check_model_reference
+from ..common.validation import SAFETY_CHOICES
 from ..guidance import DEFAULT_SAFETY_CONCEPT
 from ..guidance.mitigation import MITIGATIONS
-from ..common.validation import SAFETY_CHOICES
 from .core import (
     GUIDANCE_SCALE_RANGE,
     MAX_SEED,
@@ -191,8 +193,6 @@ def serve(
         import gradio  # noqa: F401  (the `app` extra: refuse in one line when it is missing)
     except ImportError:
         raise InputError("the demo needs gradio: pip install 'safe-diffusion[app]'") from None
-    from diffusers.utils import logging as diffusers_logging
-
     check_model_reference(model)
     warnings.filterwarnings("ignore", category=FutureWarning)
     diffusers_logging.disable_progress_bar()

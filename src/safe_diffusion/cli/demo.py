@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import typer
 
+from ..common.devices import check_device
+from ..common.validation import check_host, check_int
 from . import app
 
 
@@ -18,9 +20,6 @@ def demo(
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
     """Serve a web demo: type a prompt, see the unguided and the guided image side by side."""
-    from ..common.devices import check_device
-    from ..common.validation import check_host, check_int
-
     port = check_int("--port", port, minimum=1, maximum=65535)
     host = check_host("--host", host)
     check_device("--device", device)

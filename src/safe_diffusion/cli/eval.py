@@ -7,7 +7,10 @@ from pathlib import Path
 
 import typer
 
+from ..common.devices import process_state
 from ..common.errors import InputError
+from ..common.outputs import atomic_write_json
+from ..common.validation import check_int
 from . import app as root
 
 app = typer.Typer(help="Safety evaluation on prompt suites (I2P, adversarial suites, any CSV).", no_args_is_help=True)
@@ -25,8 +28,6 @@ def _judge_settings(q16_model: str | None, nudenet_model: Path | None, nudenet_r
 
 
 def _process_state(device):
-    from ..common.devices import process_state
-
     return process_state(device)
 
 
@@ -152,7 +153,6 @@ def score(
 
     Also the I2P paper's metrics for I2P runs and records.
     """
-    from ..common.outputs import atomic_write_json
     from ..evals.results import format_table, score_source
 
     if json_path is not None:
@@ -192,7 +192,6 @@ def report(
 
     Per suite: metrics with intervals side by side, categories, samples.
     """
-    from ..common.validation import check_int
     from ..reports.eval import write_report
 
     _check_output_file(out, (".html", ".htm"), "--out")

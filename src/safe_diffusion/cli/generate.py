@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from ..common.errors import InputError
+from ..common.validation import check_int, check_seed
 from . import app
 
 MAX_IMAGES = 10_000  # as jobs.generate.MAX_IMAGES, repeated here so that --help imports no torch
@@ -83,8 +84,10 @@ def generate(
         None, "--fair-proportions", help="Target proportions per direction, e.g. '0.5,0.5' (default: uniform)."
     ),
 ) -> None:
-    """Generate images with safety, semantic (--edit) and fair (--fair) guidance; write PNGs and one JSON sidecar per image."""
-    from ..common.validation import check_int, check_seed
+    """Generate images with safety, semantic (--edit) and fair (--fair) guidance.
+
+    Writes PNGs and one JSON sidecar per image.
+    """
     from ..guidance.mitigation import Mitigation
     from ..jobs.generate import generate as run
 

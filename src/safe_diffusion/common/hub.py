@@ -1,5 +1,6 @@
-"""The errors a Hugging Face hub look-up raises when it cannot answer: offline, unknown or gated repository,
-missing file, invalid id, network failure. Catch these, not every exception, around hub calls."""
+"""The errors that mean "this is not available here": a Hugging Face hub look-up that cannot answer (offline,
+unknown or gated repository, missing file, invalid id, network failure) and a model that cannot be loaded.
+Catch these, not every exception, around hub calls and ``from_pretrained``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,21 @@ def hub_errors() -> tuple[type[BaseException], ...]:
         import httpx
 
         errors.append(httpx.HTTPError)  # a transport error huggingface_hub lets through
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+@cache
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What ``from_pretrained`` raises when a model folder or hub id cannot be loaded: :func:`hub_errors`, a
+    config it cannot read (KeyError, TypeError), weights of other shapes (RuntimeError), a damaged safetensors
+    file."""
+    errors: list[type[BaseException]] = [*hub_errors(), KeyError, TypeError, RuntimeError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
     except ImportError:
         pass
     return tuple(errors)

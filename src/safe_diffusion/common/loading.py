@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .devices import default_device
 from .errors import InputError
+from .hub import load_errors
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def load_pipeline(model: str, *, device=None, dtype=None):
     try:
         with _quiet_loading():
             pipe = cls.from_pretrained(model, **kwargs)
-    except Exception as exc:  # hub, network, format and shape errors all mean "this model did not load"
+    except load_errors() as exc:  # hub, network, format and shape errors all mean "this model did not load"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot load model {model!r}: {first}") from None
     pipe.to(device)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .hashing import sha256_file, sha256_text
 from .hub import hub_errors
+from .outputs import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ def _load_cache() -> dict:
 
 
 def _save_cache(cache: dict) -> None:
-    from .outputs import atomic_write_json
-
     path = _cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +119,8 @@ def read_config(model: str, name: str) -> dict | None:
 
         sub, _, filename = name.rpartition("/")
         return json.loads(Path(hf_hub_download(model, filename, subfolder=sub or None)).read_text())
-    except (*hub_errors(), UnicodeDecodeError) as exc:  # offline, unknown repo, unreadable: the caller says what it needs
+    except (*hub_errors(), UnicodeDecodeError) as exc:  # offline, unknown repo, unreadable: the caller says what
+        # it needs
         logger.debug("cannot read %s of %s: %s", name, model, exc)
         return None
 

@@ -7,9 +7,11 @@ returns the normalised value, so callers write ``steps = check_int("--steps", st
 from __future__ import annotations
 
 import math
+import socket
+from pathlib import Path
 from typing import Any
 
-from .devices import check_device
+from .devices import check_device as check_device  # re-exported: the --device check is one of these checks
 from .errors import InputError
 
 #: Seeds go to ``torch.Generator.manual_seed``, which takes 64-bit values; image k uses seed + k.
@@ -158,8 +160,6 @@ def warmup_problems(terms: Any, steps: int) -> list[str]:
 
 def check_host(name: str, host: str, port: int = 0) -> str:
     """An address this machine can listen on (a name that resolves, an IP of one of its interfaces)."""
-    import socket
-
     host = check_text(name, host).strip()
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -180,8 +180,6 @@ def read_lines(path: Any, what: str, *, empty: str) -> list[str]:
     `what` names the file in messages ("prompts file", "--erase-file file"); `empty` says what a file
     without such lines lacks ("has no prompts").
     """
-    from pathlib import Path
-
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:

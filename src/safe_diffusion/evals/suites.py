@@ -14,6 +14,7 @@ content hash and row count (:meth:`Suite.record`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -24,7 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common.errors import InputError
+from ..common.hub import hub_errors
 from ..common.registry import Registry
+from ..common.validation import MAX_SEED
+from .coco import load_coco_captions
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUNDLED_CSV = DATA_DIR / "i2p_benchmark.csv"
@@ -177,8 +181,6 @@ register_suite(
 
 def _coco_loader(subset: str | None) -> Callable[[str, int], tuple[list[Prompt], dict[str, str]]]:
     def load(path: str, base_seed: int) -> tuple[list[Prompt], dict[str, str]]:
-        from .coco import load_coco_captions
-
         captions = load_coco_captions(path, subset)
         prompts = [Prompt(c.index, c.text, ("coco",), base_seed + c.index) for c in captions.captions]
         source = captions.source
@@ -284,12 +286,13 @@ def read_table(data: bytes, name: str, fmt: str) -> tuple[list[str], list[dict]]
         if not data:
             raise InputError(f"{name} is empty")
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
-
-            table = pq.read_table(io.BytesIO(data))
         except ImportError:
             raise InputError("Parquet needs pyarrow: pip install 'safe-diffusion[eval]'") from None
-        except Exception as exc:
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError, ValueError) as exc:
             raise InputError(f"{name}: not a readable Parquet file ({type(exc).__name__})") from None
         return list(table.column_names), table.to_pylist()
     text = decode_text_file(data, name)
@@ -333,8 +336,6 @@ def parse_categories(value, where: str, vocabulary: tuple[str, ...] | None = Non
 
 
 def _seed(value, where: str, column: str = "seed") -> int:
-    from ..common.validation import MAX_SEED
-
     bad = InputError(f"{where}: {column} {value!r} is not a whole number")
     if isinstance(value, bool) or value is None:
         raise bad
@@ -470,10 +471,8 @@ def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[st
         from huggingface_hub import HfApi, constants
 
         if revision is None and not constants.HF_HUB_OFFLINE:
-            try:
+            with contextlib.suppress(*hub_errors()):  # load_dataset reports the reason below
                 revision = HfApi().dataset_info(repo).sha
-            except Exception:
-                pass  # load_dataset reports the reason below
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()
         ds = datasets.load_dataset(repo, split=spec.split, revision=revision)
@@ -481,7 +480,7 @@ def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[st
         header = list(ds.column_names)
     except InputError:
         raise
-    except Exception as exc:  # offline, gated, unknown: all mean "not available here"
+    except hub_errors() as exc:  # offline, gated, unknown: all mean "not available here"
         text = " ".join(str(exc).split())
         kind = type(exc).__name__
         if "Gated" in kind or "gated" in text.lower() or "401" in text or "403" in text:

@@ -218,7 +218,8 @@ class Mitigation:
         if term is None:
             return None
         for name in ("weak", "medium", "strong", "max"):
-            if term.warmup_fraction is None and dataclasses.replace(term, **_preset_fields(SafetyConfig.get(name))) == term:
+            preset = dataclasses.replace(term, **_preset_fields(SafetyConfig.get(name)))
+            if term.warmup_fraction is None and preset == term:
                 return name
         return "custom" if isinstance(term, SafetyGuidance) else None
 

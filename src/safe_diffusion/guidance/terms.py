@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .fair import check_proportions, directions_for_seeds, minimal_run_length
 from .sega import needs_edit_estimate, sega_step
 from .sld import DEFAULT_SAFETY_CONCEPT, SafetyConfig, needs_safety_estimate, sld_step
 
@@ -167,7 +168,8 @@ class GuidanceTerm(Protocol):
 
 
 def for_schedule(terms: Sequence[GuidanceTerm], total_steps: int) -> list[GuidanceTerm]:
-    """The terms for a run of `total_steps` denoiser evaluations (fractional warm-ups resolved where a term has them)."""
+    """The terms for a run of `total_steps` denoiser evaluations (fractional warm-ups resolved where a term has
+    them)."""
     return [t.for_schedule(int(total_steps)) if callable(getattr(t, "for_schedule", None)) else t for t in terms]
 
 
@@ -277,12 +279,12 @@ class SemanticGuidance(ConfigTerm):
     scale: float | Sequence[float] = 5.0
     threshold: float | Sequence[float] = 0.9
     warmup_steps: int | Sequence[int] = 10
-    cooldown_steps: int | None | Sequence[int | None] = None
+    cooldown_steps: int | Sequence[int | None] | None = None
     weights: Sequence[float] | None = None
     momentum_scale: float = 0.1
     mom_beta: float = 0.4
-    warmup_fraction: float | None | Sequence[float | None] = None
-    cooldown_fraction: float | None | Sequence[float | None] = None
+    warmup_fraction: float | Sequence[float | None] | None = None
+    cooldown_fraction: float | Sequence[float | None] | None = None
     space: str = "auto"
     _signs: tuple = field(init=False, repr=False, compare=False)
 
@@ -313,7 +315,8 @@ class SemanticGuidance(ConfigTerm):
         return self._signs
 
     def for_schedule(self, total_steps: int) -> SemanticGuidance:
-        """This term for a run of `total_steps` denoiser evaluations: fractional warm-ups/cool-downs turned into steps."""
+        """This term for a run of `total_steps` denoiser evaluations: fractional warm-ups/cool-downs turned into
+        steps."""
         if self.warmup_fraction is None and self.cooldown_fraction is None:
             return self
         changes: dict = {"warmup_fraction": None, "cooldown_fraction": None}
@@ -391,8 +394,6 @@ class FairGuidance(ConfigTerm):
     _semantic: SemanticGuidance = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        from .fair import check_proportions, minimal_run_length
-
         _check_space(self.space)
         _check_fraction("warmup_fraction", self.warmup_fraction)
         directions = [self.directions] if isinstance(self.directions, str) else list(self.directions)
@@ -430,8 +431,6 @@ class FairGuidance(ConfigTerm):
 
     def assignments(self) -> list[int]:
         """Per image of the bound batch, the index of its direction."""
-        from .fair import directions_for_seeds
-
         if self.seeds is None:
             raise ValueError("FairGuidance must be bound to the images' seeds: use .for_seeds(seeds)")
         return directions_for_seeds(self.seeds, self.proportions, self.run_length)

@@ -47,7 +47,8 @@ class GuidedImages:
 
     def record(self, index: int, kind: str) -> dict:
         """JSON-ready: the image's seed, the guidance applied to it and, for Fair Diffusion, its direction."""
-        out: dict[str, Any] = {"seed": self.seeds[index], "guidance": describe_terms(self.terms if kind == "guided" else [])}
+        applied = self.terms if kind == "guided" else []
+        out: dict[str, Any] = {"seed": self.seeds[index], "guidance": describe_terms(applied)}
         direction = self.fair_direction(index) if kind == "guided" else None
         if direction is not None:
             out["fair_direction"] = direction

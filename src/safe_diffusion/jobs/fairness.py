@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..common.devices import check_device
 from ..common.errors import InputError
-from ..common.hub import hub_errors
+from ..common.hub import load_errors
 from ..common.loading import check_model_reference, is_hub_id, load_pipeline
 from ..common.outputs import atomic_write_bytes, atomic_write_json, library_versions, output_dir, save_image_atomic
 from ..common.progress import ProgressLog
@@ -63,7 +63,7 @@ class ZeroShotClassifier:
         try:
             self.model = CLIPModel.from_pretrained(model).to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(model)
-        except (*hub_errors(), KeyError, RuntimeError) as exc:  # missing/bad files, wrong shapes
+        except load_errors() as exc:  # missing or bad files, wrong shapes
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"cannot load CLIP model {model!r}: {first}") from None
         self.device = device

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from ..common.devices import check_device
 from ..common.errors import InputError
 from ..common.loading import check_model_reference, load_pipeline
@@ -66,8 +68,6 @@ def image_files(stem: str, compare: bool) -> list[str]:
 
 def side_by_side(left, right):
     """Two PIL images next to each other, unguided on the left."""
-    from PIL import Image
-
     canvas = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), "white")
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width, 0))

@@ -33,7 +33,8 @@ def measure_quality(
     """Measure a run's image quality (`clip_model` None or "none": no CLIP score; `reference`: images or a
     statistics .npz for FID/KID), record it in the run and, with `json_path`, also write it there.
 
-    Resumable: a killed call continues where it stopped. Returns the :class:`~safe_diffusion.evals.quality.QualityResult`.
+    Resumable: a killed call continues where it stopped. Returns the
+    :class:`~safe_diffusion.evals.quality.QualityResult`.
     """
     batch_size = check_int("--batch-size", batch_size, minimum=1, maximum=4096)
     image_size = check_int("--image-size", image_size, minimum=16, maximum=4096)

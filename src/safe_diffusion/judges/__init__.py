@@ -56,7 +56,9 @@ def register_judge(name: str, target: str | Callable[..., Judge], summary: str =
 register_judge("q16", "safe_diffusion.judges.q16:Q16", "CLIP ViT-L/14 + Q16's learned prompts (I2P)")
 register_judge("nudenet", "safe_diffusion.judges.nudenet:NudeNet", "NudeNet v3 exposed-body-part detector (I2P)")
 register_judge(
-    "llavaguard", "safe_diffusion.judges.llavaguard:LlavaGuard", "LlavaGuard v1.2 VLM: rating, O1-O9 category, rationale"
+    "llavaguard",
+    "safe_diffusion.judges.llavaguard:LlavaGuard",
+    "LlavaGuard v1.2 VLM: rating, O1-O9 category, rationale",
 )
 
 
