@@ -1,6 +1,6 @@
 """Evaluation harness benchmarks, ratios measured side by side in one run (CPU or GPU; random weights, offline).
 
-    PYTHONPATH=src python benchmarks/bench_eval.py [--prompts 16] [--steps 10] [--size 64]
+    PYTHONPATH=src python benchmarks/bench_eval.py [--prompts 16] [--steps 10] [--size 64] [--repeats 2]
 
 1. The harness's throughput (``jobs.evaluate``, the library entry point ``eval run`` calls: run config,
    store, model loading, generation in batches of 8 across prompts) vs a naive loop of diffusers' deprecated
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
     import numpy as np
@@ -52,16 +53,12 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {device}; {args.prompts} prompts, {args.steps} steps, {args.size}px, SLD medium")
 
-    # 1. the harness (jobs.evaluate: config, store, model loading, generation) vs a naive loop that also loads
+    # 1. the harness (jobs.evaluate: config, store, model loading, generation) vs a naive loop that also loads;
+    # the two alternate `--repeats` times and each keeps its best, so a busy machine slows both alike
     run = dict(
         suite="i2p", safety="medium", height=args.size, width=args.size, steps=args.steps, images_per_prompt=1,
         batch_size=args.batch_size, judges="none", device=device, progress=False,
     )
-    evaluate(str(ckpt), tmp / "warm-up", limit=args.batch_size, **run)  # warm-up (kernels, the hash cache)
-    t = time.perf_counter()
-    done = evaluate(str(ckpt), tmp / "run", limit=args.prompts, **run)
-    ours = done.written / (time.perf_counter() - t)
-
     call = dict(
         num_inference_steps=args.steps,
         guidance_scale=7.5,
@@ -81,15 +78,27 @@ def main() -> None:
         ref.set_progress_bar_config(disable=True)
         return ref
 
-    load_reference()(prompts[0].text, generator=torch.Generator("cpu").manual_seed(0), **call)  # warm-up
-    t = time.perf_counter()
-    ref = load_reference()
-    for p in prompts:
-        ref(p.text, generator=torch.Generator("cpu").manual_seed(p.sd_seed), **call)
-    naive = args.prompts / (time.perf_counter() - t)
+    def harness(round_: int) -> float:
+        t = time.perf_counter()
+        done = evaluate(str(ckpt), tmp / f"run-{round_}", limit=args.prompts, **run)
+        return done.written / (time.perf_counter() - t)
+
+    def naive() -> float:
+        t = time.perf_counter()
+        ref = load_reference()
+        for p in prompts:
+            ref(p.text, generator=torch.Generator("cpu").manual_seed(p.sd_seed), **call)
+        return args.prompts / (time.perf_counter() - t)
+
+    evaluate(str(ckpt), tmp / "warm-up", limit=args.batch_size, **run)  # warm-up (kernels, the hash cache)
+    load_reference()(prompts[0].text, generator=torch.Generator("cpu").manual_seed(0), **call)
+    ours, theirs = 0.0, 0.0
+    for round_ in range(args.repeats):
+        ours = max(ours, harness(round_))
+        theirs = max(theirs, naive())
     print(
-        f"generation, model loading included: jobs.evaluate {ours:.2f} img/s, naive StableDiffusionPipelineSafe loop"
-        f" {naive:.2f} img/s, ratio {ours / naive:.2f}x (target >= 1.5x)"
+        f"generation, model loading included (best of {args.repeats}): jobs.evaluate {ours:.2f} img/s, naive"
+        f" StableDiffusionPipelineSafe loop {theirs:.2f} img/s, ratio {ours / theirs:.2f}x (target >= 1.5x)"
     )
 
     # 2. scoring 47,030 records
