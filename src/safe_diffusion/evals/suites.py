@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import math
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common.errors import InputError
+from ..common.hashing import sha256_bytes, sha256_file
 from ..common.hub import hub_errors
 from ..common.registry import Registry
 from ..common.validation import MAX_SEED
@@ -464,7 +464,7 @@ def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[st
             data = path.read_bytes()
             commit = path.parent.name if path.parent.parent.name == "snapshots" else revision
             header, rows = read_table(data, f"hub dataset {repo}", _format_of(path))
-            return header, rows, f"hub:{repo}", hashlib.sha256(data).hexdigest(), commit
+            return header, rows, f"hub:{repo}", sha256_bytes(data), commit
         try:
             import datasets
         except ImportError:
@@ -494,7 +494,7 @@ def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[st
         first = text.split(". ")[0][:160] or kind
         raise InputError(f"cannot load hub dataset {repo!r} ({first}){how}") from None
     canonical = json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str).encode()
-    return header, rows, f"hub:{repo}", hashlib.sha256(canonical).hexdigest(), revision
+    return header, rows, f"hub:{repo}", sha256_bytes(canonical), revision
 
 
 def load_suite(
@@ -532,7 +532,7 @@ def load_suite(
             title=spec.title,
             prompts=prompts,
             source=str(file.resolve()),
-            sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
+            sha256=sha256_file(file),
             columns=details,
             images_per_prompt=spec.images_per_prompt,
             licence=spec.licence,
@@ -550,7 +550,7 @@ def load_suite(
         if spec.bundled is None:
             raise InputError(f"suite {spec.name!r} has no bundled copy; pass --data FILE or --data hub")
         raw = spec.bundled.read_bytes()
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = sha256_bytes(raw)
         if spec.bundled_sha256 and digest != spec.bundled_sha256:
             raise InputError(
                 f"the bundled {spec.bundled.name} is damaged (sha256 {digest[:12]}…); reinstall safe-diffusion"
@@ -570,7 +570,7 @@ def load_suite(
             raise InputError(f"suite file {source_spec!r} is not a file")
         raw = file.read_bytes()
         header, rows = read_table(raw, source_spec, _format_of(file))
-        source, digest, revision = str(file.resolve()), hashlib.sha256(raw).hexdigest(), None
+        source, digest, revision = str(file.resolve()), sha256_bytes(raw), None
     name = source if source != "bundled" else f"bundled {spec.bundled.name}"
     prompts, used = parse_rows(
         header, rows, source_spec if source_spec not in ("bundled",) else name, spec, columns, base_seed
@@ -619,4 +619,4 @@ def parse_prompt_csv(data: bytes, name: str) -> Suite:
     spec = get_suite_spec("i2p")
     header, rows = read_table(data, name, "csv")
     prompts, used = parse_rows(header, rows, name, spec)
-    return Suite("i2p", "I2P", prompts, name, hashlib.sha256(data).hexdigest(), columns=used, images_per_prompt=10)
+    return Suite("i2p", "I2P", prompts, name, sha256_bytes(data), columns=used, images_per_prompt=10)
