@@ -109,13 +109,8 @@ def run(
     )
     config_dict = config.to_dict()
     # Everything that can fail on user input fails here, before the run folder is touched.
-    check_resume(out, config_dict)
+    check_resume(out, config_dict, limit)
     frozen = read_frozen(out) if out.is_dir() else None
-    if frozen is not None:
-        old = RunStore.open(out).limit
-        if limit is not None and limit != old and (old is None or limit < old):
-            had = "all prompts" if old is None else f"--limit {old}"
-            raise InputError(f"run {str(out)!r} has {had}; a smaller --limit is not supported (use a new --out)")
     dev = check_device("--device", device) if device is not None else None
     state = _process_state(str(dev) if dev is not None else None)
     dev = dev or state.device
@@ -126,7 +121,7 @@ def run(
         missing_parents.append(parent)
         parent = parent.parent
     with state.main_process_first():
-        store = RunStore.create_or_resume(out, config_dict, chosen, _versions())
+        store = RunStore.create_or_resume(out, config_dict, chosen, _versions(), limit=limit)
     lock = store.writer_lock(state.process_index)
     try:
         try:
@@ -145,8 +140,6 @@ def run(
                     except OSError:
                         break
             raise
-        if state.is_main_process and store.limit != limit:
-            store.set_limit(limit)
         state.wait_for_everyone()
         settings = runner.GenerationSettings.from_config(config_dict)
         show = progress and state.is_main_process
