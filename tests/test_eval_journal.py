@@ -192,3 +192,24 @@ def test_two_writers_killed_at_random_then_restarted_lose_and_duplicate_nothing(
         if (rec := _decode(line)) is not None
     ]
     assert len(keys) == len(set(keys)) == 400  # no complete record written twice
+
+
+def test_a_full_disk_mid_append_loses_nothing_written_after_it(tmp_path, monkeypatch):
+    """ENOSPC after part of a line: the torn tail is ignored and the next append goes to a new segment, so it is
+    not glued onto the torn line (where its checksum would fail and the record be lost)."""
+    j = Journal(tmp_path / "j")
+    j.put("s", "a", 1)
+    real_write = os.write
+
+    def full_disk(fd, data):
+        real_write(fd, bytes(data[:5]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        j.put("s", "b", 2)
+    monkeypatch.setattr(os, "write", real_write)
+    j.put("s", "c", 3)  # space again
+    fresh = Journal(tmp_path / "j")
+    assert fresh.get("s") == {"a": 1, "c": 3}
+    assert len(fresh.segments()) == 2 and fresh.damaged_lines == 0

@@ -122,19 +122,32 @@ class Journal:
         with self._mutex:
             fd = self._open_segment()
             view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+            try:
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            except OSError:
+                # A full disk may have left part of a line: that tail is ignored by readers, and the next
+                # append goes to a new segment, so it is never glued onto the torn line.
+                self._close_segment()
+                raise
 
     def put(self, stage: str, key: str, payload: Any) -> None:
         self.append([(stage, key, payload)])
 
     def close(self) -> None:
         with self._mutex:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._close_segment()
+
+    def _close_segment(self) -> None:
+        """Close this writer's segment (the caller holds the mutex); a later append starts a new one."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     @property
     def segment(self) -> Path | None:
