@@ -407,7 +407,8 @@ class WriterLock:
         self.held = False
 
     def __enter__(self) -> Self:
-        self.acquire()
+        if not self.held:  # a lock handed out already held (RecordStore.writer) is entered as it is
+            self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
