@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import InputError
+from ..common.outputs import check_writable
 from ..common.progress import ProgressLog
 from ..guidance.ledits import MASKINGS, SAFETY_CONCEPTS, LEditsGuidance
 from ..records.journal import CREATING_PREFIX
@@ -356,12 +356,7 @@ def _check_writable(out: Path) -> None:
         target = target.parent
     if not target.is_dir():
         raise InputError(f"--out {display_path(str(out))!r} cannot be created: {display_path(str(target))!r} is a file")
-    try:
-        fd, probe = tempfile.mkstemp(dir=target, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise InputError(f"--out {display_path(str(out))!r} is not writable: {exc.strerror or exc}") from None
+    check_writable(target, "--out" if target == out else f"--out {display_path(str(out))!r} cannot be created: folder")
 
 
 def check_resume(out: Path, config: SanitizeConfig) -> None:

@@ -165,7 +165,9 @@ class RunStore(RecordStore):
         if not root.exists():
             return InputError(f"run directory {str(root)!r} does not exist")
         if (root / "run.sqlite").is_file():
-            return InputError(f"{str(root)!r} is a run of an older safe-diffusion (run.sqlite); rerun it with this version")
+            return InputError(
+                f"{str(root)!r} is a run of an older safe-diffusion (run.sqlite); rerun it with this version"
+            )
         return InputError(f"{str(root)!r} is not an evaluation run directory (no {CONFIG_NAME})")
 
     # -- opening ---------------------------------------------------------------------------------
