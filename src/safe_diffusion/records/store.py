@@ -33,8 +33,8 @@ A new job (``attack run``, say) defines its format and identity and uses the sto
     class AttackStore(RecordStore):
         FORMAT = StoreFormat("attack run", version=1)
 
-    store = AttackStore.create_or_open(out, {"config": config}, files={"targets.json": targets},
-                                       check=lambda doc: same_config(doc["config"], config))
+    store = AttackStore.create_or_open(out, {"config": config, "limit": limit}, files={"targets.json": targets},
+                                       folders=["images"], check=lambda doc: same_config(doc, config, limit))
     with store.writer(process_index):
         for key in todo:
             store.commit("attack", [(key, result)], files={f"images/{key}.png": png})
