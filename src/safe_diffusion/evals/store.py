@@ -173,11 +173,13 @@ class RunStore(RecordStore):
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
     def create_or_resume(
-        cls, path: str | Path, config: dict, prompts: list[Prompt], versions: dict, *, limit: int | None = None
+        cls, path: str | Path, config: dict, prompts: list[Prompt], versions: dict, *, limit: int | None
     ) -> RunStore:
         """Create the run atomically with its whole identity (config, prompts, `limit`), or resume the one
         there when its config matches (else one line). Resuming with a larger `limit` (None: all prompts)
-        records the extension; a smaller one is refused."""
+        records the extension; a smaller one is refused. `limit` has no default: it is part of the run's
+        identity, and recording it later (as callers once did with :meth:`set_limit`) reopens the window
+        in which a kill leaves a run the same command refuses."""
         path = Path(path)
         identity = {
             "config": config,
