@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -109,13 +112,8 @@ def run(
     )
     config_dict = config.to_dict()
     # Everything that can fail on user input fails here, before the run folder is touched.
-    check_resume(out, config_dict)
+    check_resume(out, config_dict, limit)
     frozen = read_frozen(out) if out.is_dir() else None
-    if frozen is not None:
-        old = RunStore.open(out).limit
-        if limit is not None and limit != old and (old is None or limit < old):
-            had = "all prompts" if old is None else f"--limit {old}"
-            raise InputError(f"run {str(out)!r} has {had}; a smaller --limit is not supported (use a new --out)")
     dev = check_device("--device", device) if device is not None else None
     state = _process_state(str(dev) if dev is not None else None)
     dev = dev or state.device
@@ -126,7 +124,7 @@ def run(
         missing_parents.append(parent)
         parent = parent.parent
     with state.main_process_first():
-        store = RunStore.create_or_resume(out, config_dict, chosen, _versions())
+        store = RunStore.create_or_resume(out, config_dict, chosen, _versions(), limit=limit)
     lock = store.writer_lock(state.process_index)
     try:
         try:
@@ -145,8 +143,6 @@ def run(
                     except OSError:
                         break
             raise
-        if state.is_main_process and store.limit != limit:
-            store.set_limit(limit)
         state.wait_for_everyone()
         settings = runner.GenerationSettings.from_config(config_dict)
         show = progress and state.is_main_process
@@ -374,7 +370,7 @@ def quality(
 
     Resumable: a killed run continues where it stopped.
     """
-    from ..common.outputs import atomic_write_json
+    from ..common.outputs import atomic_write_json, check_writable
     from ..common.progress import ProgressLog
     from ..common.validation import check_device, check_int
     from ..evals import quality as q
@@ -382,6 +378,7 @@ def quality(
 
     if json_path is not None:
         _check_output_file(json_path, (".json",), "--json")
+        check_writable(json_path.parent, "folder of --json")  # now, not after the whole computation
     batch_size = check_int("--batch-size", batch_size, minimum=1, maximum=4096)
     image_size = check_int("--image-size", image_size, minimum=16, maximum=4096)
     clip = None if clip_model.strip().lower() == "none" else clip_model
@@ -472,9 +469,19 @@ def demo_clip(path: Path = typer.Argument(..., help="Folder to write a random-we
 
     Q16 runs with it offline; its verdicts are meaningless.
     """
+    from safetensors import SafetensorError
+
+    from ..common.outputs import check_writable
+    from ..records.journal import create_atomically
     from ..testing import build_clip
 
     if path.exists():
         raise InputError(f"{str(path)!r} already exists")
-    build_clip(path)
+    check_writable(path.absolute().parent, "folder")
+    try:  # built beside `path` and renamed into place: a full disk leaves nothing
+        create_atomically(path, build_clip, marker="config.json")
+    except SafetensorError as exc:  # how safetensors reports a failed write ("... (os error 28)")
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from None
     typer.echo(f"wrote a random-weight CLIP to {path} (demos only: Q16 needs openai/clip-vit-large-patch14)")

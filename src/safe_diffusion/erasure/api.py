@@ -206,6 +206,18 @@ def _fingerprint(config: ErasureConfig, base_files: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _already_erased(out: Path, model: str, config: ErasureConfig) -> bool:
+    """Whether `out` already holds this erasure: the same method, concepts and settings of the same base."""
+    from .folder import RECORD_NAME, hash_base, read_erasure_record
+
+    if not (out / RECORD_NAME).is_file():
+        return False
+    record = read_erasure_record(out)
+    mine = json.loads(json.dumps([config.method, config.concepts(), config.hyperparameters()]))
+    same = [record.get("method"), record.get("concepts"), record.get("hyperparameters")] == mine
+    return same and record.get("base_model", {}).get("files") == hash_base(resolve_base_folder(model))
+
+
 def _use_cpu(device: str | None) -> bool:
     """Train on the CPU when the launcher says so (``accelerate launch --cpu``), when asked, or without CUDA."""
     from accelerate.utils import parse_flag_from_env
@@ -249,7 +261,11 @@ def erase_concepts(
         if device is None:
             device = str(accelerator.device)
     main = accelerator is None or accelerator.is_main_process
-    check_output_folder(out)  # in every process: one that failed alone would leave the others at a barrier
+    if _already_erased(out, model, config):  # a rerun after a run killed once it had published `out`
+        if main:
+            shutil.rmtree(work_folder(out), ignore_errors=True)
+        return out if main else None
+    check_output_folder(out, finished_ok=False)  # in every process: one failing alone would block the others
     t0 = time.monotonic()
     pipe = load_pipeline(model, device=device, dtype=torch.float32)  # bad models fail before anything is written
     pipe.set_progress_bar_config(disable=True)

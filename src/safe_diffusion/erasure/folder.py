@@ -61,13 +61,16 @@ def read_erasure_record(model_path: str | os.PathLike) -> dict | None:
     return record
 
 
-def check_output_folder(out: Path) -> None:
+def check_output_folder(out: Path, *, finished_ok: bool = True) -> None:
     """Fail in one line, before anything is loaded or written, unless `out` is new or an empty folder
-    whose parent can be written (the work folder and the final rename both happen there)."""
+    whose parent can be written (the work folder and the final rename both happen there).
+
+    With `finished_ok`, a finished erased model (one with its record) passes too: ``erase_concepts``
+    decides whether it is this very erasure, whose run was killed after publishing it (done), or another."""
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise InputError(f"output {str(out)!r} exists and is not a folder")
-        if any(out.iterdir()):
+        if any(out.iterdir()) and not (finished_ok and (out / RECORD_NAME).is_file()):
             raise InputError(f"output folder {str(out)!r} is not empty; choose a new folder")
     parent = out.absolute().parent
     while not parent.exists():
