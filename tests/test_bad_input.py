@@ -33,6 +33,7 @@ def world(tmp_path_factory, tiny_checkpoint):
 
     root = tmp_path_factory.mktemp("bad-input")
     (root / "prompts.txt").write_text("doctor\n")
+    (root / "concepts.txt").write_text("nudity\nviolence\nnudity\n")
     (root / "suite.csv").write_text("prompt\na cat\n")
     (root / "noprompt.csv").write_text("text\na cat\n")
     (root / "folder.csv").mkdir()
@@ -85,6 +86,32 @@ CASES = [
     # erase and sanitize
     ("erase", ["erase", "--method", "magic", "-m", "{model}", "-o", "{root}/e", "--erase", "x"], 2, "magic"),
     ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e"], 2, "--erase"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--device", "banana"], 2,
+     "not a device"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--device", "cuda:7"], 2,
+     "--device 'cuda:7'"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--erase-scale", "inf"],
+     2, "--erase-scale must be a finite number"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--preserve-scale",
+               "1e300"], 2, "--preserve-scale must be at most"),
+    ("erase", ["erase", "--method", "esd-x", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--negative-guidance",
+               "nan"], 2, "--negative-guidance must be a finite number"),
+    ("erase", ["erase", "--method", "esd-u", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--start-guidance",
+               "inf"], 2, "--start-guidance must be a finite number"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--erase", "x"], 2,
+     "'x' is erased twice"),
+    ("erase", ["erase", "--method", "rece", "-m", "{model}", "-o", "{root}/e", "--erase-file", "{root}/concepts.txt"],
+     2, "'nudity' is erased twice"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--preserve", "y",
+               "--preserve", "y"], 2, "'y' is preserved twice"),
+    ("erase", ["erase", "--method", "esd-x", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--resolution", "100"],
+     2, "--resolution must be a multiple of 8"),
+    ("erase", ["erase", "--method", "esd-x", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--ddim-steps",
+               "1000000"], 2, "--ddim-steps must be at most 1000"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--variant", "iccv"], 2,
+     "--variant must be one of current, wacv2024"),
+    ("erase", ["erase", "--method", "rece", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--rece-selection",
+               "validation", "--rece-validation", "{root}/nope.csv"], 2, "nope.csv"),
     ("sanitize", ["sanitize", "{root}/nope", "-m", "{model}", "-o", "{root}/s"], 2, "nope"),
     ("sanitize", ["sanitize", "{root}/images", "-m", "{model}", "-o", "{root}/images"], 2, "images"),
 ]
