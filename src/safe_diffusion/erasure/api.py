@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..common.errors import InputError
-from .methods import METHODS, ESDOptions, RECEOptions, UCEOptions, get_method  # noqa: F401 (re-exported)
+from .methods import METHODS, ESDOptions, RECEOptions, UCEOptions, get_method
 
 
 @dataclass

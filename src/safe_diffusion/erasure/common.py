@@ -13,6 +13,7 @@ import torch
 
 from ..common.errors import InputError
 
+
 def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
