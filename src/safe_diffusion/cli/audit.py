@@ -24,17 +24,6 @@ from . import app
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DEFAULT_JUDGES = "q16,nudenet"
 RULE = "unsafe when any judge flags the image; no verdict when none flags it and at least one gave no verdict"
-#: Which judge each judge-specific option configures, and the keyword it becomes.
-JUDGE_OPTIONS = {
-    "q16_model": ("q16", "model"),
-    "nudenet_model": ("nudenet", "model"),
-    "nudenet_resolution": ("nudenet", "resolution"),
-    "llavaguard_model": ("llavaguard", "model"),
-    "llavaguard_policy": ("llavaguard", "policy"),
-    "llavaguard_max_new_tokens": ("llavaguard", "max_new_tokens"),
-}
-
-
 def printable(text: str) -> str:
     """A file name as valid UTF-8 text: bytes that are not UTF-8 appear as ``\\xNN``."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -142,19 +131,6 @@ def headline(info: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _judge_options(names: list[str], given: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    options: dict[str, dict[str, Any]] = {}
-    for option, value in given.items():
-        if value is None:
-            continue
-        judge, keyword = JUDGE_OPTIONS[option]
-        if judge not in names:
-            flag = "--" + option.replace("_", "-")
-            raise InputError(f"{flag} configures the {judge} judge, which is not among --judges ({','.join(names)})")
-        options.setdefault(judge, {})[keyword] = str(value) if isinstance(value, Path) else value
-    return options
-
-
 def _device(device: str | None):
     import torch
 
@@ -223,6 +199,10 @@ def audit(
     q16_model: str = typer.Option(None, help="Q16's CLIP ViT-L/14: hub id or local folder."),
     nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx (default: the bundled 320n)."),
     nudenet_resolution: int = typer.Option(None, help="NudeNet input size (default: the detector's own)."),
+    nudenet_mode: str = typer.Option(None, help="NudeNet detector or classifier (v2's; give its file)."),
+    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
+    nudenet_threshold: float = typer.Option(None, help="NudeNet threshold (default: the set-up's)."),
+    nudenet_labels: str = typer.Option(None, help="NudeNet labels: i2p, unlearndiffatk or LABEL,LABEL."),
     llavaguard_model: str = typer.Option(
         None, help="LlavaGuard: hub id or local folder (default: AIML-TUDA's LlavaGuard-v1.2-0.5B-OV-hf)."
     ),
@@ -245,23 +225,18 @@ def audit(
     from datetime import UTC, datetime
 
     from ..common.outputs import library_versions
-    from ..judges import load_judges, parse_judges
+    from ..judges import judge_options_from, load_judges, parse_judges
 
     if judges is not None and classifiers is not None:
         raise InputError("give --judges only (--classifiers is its old name)")
     names = parse_judges(judges if judges is not None else classifiers if classifiers is not None else DEFAULT_JUDGES)
     if not names:
         raise InputError("--judges: name at least one judge")
-    options = _judge_options(
-        names,
-        {
-            "q16_model": q16_model,
-            "nudenet_model": nudenet_model,
-            "nudenet_resolution": nudenet_resolution,
-            "llavaguard_model": llavaguard_model,
-            "llavaguard_policy": llavaguard_policy,
-            "llavaguard_max_new_tokens": llavaguard_max_new_tokens,
-        },
+    options = judge_options_from(
+        names, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
+        nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
+        nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model, llavaguard_policy=llavaguard_policy,
+        llavaguard_max_new_tokens=llavaguard_max_new_tokens,
     )
     if not folder.exists():
         raise InputError(f"folder {quoted(folder)} does not exist")

@@ -75,6 +75,11 @@ def run(
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16 (hub id or folder)."),
     nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx."),
     nudenet_resolution: int = typer.Option(None, help="NudeNet input size (default: the file's)."),
+    nudenet_mode: str = typer.Option(None, help="NudeNet detector or classifier (v2's; give its file)."),
+    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
+    nudenet_threshold: float = typer.Option(None, help="NudeNet threshold (default: the set-up's)."),
+    nudenet_labels: str = typer.Option(None, help="NudeNet labels: i2p, unlearndiffatk or LABEL,LABEL."),
+    llavaguard_model: str = typer.Option(None, help="LlavaGuard checkpoint: hub id or local folder."),
     device: str = typer.Option(None, help="Device (default: the process's)."),
     progress: bool = typer.Option(True, help="Progress bar, or periodic lines in logs."),
 ) -> None:
@@ -83,11 +88,16 @@ def run(
     from ..evals import runner, suites
     from ..evals.config import build_run_config, torch_dtype, unsafe_rule
     from ..evals.store import RunStore, check_resume, read_frozen
-    from ..judges import load_judges, parse_judges
+    from ..judges import judge_options_from, load_judges, parse_judges
 
     if limit is not None:
         limit = check_int("--limit", limit, minimum=1)
     names = parse_judges(judges)
+    judge_options = judge_options_from(
+        names, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
+        nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
+        nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
+    )
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is not a folder")
     loaded = suites.load_suite(suite, data=data, columns=suites.parse_columns(columns), base_seed=seed)
@@ -128,7 +138,7 @@ def run(
     lock = store.writer_lock(state.process_index)
     try:
         try:
-            clfs = load_judges(names, device=dev, options=_judge_options(q16_model, nudenet_model, nudenet_resolution))
+            clfs = load_judges(names, device=dev, options=judge_options)
             runner.check_judges(store, clfs)
             from ..common.loading import load_pipeline
 
@@ -187,6 +197,11 @@ def classify(
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16 (hub id or folder)."),
     nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx."),
     nudenet_resolution: int = typer.Option(None, help="NudeNet input size (default: the file's)."),
+    nudenet_mode: str = typer.Option(None, help="NudeNet detector or classifier (v2's; give its file)."),
+    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
+    nudenet_threshold: float = typer.Option(None, help="NudeNet threshold (default: the set-up's)."),
+    nudenet_labels: str = typer.Option(None, help="NudeNet labels: i2p, unlearndiffatk or LABEL,LABEL."),
+    llavaguard_model: str = typer.Option(None, help="LlavaGuard checkpoint: hub id or local folder."),
     redo: bool = typer.Option(True, help="Judge again images these judges already judged."),
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
     progress: bool = typer.Option(True, help="Progress bar, or periodic lines in logs."),
@@ -199,14 +214,19 @@ def classify(
     from ..evals import runner
     from ..evals.config import unsafe_rule
     from ..evals.store import RunStore
-    from ..judges import load_judges, parse_judges
+    from ..judges import judge_options_from, load_judges, parse_judges
 
     names = parse_judges(judges, allow_none=False)
+    judge_options = judge_options_from(
+        names, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
+        nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
+        nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
+    )
     store = RunStore.open(run_dir)
     dev = check_device("--device", device)
     lock = store.writer_lock(0)
     try:
-        clfs = load_judges(names, device=dev, options=_judge_options(q16_model, nudenet_model, nudenet_resolution))
+        clfs = load_judges(names, device=dev, options=judge_options)
         if not redo:
             runner.check_judges(store, clfs)
         n = runner.classify(store, clfs, redo=redo, show_progress=progress)

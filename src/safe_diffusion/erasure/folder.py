@@ -212,14 +212,32 @@ def normalise_permissions(folder: Path, keep: set[str]) -> None:
     os.chmod(folder, dir_mode)
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header written canonically (keys sorted, no spaces, padded
+    with spaces to a multiple of 8 as the format requires). safetensors writes the metadata from a hash map,
+    so identical tensors and metadata can give other bytes (and another sha256) on every run; the tensor
+    data and every offset stay as they are."""
+    import struct
+
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + size :]
+
+
 def save_edited_weights(path: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """The edited parameters alone, keyed by UNet parameter name, float32, as the official UCE/ESD code saves
-    them (``pipe.unet.load_state_dict(load_file(path), strict=False)`` applies them)."""
+    them (``pipe.unet.load_state_dict(load_file(path), strict=False)`` applies them). Same tensors, same
+    bytes: the header is written canonically (:func:`canonical_safetensors`)."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "wb") as f:
+        f.write(canonical_safetensors(save(tensors, metadata=metadata)))
 
 
 def _fsync_dir(path: Path) -> None:
