@@ -7,5 +7,6 @@ modular pipelines the same terms as diffusers guiders (``SafetyGuider``, ``Seman
 
 from .adapters import ADAPTERS, DenoiserAdapter, register_adapter
 from .core import guide, guided_call, prediction_type
+from . import safree as _safree  # noqa: F401  (registers SAFREE's call hook with guide())
 
 __all__ = ["ADAPTERS", "DenoiserAdapter", "guide", "guided_call", "prediction_type", "register_adapter"]

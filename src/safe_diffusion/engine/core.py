@@ -30,6 +30,12 @@
   negative estimate exists, in place, before the pipeline combines them. Either way there is no
   extra denoiser call per step.
 
+**Call hooks** (:data:`CALL_HOOKS`) serve terms that act on the call itself rather than through concept
+rows: SAFREE (:mod:`.safree`) filters the prompt's own embedding rows per step and the UNet's features.
+The engine asks such a term's hook to check the pipeline on entering ``guide()``, binds it once per
+call, lets it rewrite the denoiser's arguments after the concept rows are added (``before``), tells it
+when that evaluation is over (``after``) and closes it when the call ends, however it ends.
+
 Steps count guided denoiser evaluations, as the reference pipelines count them (a second-order
 scheduler such as Heun evaluates twice per step; terms can give warm-ups as fractions of the run
 instead, see :meth:`~safe_diffusion.guidance.SafetyGuidance.for_schedule`).
@@ -42,10 +48,10 @@ import inspect
 import logging
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -113,6 +119,33 @@ def _unhook(module) -> None:
             entry[0].remove()
             entry[1].remove()
             del _HOOKS[module]
+
+
+# -- call hooks: terms that act on the call's own conditioning and the denoiser's features ---------------
+
+
+class CallHook(Protocol):
+    """One guided call of a term registered in :data:`CALL_HOOKS` (made by its ``bind``)."""
+
+    def before(self, kwargs: dict, step: int, batch: int) -> dict:
+        """The denoiser's keyword arguments for this evaluation ([negative; prompt; concept rows…], `batch` rows
+        each), as a new dict: tensors it changes are new tensors; rows it appends come last."""
+
+    def after(self) -> None:
+        """The evaluation :meth:`before` prepared is over."""
+
+    def close(self) -> None:
+        """The call has ended (returned or raised)."""
+
+
+#: Term type → (check(term, pipe): raise to refuse the pipeline on entering guide(),
+#: bind(term, pipe, adapter, arguments) -> CallHook for one call). See :func:`register_call_hook`.
+CALL_HOOKS: dict[type, tuple[Callable, Callable]] = {}
+
+
+def register_call_hook(term_type: type, check: Callable, bind: Callable) -> None:
+    """Let ``guide()`` take terms of `term_type` that act on the call itself (see :class:`CallHook`)."""
+    CALL_HOOKS[term_type] = (check, bind)
 
 
 # -- the pipeline's call ----------------------------------------------------------------------------
@@ -208,6 +241,7 @@ class _Engine:
             call.finish()
         finally:
             _CURRENT.reset(token)
+            call.close()
 
 
 class _Call:
@@ -217,7 +251,9 @@ class _Call:
         self.engine = engine
         self.pipe = engine.pipe
         self.arguments = arguments
-        self.terms = list(engine.terms)
+        self.terms = [t for t in engine.terms if type(t) not in CALL_HOOKS]
+        self.call_terms = [t for t in engine.terms if type(t) in CALL_HOOKS]
+        self.hooks: list[CallHook] = []
         self.strict = engine.strict > 0
         self.step = 0
         self.evaluations = 0
@@ -253,6 +289,17 @@ class _Call:
             self.active = False
             return
         self._encode()
+        try:
+            for term in self.call_terms:
+                self.hooks.append(CALL_HOOKS[type(term)][1](term, self.pipe, adapter, self.arguments))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        hooks, self.hooks = self.hooks, []
+        for hook in hooks:
+            hook.close()
 
     def finish(self) -> None:
         if self.active and self.evaluations == 0:
@@ -341,15 +388,17 @@ class _Call:
         self.pending[id(module)] = (kind, kw, batch, needed)
         if adapter.separate_calls:
             self.cond = {}
-        if not needed:
-            return None
-        blocks = [self.rows[ti][ci] for ti, ci in needed]
-        return (), adapter.extend(kw, text, blocks, batch)
+        out = adapter.extend(kw, text, [self.rows[ti][ci] for ti, ci in needed], batch) if needed else kw
+        for hook in self.hooks:
+            out = hook.before(out, self.step, batch)
+        return None if out is kw else ((), out)
 
     def after(self, module, output):
         pending = self.pending.pop(id(module), None)
         if pending is None:
             return None
+        for hook in self.hooks:
+            hook.after()
         adapter = self.engine.adapters[id(module)]
         out = _output_tensor(output)
         if pending[0] == "negative":
@@ -393,6 +442,8 @@ class _Call:
             else:
                 delta, self.states[ti] = term.apply(u, t, concepts[ti], self.step, self.states[ti], guidance_scale)
             total = delta if total is None else total + delta
+        if total is None:  # only call-hook terms (SAFREE): nothing to add to the estimate
+            return torch.zeros_like(text)
         return adapter.from_math(total, kw, like=text)
 
     def _apply_in_epsilon(self, adapter, kw, term, ti, u, t, concepts, guidance_scale, batch):
@@ -437,8 +488,11 @@ def guide(pipe, *terms: GuidanceTerm, strict: bool = False) -> Iterator[Any]:
     raise: guidance attached to them could never act.
     """
     for term in terms:
-        if not isinstance(term, GuidanceTerm):
+        if not isinstance(term, GuidanceTerm) and type(term) not in CALL_HOOKS:
             raise TypeError(f"{term!r} is not a guidance term")
+    for term in terms:
+        if type(term) in CALL_HOOKS:
+            CALL_HOOKS[type(term)][0](term, pipe)
     if not terms and _ENGINES.get(pipe) is None:
         yield pipe  # nothing to apply: the pipeline is left untouched
         return
