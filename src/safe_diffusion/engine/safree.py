@@ -124,7 +124,7 @@ class _SDText(_Text):
 
 class _SDXLText(_Text):
     """SDXL: the second encoder's projected pooled output, filtering its part of the prompt's features
-    (official models/modified_stable_diffusion_xl_pipeline.py:335-353, :1461-1489: ``[..., 768:]``)."""
+    (official models/modified_stable_diffusion_xl_pipeline.py:335-353, :1461-1487: ``[..., 768:]``)."""
 
     family = "sdxl"
 
