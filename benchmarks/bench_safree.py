@@ -63,14 +63,10 @@ def main() -> None:
 
         sld = SafetyGuidance.from_preset("max")  # no warm-up: its row is evaluated at every step
         safree = SafreeGuidance(self_validation=False)  # filtered at every step: the costliest schedule
-        t = {
-            "cfg": best_of(run, args.repeat),
-            "sld": best_of(lambda: run(sld), args.repeat),
-            "safree": best_of(lambda: run(safree), args.repeat),
-            "both": best_of(lambda: run(safree, sld), args.repeat),
-        }
-        if name != "sd3":
-            t["lra"] = best_of(lambda: run(SafreeGuidance(self_validation=False, re_attention=True)), args.repeat)
+        configs = {"cfg": (), "sld": (sld,), "safree": (safree,), "both": (safree, sld)}
+        if name != "sd3":  # re-attention acts on UNet up blocks
+            configs["lra"] = (SafreeGuidance(self_validation=False, re_attention=True),)
+        t = {key: best_of(lambda terms=terms: run(*terms), args.repeat) for key, terms in configs.items()}
         lra = f"{t['lra']:7.3f}" if "lra" in t else f"{'—':>7}"
         lra_ratio = f"{t['lra'] / t['cfg']:9.2f}" if "lra" in t else f"{'—':>9}"
         print(f"{name:8} {t['cfg']:7.3f} {t['sld']:7.3f} {t['safree']:7.3f} {lra} {t['safree'] / t['cfg']:11.2f} "

@@ -67,7 +67,7 @@ def test_keep_mask_places_token_i_after_the_start_token_and_clips_to_the_sequenc
 @pytest.mark.parametrize("category,preset", [("nudity", "nudity"), ("artists-VanGogh", "artist")])
 def test_self_validation_last_step_matches_official_f_beta(category, preset):
     midpoint, steepness = sf.SVF_CURVES[preset]
-    for beta in [i / 200 for i in range(0, 201)]:
+    for beta in [i / 200 for i in range(201)]:
         for upper in (0, 3, 10, 50):
             expected = official.f_beta(beta, upperbound_timestep=upper, concept_type=category)
             assert sf.self_validation_last_step(beta, upper, midpoint, steepness) == expected, (beta, upper)

@@ -164,9 +164,8 @@ def test_sdxl_composes_with_sld(pipes):
 def test_families_outside_the_official_code_are_refused_in_one_line(pipes):
     flux = pipes("flux")
     before = type(flux)
-    with pytest.raises(UnsupportedPipelineError) as info:
-        with guide(flux, SafreeGuidance()):
-            pass
+    with pytest.raises(UnsupportedPipelineError) as info, guide(flux, SafreeGuidance()):
+        pass
     message = str(info.value)
     assert "FluxPipeline" in message and "SD 1.x/2.x, SDXL and SD 3" in message and "\n" not in message
     assert type(flux) is before
@@ -176,13 +175,11 @@ def test_sd3_without_t5_and_re_attention_on_sd3_are_refused(pipes, tmp_path):
     import diffusers
 
     sd3 = pipes("sd3")
-    with pytest.raises(UnsupportedPipelineError, match="up blocks"):
-        with guide(sd3, SafreeGuidance(re_attention=True)):
-            pass
+    with pytest.raises(UnsupportedPipelineError, match="up blocks"), guide(sd3, SafreeGuidance(re_attention=True)):
+        pass
     no_t5 = diffusers.StableDiffusion3Pipeline(**{**sd3.components, "text_encoder_3": None, "tokenizer_3": None})
-    with pytest.raises(UnsupportedPipelineError, match="T5"):
-        with guide(no_t5, SafreeGuidance()):
-            pass
+    with pytest.raises(UnsupportedPipelineError, match="T5"), guide(no_t5, SafreeGuidance()):
+        pass
 
 
 @pytest.mark.parametrize(
@@ -194,9 +191,8 @@ def test_sd3_without_t5_and_re_attention_on_sd3_are_refused(pipes, tmp_path):
 )
 def test_calls_safree_cannot_serve_raise_one_line_and_leave_no_hooks(pipes, call, message):
     pipe = pipes("sd")
-    with guide(pipe, SafreeGuidance(re_attention=True)):
-        with pytest.raises(GuidanceError) as info:
-            pipe(num_inference_steps=2, output_type="latent", **SD_CALL, **call)
+    with guide(pipe, SafreeGuidance(re_attention=True)), pytest.raises(GuidanceError) as info:
+        pipe(num_inference_steps=2, output_type="latent", **SD_CALL, **call)
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not any(m._forward_pre_hooks for b in pipe.unet.up_blocks for m in (b, *b.resnets))
 
@@ -208,9 +204,8 @@ def test_an_error_mid_call_removes_the_re_attention_hooks_and_restores_the_pipel
     def fail(pipeline, step, t, kwargs):
         raise RuntimeError("stop")
 
-    with pytest.raises(RuntimeError, match="stop"):
-        with guide(pipe, SafreeGuidance(re_attention=True)):
-            pipe(PROMPT, num_inference_steps=2, callback_on_step_end=fail, output_type="latent", **SD_CALL)
+    with pytest.raises(RuntimeError, match="stop"), guide(pipe, SafreeGuidance(re_attention=True)):
+        pipe(PROMPT, num_inference_steps=2, callback_on_step_end=fail, output_type="latent", **SD_CALL)
     assert type(pipe) is cls and not pipe.unet._forward_pre_hooks
     assert not any(m._forward_pre_hooks for b in pipe.unet.up_blocks for m in (b, *b.resnets))
     # with the negative prompt the user chose, and SAFREE told not to replace it, the call runs

@@ -30,11 +30,8 @@
   negative estimate exists, in place, before the pipeline combines them. Either way there is no
   extra denoiser call per step.
 
-**Call hooks** (:data:`CALL_HOOKS`) serve terms that act on the call itself rather than through concept
-rows: SAFREE (:mod:`.safree`) filters the prompt's own embedding rows per step and the UNet's features.
-The engine asks such a term's hook to check the pipeline on entering ``guide()``, binds it once per
-call, lets it rewrite the denoiser's arguments after the concept rows are added (``before``), tells it
-when that evaluation is over (``after``) and closes it when the call ends, however it ends.
+Terms that act on the call itself rather than through concept rows (SAFREE) are served through call
+hooks (:mod:`.hooks`): bound once per call, they rewrite the denoiser's arguments after the concept rows.
 
 Steps count guided denoiser evaluations, as the reference pipelines count them (a second-order
 scheduler such as Heun evaluates twice per step; terms can give warm-ups as fractions of the run
@@ -48,16 +45,17 @@ import inspect
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from ..common.errors import GuidanceError, GuidanceOffError
 from ..guidance.terms import GuidanceTerm, for_schedule, needed_concepts, resolve_space
 from .adapters import DenoiserAdapter
+from .hooks import CALL_HOOKS, CallHook
 from .spaces import apply_in_epsilon
 from .support import served_denoisers
 
@@ -119,33 +117,6 @@ def _unhook(module) -> None:
             entry[0].remove()
             entry[1].remove()
             del _HOOKS[module]
-
-
-# -- call hooks: terms that act on the call's own conditioning and the denoiser's features ---------------
-
-
-class CallHook(Protocol):
-    """One guided call of a term registered in :data:`CALL_HOOKS` (made by its ``bind``)."""
-
-    def before(self, kwargs: dict, step: int, batch: int) -> dict:
-        """The denoiser's keyword arguments for this evaluation ([negative; prompt; concept rows…], `batch` rows
-        each), as a new dict: tensors it changes are new tensors; rows it appends come last."""
-
-    def after(self) -> None:
-        """The evaluation :meth:`before` prepared is over."""
-
-    def close(self) -> None:
-        """The call has ended (returned or raised)."""
-
-
-#: Term type → (check(term, pipe): raise to refuse the pipeline on entering guide(),
-#: bind(term, pipe, adapter, arguments) -> CallHook for one call). See :func:`register_call_hook`.
-CALL_HOOKS: dict[type, tuple[Callable, Callable]] = {}
-
-
-def register_call_hook(term_type: type, check: Callable, bind: Callable) -> None:
-    """Let ``guide()`` take terms of `term_type` that act on the call itself (see :class:`CallHook`)."""
-    CALL_HOOKS[term_type] = (check, bind)
 
 
 # -- the pipeline's call ----------------------------------------------------------------------------
@@ -291,7 +262,7 @@ class _Call:
         self._encode()
         try:
             for term in self.call_terms:
-                self.hooks.append(CALL_HOOKS[type(term)][1](term, self.pipe, adapter, self.arguments))
+                self.hooks.append(CALL_HOOKS[type(term)].bind(term, self.pipe, adapter, self.arguments))
         except BaseException:
             self.close()
             raise
@@ -492,7 +463,7 @@ def guide(pipe, *terms: GuidanceTerm, strict: bool = False) -> Iterator[Any]:
             raise TypeError(f"{term!r} is not a guidance term")
     for term in terms:
         if type(term) in CALL_HOOKS:
-            CALL_HOOKS[type(term)][0](term, pipe)
+            CALL_HOOKS[type(term)].check(term, pipe)  # refuse a pipeline the term is not defined for
     if not terms and _ENGINES.get(pipe) is None:
         yield pipe  # nothing to apply: the pipeline is left untouched
         return

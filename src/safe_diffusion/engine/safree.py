@@ -1,7 +1,7 @@
 """SAFREE on the engine: ``guide(pipe, SafreeGuidance())`` filters the prompt's own embedding rows per step.
 
 SAFREE is not a correction of noise estimates, so it joins ``guide()`` as a call hook
-(:data:`~safe_diffusion.engine.core.CALL_HOOKS`) rather than as concept rows:
+(:mod:`~safe_diffusion.engine.hooks`) rather than as concept rows:
 
 * **On entering guide()** the pipeline is checked: SAFREE is defined for the families of the official
   code, SD 1.x/2.x, SDXL and SD 3 (with its T5 encoder); every other pipeline is refused in one line.
@@ -45,7 +45,7 @@ from ..guidance.safree import (
     trigger_tokens,
 )
 from .adapters import SD3Adapter, UNetAdapter, copy_text_rows
-from .core import register_call_hook
+from .hooks import register_call_hook
 from .support import served_denoisers
 
 logger = logging.getLogger(__name__)
@@ -400,12 +400,10 @@ class _SafreeCall:
             self.close()
             raise
 
-    def _before_block(self, block, args, kwargs):
-        if _REATTENDING.get() is not self:
-            return None
-        res = kwargs["res_hidden_states_tuple"] if "res_hidden_states_tuple" in kwargs else args[1]
-        self.res_channels[id(block)] = [r.shape[1] for r in reversed(res)]  # resnet i takes res[-1 - i]
-        return None
+    def _before_block(self, block, args, kwargs) -> None:
+        if _REATTENDING.get() is self:
+            res = kwargs["res_hidden_states_tuple"] if "res_hidden_states_tuple" in kwargs else args[1]
+            self.res_channels[id(block)] = [r.shape[1] for r in reversed(res)]  # resnet i takes res[-1 - i]
 
     def _resnet_hook(self, block, index: int):
         def hook(module, args):
