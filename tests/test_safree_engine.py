@@ -95,6 +95,19 @@ def test_sd_equals_the_official_pipeline(pipes, svf):
     assert ref["last_step"] == (1 if svf else None)
 
 
+def test_sd2_style_v_prediction_equals_the_official_pipeline(pipes):
+    """SD 2.x: the same pipeline class with a v-prediction scheduler (DDIM here)."""
+    import diffusers
+
+    base = pipes("sd")
+    scheduler = diffusers.DDIMScheduler.from_config(base.scheduler.config, prediction_type="v_prediction")
+    pipe = diffusers.StableDiffusionPipeline(**{**base.components, "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
+    ref = official.sd(pipe, PROMPT, latents=_sd_latents(), steps=2, up_t=0, lra=True)
+    out, seen = _guided(pipe, [SafreeGuidance(upper_step=0)], latents=_sd_latents(), num_inference_steps=2, **SD_CALL)
+    _assert_parity(out, seen, ref)
+
+
 def test_sdxl_equals_the_official_pipeline(pipes):
     pipe = pipes("sdxl")
     ref = official.sdxl(pipe, PROMPT, latents=_latents(), steps=2)
@@ -212,3 +225,13 @@ def test_an_error_mid_call_removes_the_re_attention_hooks_and_restores_the_pipel
     with guide(pipe, SafreeGuidance(concepts_as_negative_prompt=False)):
         out = pipe(PROMPT, negative_prompt="blurry", num_inference_steps=2, output_type="latent", **SD_CALL).images
     assert torch.isfinite(out).all()
+
+
+def test_an_empty_prompt_has_no_token_to_filter(pipes):
+    pipe = pipes("sd")
+    out, seen = _guided(pipe, [SafreeGuidance(re_attention=True)], prompt=["", PROMPT], latents=_sd_latents(batch=2),
+                        num_inference_steps=1, **SD_CALL)  # fmt: skip
+    with torch.no_grad():
+        empty = official._sd_encode(pipe, "", ", ".join(official.NUDITY))[0][1]
+    assert torch.isfinite(out).all() and torch.equal(seen[0][2], empty)  # rows: 2 negative, then "" and PROMPT
+    assert seen[0].shape[0] == 6  # the other prompt is filtered, so the original rows of both prompts ride along

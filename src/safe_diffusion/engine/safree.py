@@ -63,13 +63,20 @@ def _tokens(tokenizer, texts, **kwargs):
     return tokenizer(texts, return_tensors="pt", **kwargs)
 
 
-def _masked_ids(tokenizer, text: str, max_length: int) -> torch.Tensor:
+def _masked_ids(tokenizer, text: str, max_length: int) -> torch.Tensor | None:
     """The prompt's ids once per real token, that token replaced by id 0 (official _masked_encode_prompt,
     models/modified_stable_diffusion_pipeline.py:211-229): row i masks position i + 1; the first and the last
     position (CLIP's start and end tokens) are never masked, as there."""
     ids = _tokens(tokenizer, [text], padding="longest").input_ids
     ids = ids[:, :max_length]
-    n = max(ids.shape[1] - 2, 0)
+    return _mask_each(ids)
+
+
+def _mask_each(ids: torch.Tensor) -> torch.Tensor | None:
+    """(n, length) copies of the (1, length) ids, copy i with position i + 1 set to 0; None when n = length − 2 ≤ 0."""
+    n = ids.shape[1] - 2
+    if n <= 0:
+        return None
     masked = ids.repeat(n, 1)
     index = torch.arange(n)
     masked[index, index + 1] = 0
@@ -79,18 +86,18 @@ def _masked_ids(tokenizer, text: str, max_length: int) -> torch.Tensor:
 class _Text:
     """Where SAFREE's vectors come from in one family, and which feature columns of the prompt's rows it filters."""
 
-    family = "sd"
+    family = ""
+    columns = slice(None)
 
     def __init__(self, pipe):
         self.pipe = pipe
         self.device = pipe._execution_device
 
-    columns = slice(None)
-
     def concept_vectors(self, concepts: list[str], call: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def masked_vectors(self, text: str, call: dict) -> torch.Tensor:
+    def masked_vectors(self, text: str, call: dict) -> torch.Tensor | None:
+        """(n, d): the prompt encoded once per real token with that token masked; None if it has none."""
         raise NotImplementedError
 
     def active(self, text: str, length: int, call: dict) -> torch.Tensor:
@@ -119,7 +126,8 @@ class _SDText(_Text):
         return self._pooled(enc.input_ids, enc.attention_mask)
 
     def masked_vectors(self, text, call):
-        return self._pooled(_masked_ids(self.pipe.tokenizer, text, self.pipe.tokenizer.model_max_length))
+        masked = _masked_ids(self.pipe.tokenizer, text, self.pipe.tokenizer.model_max_length)
+        return None if masked is None else self._pooled(masked)
 
 
 class _SDXLText(_Text):
@@ -141,7 +149,8 @@ class _SDXLText(_Text):
         return self._pooled(_tokens(tok, concepts, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids)
 
     def masked_vectors(self, text, call):
-        return self._pooled(_masked_ids(self.pipe.tokenizer_2, text, self.pipe.tokenizer_2.model_max_length))
+        masked = _masked_ids(self.pipe.tokenizer_2, text, self.pipe.tokenizer_2.model_max_length)
+        return None if masked is None else self._pooled(masked)
 
     def active(self, text, length, call):
         return self._clip_active(self.pipe.tokenizer_2, text, length)
@@ -167,11 +176,8 @@ class _SD3Text(_Text):
 
     def masked_vectors(self, text, call):
         tok = self.pipe.tokenizer_3
-        ids = _tokens(tok, [text], padding="longest", max_length=self._length(call), truncation=True).input_ids
-        n = max(ids.shape[1] - 2, 0)
-        masked = ids.repeat(n, 1)
-        masked[torch.arange(n), torch.arange(n) + 1] = 0
-        return self._first_token(masked)
+        masked = _mask_each(_tokens(tok, [text], padding="longest", max_length=self._length(call), truncation=True).input_ids)
+        return None if masked is None else self._first_token(masked)
 
     def active(self, text, length, call):
         clip = self._clip_active(self.pipe.tokenizer, text, self.pipe.tokenizer.model_max_length)
@@ -225,12 +231,9 @@ def _prompts(call: dict, family: type[_Text]) -> list[str]:
     """The texts the prompt rows were encoded from (SDXL's second encoder reads prompt_2, SD 3's T5 prompt_3)."""
     key = {"sdxl": "prompt_2", "sd3": "prompt_3"}.get(family.family)
     prompt = (call.get(key) if key else None) or call.get("prompt")
-    if prompt is None:
+    if prompt is None or call.get("prompt_embeds") is not None:
         raise GuidanceError("SAFREE filters the prompt's tokens: pass the prompt as text, not prompt_embeds")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if call.get("prompt_embeds") is not None:
-        raise GuidanceError("SAFREE filters the prompt's tokens: pass the prompt as text, not prompt_embeds")
-    return prompts
+    return [prompt] if isinstance(prompt, str) else list(prompt)
 
 
 def _negative_given(call: dict) -> bool:
@@ -260,7 +263,7 @@ def _with_rows(kwargs: dict, path, rows: slice, value: torch.Tensor) -> dict:
 class _Prompt:
     """SAFREE's plan for one prompt of the call: its projection, trigger tokens and filtered steps."""
 
-    def __init__(self, matrix: torch.Tensor, triggers: torch.Tensor, text: str):
+    def __init__(self, matrix: torch.Tensor | None, triggers: torch.Tensor, text: str):
         self.matrix, self.triggers, self.text = matrix, triggers, text
         self.keep: torch.Tensor | None = None
         self.last_step: int | None = None
@@ -289,11 +292,14 @@ class _SafreeCall:
             self.prompts = []
             for text in texts:
                 masked = self.text.masked_vectors(text, call)
+                if masked is None:  # no token to test (an empty prompt): nothing to filter
+                    self.prompts.append(_Prompt(None, torch.zeros(0, dtype=torch.bool), text))
+                    continue
                 if masked.shape[-1] != p_c.shape[-1]:
                     raise GuidanceError(
                         f"SAFREE's concept vectors have {p_c.shape[-1]} features but the prompt's {masked.shape[-1]}"
                     )
-                triggers = trigger_tokens(masked, p_c, term.alpha) if masked.shape[0] else masked.new_zeros(0, dtype=torch.bool)
+                triggers = trigger_tokens(masked, p_c, term.alpha)
                 self.prompts.append(_Prompt(filter_matrix(p_c, projection_matrix(masked)), triggers, text))
             self.negative = None
             if term.concepts_as_negative_prompt:
@@ -321,7 +327,7 @@ class _SafreeCall:
         for i, prompt in enumerate(self.prompts):
             if prompt.keep is None or prompt.keep.numel() != length:
                 prompt.keep = keep_mask(prompt.triggers, length).to(embeds.device)
-            if self.self_validation and prompt.last_step is None:
+            if self.self_validation and prompt.last_step is None and prompt.matrix is not None:
                 tokens = embeds[i * per][..., self.text.columns]
                 projected = project_tokens(tokens, prompt.matrix)
                 active = self.text.active(prompt.text, length, self.call).to(embeds.device)
@@ -333,6 +339,8 @@ class _SafreeCall:
         return rows
 
     def filtered_at(self, prompt: _Prompt, step: int) -> bool:
+        if prompt.matrix is None:
+            return False
         if self.self_validation:
             return step <= prompt.last_step
         window = self.term.filter_steps
