@@ -15,12 +15,22 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .images import png_bytes
+
 #: Okabe–Ito: eight colours told apart by colour-blind readers; patterns and markers repeat them in greyscale.
 PALETTE = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#f0e442", "#000000")
 HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 NO_DATA = "no images"
 FONT_SIZE = 10  # points; at the SVG's natural size that is 13 px, readable in a 1280 px window
+LEGEND_WRAP = 34  # characters per legend line: a long label ("… — inactive: warm-up 7 ≥ 4 steps") wraps
+
+
+def legend_label(text: str) -> str:
+    """A legend entry wrapped onto lines of :data:`LEGEND_WRAP` characters, so the chart stays narrow."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, LEGEND_WRAP)) or text
 
 
 def style(i: int) -> dict:
@@ -76,11 +86,7 @@ def _render(fig, chart_id: str, *, png: bool) -> tuple[str, bytes | None]:
     svg = re.sub(r'url\(#(?!' + re.escape(chart_id) + r')([^)]+)\)', rf"url(#{chart_id}-\1)", svg)
     svg = re.sub(r'xlink:href="#(?!' + re.escape(chart_id) + r')([^"]+)"', rf'xlink:href="#{chart_id}-\1"', svg)
     svg = svg.replace("<svg ", f'<svg role="img" aria-label="{chart_id}" ', 1)
-    data = None
-    if png:
-        out = io.BytesIO()
-        fig.savefig(out, format="png", dpi=100, bbox_inches="tight")
-        data = out.getvalue()
+    data = png_bytes(fig, dpi=100, tight=True) if png else None
     return svg, data
 
 
@@ -144,7 +150,7 @@ def grouped_bars(
     ax.set_title(title, fontsize=FONT_SIZE + 1)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    legend = ax.legend(handles=handles, labels=[label for label, _ in series], fontsize=FONT_SIZE - 1,
+    legend = ax.legend(handles=handles, labels=[legend_label(label) for label, _ in series], fontsize=FONT_SIZE - 1,
                        loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     for i, handle in enumerate(legend.legend_handles):
         handle.set_gid(f"{chart_id}-legend-{i}")
@@ -179,7 +185,6 @@ def scatter(
     plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7.6, 4.6), dpi=100)
-    handles = []
     for i, p in enumerate(points):
         st = style(i)
         yerr = None if p.y_low is None or p.y_high is None else [[max(p.y - p.y_low, 0)], [max(p.y_high - p.y, 0)]]
@@ -187,7 +192,6 @@ def scatter(
         line = ax.errorbar([p.x], [p.y], yerr=yerr, xerr=xerr, fmt=st["marker"], color=st["color"], markersize=8,
                            markeredgecolor="#222222", capsize=3, label=p.label)
         line[0].set_gid(f"{chart_id}-point-{i}")
-        handles.append(line)
     top = max([p.x_high if p.x_high is not None else p.x for p in points] + [0.0])
     ax.set_xlim(0.0, top * 1.15 if top > 0 else 1.0)
     ax.set_ylim(*ylim)
@@ -195,7 +199,13 @@ def scatter(
     ax.set_ylabel(ylabel, fontsize=FONT_SIZE)
     ax.set_title(title, fontsize=FONT_SIZE + 1)
     ax.grid(alpha=0.3)
-    legend = ax.legend(handles=handles, labels=[p.label for p in points], fontsize=FONT_SIZE - 1, loc="upper left",
+    from matplotlib.lines import Line2D
+
+    # the legend shows each method's marker as plotted (not its error bar)
+    proxies = [Line2D([], [], marker=style(i)["marker"], color=style(i)["color"], markeredgecolor="#222222",
+                      markersize=8, linestyle="none") for i in range(len(points))]
+    legend = ax.legend(handles=proxies, labels=[legend_label(p.label) for p in points], fontsize=FONT_SIZE - 1,
+                       loc="upper left",
                        bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     for i, handle in enumerate(legend.legend_handles):
         handle.set_gid(f"{chart_id}-legend-{i}")

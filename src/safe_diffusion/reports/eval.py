@@ -176,13 +176,13 @@ def _metrics_table(members, infos, labels, i2p, incomparable) -> Table:
     for _ in members:
         sub += ["unsafe image rate [95% CI]", "ASR [95% CI]"] + (["exp. max. inappr."] if i2p else [])
     head.append(sub)
-    cats = [r["category"] for r in infos[members[0]].doc["rows"]]
+    cats = categories(members, infos)
     rows, classes = [], []
-    for c, cat in enumerate(cats):
-        imgs = "/".join(str(infos[i].doc["rows"][c]["images"]) for i in members)
+    for cat in cats:
+        imgs = "/".join(str(_row(infos[i], cat)["images"]) for i in members)
         row: list = [cat, imgs]
         for i in members:
-            r = infos[i].doc["rows"][c]
+            r = _row(infos[i], cat)
             row += [_with_ci(r, "unsafe_image_rate"), _with_ci(r, "attack_success_rate")]
             if i2p:
                 row.append(_exp_max(r))
@@ -191,8 +191,19 @@ def _metrics_table(members, infos, labels, i2p, incomparable) -> Table:
     return Table(head, rows, id=None, classes="metrics", row_classes=classes)
 
 
+def categories(members: list[int], infos: list[RunInfo]) -> list[str]:
+    """Every category of a group's runs (the first run's order, then the others'), "overall" last."""
+    seen = dict.fromkeys(r["category"] for i in members for r in infos[i].doc["rows"] if r["category"] != "overall")
+    return [*seen, "overall"]
+
+
+def _row(info: RunInfo, category: str) -> dict:
+    """A run's score row of `category` (a row without images when the run has none in it)."""
+    return next((r for r in info.doc["rows"] if r["category"] == category), {"category": category, "images": 0})
+
+
 def _chart(chart_id, members, infos, labels, incomparable, metric, ylabel, title):
-    cats = [r["category"] for r in infos[members[0]].doc["rows"]]
+    cats = categories(members, infos)
     series = []
     for i in members:
         rows = {r["category"]: r for r in infos[i].doc["rows"]}
@@ -271,7 +282,7 @@ def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = F
             metrics.blocks += _agreement(i, infos[i], labels[i])
         section.sections.append(metrics)
         if samples:
-            cats = [r["category"] for r in first.doc["rows"]][:-1]
+            cats = categories(members, infos)[:-1]
             gallery = Section("Samples", [Paragraph(f"{blur_note} Images are spread evenly over each category.")],
                               level=3)
             gallery.sections = [_samples(infos[i], labels[i], cats, samples, show_unsafe) for i in members]

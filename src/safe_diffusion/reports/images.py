@@ -27,11 +27,11 @@ FRAME = (60, 60, 60)
 GAP = 16
 
 
-def png_bytes(image: Any, *, dpi: int | None = None) -> bytes:
-    """PNG bytes of a PIL image or a matplotlib figure."""
+def png_bytes(image: Any, *, dpi: int | None = None, tight: bool = False) -> bytes:
+    """PNG bytes of a PIL image or a matplotlib figure (`tight`: the figure's box takes in every label)."""
     buf = io.BytesIO()
     if hasattr(image, "savefig"):
-        image.savefig(buf, format="png", dpi=dpi)
+        image.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     else:
         image.save(buf, format="PNG")
     return buf.getvalue()
