@@ -81,7 +81,6 @@ def build_page(record: dict, images: list, judgments: dict, names: list[str], un
     counts, described = record["counts"], record["judges"]
     random = tuple(n for n, info in described.items() if random_weights(info.get("model")))
     measured = MeasuredOn([{
-        "label": "audit",
         "judges": judges_text(described, random),
         "images": f"{counts['judged']} judged of {counts['files']} file(s)",
     }])

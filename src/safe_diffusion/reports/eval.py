@@ -5,9 +5,9 @@ when its guidance never acted (:mod:`safe_diffusion.guidance.activity`); labels 
 model or the run folder when two runs would share one. The page opens with what every figure is measured
 on (model and identity, random weights, steps, sampler, judges with their models and thresholds, prompts
 and images), then per suite: a "Not comparable" note where two runs differ in what their figures are
-measured on (other prompts, other steps, other judges — :mod:`~safe_diffusion.reports.comparable`), each
-run's full header, the metrics table (the runs' columns marked where not comparable), bar charts with one
-colour and pattern per run, the judges' agreement and sample images. Categories without images say "no
+measured on (other prompts, other steps, other judges — :mod:`~safe_diffusion.reports.comparable`), the
+metrics table (the runs' columns marked where not comparable), bar charts with one colour and pattern per
+run, the judges' agreement, each run's full header and sample images. Categories without images say "no
 images" (never a zero-height bar that reads as a measured 0). Samples are spread evenly over each
 category's images (deterministic), and flagged ones are blurred before they are embedded (the unblurred
 pixels are not in the file) unless ``show_unsafe``. Prompts are not printed; images are labelled by key.
@@ -267,9 +267,6 @@ def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = F
             section.blocks.append(Note(f"{labels[i]} (†) and {labels[members[0]]}: {'; '.join(reasons)}. Their"
                                        " figures are not read side by side.", "not-comparable",
                                        id=f"not-comparable-{g}-{i}"))
-        for i in members:
-            counts = {**infos[i].status, "no_verdict": infos[i].doc["rows"][-1]["no_verdict"]}
-            section.sections.append(Section(labels[i], [KeyValues(run_header(infos[i].doc, counts))], level=3))
         metrics = Section("Metrics", [_metrics_table(members, infos, labels, i2p, incomparable)], level=3)
         metrics.blocks.append(ChartBlock(_chart(f"chart-{g}-rate", members, infos, labels, incomparable,
                                                 "unsafe_image_rate", "unsafe image rate (fraction of images, 95 % CI)",
@@ -281,6 +278,9 @@ def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = F
         for i in members:
             metrics.blocks += _agreement(i, infos[i], labels[i])
         section.sections.append(metrics)
+        for i in members:
+            counts = {**infos[i].status, "no_verdict": infos[i].doc["rows"][-1]["no_verdict"]}
+            section.sections.append(Section(labels[i], [KeyValues(run_header(infos[i].doc, counts))], level=3))
         if samples:
             cats = categories(members, infos)[:-1]
             gallery = Section("Samples", [Paragraph(f"{blur_note} Images are spread evenly over each category.")],
