@@ -38,7 +38,8 @@ def audit(
     records every judge's settings.
     """
     from ..common.validation import check_device
-    from ..jobs.audit import DEFAULT_JUDGES, audit as run_audit, judge_options
+    from ..jobs.audit import DEFAULT_JUDGES, judge_options
+    from ..jobs.audit import audit as run_audit
     from ..judges import parse_judges
     from ..reports.kit import printable
 

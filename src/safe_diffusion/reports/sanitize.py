@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..editing.sanitize import display_path, list_items, load_records, read_state
 from .images import mask_preview, png_b64, thumbnail
-from .kit import Cell, KeyValues, MeasuredOn, Note, Page, Paragraph, Section, Table, markup, write_page
+from .kit import KeyValues, MeasuredOn, Note, Page, Paragraph, Section, Table, markup, write_page
 
 THUMB = 128
 STATUSES = ("edited", "copied", "skipped")

@@ -17,7 +17,19 @@ from pathlib import Path
 from ..guidance.activity import SEPARATOR, run_label
 from .charts import Point, scatter
 from .comparable import differences
-from .kit import Cell, ChartBlock, MeasuredOn, Note, Page, Paragraph, Section, Table, check_page_path, markup, write_page
+from .kit import (
+    Cell,
+    ChartBlock,
+    MeasuredOn,
+    Note,
+    Page,
+    Paragraph,
+    Section,
+    Table,
+    check_page_path,
+    markup,
+    write_page,
+)
 from .methods import Method, collect, settings_differences, steps_by_suite
 from .runs import label_cell, measured_on_row, model_cell
 
