@@ -178,7 +178,7 @@ MEASURED_ON_FIELDS = (
     ("sampler", "sampler"),
     ("guidance", "guidance scale"),
     ("size", "size"),
-    ("judges", "judges (model, threshold)"),
+    ("judges", "judges, metrics (model, threshold)"),
     ("prompts", "prompts"),
     ("images", "images"),
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from ..guidance.activity import SEPARATOR, run_label
+from ..guidance.activity import run_label
 from .charts import Point, scatter
 from .comparable import differences
 from .kit import (
@@ -172,10 +172,18 @@ def build_page(methods: list[Method], *, chart_file: str | None = None) -> Page:
     if chart is not None:
         chart.file = chart_file
         blocks.append(ChartBlock(chart))
-    measured = MeasuredOn([
-        measured_on_row(r, label=run_label(r.config, f"{m.label.split(SEPARATOR)[0]} · {r.suite_title}"))
-        for m in methods for r in m.runs
-    ])
+    rows = []
+    for m in methods:
+        for r in m.runs:
+            row = measured_on_row(r, label=run_label(r.config, f"{m.name} · {r.suite_title}"))
+            if m.quality is not None and m.quality.run is r:  # what its quality figures are measured with
+                q = m.quality
+                clip = f"CLIP {Path(str(q.clip_model)).name}{' (random weights)' if q.clip_caveat else ''}"
+                features = f"FID features {q.features}{' (not FID)' if q.features_caveat else ''}"
+                judged = "" if row["judges"] == "none" else f"{row['judges']}; "
+                row["judges"] = judged + "; ".join(p for p, ok in ((clip, q.clip_model), (features, q.features)) if ok)
+            rows.append(row)
+    measured = MeasuredOn(rows)
     footer = [Paragraph("Runs: " + "; ".join(f"{m.label}: {', '.join(r.path for r in m.runs)}" for m in methods))]
     return Page("Safety–quality trade-off", measured, sections=[Section("Methods", blocks + notes)], footer=footer)
 
