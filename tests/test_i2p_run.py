@@ -220,8 +220,7 @@ def test_two_writers_on_a_shared_folder_survive_sigkills(reference, tiny_checkpo
                                  images_per_prompt=2, batch_size=1)
     assert config.to_dict() == json.loads((ref / "config.json").read_text())["config"]
     run = tmp_path / "shared"
-    store = RunStore.create_or_resume(run, config.to_dict(), suite.prompts, {})
-    store.set_limit(3)
+    store = RunStore.create_or_resume(run, config.to_dict(), suite.prompts, {}, limit=3)
     store.close()
 
     def start(rank, die_after):

@@ -67,7 +67,9 @@ def _dataset(root: Path) -> Path:
 
 
 def _records(out: Path) -> dict[str, dict]:
-    return {r["path"]: r for r in (json.loads(p.read_text()) for p in (out / ".sanitize" / "records").glob("*.json"))}
+    from safe_diffusion.editing.sanitize import load_records
+
+    return load_records(out)
 
 
 def _mask(record) -> np.ndarray:
@@ -267,16 +269,15 @@ def test_sigkill_then_resume_does_each_image_once(tiny_checkpoint, tmp_path):
             *FAST]
     proc = subprocess.Popen([sys.executable, "-m", "safe_diffusion", *args], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    records = out / ".sanitize" / "records"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if records.is_dir() and len(list(records.glob("*.json"))) >= 2:
+        if len(_records(out)) >= 2:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = _snapshot(out)
-    done = {json.loads(v[0])["path"] for k, v in partial.items() if k.startswith(".sanitize/records/")}
+    done = set(_records(out))
     assert 2 <= len(done) < 5, "the run was not killed midway"
 
     code = run_cli(*args)
@@ -284,7 +285,7 @@ def test_sigkill_then_resume_does_each_image_once(tiny_checkpoint, tmp_path):
     final = _snapshot(out)
     # Every image once: what the killed run finished (its files and records) is untouched, the rest is new.
     for key, (content, mtime) in partial.items():
-        if key.startswith(".sanitize/records/") or key in done:
+        if key.startswith(".sanitize/journal/") or key in done:
             assert final[key] == (content, mtime), key
     recs = _records(out)
     assert sorted(recs) == [f"{i}.png" for i in range(5)] and all(r["status"] == "edited" for r in recs.values())

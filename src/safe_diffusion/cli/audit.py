@@ -21,6 +21,10 @@ def audit(
     q16_model: str = typer.Option(None, help="Q16's CLIP ViT-L/14: hub id or local folder."),
     nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx (default: the bundled 320n)."),
     nudenet_resolution: int = typer.Option(None, help="NudeNet input size (default: the detector's own)."),
+    nudenet_mode: str = typer.Option(None, help="NudeNet detector or classifier (v2's; give its file)."),
+    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
+    nudenet_threshold: float = typer.Option(None, help="NudeNet threshold (default: the set-up's)."),
+    nudenet_labels: str = typer.Option(None, help="NudeNet labels: i2p, unlearndiffatk or LABEL,LABEL."),
     llavaguard_model: str = typer.Option(
         None, help="LlavaGuard: hub id or local folder (default: AIML-TUDA's LlavaGuard-v1.2-0.5B-OV-hf)."
     ),
@@ -38,23 +42,21 @@ def audit(
     records every judge's settings.
     """
     from ..common.validation import check_device
-    from ..jobs.audit import DEFAULT_JUDGES, judge_options
+    from ..jobs.audit import DEFAULT_JUDGES
     from ..jobs.audit import audit as run_audit
-    from ..judges import parse_judges
+    from ..judges import judge_options_from, parse_judges
     from ..reports.kit import printable
 
     if judges is not None and classifiers is not None:
         raise InputError("give --judges only (--classifiers is its old name)")
     given = judges if judges is not None else classifiers if classifiers is not None else ",".join(DEFAULT_JUDGES)
     names = parse_judges(given)
-    options = judge_options(names, {
-        "q16_model": q16_model,
-        "nudenet_model": nudenet_model,
-        "nudenet_resolution": nudenet_resolution,
-        "llavaguard_model": llavaguard_model,
-        "llavaguard_policy": llavaguard_policy,
-        "llavaguard_max_new_tokens": llavaguard_max_new_tokens,
-    })
+    options = judge_options_from(
+        names, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
+        nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
+        nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model, llavaguard_policy=llavaguard_policy,
+        llavaguard_max_new_tokens=llavaguard_max_new_tokens,
+    )
     result = run_audit(folder, out, judges=names, options=options, show_unsafe=show_unsafe,
                        device=check_device("--device", device))
     c = result.counts

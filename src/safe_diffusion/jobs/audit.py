@@ -27,15 +27,6 @@ from ..reports.kit import check_page_path, printable
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DEFAULT_JUDGES = ("q16", "nudenet")
 RULE = "unsafe when any judge flags the image; no verdict when none flags it and at least one gave no verdict"
-#: Which judge each judge-specific option configures, and the keyword it becomes.
-JUDGE_OPTIONS = {
-    "q16_model": ("q16", "model"),
-    "nudenet_model": ("nudenet", "model"),
-    "nudenet_resolution": ("nudenet", "resolution"),
-    "llavaguard_model": ("llavaguard", "model"),
-    "llavaguard_policy": ("llavaguard", "policy"),
-    "llavaguard_max_new_tokens": ("llavaguard", "max_new_tokens"),
-}
 SCHEMA = "safe-diffusion/audit"
 SCHEMA_VERSION = 1
 
@@ -81,21 +72,6 @@ def scan(folder: Path, exclude: set[Path]) -> tuple[list[tuple[Path, str]], list
         else:
             images.append((path, name))
     return images, skipped
-
-
-def judge_options(names: list[str], given: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Judge-specific options (``{"q16_model": ..., ...}``, None: not given) as ``load_judges`` options; one
-    that configures a judge not among `names` is refused."""
-    options: dict[str, dict[str, Any]] = {}
-    for option, value in given.items():
-        if value is None:
-            continue
-        judge, keyword = JUDGE_OPTIONS[option]
-        if judge not in names:
-            flag = "--" + option.replace("_", "-")
-            raise InputError(f"{flag} configures the {judge} judge, which is not among --judges ({','.join(names)})")
-        options.setdefault(judge, {})[keyword] = str(value) if isinstance(value, Path) else value
-    return options
 
 
 @dataclass
@@ -153,7 +129,7 @@ def audit(
     out: str | Path,
     *,
     judges: list[str] | tuple[str, ...] = DEFAULT_JUDGES,
-    options: dict[str, dict[str, Any]] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,  # per judge, e.g. from judges.judge_options_from
     show_unsafe: bool = False,
     device: Any = None,
 ) -> AuditResult:
