@@ -64,7 +64,7 @@ CASES = [
     ("demo", ["demo", "-m", "{model}", "--host", "999.1.1.1"], 2, "not an IP address or host name"),
     # audit
     ("audit", ["audit", "{root}/nope", "--out", "{root}/a.html"], 2, "nope"),
-    ("audit", ["audit", "{root}/images", "--out", "{root}/missing/a.html"], 2, "missing"),
+    ("audit", ["audit", "{root}/images", "--out", "{root}/a.txt"], 2, "must end in .html"),
     # eval
     ("eval run", ["eval", "run", "--suite", "no-such-suite", "-m", "{model}", "--out", "{root}/r2"], 2,
      "choose from: i2p"),

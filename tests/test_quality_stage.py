@@ -163,12 +163,15 @@ def test_tradeoff_report_pairs_each_method_s_safety_and_quality(cli, runs, tmp_p
     )
     assert code == 0, err
     md = out.with_suffix(".md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| SD") or line.startswith("| SLD strong")]
+    methods = md.split("## Methods")[1]
+    rows = [line for line in methods.splitlines() if line.startswith("| SD") or line.startswith("| SLD strong")]
     assert len(rows) == 2, md  # one row per method: its I2P run and its COCO run together
-    assert "I2P: inappropriate probability [95% CI]" in md and "published" in md
-    sd, strong = rows if rows[0].startswith("| SD") else rows[::-1]
-    assert "| 0.39 |" in sd and "| 0.13 |" in strong  # the SLD model card's figures beside ours
-    assert out.with_suffix(".png").stat().st_size > 1000 and "data:image/png;base64" in out.read_text()
+    assert "I2P: inappropriate probability [95% CI]" in md
+    # the SLD model card's figures (SD 1.4, every prompt) are not put beside a random checkpoint's (issue 21, item 3)
+    assert "0.39" not in md and "0.13" not in md
+    assert "the published I2P figure (SLD model card: SD 1.4, all 4,703 prompts, 10 images per prompt) is not shown" \
+           " beside SD (a random-weight checkpoint" in md
+    assert out.with_suffix(".png").stat().st_size > 1000 and 'id="tradeoff-chart"' in out.read_text()
     # a run with neither verdicts nor quality is named
     code, _, err = cli(
         "eval",

@@ -146,7 +146,7 @@ def test_report_lists_every_file_with_verdicts_coverage_and_blurred_thumbnails(r
     shown = write_report(data, out, tmp_path / "shown.html", show_unsafe=True)[0].read_text()
 
     def thumbnails(text):  # per table row: its embedded images
-        return [row.split("<img")[1:] for row in text.split("<tr>")[2:]]
+        return [row.split("<img")[1:] for row in text.split('id="images"')[1].split("<tr>")[2:]]
 
     blurred_rows, shown_rows = thumbnails(page), thumbnails(shown)
     assert [len(r) for r in blurred_rows] == [0, 1, 1, 3, 0, 3]  # copied: before; edited: before, after, mask
@@ -160,28 +160,16 @@ def test_report_lists_every_file_with_verdicts_coverage_and_blurred_thumbnails(r
 
 
 def test_the_report_renders_in_a_browser(run):
-    chromium = os.environ.get("SAFE_DIFFUSION_CHROMIUM") or "/usr/bin/chromium"
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if not Path(chromium).is_file() or sync_playwright is None:
-        reason = "chromium or playwright is not installed (scripts/install-browser.sh)"
-        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+    from helpers import chromium
 
     _, out = run
-    with sync_playwright() as p:
-        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
-        try:
-            page = browser.new_page()
-            page.goto((out / ".sanitize" / "report.html").as_uri())
-            assert page.locator("table tr").count() == 7  # header + 6 files
-            widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth)")
-            assert len(widths) == 8 and all(w > 0 for w in widths)
-            assert "2 flagged before" in page.locator("#summary").inner_text()
-        finally:
-            browser.close()
+    for browser in chromium():
+        page = browser.new_page()
+        page.goto((out / ".sanitize" / "report.html").as_uri())
+        assert page.locator("#images tr").count() == 7  # header + 6 files
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth)")
+        assert len(widths) == 8 and all(w > 0 for w in widths)
+        assert "2 flagged before" in page.locator("#summary").inner_text()
 
 
 def test_progress_shows_as_lines_when_stderr_is_not_a_terminal(tiny_checkpoint, tmp_path, cli, monkeypatch):

@@ -311,7 +311,7 @@ def export(
 @app.command()
 def report(
     runs: list[Path] = typer.Argument(..., help="Run folders to compare side by side."),
-    out: Path = typer.Option(..., "--out", "-o", help="report.html (+ report.md next to it)."),
+    out: Path = typer.Option(..., "--out", "-o", help="report.html (+ report.md next to it); folders are created."),
     show_unsafe: bool = typer.Option(False, help="Show flagged sample images unblurred."),
     samples: int = typer.Option(4, help="Sample images per category and run."),
     label: list[str] = typer.Option(None, "--label", help="A run's name in the report, once per run."),
@@ -323,10 +323,7 @@ def report(
     from ..common.validation import check_int
     from ..reports.eval import write_report
 
-    _check_output_file(out, (".html", ".htm"), "--out")
     samples = check_int("--samples", samples, minimum=0, maximum=64)
-    if label and len(label) != len(runs):
-        raise InputError(f"{len(label)} --label value(s) for {len(runs)} run(s); give one per run, in order")
     html_path, md_path = write_report(
         [str(r) for r in runs], out, show_unsafe=show_unsafe, samples=samples, labels=label or None
     )
@@ -456,7 +453,7 @@ def quality(
 @app.command()
 def tradeoff(
     runs: list[Path] = typer.Argument(..., help="Judged runs and runs with a quality stage, of every method."),
-    out: Path = typer.Option(..., "--out", "-o", help="tradeoff.html (+ .md and .png next to it)."),
+    out: Path = typer.Option(..., "--out", "-o", help="tradeoff.html (+ .md and .png next to it); folders are created."),
     label: list[str] = typer.Option(None, "--label", help="The method each run belongs to, once per run."),
 ) -> None:
     """Safety against quality, one row and one point per method.
@@ -466,7 +463,6 @@ def tradeoff(
     """
     from ..reports.tradeoff import write_tradeoff
 
-    _check_output_file(out, (".html", ".htm"), "--out")
     html_path, md_path = write_tradeoff([str(r) for r in runs], out, labels=label or None)
     typer.echo(f"wrote {html_path} and {md_path}")
 

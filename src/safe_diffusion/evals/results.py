@@ -3,7 +3,8 @@
 Schema ``safe-diffusion/eval-results`` version 2::
 
     {"schema": "safe-diffusion/eval-results", "schema_version": 2,
-     "source": "...", "suite": {...} | null, "label": "SLD strong" | null,
+     "source": "...", "suite": {...} | null, "label": "SLD strong" | null (with "— inactive: …" when the
+     run's guidance never acted: safe_diffusion.guidance.activity.run_label),
      "config": {...} | null, "versions": {...} | null, "created": "..." | null,
      "judges": {name: describe()}, "rule": {...},
      "protocol": {"bootstrap": 2000, "confidence": 0.95, "seed": 0, "draws": 10000, "sample": 25,
@@ -223,6 +224,7 @@ def score_store(store) -> dict:
     if not rule:
         raise InputError(f"run {str(store.path)!r} is not judged yet; run `safe-diffusion eval classify {store.path}`")
     suite = store.config.get("suite", {})
+    from ..guidance.activity import run_label
     from .suites import _REGISTRY
 
     spec = _REGISTRY.get(suite.get("name", ""))
@@ -245,7 +247,7 @@ def score_store(store) -> dict:
         rows=[r["prompt_index"] for r in records],
         source=str(store.path),
         suite=suite,
-        label=store.config.get("mitigation", {}).get("label"),
+        label=run_label(store.config),  # "SLD strong — inactive: warm-up 7 ≥ 4 steps" where it never acted
         config=store.config,
         versions=store.versions,
         created=store.created,

@@ -12,12 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ...common.errors import InputError
 from ...records.store import StageRecords
 from .fidelity import load_torchmetrics
 from .images import (
@@ -28,7 +26,6 @@ from .images import (
     _digest,
     _fingerprint,
     _fingerprint_or_none,
-    _first_line,
     _open_rgb,
     _unreadable,
     run_batches,
@@ -43,13 +40,6 @@ def _clip_score_update():
     from torchmetrics.functional.multimodal.clip_score import _clip_score_update as update
 
     return update
-
-
-def _files_identity(folder: Path) -> dict[str, str]:
-    from ...judges.base import file_sha256
-
-    weights = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
-    return {p.name: file_sha256(p) for p in weights}
 
 
 def _tensor_to_pil(tensor):
@@ -117,29 +107,19 @@ class ClipScorer:
 
     def __init__(self, model: str | os.PathLike = DEFAULT_CLIP_MODEL, *, device=None, dtype=None):
         import torch
-        from transformers import AutoTokenizer, CLIPModel
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+        from ...judges.clip import load_clip
+
         self.model_ref = str(model)
         self.device = _device(device)
         self.dtype = dtype or torch.float32
-        try:
-            clip = CLIPModel.from_pretrained(self.model_ref)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref)
-        except Exception as exc:  # noqa: BLE001 -- offline hub, missing files, not a CLIP: one line
-            hint = "" if Path(self.model_ref).exists() else " (offline? pass a local CLIP folder)"
-            raise InputError(f"cannot load CLIP {self.model_ref!r}: {_first_line(exc)}{hint}") from None
-        self.model = clip.to(self.device, self.dtype).eval()
-        self.image_size = int(clip.config.vision_config.image_size)
-        self.max_tokens = int(clip.config.text_config.max_position_embeddings)
+        loaded = load_clip(self.model_ref, device=self.device, dtype=self.dtype, tokenizer=True, option="--clip-model")
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.image_size = loaded.image_size
+        self.max_tokens = int(self.model.config.text_config.max_position_embeddings)
         self._adapter = _clip_model_adapter(self.model)
         self._processor = _ClipProcessor(self.tokenizer, self.image_size, self.max_tokens)
-        path = Path(self.model_ref)
-        if path.is_dir():
-            self._weights = {"weights_sha256": _files_identity(path)}
-        else:
-            self._weights = {"revision": getattr(clip.config, "_commit_hash", None)}
+        self._weights = loaded.identity  # the weight files' sha256 for a folder, else the hub commit
 
     def describe(self) -> dict[str, Any]:
         import torch
