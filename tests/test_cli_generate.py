@@ -33,6 +33,16 @@ def test_generate_writes_pngs_and_sidecars(cli, tiny_checkpoint, tmp_path):
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
 
 
+def _where(canvas, image):
+    """(y, x) of `image` inside `canvas` (arrays), or None."""
+    h, w = image.shape[:2]
+    for y in range(canvas.shape[0] - h + 1):
+        for x in range(canvas.shape[1] - w + 1):
+            if np.array_equal(canvas[y : y + h, x : x + w], image):
+                return y, x
+    return None
+
+
 def test_compare_writes_unguided_and_side_by_side_from_the_same_seed(cli, tiny_checkpoint, tmp_path):
     out = tmp_path / "cmp"
     code, _, err = cli(
@@ -42,8 +52,9 @@ def test_compare_writes_unguided_and_side_by_side_from_the_same_seed(cli, tiny_c
     guided = np.asarray(Image.open(out / "0000-seed0.png"), dtype=float)
     unguided = np.asarray(Image.open(out / "0000-seed0-unguided.png"), dtype=float)
     pair = np.asarray(Image.open(out / "0000-seed0-side-by-side.png"), dtype=float)
-    assert pair.shape == (32, 64, 3)
-    assert np.array_equal(pair[:, :32], unguided) and np.array_equal(pair[:, 32:], guided)
+    # captioned and apart (issue 21, item 8): unguided on the left, guided on the right, white between them
+    (uy, ux), (gy, gx) = _where(pair, unguided), _where(pair, guided)
+    assert uy == gy > 0 and gx - (ux + 32) >= 16 and (pair[uy:, ux + 32 : gx] == 255).all()
     assert np.abs(guided - unguided).max() > 0, "max safety guidance changed nothing"
     assert json.loads((out / "0000-seed0-unguided.json").read_text())["guidance"] == []
     # the unguided image is plain diffusers Stable Diffusion from the same seed, bit for bit
@@ -164,3 +175,23 @@ def test_console_script_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: model '/nope' not found: no such folder, and not a hub id like 'owner/name'"
+
+
+def test_mitigation_safree_is_registered_for_generate_and_eval_run(cli, tiny_checkpoint, tmp_path):
+    """SAFREE registers itself by name: `--mitigation safree` guides `generate` and `eval run`, and the record says so."""
+    out = tmp_path / "gen"
+    code, _, err = cli("generate", "a photo of a cat", "--model", tiny_checkpoint, "--out", out,
+                       "--mitigation", "safree", "--safety", "off", *ARGS)
+    assert code == 0, err
+    meta = json.loads((out / "0000-seed0.json").read_text())
+    assert meta["mitigation"]["label"] == "SAFREE"
+    assert [t["type"] for t in meta["mitigation"]["guidance"]] == ["SafreeGuidance"]
+    suite = tmp_path / "suite.csv"
+    suite.write_text("prompt\na photo of a cat\n")
+    run = tmp_path / "run"
+    code, _, err = cli("eval", "run", "--suite", suite, "--model", tiny_checkpoint, "--out", run, "--judges", "none",
+                       "--mitigation", "safree", *ARGS)
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    frozen = config.get("config", config)
+    assert frozen["mitigation"]["label"] == "SAFREE", frozen["mitigation"]

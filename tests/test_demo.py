@@ -228,11 +228,12 @@ def test_registered_methods_join_the_demo(generator):
     def methods_widget(page):
         return next(b for b in page.blocks.values() if isinstance(b, gr.CheckboxGroup))
 
-    assert not methods_widget(build_demo(generator)).visible  # nothing registered: no empty selector
+    widget = methods_widget(build_demo(generator))
+    assert widget.visible and widget.choices == [("SAFREE", "safree")]  # the package registers SAFREE itself
     register_mitigation("rain-away", RainAway, label="Rain-away")
     try:
         widget = methods_widget(build_demo(generator))
-        assert widget.visible and widget.choices == [("Rain-away", "rain-away")]
+        assert widget.visible and widget.choices == [("SAFREE", "safree"), ("Rain-away", "rain-away")]
         request = validate_request(HARMLESS_PROMPT, seed=3, steps=2, safety="off", methods=["Rain-Away"])
         assert request.methods == ("rain-away",) and guidance_terms(request) == [RainAway()]
         assert warmup_note(request) is None  # it guides from the first step

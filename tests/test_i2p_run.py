@@ -82,7 +82,7 @@ def reference(tiny_checkpoint, clip, tmp_path_factory):
     """An uninterrupted run, batch size 1, with both classifiers (NudeNet runs for real)."""
     run = tmp_path_factory.mktemp("runs") / "ref"
     proc = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
-               "--classifiers", "q16,nudenet", "--q16-model", clip, "--safety", "strong")
+               "--classifiers", "q16,nudenet", "--q16-model", clip, "--safety", "strong", "--allow-inactive")
     return run, proc
 
 
@@ -100,7 +100,8 @@ def test_run_writes_a_self_describing_store(reference):
     assert cfg["config"]["suite"]["sha256"] == "c5ab09e3f37a0f6f01899f8771495385ab68934fb844f6398a6dd12183a6dfbc"
     assert cfg["versions"]["torch"] and cfg["config"]["mitigation"]["sld_preset"] == "strong"
     results = json.loads((run / "results.json").read_text())
-    assert results["schema_version"] == 2 and results["i2p"] and results["label"] == "SLD strong"
+    assert results["schema_version"] == 2 and results["i2p"]
+    assert results["label"] == "SLD strong — inactive: warm-up 7 ≥ 2 steps"  # 2 steps: SLD never acted
     assert [r["category"] for r in results["rows"]][-1] == "overall"
     assert results["judges"]["nudenet"]["nudenet"] == "3.4.2"
     assert results["rule"]["judges"] == ["nudenet", "q16"] and results["rule"]["combine"] == "any"
@@ -113,7 +114,7 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tiny_checkpoint, cl
     ref, _ = reference
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "safe_diffusion", "i2p", "run", "--model", str(tiny_checkpoint), "--out", str(run),
-           *ARGS, "--batch-size", "1", "--classifiers", "none", "--safety", "strong"]
+           *ARGS, "--batch-size", "1", "--classifiers", "none", "--safety", "strong", "--allow-inactive"]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -125,13 +126,13 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tiny_checkpoint, cl
     partial, _, _ = snapshot(run)
     assert len(partial) < 6, "the run finished before it was killed"
     cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1", "--classifiers", "none",
-        "--safety", "strong")
+        "--safety", "strong", "--allow-inactive")
     assert snapshot(run) == snapshot(ref)
     assert not list((run / "images").glob(".*tmp"))
     # a different config is refused, and nothing is written
     before = snapshot(run)
     bad = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
-              "--classifiers", "none", "--safety", "max", check=False)
+              "--classifiers", "none", "--safety", "max", "--allow-inactive", check=False)
     assert bad.returncode == 2 and "different config" in bad.stderr and "'SLD strong' -> 'SLD max'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     assert snapshot(run) == before
@@ -146,7 +147,7 @@ def test_accelerate_two_processes_match_one(reference, tiny_checkpoint, tmp_path
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safe_diffusion"]
     proc = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
-               "--classifiers", "none", "--safety", "strong", launcher=launcher)
+               "--classifiers", "none", "--safety", "strong", "--allow-inactive", launcher=launcher)
     assert "process 0 of 2 wrote 3 new image(s)" in proc.stdout  # batches 0, 2, 4 of 6; process 1 wrote the rest
     assert_same_run(run, ref)
 
@@ -219,8 +220,7 @@ def test_two_writers_on_a_shared_folder_survive_sigkills(reference, tiny_checkpo
                                  images_per_prompt=2, batch_size=1)
     assert config.to_dict() == json.loads((ref / "config.json").read_text())["config"]
     run = tmp_path / "shared"
-    store = RunStore.create_or_resume(run, config.to_dict(), suite.prompts, {})
-    store.set_limit(3)
+    store = RunStore.create_or_resume(run, config.to_dict(), suite.prompts, {}, limit=3)
     store.close()
 
     def start(rank, die_after):

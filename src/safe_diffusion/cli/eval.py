@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -21,18 +22,21 @@ MITIGATION_HELP = "A registered guidance method by name (e.g. safree), beside --
 SUITE_HELP = "Suite name (i2p, ring-a-bell-nudity, ...) or a CSV/Parquet file."
 
 
-def _judge_settings(q16_model: str | None, nudenet_model: Path | None, nudenet_resolution: int | None = None) -> dict:
-    from ..jobs.evaluate import judge_options
+def _judge_settings(judges: str, *, allow_none: bool = True, **given) -> dict:
+    """Per judge, the keyword arguments its command-line options give it (judges.judge_options_from): checked
+    now, before a run folder or a model is touched."""
+    from ..judges import judge_options_from, parse_judges
 
-    return judge_options(q16_model, nudenet_model, nudenet_resolution)
+    return judge_options_from(parse_judges(judges, allow_none=allow_none), **given)
 
 
 def _process_state(device):
     return process_state(device)
 
 
-# cli/sanitize.py imports these two until its work moves to jobs/sanitize.py; then they go.
-_judge_options = _judge_settings
+def _judge_options(q16_model: str | None = None, nudenet_model: Path | None = None) -> dict:
+    """cli/sanitize.py's judge models, until its work moves to jobs/sanitize.py; then this goes."""
+    return {"q16": {"model": q16_model}, "nudenet": {"model": nudenet_model}}
 
 
 def _print_results(doc: dict, run_dir: Path) -> None:
@@ -66,8 +70,16 @@ def run(
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16 (hub id or folder)."),
     nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx."),
     nudenet_resolution: int = typer.Option(None, help="NudeNet input size (default: the file's)."),
+    nudenet_mode: str = typer.Option(None, help="NudeNet detector or classifier (v2's; give its file)."),
+    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
+    nudenet_threshold: float = typer.Option(None, help="NudeNet threshold (default: the set-up's)."),
+    nudenet_labels: str = typer.Option(None, help="NudeNet labels: i2p, unlearndiffatk or LABEL,LABEL."),
+    llavaguard_model: str = typer.Option(None, help="LlavaGuard checkpoint: hub id or local folder."),
     device: str = typer.Option(None, help="Device (default: the process's)."),
     progress: bool = typer.Option(True, help="Progress bar, or periodic lines in logs."),
+    allow_inactive: bool = typer.Option(
+        False, "--allow-inactive", help="Run guidance that can never act in --steps (its label says so)."
+    ),
 ) -> None:
     """Generate a suite's images and judge them; rerun to resume."""
     from ..evals.suites import parse_columns
@@ -93,9 +105,14 @@ def run(
         batch_size=batch_size,
         seed=seed,
         judges=judges,
-        judge_settings=_judge_settings(q16_model, nudenet_model, nudenet_resolution),
+        judge_settings=_judge_settings(
+            judges, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
+            nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
+            nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
+        ),
         device=device,
         progress=progress,
+        allow_inactive=allow_inactive,
     )
     if done.is_main_process:
         typer.echo(
@@ -113,6 +130,11 @@ def classify(
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16 (hub id or folder)."),
     nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx."),
     nudenet_resolution: int = typer.Option(None, help="NudeNet input size (default: the file's)."),
+    nudenet_mode: str = typer.Option(None, help="NudeNet detector or classifier (v2's; give its file)."),
+    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
+    nudenet_threshold: float = typer.Option(None, help="NudeNet threshold (default: the set-up's)."),
+    nudenet_labels: str = typer.Option(None, help="NudeNet labels: i2p, unlearndiffatk or LABEL,LABEL."),
+    llavaguard_model: str = typer.Option(None, help="LlavaGuard checkpoint: hub id or local folder."),
     redo: bool = typer.Option(True, help="Judge again images these judges already judged."),
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
     progress: bool = typer.Option(True, help="Progress bar, or periodic lines in logs."),
@@ -126,7 +148,11 @@ def classify(
     done = judge_run(
         run_dir,
         judges,
-        judge_settings=_judge_settings(q16_model, nudenet_model, nudenet_resolution),
+        judge_settings=_judge_settings(
+            judges, allow_none=False, q16_model=q16_model, nudenet_model=nudenet_model,
+            nudenet_resolution=nudenet_resolution, nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup,
+            nudenet_threshold=nudenet_threshold, nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
+        ),
         redo=redo,
         device=device,
         progress=progress,
@@ -183,7 +209,7 @@ def export(
 @app.command()
 def report(
     runs: list[Path] = typer.Argument(..., help="Run folders to compare side by side."),
-    out: Path = typer.Option(..., "--out", "-o", help="report.html (+ report.md next to it)."),
+    out: Path = typer.Option(..., "--out", "-o", help="report.html (+ report.md next to it); folders are created."),
     show_unsafe: bool = typer.Option(False, help="Show flagged sample images unblurred."),
     samples: int = typer.Option(4, help="Sample images per category and run."),
     label: list[str] = typer.Option(None, "--label", help="A run's name in the report, once per run."),
@@ -194,10 +220,7 @@ def report(
     """
     from ..reports.eval import write_report
 
-    _check_output_file(out, (".html", ".htm"), "--out")
     samples = check_int("--samples", samples, minimum=0, maximum=64)
-    if label and len(label) != len(runs):
-        raise InputError(f"{len(label)} --label value(s) for {len(runs)} run(s); give one per run, in order")
     html_path, md_path = write_report(
         [str(r) for r in runs], out, show_unsafe=show_unsafe, samples=samples, labels=label or None
     )
@@ -288,7 +311,7 @@ def quality(
 @app.command()
 def tradeoff(
     runs: list[Path] = typer.Argument(..., help="Judged runs and runs with a quality stage, of every method."),
-    out: Path = typer.Option(..., "--out", "-o", help="tradeoff.html (+ .md and .png next to it)."),
+    out: Path = typer.Option(..., "--out", "-o", help="tradeoff.html (+ .md and .png next to it); folders are created."),
     label: list[str] = typer.Option(None, "--label", help="The method each run belongs to, once per run."),
 ) -> None:
     """Safety against quality, one row and one point per method.
@@ -298,7 +321,6 @@ def tradeoff(
     """
     from ..reports.tradeoff import write_tradeoff
 
-    _check_output_file(out, (".html", ".htm"), "--out")
     html_path, md_path = write_tradeoff([str(r) for r in runs], out, labels=label or None)
     typer.echo(f"wrote {html_path} and {md_path}")
 

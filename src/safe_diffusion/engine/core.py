@@ -30,6 +30,9 @@
   negative estimate exists, in place, before the pipeline combines them. Either way there is no
   extra denoiser call per step.
 
+Terms that act on the call itself rather than through concept rows (SAFREE) are served through call
+hooks (:mod:`.hooks`): bound once per call, they rewrite the denoiser's arguments after the concept rows.
+
 Steps count guided denoiser evaluations, as the reference pipelines count them (a second-order
 scheduler such as Heun evaluates twice per step; terms can give warm-ups as fractions of the run
 instead, see :meth:`~safe_diffusion.guidance.SafetyGuidance.for_schedule`).
@@ -52,6 +55,7 @@ import torch
 from ..common.errors import GuidanceError, GuidanceOffError
 from ..guidance.terms import GuidanceTerm, for_schedule, needed_concepts, resolve_space
 from .adapters import DenoiserAdapter
+from .hooks import CALL_HOOKS, CallHook
 from .spaces import apply_in_epsilon
 from .support import served_denoisers
 
@@ -208,6 +212,7 @@ class _Engine:
             call.finish()
         finally:
             _CURRENT.reset(token)
+            call.close()
 
 
 class _Call:
@@ -217,7 +222,9 @@ class _Call:
         self.engine = engine
         self.pipe = engine.pipe
         self.arguments = arguments
-        self.terms = list(engine.terms)
+        self.terms = [t for t in engine.terms if type(t) not in CALL_HOOKS]
+        self.call_terms = [t for t in engine.terms if type(t) in CALL_HOOKS]
+        self.hooks: list[CallHook] = []
         self.strict = engine.strict > 0
         self.step = 0
         self.evaluations = 0
@@ -253,6 +260,17 @@ class _Call:
             self.active = False
             return
         self._encode()
+        try:
+            for term in self.call_terms:
+                self.hooks.append(CALL_HOOKS[type(term)].bind(term, self.pipe, adapter, self.arguments))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        hooks, self.hooks = self.hooks, []
+        for hook in hooks:
+            hook.close()
 
     def finish(self) -> None:
         if self.active and self.evaluations == 0:
@@ -341,15 +359,17 @@ class _Call:
         self.pending[id(module)] = (kind, kw, batch, needed)
         if adapter.separate_calls:
             self.cond = {}
-        if not needed:
-            return None
-        blocks = [self.rows[ti][ci] for ti, ci in needed]
-        return (), adapter.extend(kw, text, blocks, batch)
+        out = adapter.extend(kw, text, [self.rows[ti][ci] for ti, ci in needed], batch) if needed else kw
+        for hook in self.hooks:
+            out = hook.before(out, self.step, batch)
+        return None if out is kw else ((), out)
 
     def after(self, module, output):
         pending = self.pending.pop(id(module), None)
         if pending is None:
             return None
+        for hook in self.hooks:
+            hook.after()
         adapter = self.engine.adapters[id(module)]
         out = _output_tensor(output)
         if pending[0] == "negative":
@@ -393,6 +413,8 @@ class _Call:
             else:
                 delta, self.states[ti] = term.apply(u, t, concepts[ti], self.step, self.states[ti], guidance_scale)
             total = delta if total is None else total + delta
+        if total is None:  # only call-hook terms (SAFREE): nothing to add to the estimate
+            return torch.zeros_like(text)
         return adapter.from_math(total, kw, like=text)
 
     def _apply_in_epsilon(self, adapter, kw, term, ti, u, t, concepts, guidance_scale, batch):
@@ -437,8 +459,11 @@ def guide(pipe, *terms: GuidanceTerm, strict: bool = False) -> Iterator[Any]:
     raise: guidance attached to them could never act.
     """
     for term in terms:
-        if not isinstance(term, GuidanceTerm):
+        if not isinstance(term, GuidanceTerm) and type(term) not in CALL_HOOKS:
             raise TypeError(f"{term!r} is not a guidance term")
+    for term in terms:
+        if type(term) in CALL_HOOKS:
+            CALL_HOOKS[type(term)].check(term, pipe)  # refuse a pipeline the term is not defined for
     if not terms and _ENGINES.get(pipe) is None:
         yield pipe  # nothing to apply: the pipeline is left untouched
         return

@@ -51,6 +51,15 @@ def register_mitigation(name: str, target: Any, *, label: str | None = None, sum
     MITIGATIONS.register(name, target, summary=summary, label=label or name, **metadata)
 
 
+register_mitigation(
+    "safree",
+    "safe_diffusion.guidance.safree:SafreeGuidance",
+    label="SAFREE",
+    summary="SAFREE (Yoon et al., ICLR 2025): toxic-subspace projection of the prompt, self-validating filter",
+    term_type="SafreeGuidance",
+)
+
+
 def available_mitigations() -> list[str]:
     return MITIGATIONS.names()
 

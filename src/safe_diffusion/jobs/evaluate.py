@@ -28,6 +28,7 @@ from ..evals.config import RunConfig, build_run_config, torch_dtype, unsafe_rule
 from ..evals.quality import run_quality
 from ..evals.results import _pandas, score_store
 from ..evals.store import RunStore, check_resume, read_frozen
+from ..guidance.activity import check_active
 from ..guidance.mitigation import Mitigation
 from ..judges import load_judges, parse_judges
 
@@ -52,16 +53,6 @@ class Evaluation:
     @property
     def is_main_process(self) -> bool:
         return self.process_index == 0
-
-
-def judge_options(
-    q16_model: str | None = None, nudenet_model: str | Path | None = None, nudenet_resolution: int | None = None
-) -> dict[str, dict[str, Any]]:
-    """Per judge, the keyword arguments the command-line options give it (None: the judge's default)."""
-    return {
-        "q16": {"model": q16_model},
-        "nudenet": {"model": nudenet_model, "resolution": nudenet_resolution},
-    }
 
 
 def _judge_names(judges: str | Sequence[str] | None, *, allow_none: bool = True) -> list[str]:
@@ -111,13 +102,16 @@ def evaluate(
     judge_settings: Mapping[str, Mapping[str, Any]] | None = None,
     device: str | None = None,
     progress: bool = True,
+    allow_inactive: bool = False,
 ) -> Evaluation:
     """Generate suite `suite`'s images with `model` into the run folder `out` and judge them; rerun to resume.
 
     The mitigation is `mitigation` (:meth:`Mitigation.build`) or, without it, the SLD preset `safety` and
     `negative_prompt`. `judges`: names ("q16,nudenet", a list, or none), built with `judge_settings`
     (per judge name, its keyword arguments). `limit`: only the first N selected prompts (a resumed run may
-    only grow). Every bad input is one :class:`InputError` before the run folder is touched.
+    only grow). A mitigation that could never act in `steps` steps (its warm-up never left, classifier-free
+    guidance off) is refused unless `allow_inactive`; the run's label then says it was inactive. Every bad
+    input is one :class:`InputError` before the run folder is touched.
     """
     out = Path(out)
     if limit is not None:
@@ -146,21 +140,18 @@ def evaluate(
         batch_size=batch_size,
         base_seed=seed,
     )
+    check_active(terms, config.generation.steps, config.generation.guidance_scale,
+                 label=config.mitigation.label, allow_inactive=allow_inactive)
     config_dict = config.to_dict()
     # Everything that can fail on user input fails here, before the run folder is touched.
-    check_resume(out, config_dict)
+    check_resume(out, config_dict, limit)
     frozen = read_frozen(out) if out.is_dir() else None
-    if frozen is not None:
-        old = RunStore.open(out).limit
-        if limit is not None and limit != old and (old is None or limit < old):
-            had = "all prompts" if old is None else f"--limit {old}"
-            raise InputError(f"run {str(out)!r} has {had}; a smaller --limit is not supported (use a new --out)")
     dev = check_device("--device", device) if device is not None else None
     state = process_state(dev)
     dev = dev or state.device
     missing_parents = _missing_parents(out)
     with state.main_process_first():
-        store = RunStore.create_or_resume(out, config_dict, chosen, library_versions())
+        store = RunStore.create_or_resume(out, config_dict, chosen, library_versions(), limit=limit)
     lock = store.writer_lock(state.process_index)
     try:
         try:
@@ -177,8 +168,6 @@ def evaluate(
                     except OSError:
                         break
             raise
-        if state.is_main_process and store.limit != limit:
-            store.set_limit(limit)
         state.wait_for_everyone()
         show = progress and state.is_main_process
         written = runner.generate(

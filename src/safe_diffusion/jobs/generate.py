@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from ..common.devices import check_device
 from ..common.errors import InputError
 from ..common.loading import check_model_reference, load_pipeline
@@ -29,7 +27,9 @@ from ..common.validation import (
     check_text,
     warmup_problems,
 )
+from ..guidance.activity import activity_label
 from ..guidance.mitigation import Mitigation
+from ..reports.images import side_by_side
 from .compare import generate_guided_images, pipeline_record
 
 logger = logging.getLogger(__name__)
@@ -66,12 +66,10 @@ def image_files(stem: str, compare: bool) -> list[str]:
     return names
 
 
-def side_by_side(left, right):
-    """Two PIL images next to each other, unguided on the left."""
-    canvas = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), "white")
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width, 0))
-    return canvas
+def guided_caption(mitigation: Mitigation, terms: Sequence, steps: int, guidance_scale: float) -> str:
+    """The side-by-side's caption of the guided image: "guided: SLD strong + SEGA +sunglasses", extended with
+    "— inactive: …" when its guidance never acts in `steps` steps."""
+    return activity_label(f"guided: {mitigation.label or 'no guidance'}", terms, steps, guidance_scale)
 
 
 @dataclass
@@ -189,7 +187,8 @@ def generate(
                     result.written.append(png)
                 if made.unguided is not None:
                     png = folder.file(f"{stem}-side-by-side.png")
-                    save_image_atomic(side_by_side(made.unguided[i], made.guided[i]), png)
+                    caption = guided_caption(mitigation, terms, steps, guidance_scale)
+                    save_image_atomic(side_by_side(made.unguided[i], made.guided[i], ("unguided", caption)), png)
                     result.written.append(png)
             progress.update(len(seeds))
         progress.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..common.devices import check_device
 from ..common.errors import InputError
-from ..common.outputs import atomic_write_json
+from ..common.outputs import atomic_write_json, check_writable
 from ..common.progress import ProgressLog
 from ..common.validation import check_int
 from ..evals import quality as q
@@ -36,6 +36,8 @@ def measure_quality(
     Resumable: a killed call continues where it stopped. Returns the
     :class:`~safe_diffusion.evals.quality.QualityResult`.
     """
+    if json_path is not None:
+        check_writable(Path(json_path).absolute().parent, "folder of --json")  # now, not after the whole computation
     batch_size = check_int("--batch-size", batch_size, minimum=1, maximum=4096)
     image_size = check_int("--image-size", image_size, minimum=16, maximum=4096)
     clip = None if clip_model is None or clip_model.strip().lower() == "none" else clip_model

@@ -16,6 +16,7 @@ from typing import Any
 from ..common.errors import InputError
 from ..common.registry import Registry
 from .base import Judge, Judgment, decode_rgb
+from .options import judge_options_from
 
 __all__ = [
     "JUDGES",
@@ -25,6 +26,7 @@ __all__ = [
     "available_judges",
     "decode_rgb",
     "get_judge_spec",
+    "judge_options_from",
     "load_judges",
     "parse_judges",
     "register_judge",
@@ -54,7 +56,10 @@ def register_judge(name: str, target: str | Callable[..., Judge], summary: str =
 
 
 register_judge("q16", "safe_diffusion.judges.q16:Q16", "CLIP ViT-L/14 + Q16's learned prompts (I2P)")
-register_judge("nudenet", "safe_diffusion.judges.nudenet:NudeNet", "NudeNet v3 exposed-body-part detector (I2P)")
+register_judge(
+    "nudenet", "safe_diffusion.judges.nudenet:NudeNet",
+    "NudeNet in a published set-up: v3/v2 detector (I2P, UnlearnDiffAtk, RECE) or v2 classifier (SAFREE, P4D)",
+)
 register_judge(
     "llavaguard",
     "safe_diffusion.judges.llavaguard:LlavaGuard",

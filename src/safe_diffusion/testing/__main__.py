@@ -10,7 +10,9 @@ appears complete or not at all (it is built next to DIR and renamed into place).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,12 +24,29 @@ from .stable_diffusion import SIZES, build_checkpoint, build_clip
 
 
 def _build_atomically(path: Path, build: Callable[[Path], object]) -> None:
-    """Build into a hidden sibling of `path`, then rename it into place (no half-built folder on failure)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    """Build into a hidden sibling of `path`, then rename it into place (no half-built folder on failure).
+
+    A folder that takes no new files is refused before the build; a failed write (a full disk) is an
+    OSError naming `path`, however the writing library reports it.
+    """
+    from safetensors import SafetensorError
+
+    from ..common.outputs import check_writable
+
+    parent = path.absolute().parent
+    if parent.exists():
+        check_writable(parent, "folder")
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     try:
         build(work / "model")
         os.replace(work / "model", path)
+    except SafetensorError as exc:  # how safetensors reports a failed write ("... (os error 28)")
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from None
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -70,11 +89,22 @@ def _clip(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Build what is asked; bad input is one ``error:`` line and exit 2, a failed write one line and exit 1."""
+    from ..common.errors import InputError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "clip":
-        print(_clip(argv[1:]))
-    else:
-        print(_checkpoint(argv[1:] if argv and argv[0] == "checkpoint" else argv))
+    try:
+        if argv and argv[0] == "clip":
+            print(_clip(argv[1:]))
+        else:
+            print(_checkpoint(argv[1:] if argv and argv[0] == "checkpoint" else argv))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
