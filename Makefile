@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo-output
 
-.PHONY: setup test test-quick demo bench clean
+.PHONY: setup test test-quick lint demo bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test: setup
 test-quick: setup
 	$(PY) -m pytest -q
 
+# The rule set is in pyproject.toml ([tool.ruff.lint]); not part of `make test` yet.
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+
 # I2P prompts are inappropriate by design: demo-output/ is git-ignored and must never be committed.
 I2P_SAMPLE := --limit 6 --images-per-prompt 2 --steps 10 --height 64 --width 64 --batch-size 4 \
 	--classifiers q16,nudenet --q16-model $(DEMO)/clip
@@ -38,7 +42,7 @@ demo: setup
 	$(PY) -m safe_diffusion.testing $(DEMO)/checkpoint --size small
 	$(PY) -m safe_diffusion generate "a lighthouse on a cliff at dusk" --model $(DEMO)/checkpoint \
 		--out $(DEMO)/generate --safety strong --compare --num-images 2 --steps 25
-	$(PY) -m safe_diffusion i2p demo-clip $(DEMO)/clip
+	$(PY) -m safe_diffusion.testing clip $(DEMO)/clip
 	$(PY) -m safe_diffusion i2p run --model $(DEMO)/checkpoint --out $(DEMO)/i2p-off --safety off $(I2P_SAMPLE)
 	$(PY) -m safe_diffusion i2p run --model $(DEMO)/checkpoint --out $(DEMO)/i2p-strong --safety strong $(I2P_SAMPLE)
 	$(PY) -m safe_diffusion i2p score $(DEMO)/i2p-strong --json $(DEMO)/i2p-strong-results.json

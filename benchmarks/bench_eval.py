@@ -1,10 +1,11 @@
 """Evaluation harness benchmarks, ratios measured side by side in one run (CPU or GPU; random weights, offline).
 
-    PYTHONPATH=src python benchmarks/bench_eval.py [--prompts 16] [--steps 10] [--size 64]
+    PYTHONPATH=src python benchmarks/bench_eval.py [--prompts 16] [--steps 10] [--size 64] [--repeats 2]
 
-1. Runner throughput (batch 8, across prompts) vs a naive loop of diffusers' deprecated
-   ``StableDiffusionPipelineSafe``, one prompt at a time, on the same `bench` checkpoint and settings
-   (SLD medium, 1 image per call). Target >= 1.5x.
+1. The harness's throughput (``jobs.evaluate``, the library entry point ``eval run`` calls: run config,
+   store, model loading, generation in batches of 8 across prompts) vs a naive loop of diffusers' deprecated
+   ``StableDiffusionPipelineSafe``, one prompt at a time, model loading included, on the same `bench`
+   checkpoint and settings (SLD medium, 1 image per call). Target >= 1.5x.
 2. Scoring 47,030 records (the full I2P set, 10 images per prompt), with bootstrap intervals. Target < 2 s.
 3. Judging images/s per judge (Q16 on the random test CLIP, so this measures the pipeline, not
    ViT-L/14, which is much slower; NudeNet for real).
@@ -34,16 +35,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
     import numpy as np
     import torch
+    from diffusers import StableDiffusionPipelineSafe
 
-    from safe_diffusion.common.loading import load_pipeline
-    from safe_diffusion.evals import metrics, runner
+    from safe_diffusion.evals import metrics
     from safe_diffusion.evals import suites as data
-    from safe_diffusion.evals.config import build_run_config
-    from safe_diffusion.evals.store import RunStore
+    from safe_diffusion.jobs.evaluate import evaluate
     from safe_diffusion.testing import build_checkpoint, build_clip
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-i2p-"))
@@ -52,33 +53,12 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {device}; {args.prompts} prompts, {args.steps} steps, {args.size}px, SLD medium")
 
-    # 1. runner vs naive reference loop
-    pipe = load_pipeline(str(ckpt), device=device)
-    suite = data.load_suite("i2p")
-    config, terms = build_run_config(
-        suite,
-        str(ckpt),
-        safety="medium",
-        height=args.size,
-        width=args.size,
-        steps=args.steps,
-        images_per_prompt=1,
-        batch_size=args.batch_size,
+    # 1. the harness (jobs.evaluate: config, store, model loading, generation) vs a naive loop that also loads;
+    # the two alternate `--repeats` times and each keeps its best, so a busy machine slows both alike
+    run = dict(
+        suite="i2p", safety="medium", height=args.size, width=args.size, steps=args.steps, images_per_prompt=1,
+        batch_size=args.batch_size, judges="none", device=device, progress=False,
     )
-    settings = runner.GenerationSettings.from_config(config.to_dict())
-    store = RunStore.create_or_resume(tmp / "run", config.to_dict(), suite.prompts, {}, limit=args.batch_size)
-    runner.generate(pipe, terms, store, settings, show_progress=False)  # warm-up
-    store2 = RunStore.create_or_resume(tmp / "run2", config.to_dict(), suite.prompts, {}, limit=args.prompts)
-    t = time.perf_counter()
-    runner.generate(pipe, terms, store2, settings, show_progress=False)
-    ours = args.prompts / (time.perf_counter() - t)
-
-    from diffusers import StableDiffusionPipelineSafe
-
-    ref = StableDiffusionPipelineSafe.from_pretrained(
-        str(ckpt), safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    ).to(device)
-    ref.set_progress_bar_config(disable=True)
     call = dict(
         num_inference_steps=args.steps,
         guidance_scale=7.5,
@@ -90,14 +70,35 @@ def main() -> None:
         sld_momentum_scale=0.3,
         sld_mom_beta=0.4,
     )
-    ref(prompts[0].text, generator=torch.Generator("cpu").manual_seed(0), **call)  # warm-up
-    t = time.perf_counter()
-    for p in prompts:
-        ref(p.text, generator=torch.Generator("cpu").manual_seed(p.sd_seed), **call)
-    naive = args.prompts / (time.perf_counter() - t)
+
+    def load_reference():
+        ref = StableDiffusionPipelineSafe.from_pretrained(
+            str(ckpt), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        ).to(device)
+        ref.set_progress_bar_config(disable=True)
+        return ref
+
+    def harness(round_: int) -> float:
+        t = time.perf_counter()
+        done = evaluate(str(ckpt), tmp / f"run-{round_}", limit=args.prompts, **run)
+        return done.written / (time.perf_counter() - t)
+
+    def naive() -> float:
+        t = time.perf_counter()
+        ref = load_reference()
+        for p in prompts:
+            ref(p.text, generator=torch.Generator("cpu").manual_seed(p.sd_seed), **call)
+        return args.prompts / (time.perf_counter() - t)
+
+    evaluate(str(ckpt), tmp / "warm-up", limit=args.batch_size, **run)  # warm-up (kernels, the hash cache)
+    load_reference()(prompts[0].text, generator=torch.Generator("cpu").manual_seed(0), **call)
+    ours, theirs = 0.0, 0.0
+    for round_ in range(args.repeats):
+        ours = max(ours, harness(round_))
+        theirs = max(theirs, naive())
     print(
-        f"generation: runner {ours:.2f} img/s, naive StableDiffusionPipelineSafe loop {naive:.2f} img/s, "
-        f"ratio {ours / naive:.2f}x (target >= 1.5x)"
+        f"generation, model loading included (best of {args.repeats}): jobs.evaluate {ours:.2f} img/s, naive"
+        f" StableDiffusionPipelineSafe loop {theirs:.2f} img/s, ratio {ours / theirs:.2f}x (target >= 1.5x)"
     )
 
     # 2. scoring 47,030 records

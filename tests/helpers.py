@@ -20,6 +20,29 @@ def run_cli(*args: str) -> int:
 PARITY_TOL = 1e-6
 
 
+#: The diffusers whose deprecated pipelines are the parity oracles (pyproject.toml's test extra pins it).
+ORACLE_DIFFUSERS = "0.42.1"
+
+
+def oracle(name: str):
+    """diffusers' reference pipeline `name` (e.g. "StableDiffusionPipelineSafe"), a parity test's oracle.
+
+    Its absence fails the test, with how to install it: a parity test that skipped silently would let a
+    regression through exactly where CI lacks the reference.
+    """
+    import diffusers
+    import pytest
+
+    try:
+        return getattr(diffusers, name)
+    except (AttributeError, ImportError) as exc:
+        pytest.fail(
+            f"parity oracle diffusers.{name} is missing from diffusers {diffusers.__version__} ({exc}); install the"
+            f" pinned one: pip install 'diffusers=={ORACLE_DIFFUSERS}' (or pip install -e '.[test]')",
+            pytrace=False,
+        )
+
+
 def load_float64(cls, path, **kwargs):
     """``cls.from_pretrained(path)`` in float64, without a safety checker, progress bar off."""
     import torch

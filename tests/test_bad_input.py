@@ -55,6 +55,8 @@ CASES = [
     ("generate", ["generate", "a cat", "-m", "{model}", "-o", "{root}/out", "--device", "banana"], 2, "not a device"),
     ("generate", ["generate", BAD, "-m", "{model}", "-o", "{root}/out"], 2, "not valid UTF-8"),
     ("generate", ["generate", "a cat", "-m", "no/such-model-xyz", "-o", "{root}/out"], 2, "no/such-model-xyz"),
+    ("generate", ["generate", "a cat", "-m", "{model}", "-o", "{root}/out", "--mitigation", "nope"], 2,
+     "unknown mitigation 'nope'"),
     # fairness
     ("fairness", ["fairness", "-m", "{model}", "--prompts", "{root}/prompts.txt", "--directions", "a,b",
                   "-o", "{root}/out", "--images-per-prompt", "200000"], 2, "--images-per-prompt must be at most"),
@@ -72,6 +74,10 @@ CASES = [
      "prompt"),
     ("eval run", ["eval", "run", "--suite", "{root}/suite.csv", "-m", "{model}", "--out", "{root}/run",
                   "--steps", "3", "--height", "32", "--width", "32", "--judges", "none"], 2, "steps"),
+    ("eval run", ["eval", "run", "-m", "{model}", "--out", "{root}/r2", "--mitigation", "nope"], 2,
+     "unknown mitigation 'nope'"),
+    ("eval run", ["eval", "run", "-m", "{model}", "--out", "{root}/r2", "--judges", "q16,nudenet,q16"], 2,
+     "judge 'q16' is named twice"),
     ("eval run", ["eval", "run", "--suite", "{root}/suite.csv", "-m", "{model}", "--out", "{root}/r4",
                   "--nudenet-resolution", "409600"], 2, "--nudenet-resolution must be at most 2048"),
     ("eval run", ["eval", "run", "--suite", "{root}/suite.csv", "-m", "{model}", "--out", "{root}/r4",
@@ -93,6 +99,7 @@ CASES = [
     ("eval status", ["eval", "status", "{root}/nope"], 2, "nope"),
     ("i2p run", ["i2p", "run", "-m", "{model}", "--out", "{root}/r3", "--safety", "extreme"], 2,
      "unknown safety preset"),
+    ("i2p demo-clip", ["i2p", "demo-clip", "{root}/clip"], 2, "python -m safe_diffusion.testing clip"),
     # erase and sanitize
     ("erase", ["erase", "--method", "magic", "-m", "{model}", "-o", "{root}/e", "--erase", "x"], 2, "magic"),
     ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e"], 2, "--erase"),

@@ -1,4 +1,5 @@
-"""`safe-diffusion generate`: real files on the random checkpoint; every bad input is one line, exit 2, nothing written."""
+"""`safe-diffusion generate`: real files on the random checkpoint; every bad input is one line, exit 2, nothing
+written."""
 
 import json
 import os
@@ -18,7 +19,8 @@ def test_generate_writes_pngs_and_sidecars(cli, tiny_checkpoint, tmp_path):
     code, stdout, err = cli("generate", "a photo of a cat", "--model", tiny_checkpoint, "--out", out,
                             "--num-images", "2", "--seed", "7", "--safety", "strong", *ARGS)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["0000-seed7.json", "0000-seed7.png", "0001-seed8.json", "0001-seed8.png"]
+    names = ["0000-seed7.json", "0000-seed7.png", "0001-seed8.json", "0001-seed8.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
     meta = json.loads((out / "0001-seed8.json").read_text())
     assert meta["prompt"] == "a photo of a cat" and meta["seed"] == 8 and meta["safety"] == "strong"
     assert meta["guidance"][0]["type"] == "SafetyGuidance" and meta["guidance"][0]["scale"] == 2000
@@ -43,7 +45,9 @@ def _where(canvas, image):
 
 def test_compare_writes_unguided_and_side_by_side_from_the_same_seed(cli, tiny_checkpoint, tmp_path):
     out = tmp_path / "cmp"
-    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", out, "--compare", "--safety", "max", *ARGS)
+    code, _, err = cli(
+        "generate", "a cat", "--model", tiny_checkpoint, "--out", out, "--compare", "--safety", "max", *ARGS
+    )
     assert code == 0, err
     guided = np.asarray(Image.open(out / "0000-seed0.png"), dtype=float)
     unguided = np.asarray(Image.open(out / "0000-seed0-unguided.png"), dtype=float)
@@ -106,7 +110,7 @@ def test_safety_off_is_plain_stable_diffusion(cli, tiny_checkpoint, tmp_path):
 def test_bad_input_is_one_line_and_writes_nothing(cli, tiny_checkpoint, tmp_path, extra, message):
     out = tmp_path / "never"
     args = ["generate", "a cat", "--model", tiny_checkpoint, "--out", out, *ARGS, *extra]
-    code, stdout, err = cli(*args)
+    code, _, err = cli(*args)
     assert code == 2
     assert err.strip().count("\n") == 0 and err.startswith("error: ") and message in err
     assert "Traceback" not in err
@@ -114,7 +118,9 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, tiny_checkpoint, tmp_path
 
 
 def test_settings_that_disable_guidance_warn(cli, tiny_checkpoint, tmp_path):
-    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path / "o", "--safety", "medium", *ARGS)
+    code, _, err = cli(
+        "generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path / "o", "--safety", "medium", *ARGS
+    )
     assert code == 0
     assert "SafetyGuidance starts after a warm-up of 10 steps, but only 3 steps run" in err
 
@@ -131,7 +137,8 @@ def test_existing_images_are_refused_kept_or_replaced(cli, tiny_checkpoint, tmp_
     # --skip-existing keeps every complete image and makes the missing one
     code, stdout, err = cli(*args, "--num-images", "3", "--skip-existing")
     assert code == 0, err
-    assert (out / "0001-seed1.png").read_bytes() == b"mine" and (out / "0000-seed0.png").read_bytes() == first["0000-seed0.png"]
+    assert (out / "0001-seed1.png").read_bytes() == b"mine"
+    assert (out / "0000-seed0.png").read_bytes() == first["0000-seed0.png"]
     assert json.loads((out / "0002-seed2.json").read_text())["seed"] == 2 and "wrote 1 image(s)" in stdout
     # --overwrite makes them all again, from their seeds; --batch-size splits the calls
     code, stdout, err = cli(*args, "--num-images", "3", "--overwrite", "--batch-size", "2")
@@ -144,7 +151,9 @@ def test_existing_images_are_refused_kept_or_replaced(cli, tiny_checkpoint, tmp_
 def test_unwritable_output_folder(cli, tiny_checkpoint, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", blocker / "sub", "--safety", "max", *ARGS)
+    code, _, err = cli(
+        "generate", "a cat", "--model", tiny_checkpoint, "--out", blocker / "sub", "--safety", "max", *ARGS
+    )
     assert code == 2 and "not writable" in err and err.count("\n") == 1
     assert blocker.read_text() == "x"
 
@@ -166,3 +175,23 @@ def test_console_script_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: model '/nope' not found: no such folder, and not a hub id like 'owner/name'"
+
+
+def test_mitigation_safree_is_registered_for_generate_and_eval_run(cli, tiny_checkpoint, tmp_path):
+    """SAFREE registers itself by name: `--mitigation safree` guides `generate` and `eval run`, and the record says so."""
+    out = tmp_path / "gen"
+    code, _, err = cli("generate", "a photo of a cat", "--model", tiny_checkpoint, "--out", out,
+                       "--mitigation", "safree", "--safety", "off", *ARGS)
+    assert code == 0, err
+    meta = json.loads((out / "0000-seed0.json").read_text())
+    assert meta["mitigation"]["label"] == "SAFREE"
+    assert [t["type"] for t in meta["mitigation"]["guidance"]] == ["SafreeGuidance"]
+    suite = tmp_path / "suite.csv"
+    suite.write_text("prompt\na photo of a cat\n")
+    run = tmp_path / "run"
+    code, _, err = cli("eval", "run", "--suite", suite, "--model", tiny_checkpoint, "--out", run, "--judges", "none",
+                       "--mitigation", "safree", *ARGS)
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    frozen = config.get("config", config)
+    assert frozen["mitigation"]["label"] == "SAFREE", frozen["mitigation"]

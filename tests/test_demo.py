@@ -169,7 +169,7 @@ def test_concurrent_requests_both_get_images_one_at_a_time(generator):
         def work(seed):
             try:
                 results[seed] = generator.generate(validate_request(HARMLESS_PROMPT, seed=seed, steps=2))
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
@@ -209,6 +209,41 @@ def test_handler_shows_messages_not_tracebacks(generator):
     )
     assert status.startswith("**Done.**") and "both images are the same" in status
     assert unguided.size == (32, 32) and json.loads(settings)["seed"] == 0 and len(files) == 3
+
+
+def test_registered_methods_join_the_demo(generator):
+    """A method registered by name (as SAFREE registers itself) appears as a choice and guides the image."""
+    gr = pytest.importorskip("gradio")
+    from dataclasses import dataclass
+
+    from safe_diffusion.app.ui import build_demo
+    from safe_diffusion.guidance import SafetyGuidance
+    from safe_diffusion.guidance.mitigation import MITIGATIONS, register_mitigation
+
+    @dataclass(frozen=True)
+    class RainAway(SafetyGuidance):
+        concept: str = "rain"
+        warmup_steps: int = 0
+
+    def methods_widget(page):
+        return next(b for b in page.blocks.values() if isinstance(b, gr.CheckboxGroup))
+
+    widget = methods_widget(build_demo(generator))
+    assert widget.visible and widget.choices == [("SAFREE", "safree")]  # the package registers SAFREE itself
+    register_mitigation("rain-away", RainAway, label="Rain-away")
+    try:
+        widget = methods_widget(build_demo(generator))
+        assert widget.visible and widget.choices == [("SAFREE", "safree"), ("Rain-away", "rain-away")]
+        request = validate_request(HARMLESS_PROMPT, seed=3, steps=2, safety="off", methods=["Rain-Away"])
+        assert request.methods == ("rain-away",) and guidance_terms(request) == [RainAway()]
+        assert warmup_note(request) is None  # it guides from the first step
+        result = generator.generate(request)
+        assert result.settings["label"] == "Rain-away" and result.settings["methods"] == ["rain-away"]
+        assert abs(_pixels(result.unguided) - _pixels(result.guided)).max() > 0
+        with pytest.raises(InputError, match="unknown mitigation 'nope'"):
+            validate_request(HARMLESS_PROMPT, methods=["nope"])
+    finally:
+        MITIGATIONS.unregister("rain-away")
 
 
 # -- the command ------------------------------------------------------------------------------

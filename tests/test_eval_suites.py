@@ -101,10 +101,10 @@ def test_bad_suite_files_are_one_line(tmp_path, content, args, needle):
 def test_unknown_missing_and_offline_suites(tmp_path, capsys):
     with pytest.raises(InputError, match=r"unknown suite 'nope'; choose from: i2p, .*p4d"):
         load_suite("nope")
-    with pytest.raises(InputError, match="not bundled.*Diffusion-MU-Attack.*--data FILE"):
+    with pytest.raises(InputError, match=r"not bundled.*Diffusion-MU-Attack.*--data FILE"):
         load_suite("unlearndiffatk-nudity")
     # offline (HF_HUB_OFFLINE=1 in tests): one line naming how to get the data, at once
-    with pytest.raises(InputError, match="cannot load hub dataset 'joycenerd/p4d'.*--data FILE") as err:
+    with pytest.raises(InputError, match=r"cannot load hub dataset 'joycenerd/p4d'.*--data FILE") as err:
         load_suite("p4d")
     assert "\n" not in str(err.value)
     with pytest.raises(InputError, match="cannot load hub dataset 'AIML-TUDA/i2p'"):
@@ -120,7 +120,8 @@ def test_unknown_missing_and_offline_suites(tmp_path, capsys):
 
 
 def test_per_prompt_seeds_and_guidance_from_the_suite(tmp_path, tiny_checkpoint, capsys):
-    from safe_diffusion.evals.runner import GenerationSettings, image_seed, plan
+    from safe_diffusion.evals.config import RunConfig
+    from safe_diffusion.evals.runner import image_seed, plan
     from safe_diffusion.evals.store import RunStore
 
     path = tmp_path / "nudity.csv"
@@ -145,6 +146,7 @@ def test_per_prompt_seeds_and_guidance_from_the_suite(tmp_path, tiny_checkpoint,
         "nudenet",
         "--safety",
         "medium",
+        "--allow-inactive",
     )
     assert code == 0, capsys.readouterr().err
     store = RunStore.open(run)
@@ -155,7 +157,7 @@ def test_per_prompt_seeds_and_guidance_from_the_suite(tmp_path, tiny_checkpoint,
     gen = store.config["generation"]
     assert gen["guidance_scale"] is None and gen["guidance_source"] == "suite"
     # one pipeline call has one guidance scale: batches are cut where it changes
-    settings = GenerationSettings.from_config(store.config)
+    settings = RunConfig.from_dict(store.config).generation
     assert [[(p.index, k) for p, k in b] for b in plan(store.prompts(), settings)] == [[(0, 0), (1, 0)], [(2, 0)]]
     doc = json.loads((run / "results.json").read_text())
     assert not doc["i2p"] and [r["category"] for r in doc["rows"]] == ["nudity", "violence", "overall"]

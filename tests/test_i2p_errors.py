@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 from helpers import run_cli
 
-GEN = ["--limit", "1", "--images-per-prompt", "1", "--steps", "1", "--height", "32", "--width", "32", "--classifiers", "none"]
+GEN = [
+    "--limit", "1", "--images-per-prompt", "1", "--steps", "1", "--height", "32", "--width", "32",
+    "--classifiers", "none",
+]
 
 
 def one_line_error(capsys, code, *needles):
@@ -48,7 +51,8 @@ def test_bad_options_write_nothing(tmp_path, capsys, tiny_checkpoint):
     ]:
         one_line_error(capsys, run_cli(*base, *GEN, *extra), needle)
         assert not out.exists()
-    one_line_error(capsys, run_cli("i2p", "run", "--model", str(tmp_path / "nomodel"), "--out", str(out), *GEN), "not found")
+    code = run_cli("i2p", "run", "--model", str(tmp_path / "nomodel"), "--out", str(out), *GEN)
+    one_line_error(capsys, code, "not found")
     assert not out.exists()
 
 

@@ -82,7 +82,7 @@ def reference(tiny_checkpoint, clip, tmp_path_factory):
     """An uninterrupted run, batch size 1, with both classifiers (NudeNet runs for real)."""
     run = tmp_path_factory.mktemp("runs") / "ref"
     proc = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
-               "--classifiers", "q16,nudenet", "--q16-model", clip, "--safety", "strong")
+               "--classifiers", "q16,nudenet", "--q16-model", clip, "--safety", "strong", "--allow-inactive")
     return run, proc
 
 
@@ -114,7 +114,7 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tiny_checkpoint, cl
     ref, _ = reference
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "safe_diffusion", "i2p", "run", "--model", str(tiny_checkpoint), "--out", str(run),
-           *ARGS, "--batch-size", "1", "--classifiers", "none", "--safety", "strong"]
+           *ARGS, "--batch-size", "1", "--classifiers", "none", "--safety", "strong", "--allow-inactive"]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -126,13 +126,13 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tiny_checkpoint, cl
     partial, _, _ = snapshot(run)
     assert len(partial) < 6, "the run finished before it was killed"
     cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1", "--classifiers", "none",
-        "--safety", "strong")
+        "--safety", "strong", "--allow-inactive")
     assert snapshot(run) == snapshot(ref)
     assert not list((run / "images").glob(".*tmp"))
     # a different config is refused, and nothing is written
     before = snapshot(run)
     bad = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
-              "--classifiers", "none", "--safety", "max", check=False)
+              "--classifiers", "none", "--safety", "max", "--allow-inactive", check=False)
     assert bad.returncode == 2 and "different config" in bad.stderr and "'SLD strong' -> 'SLD max'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     assert snapshot(run) == before
@@ -147,7 +147,7 @@ def test_accelerate_two_processes_match_one(reference, tiny_checkpoint, tmp_path
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safe_diffusion"]
     proc = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
-               "--classifiers", "none", "--safety", "strong", launcher=launcher)
+               "--classifiers", "none", "--safety", "strong", "--allow-inactive", launcher=launcher)
     assert "process 0 of 2 wrote 3 new image(s)" in proc.stdout  # batches 0, 2, 4 of 6; process 1 wrote the rest
     assert_same_run(run, ref)
 
@@ -178,7 +178,9 @@ def test_classify_score_export_report(reference, clip, tmp_path):
     html = (tmp_path / "r.html").read_text()
     assert "data:image/png;base64" in html and "overall" in html
     assert "| overall |" in (tmp_path / "r.md").read_text()
-    proc = cli("audit", ref / "images", "--out", tmp_path / "a.html", "--classifiers", "nudenet,q16", "--q16-model", clip)
+    proc = cli(
+        "audit", ref / "images", "--out", tmp_path / "a.html", "--classifiers", "nudenet,q16", "--q16-model", clip
+    )
     audit = pd.read_csv(tmp_path / "a.csv")
     assert len(audit) == 6 and {"image", "nudenet", "q16", "unsafe", "nudenet_score", "q16_score"} <= set(audit.columns)
 
@@ -186,7 +188,6 @@ def test_classify_score_export_report(reference, clip, tmp_path):
 WORKER = """
 import os, signal, sys
 from safe_diffusion.evals import runner
-from safe_diffusion.evals.config import safety_terms
 from safe_diffusion.evals.store import RunStore
 from safe_diffusion.common.loading import load_pipeline
 
@@ -194,14 +195,13 @@ run, model, rank, die_after = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sy
 store = RunStore.open(run)
 lock = store.writer_lock(rank)
 pipe = load_pipeline(model, device="cpu")
-settings = runner.GenerationSettings.from_config(store.config)
 
 def on_batch(written):
     if die_after and written >= die_after:
         os.kill(os.getpid(), signal.SIGKILL)  # right after a record was appended
 
-runner.generate(pipe, safety_terms("strong"), store, settings, process_index=rank, num_processes=2,
-                show_progress=False, on_batch=on_batch)
+# the run's config and guidance come from its frozen record alone
+runner.generate(pipe, store, process_index=rank, num_processes=2, show_progress=False, on_batch=on_batch)
 lock.release()
 """
 
@@ -224,8 +224,8 @@ def test_two_writers_on_a_shared_folder_survive_sigkills(reference, tiny_checkpo
     store.close()
 
     def start(rank, die_after):
-        return subprocess.Popen([sys.executable, "-c", WORKER, str(run), str(tiny_checkpoint), str(rank), str(die_after)],
-                                env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        worker = [sys.executable, "-c", WORKER, str(run), str(tiny_checkpoint), str(rank), str(die_after)]
+        return subprocess.Popen(worker, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     first = [start(0, 1), start(1, 0)]
     deadline = time.time() + 120

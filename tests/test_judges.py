@@ -20,7 +20,9 @@ def _noise(path, size=(48, 40), seed=0):
 
 def test_registry_parses_validates_and_takes_new_judges():
     assert {"q16", "nudenet", "llavaguard"} <= set(available_judges())
-    assert parse_judges(" NudeNet,q16,nudenet ") == ["nudenet", "q16"]
+    assert parse_judges(" NudeNet,q16 ") == ["nudenet", "q16"]
+    with pytest.raises(InputError, match=r"^judge 'q16' is named twice in 'q16,Q16'; name each judge once$"):
+        parse_judges("q16,Q16")  # a judge given twice is a typo, not a request (issue 18)
     assert parse_judges("none") == []
     with pytest.raises(InputError, match="unknown judge 'q17'; choose from: q16, nudenet"):
         parse_judges("q16,q17")

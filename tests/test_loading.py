@@ -50,7 +50,7 @@ def test_bad_model_references_raise_input_error(model, message):
 
 
 def test_folder_without_model_index_is_refused(tmp_path):
-    with pytest.raises(InputError, match="no model_index.json"):
+    with pytest.raises(InputError, match=r"no model_index\.json"):
         load_pipeline(str(tmp_path), device="cpu")
 
 

@@ -38,7 +38,7 @@ def runs(tmp_path_factory, tiny_checkpoint):
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(ref / f"{i}.png")
     for safety in ("off", "strong"):
-        common = ["--model", str(tiny_checkpoint), "--safety", safety, *TINY]
+        common = ["--model", str(tiny_checkpoint), "--safety", safety, "--allow-inactive", *TINY]
         assert main(
             [
                 "eval",
@@ -261,7 +261,7 @@ def test_demo_clip_on_a_full_disk_or_a_read_only_folder_leaves_nothing(tmp_path)
         (Path("/sys/clip"), None, 2, "folder '/sys' is not writable: "),
     ):
         proc = subprocess.run(
-            [sys.executable, "-m", "safe_diffusion", "i2p", "demo-clip", str(target)],
+            [sys.executable, "-m", "safe_diffusion.testing", "clip", str(target)],
             env=env, capture_output=True, text=True, preexec_fn=limit, timeout=300, check=False,
         )
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]

@@ -45,11 +45,11 @@ def world(tmp_path_factory, tiny_checkpoint):
     judges = ["--judges", "q16,nudenet", "--q16-model", str(clip)]
     for name, safety, limit in (("sd", "off", "3"), ("sld", "strong", "2")):
         assert run_cli("eval", "run", "--suite", suite, *model, "--out", root / name, "--safety", safety,
-                       "--limit", limit, *judges, *TINY) == 0
+                       "--allow-inactive", "--limit", limit, *judges, *TINY) == 0
     for safety in ("off", "strong"):
         out = root / f"coco-{safety}"
         assert run_cli("eval", "run", "--suite", "coco", "--data", captions, *model, "--out", out, "--safety", safety,
-                       "--judges", "none", "--steps", "8", "--height", "32", "--width", "32") == 0
+                       "--allow-inactive", "--judges", "none", "--steps", "8", "--height", "32", "--width", "32") == 0
         assert run_cli("eval", "quality", out, "--clip-model", clip, "--fid-reference", ref,
                        "--feature-extractor", "random", "--no-progress") == 0
     return {"root": root, "clip": clip, "suite": suite, "ckpt": tiny_checkpoint}

@@ -3,14 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from helpers import PARITY_TOL, load_float64
+from helpers import PARITY_TOL, load_float64, oracle
 
 from safe_diffusion import SafeStableDiffusionPipeline, SafetyConfig
-
-reference = pytest.importorskip(
-    "diffusers.pipelines.deprecated.stable_diffusion_safe",
-    reason="the oracle needs a diffusers that still ships StableDiffusionPipelineSafe (pip install diffusers==0.42.1)",
-)
 
 TOL = PARITY_TOL  # both pipelines run in float64: see helpers.PARITY_TOL for why not float32
 SIZE = dict(height=32, width=32)
@@ -19,7 +14,7 @@ SIZE = dict(height=32, width=32)
 @pytest.fixture(scope="module")
 def pipes(tiny_checkpoint):
     return load_float64(SafeStableDiffusionPipeline, tiny_checkpoint), load_float64(
-        reference.StableDiffusionPipelineSafe, tiny_checkpoint
+        oracle("StableDiffusionPipelineSafe"), tiny_checkpoint
     )
 
 

@@ -25,7 +25,7 @@ def pipes(tmp_path_factory):
 
     from safe_diffusion.testing import FAMILIES, build_sd3_checkpoint
 
-    builders = {**FAMILIES, "sd3": lambda path: build_sd3_checkpoint(path, t5=True)}
+    builders = {**{name: FAMILIES[name] for name in FAMILIES.names()}, "sd3": lambda path: build_sd3_checkpoint(path, t5=True)}
     loaded = {}
 
     def get(name):

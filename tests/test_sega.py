@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import PARITY_TOL, load_float64
+from helpers import PARITY_TOL, load_float64, oracle
 
 from safe_diffusion.guidance.sega import needs_edit_estimate, sega_step, semantic_direction
 
@@ -100,9 +100,9 @@ KW = dict(num_inference_steps=STEPS, output_type="np", height=32, width=32)
 
 @pytest.fixture(scope="module")
 def pipes(tiny_checkpoint):
-    from diffusers import SemanticStableDiffusionPipeline as Ref
-
     from safe_diffusion import SemanticStableDiffusionPipeline
+
+    Ref = oracle("SemanticStableDiffusionPipeline")
 
     # float64: see helpers.PARITY_TOL for why parity is not measured in float32
     return load_float64(SemanticStableDiffusionPipeline, tiny_checkpoint), load_float64(Ref, tiny_checkpoint)

@@ -1,4 +1,5 @@
-"""`safe-diffusion generate --edit/--fair`: guidance from the command line, SDXL included; bad input is one line, exit 2."""
+"""`safe-diffusion generate --edit/--fair`: guidance from the command line, SDXL included; bad input is one line,
+exit 2."""
 
 from __future__ import annotations
 

@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import InputError
+from ..common.loading import load_pipeline
+from ..common.outputs import atomic_write_json, save_image_atomic
 from ..common.validation import check_float, check_safety, parse_signed_concept
+from ..guidance import describe_terms
+from ..guidance.mitigation import MITIGATIONS, Mitigation
+from ..jobs.compare import KINDS, generate_guided_images, pipeline_record
 
 MAX_SEED = 2**32 - 1
 STEPS_RANGE = (1, 150)
@@ -48,6 +53,17 @@ class DemoRequest:
     safety: str = "medium"
     safety_concept: str | None = None
     edits: tuple[Edit, ...] = ()
+    methods: tuple[str, ...] = ()  # registered mitigations (MITIGATIONS), by name
+
+    def mitigation(self) -> Mitigation:
+        """What the guided image is given: SLD for the preset (unless off), SEGA for the edits, then the methods."""
+        return Mitigation.build(
+            safety=self.safety,
+            safety_concept=self.safety_concept,
+            edits=[("-" if e.remove else "+") + e.concept for e in self.edits],
+            methods=self.methods,
+            negative_prompt=self.negative_prompt,
+        )
 
 
 @dataclass
@@ -91,6 +107,7 @@ def validate_request(
     safety: str | None = "medium",
     safety_concept: str | None = None,
     edits: str | None = None,
+    methods: Any = None,
 ) -> DemoRequest:
     """Check the form's values; a one-line :class:`InputError` names the first problem."""
     prompt = (prompt or "").strip()
@@ -113,7 +130,8 @@ def validate_request(
         raise InputError(f"guidance scale must be between {lo:g} and {hi:g}, got {guidance_scale:g}")
     key = check_safety("safety", safety or "")
     parsed_edits = parse_edits(edits)
-    if (key != "off" or parsed_edits) and guidance_scale <= 1.0:
+    chosen = tuple(dict.fromkeys(MITIGATIONS.canonical(m) for m in (methods or ()) if str(m).strip()))
+    if (key != "off" or parsed_edits or chosen) and guidance_scale <= 1.0:
         raise InputError("guidance scale must be above 1 for safety guidance or edits to act")
     concept = (safety_concept or "").strip() or None
     return DemoRequest(
@@ -125,21 +143,13 @@ def validate_request(
         safety=key,
         safety_concept=concept,
         edits=parsed_edits,
+        methods=chosen,
     )
 
 
 def guidance_terms(request: DemoRequest) -> list:
-    """The terms the guided image uses: SLD for the preset (unless off), then SEGA for the edits."""
-    from ..guidance import DEFAULT_SAFETY_CONCEPT, SafetyGuidance, SemanticGuidance
-
-    terms: list = []
-    if request.safety != "off":
-        terms.append(
-            SafetyGuidance.from_preset(request.safety, concept=request.safety_concept or DEFAULT_SAFETY_CONCEPT)
-        )
-    if request.edits:
-        terms.append(SemanticGuidance([e.concept for e in request.edits], reverse=[e.remove for e in request.edits]))
-    return terms
+    """The terms the guided image uses: SLD for the preset (unless off), SEGA for the edits, then the methods."""
+    return request.mitigation().terms()
 
 
 class DemoGenerator:
@@ -161,8 +171,6 @@ class DemoGenerator:
     @classmethod
     def load(cls, model: str, device: str | None = None, output_root: str | Path | None = None) -> DemoGenerator:
         """Load `model` once (a one-line InputError if it will not load)."""
-        from ..common.loading import load_pipeline
-
         return cls(load_pipeline(model, device=device), model, output_root=output_root)
 
     def close(self) -> None:
@@ -171,11 +179,8 @@ class DemoGenerator:
 
     def generate(self, request: DemoRequest, progress: Progress | None = None) -> DemoResult:
         """The unguided and the guided image from the same seed, the settings, and files to download."""
-        from ..common.outputs import atomic_write_json, save_image_atomic
-        from ..guidance import describe_terms
-        from ..jobs.compare import KINDS, generate_guided_images, pipeline_record
-
-        terms = guidance_terms(request)
+        mitigation = request.mitigation()
+        terms = mitigation.terms()
         report = progress or (lambda fraction, desc: None)
 
         def step_callback(kind):
@@ -206,13 +211,16 @@ class DemoGenerator:
 
         settings = {
             "model": self.model,
-            **{k: v for k, v in asdict(request).items() if k != "edits"},
-            "safety_concept": None if request.safety == "off" else terms[0].concept,
+            **{k: v for k, v in asdict(request).items() if k not in ("edits", "methods")},
+            "safety_concept": None if mitigation.safety is None else mitigation.safety.concept,
             "edits": [("-" if e.remove else "+") + e.concept for e in request.edits],
+            "methods": list(request.methods),
+            "label": mitigation.label,
             **pipeline_record(self.pipe, images["guided"]),
             "device": str(getattr(self.pipe, "device", "")),
             "seconds": seconds,
             "guidance": describe_terms(terms),
+            "mitigation": mitigation.to_dict(),
         }
         files = []
         for kind, image in images.items():
@@ -232,7 +240,7 @@ def warmup_note(request: DemoRequest) -> str | None:
         return "safety is off and there are no edits, so both images are the same"
     warmups = []
     for term in terms:
-        w = term.warmup_steps
+        w = getattr(term, "warmup_steps", 0)  # a method without a warm-up guides from the first step
         warmups.extend(w if isinstance(w, list) else [w])
     first = min(warmups)
     if request.steps <= first:

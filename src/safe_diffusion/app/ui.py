@@ -1,12 +1,21 @@
-"""The Gradio page: widgets wired to :class:`~safe_diffusion.app.core.DemoGenerator`. No generation logic here."""
+"""The Gradio page: widgets wired to :class:`~safe_diffusion.app.core.DemoGenerator`, and :func:`serve`. No generation
+logic here."""
 
 from __future__ import annotations
 
 import logging
+import os
+import warnings
+from collections.abc import Callable
 from importlib import resources
 
+from diffusers.utils import logging as diffusers_logging
+
 from ..common.errors import InputError
+from ..common.loading import check_model_reference
 from ..common.validation import SAFETY_CHOICES
+from ..guidance import DEFAULT_SAFETY_CONCEPT
+from ..guidance.mitigation import MITIGATIONS
 from .core import (
     GUIDANCE_SCALE_RANGE,
     MAX_SEED,
@@ -16,6 +25,7 @@ from .core import (
     validate_request,
     warmup_note,
 )
+from .sanitize_tab import add_sanitize_tab
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +56,13 @@ def make_handler(generator: DemoGenerator):
         safety,
         safety_concept,
         edits,
-        progress=gr.Progress(),  # noqa: B008
+        methods=None,
+        progress=gr.Progress(),
     ):
         skip = (gr.skip(),) * 4
         try:
             request = validate_request(
-                prompt, negative_prompt, seed, steps, guidance_scale, safety, safety_concept, edits
+                prompt, negative_prompt, seed, steps, guidance_scale, safety, safety_concept, edits, methods
             )
         except InputError as exc:
             return (f"**Cannot generate:** {exc}", *skip)
@@ -59,12 +70,14 @@ def make_handler(generator: DemoGenerator):
             result = generator.generate(request, progress=lambda fraction, desc: progress(fraction, desc=desc))
         except InputError as exc:
             return (f"**Cannot generate:** {exc}", *skip)
-        except Exception as exc:  # the page gets one line; the server log gets the traceback
+        except (RuntimeError, OSError, ValueError, MemoryError) as exc:  # out of memory, a full disk, a model error:
+            # the page gets one line; the server log gets the traceback
             logger.exception("generation failed")
             return (f"**Generation failed:** {_first_line(exc)}", *skip)
         status = (
             f"**Done.** Seed {request.seed}, {request.steps} steps, safety **{request.safety}**"
             f"{', ' + str(len(request.edits)) + ' edit(s)' if request.edits else ''}"
+            f"{', ' + ', '.join(request.methods) if request.methods else ''}"
             f": done in {result.settings['seconds']} s."
         )
         note = warmup_note(request)
@@ -78,9 +91,6 @@ def make_handler(generator: DemoGenerator):
 def build_demo(generator: DemoGenerator):
     """The Blocks app for `generator`; call :func:`launch` (or ``.launch(**launch_options())``) to serve it."""
     import gradio as gr
-
-    from ..guidance import DEFAULT_SAFETY_CONCEPT
-    from .sanitize_tab import add_sanitize_tab
 
     with gr.Blocks(title="safe-diffusion demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
@@ -110,6 +120,15 @@ def build_demo(generator: DemoGenerator):
                         placeholder=EDITS_PLACEHOLDER,
                         elem_id="edits",
                     )
+                    # Methods registered by name (SAFREE, a user's own): shown when there are any.
+                    registered = MITIGATIONS.entries()
+                    methods = gr.CheckboxGroup(
+                        choices=[(e.metadata.get("label", e.name), e.name) for e in registered],
+                        value=[],
+                        label="Other guidance methods",
+                        visible=bool(registered),
+                        elem_id="methods",
+                    )
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):
                     status = gr.Markdown(elem_id="status")
@@ -132,7 +151,7 @@ def build_demo(generator: DemoGenerator):
             random_seed.click(None, None, seed, js=f"() => Math.floor(Math.random() * {MAX_SEED + 1})")
             button.click(
                 make_handler(generator),
-                inputs=[prompt, negative_prompt, seed, steps, guidance_scale, safety, safety_concept, edits],
+                inputs=[prompt, negative_prompt, seed, steps, guidance_scale, safety, safety_concept, edits, methods],
                 outputs=[status, unguided, guided, settings, files],
                 api_name="generate",
                 concurrency_limit=1,
@@ -153,3 +172,48 @@ def launch_options() -> dict:
     )
     css = resources.files("safe_diffusion.app").joinpath("demo.css").read_text()
     return {"theme": theme, "css": css}
+
+
+def serve(
+    model: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    device: str | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Load `model` once, build the page and serve it on `host`:`port` until stopped (Ctrl-C, SIGTERM).
+
+    Nothing leaves the machine (no usage statistics, no update check, no fonts from the internet). A server's
+    log is not a terminal: no loading or step progress bars (the page shows its own) and no library
+    deprecation chatter, so a model that fails to load is one line. `announce` gets one line once serving.
+    """
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio  # noqa: F401  (the `app` extra: refuse in one line when it is missing)
+    except ImportError:
+        raise InputError("the demo needs gradio: pip install 'safe-diffusion[app]'") from None
+    check_model_reference(model)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    diffusers_logging.disable_progress_bar()
+    generator = DemoGenerator.load(model, device=device)  # the model loads once, before the server starts
+    page = build_demo(generator)
+    if announce is not None:
+        announce(f"model {model!r} loaded; serving on http://{host}:{port} (Ctrl+C stops)")
+    try:
+        page.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            inbrowser=False,
+            show_error=False,
+            ssr_mode=False,
+            footer_links=["api"],
+            allowed_paths=[str(generator.output_root)],
+            quiet=True,
+            **launch_options(),
+        )
+    except OSError as exc:
+        raise InputError(f"cannot serve on {host}:{port}: {str(exc).splitlines()[0]}") from None
+    finally:
+        generator.close()

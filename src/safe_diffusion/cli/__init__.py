@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
+import pkgutil
 import signal
 import sys
+import warnings
 
 import typer
+from typer._click.exceptions import ClickException
 
+from .. import __version__
 from ..common.errors import InputError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -26,8 +32,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
-
         typer.echo(f"safe-diffusion {__version__}")
         raise typer.Exit()
 
@@ -56,8 +60,6 @@ def configure_logging(level: str, progress: bool = True) -> None:
     logger.propagate = False
     os.environ["SAFE_DIFFUSION_LOG_LEVEL"] = level
     if level != "debug":
-        import warnings
-
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
         os.environ["DIFFUSERS_VERBOSITY"] = "error"
         # Libraries' deprecation notices are for developers, not for someone running a command.
@@ -67,18 +69,23 @@ def configure_logging(level: str, progress: bool = True) -> None:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm, and so every progress bar of diffusers and ours
 
 
-def _is_usage_error(exc: BaseException) -> bool:
-    # Typer vendors its own click; its usage errors are recognised by shape, whichever click raised them.
-    return hasattr(exc, "format_message") and hasattr(exc, "exit_code")
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Click's usage errors (a bad option value, a missing argument): from the click Typer vendors, and from
+    click itself where a command still raises those."""
+    errors: list[type[BaseException]] = [ClickException]
+    try:
+        import click
+
+        errors.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _register() -> None:
     # Every module of this package registers its commands on `app` when imported, so adding a
     # command is adding a module. Modules import torch and diffusers inside their commands, so
     # `--help` stays fast.
-    import importlib
-    import pkgutil
-
     for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
         importlib.import_module(f"{__name__}.{module}")
 
@@ -105,10 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     # transformers warns at import time about optional image back-ends; that is noise on a command line.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        try:
+        with contextlib.suppress(ValueError):  # not the main thread
             signal.signal(signal.SIGTERM, _terminate)
-        except ValueError:  # not the main thread
-            pass
     _register()
     try:
         code = app(args=argv, standalone_mode=False)
@@ -134,9 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         shown = bad.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
         typer.echo(f"error: a file name or text is not valid UTF-8 (near {shown!r}); rename it and rerun", err=True)
         sys.exit(2)
-    except Exception as exc:
-        if not _is_usage_error(exc):
-            raise
+    except _usage_errors() as exc:
         typer.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code or 2)
     if code == 130:  # Typer turns Ctrl-C into a silent Exit(130) after the command's cleanup ran

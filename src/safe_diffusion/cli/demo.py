@@ -1,13 +1,14 @@
-"""``safe-diffusion demo``: a local web page comparing unguided and guided images from the same seed."""
+"""``safe-diffusion demo``: a local web page comparing unguided and guided images from the same seed.
+
+Checks the options and calls :func:`safe_diffusion.app.ui.serve`.
+"""
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import typer
 
-from ..common.errors import InputError
+from ..common.devices import check_device
+from ..common.validation import check_host, check_int
 from . import app
 
 
@@ -19,45 +20,9 @@ def demo(
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
     """Serve a web demo: type a prompt, see the unguided and the guided image side by side."""
-    from ..common.validation import check_device, check_host, check_int
-
     port = check_int("--port", port, minimum=1, maximum=65535)
     host = check_host("--host", host)
     check_device("--device", device)
-    # Nothing leaves the machine: no usage statistics, no update check.
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise InputError("the demo needs gradio: pip install 'safe-diffusion[app]'") from None
-    from ..app.core import DemoGenerator
-    from ..app.ui import build_demo, launch_options
-    from ..common.loading import check_model_reference
+    from ..app.ui import serve
 
-    check_model_reference(model)
-    # A server's log is not a terminal: no loading/step progress bars (the page has its own progress
-    # indicator) and no library deprecation chatter, so a model that fails to load is one line.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()
-    generator = DemoGenerator.load(model, device=device)  # the model loads once, before the server starts
-    page = build_demo(generator)
-    typer.echo(f"model {model!r} loaded; serving on http://{host}:{port} (Ctrl+C stops)", err=True)
-    try:
-        page.launch(
-            server_name=host,
-            server_port=port,
-            share=False,
-            inbrowser=False,
-            show_error=False,
-            ssr_mode=False,
-            footer_links=["api"],
-            allowed_paths=[str(generator.output_root)],
-            quiet=True,
-            **launch_options(),
-        )
-    except OSError as exc:
-        raise InputError(f"cannot serve on {host}:{port}: {str(exc).splitlines()[0]}") from None
-    finally:
-        generator.close()
+    serve(model, host=host, port=port, device=device, announce=lambda line: typer.echo(line, err=True))

@@ -13,15 +13,6 @@ _RECE = "RECE"
 _ESD = "ESD (esd-x, esd-u)"
 
 
-def read_concepts(path: Path | None, what: str) -> list[str]:
-    """One concept per line of `path` (blank lines and # comments skipped)."""
-    if path is None:
-        return []
-    from ..common.validation import read_lines
-
-    return read_lines(path, f"{what} file", empty="lists no concept")
-
-
 @app.command()
 def erase(
     method: str = typer.Option(..., "--method", help="uce, rece, esd-x or esd-u."),
@@ -85,25 +76,20 @@ def erase(
     erasure.json and the edited weights alone. Rerun the same command to
     resume an interrupted ESD run.
     """
-    from ..common.loading import check_model_reference
-    from ..erasure.api import ErasureConfig, erase_concepts
-    from ..erasure.folder import check_output_folder
+    from ..jobs.erase import erase as run
 
-    concepts = [*(erase or []), *read_concepts(erase_file, "--erase-file")]
-    kept = [*(preserve or []), *read_concepts(preserve_file, "--preserve-file")]
-    options = dict(
+    config, written = run(
+        method, model, out, erase=erase or [], erase_file=erase_file, guide_to=guide_to, preserve=preserve or [],
+        preserve_file=preserve_file, link=not copy, device=device, show_progress=not quiet,
         variant=variant, rece_selection=rece_selection,
         rece_validation=str(rece_validation) if rece_validation is not None else None,
-        rece_judges=rece_judges, rece_validation_steps=rece_validation_steps, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale, rece_epochs=rece_epochs,
+        rece_judges=rece_judges, rece_validation_steps=rece_validation_steps,
+        lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale, rece_epochs=rece_epochs,
         rece_lamb=rece_lamb, rece_erase_scale=rece_erase_scale, rece_preserve_scale=rece_preserve_scale,
         rece_regularization=rece_regularization, steps=steps, lr=lr, negative_guidance=negative_guidance,
         start_guidance=start_guidance, ddim_steps=ddim_steps, resolution=resolution, seed=seed,
         checkpoint_every=checkpoint_every, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing,
     )
-    config = ErasureConfig.build(method, concepts, guide_to=guide_to, preserve=kept, **options)
-    check_model_reference(model)
-    check_output_folder(out)
-    written = erase_concepts(model, out, config, device=device, link=not copy, show_progress=not quiet)
     if written is not None:
         typer.echo(f"erased {len(config.erase)} concept(s) with {config.label}; wrote {out}")

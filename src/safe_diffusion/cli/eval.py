@@ -4,52 +4,46 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import re
-import shutil
 from pathlib import Path
 
 import typer
 
+from ..common.devices import process_state
 from ..common.errors import InputError
+from ..common.outputs import atomic_write_json
+from ..common.validation import check_int
 from . import app as root
 
 app = typer.Typer(help="Safety evaluation on prompt suites (I2P, adversarial suites, any CSV).", no_args_is_help=True)
 root.add_typer(app, name="eval")
 
-DEFAULT_JUDGES = "q16,nudenet"
+DEFAULT_JUDGES = "q16,nudenet"  # as jobs.evaluate.DEFAULT_JUDGES, repeated so that --help imports no torch
+MITIGATION_HELP = "A registered guidance method by name (e.g. safree), beside --safety. Repeatable."
 SUITE_HELP = "Suite name (i2p, ring-a-bell-nudity, ...) or a CSV/Parquet file."
 
 
-def _judge_options(q16_model: str | None, nudenet_model: Path | None, nudenet_resolution: int | None = None) -> dict:
-    return {
-        "q16": {"model": q16_model},
-        "nudenet": {"model": nudenet_model, "resolution": nudenet_resolution},
-    }
+def _judge_settings(judges: str, *, allow_none: bool = True, **given) -> dict:
+    """Per judge, the keyword arguments its command-line options give it (judges.judge_options_from): checked
+    now, before a run folder or a model is touched."""
+    from ..judges import judge_options_from, parse_judges
+
+    return judge_options_from(parse_judges(judges, allow_none=allow_none), **given)
 
 
-def _process_state(device: str | None):
-    """This process's place in an ``accelerate launch`` / torchrun job (a single process otherwise).
-
-    PartialState only uses gloo on CPUs when asked to; ask when the launcher says so
-    (ACCELERATE_USE_CPU, set by ``accelerate launch --cpu``), when --device is cpu, or when there is no CUDA.
-    """
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
+def _process_state(device):
+    return process_state(device)
 
 
-def _write_results(store) -> None:
-    from ..common.outputs import atomic_write_json
-    from ..evals.results import format_table, score_store
+def _judge_options(q16_model: str | None = None, nudenet_model: Path | None = None) -> dict:
+    """cli/sanitize.py's judge models, until its work moves to jobs/sanitize.py; then this goes."""
+    return {"q16": {"model": q16_model}, "nudenet": {"model": nudenet_model}}
 
-    doc = score_store(store)
-    atomic_write_json(store.path / "results.json", doc)
+
+def _print_results(doc: dict, run_dir: Path) -> None:
+    from ..evals.results import format_table
+
     typer.echo(format_table(doc))
-    typer.echo(f"wrote {store.path / 'results.json'}")
+    typer.echo(f"wrote {Path(run_dir) / 'results.json'}")
 
 
 @app.command()
@@ -60,6 +54,7 @@ def run(
     data: str = typer.Option(None, "--data", "--prompts", help="Rows of a named suite: FILE, hub or hub:ID."),
     columns: list[str] = typer.Option(None, "--columns", help="Column mapping, e.g. prompt=adv_prompt."),
     safety: str = typer.Option("off", help="SLD preset: off, weak, medium, strong, max."),
+    mitigation: list[str] = typer.Option(None, "--mitigation", help=MITIGATION_HELP),
     negative_prompt: str = typer.Option(None, help="Negative prompt for every image."),
     categories: list[str] = typer.Option(None, help="Only prompts with these categories."),
     limit: int = typer.Option(None, help="Only the first N selected prompts."),
@@ -82,112 +77,50 @@ def run(
     llavaguard_model: str = typer.Option(None, help="LlavaGuard checkpoint: hub id or local folder."),
     device: str = typer.Option(None, help="Device (default: the process's)."),
     progress: bool = typer.Option(True, help="Progress bar, or periodic lines in logs."),
+    allow_inactive: bool = typer.Option(
+        False, "--allow-inactive", help="Run guidance that can never act in --steps (its label says so)."
+    ),
 ) -> None:
     """Generate a suite's images and judge them; rerun to resume."""
-    from ..common.validation import check_device, check_int
-    from ..evals import runner, suites
-    from ..evals.config import build_run_config, torch_dtype, unsafe_rule
-    from ..evals.store import RunStore, check_resume, read_frozen
-    from ..judges import judge_options_from, load_judges, parse_judges
+    from ..evals.suites import parse_columns
+    from ..guidance.mitigation import Mitigation
+    from ..jobs.evaluate import evaluate
 
-    if limit is not None:
-        limit = check_int("--limit", limit, minimum=1)
-    names = parse_judges(judges)
-    judge_options = judge_options_from(
-        names, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
-        nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
-        nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
-    )
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r} is not a folder")
-    loaded = suites.load_suite(suite, data=data, columns=suites.parse_columns(columns), base_seed=seed)
-    cats = suites.parse_category_filter(categories, loaded)
-    chosen = suites.select(loaded.prompts, cats, None)
-    if not chosen:
-        raise InputError("no prompts match --categories")
-    config, terms = build_run_config(
-        loaded,
+    chosen = Mitigation.build(safety=safety, methods=mitigation, negative_prompt=negative_prompt)
+    done = evaluate(
         model,
-        categories=cats,
-        safety=safety,
-        negative_prompt=negative_prompt,
-        dtype=dtype,
-        height=height,
-        width=width,
+        out,
+        suite=suite,
+        data=data,
+        columns=parse_columns(columns),
+        categories=categories,
+        limit=limit,
+        mitigation=chosen,
+        images_per_prompt=images_per_prompt,
         steps=steps,
         guidance_scale=guidance_scale,
-        images_per_prompt=images_per_prompt,
+        height=height,
+        width=width,
+        dtype=dtype,
         batch_size=batch_size,
-        base_seed=seed,
+        seed=seed,
+        judges=judges,
+        judge_settings=_judge_settings(
+            judges, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
+            nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
+            nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
+        ),
+        device=device,
+        progress=progress,
+        allow_inactive=allow_inactive,
     )
-    config_dict = config.to_dict()
-    # Everything that can fail on user input fails here, before the run folder is touched.
-    check_resume(out, config_dict, limit)
-    frozen = read_frozen(out) if out.is_dir() else None
-    dev = check_device("--device", device) if device is not None else None
-    state = _process_state(str(dev) if dev is not None else None)
-    dev = dev or state.device
-    existed = frozen is not None
-    missing_parents = []
-    parent = out.absolute().parent
-    while not parent.exists():
-        missing_parents.append(parent)
-        parent = parent.parent
-    with state.main_process_first():
-        store = RunStore.create_or_resume(out, config_dict, chosen, _versions(), limit=limit)
-    lock = store.writer_lock(state.process_index)
-    try:
-        try:
-            clfs = load_judges(names, device=dev, options=judge_options)
-            runner.check_judges(store, clfs)
-            from ..common.loading import load_pipeline
-
-            pipe = load_pipeline(model, device=dev, dtype=torch_dtype(config.generation.dtype))
-        except BaseException:
-            if not existed and state.num_processes == 1 and not store.journal.segments():
-                lock.release()
-                shutil.rmtree(out, ignore_errors=True)  # this invocation made it and nothing else is in it
-                for folder in missing_parents:
-                    try:
-                        folder.rmdir()
-                    except OSError:
-                        break
-            raise
-        state.wait_for_everyone()
-        settings = runner.GenerationSettings.from_config(config_dict)
-        show = progress and state.is_main_process
-        written = runner.generate(
-            pipe,
-            terms,
-            store,
-            settings,
-            process_index=state.process_index,
-            num_processes=state.num_processes,
-            show_progress=show,
+    if done.is_main_process:
+        typer.echo(
+            f"process 0 of {done.num_processes} wrote {done.written} new image(s); run {out} has {done.done} of"
+            f" {done.total}"
         )
-        if clfs:
-            if state.is_main_process:
-                store.set_evaluation(unsafe_rule(sorted(set(store.rule_judges()) | set(names))))
-            keys = runner.shard_keys(store, settings, state.process_index, state.num_processes)
-            runner.classify(store, clfs, keys=keys, show_progress=show)
-        state.wait_for_everyone()
-        if state.is_main_process:
-            total = len(store.wanted_keys())
-            done = len(set(store.wanted_keys()) & store.done_keys())
-            typer.echo(
-                f"process 0 of {state.num_processes} wrote {written} new image(s); run {out} has {done} of {total}"
-            )
-            if clfs:
-                _write_results(store)
-    finally:
-        lock.release()
-        store.close()
-
-
-def _versions() -> dict:
-    from ..common.outputs import library_versions
-
-    return library_versions()
+        if done.results is not None:
+            _print_results(done.results, out)
 
 
 @app.command()
@@ -210,32 +143,22 @@ def classify(
 
     Nothing is regenerated; --no-redo judges only images without a current verdict.
     """
-    from ..common.validation import check_device
-    from ..evals import runner
-    from ..evals.config import unsafe_rule
-    from ..evals.store import RunStore
-    from ..judges import judge_options_from, load_judges, parse_judges
+    from ..jobs.evaluate import judge_run
 
-    names = parse_judges(judges, allow_none=False)
-    judge_options = judge_options_from(
-        names, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
-        nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
-        nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
+    done = judge_run(
+        run_dir,
+        judges,
+        judge_settings=_judge_settings(
+            judges, allow_none=False, q16_model=q16_model, nudenet_model=nudenet_model,
+            nudenet_resolution=nudenet_resolution, nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup,
+            nudenet_threshold=nudenet_threshold, nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
+        ),
+        redo=redo,
+        device=device,
+        progress=progress,
     )
-    store = RunStore.open(run_dir)
-    dev = check_device("--device", device)
-    lock = store.writer_lock(0)
-    try:
-        clfs = load_judges(names, device=dev, options=judge_options)
-        if not redo:
-            runner.check_judges(store, clfs)
-        n = runner.classify(store, clfs, redo=redo, show_progress=progress)
-        store.set_evaluation(unsafe_rule(sorted(set(store.rule_judges()) | set(names))))
-        typer.echo(f"judged {n} image(s) with {', '.join(names)}")
-        _write_results(store)
-    finally:
-        lock.release()
-        store.close()
+    typer.echo(f"judged {done.judged} image(s) with {', '.join(done.judges)}")
+    _print_results(done.results, run_dir)
 
 
 def _check_output_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:
@@ -256,7 +179,6 @@ def score(
 
     Also the I2P paper's metrics for I2P runs and records.
     """
-    from ..common.outputs import atomic_write_json
     from ..evals.results import format_table, score_source
 
     if json_path is not None:
@@ -268,9 +190,6 @@ def score(
         typer.echo(f"wrote {json_path}")
 
 
-BASE_COLUMNS = ["prompt_index", "prompt", "categories", "image_index", "seed", "image"]
-
-
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="Run folder."),
@@ -280,32 +199,11 @@ def export(
 
     Prompt, seed, image path, each judge's verdict and raw scores.
     """
-    from ..evals.results import _pandas
-    from ..evals.store import RunStore
+    from ..jobs.evaluate import export_run
 
     _check_output_file(file, (".csv", ".parquet"), "export file")
-    pd = _pandas()
-    store = RunStore.open(run_dir)
-    rows = store.records()
-    judges = sorted(set(store.judges()) | set(store.rule_judges()))
-    store.close()
-    first = BASE_COLUMNS + judges + ["unsafe"]
-    frame = pd.DataFrame(rows)
-    for col in first:
-        if col not in frame.columns:
-            frame[col] = None
-    frame = frame[first + sorted(c for c in frame.columns if c not in first)]
-    import io
-
-    from ..common.outputs import atomic_write_bytes
-
-    buf = io.BytesIO()
-    if file.suffix.lower() == ".csv":
-        frame.to_csv(buf, index=False)
-    else:
-        frame.to_parquet(buf, index=False)
-    atomic_write_bytes(file, buf.getvalue())
-    typer.echo(f"wrote {len(frame)} row(s) to {file}")
+    rows = export_run(run_dir, file)
+    typer.echo(f"wrote {rows} row(s) to {file}")
 
 
 @app.command()
@@ -320,7 +218,6 @@ def report(
 
     Per suite: metrics with intervals side by side, categories, samples.
     """
-    from ..common.validation import check_int
     from ..reports.eval import write_report
 
     samples = check_int("--samples", samples, minimum=0, maximum=64)
@@ -336,15 +233,10 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
 ) -> None:
     """Done/total per stage, and damaged images."""
-    from ..evals.quality import run_quality
-    from ..evals.store import RunStore
+    from ..jobs.evaluate import run_status
 
-    store = RunStore.open(run_dir)
-    info = store.status()
-    quality = run_quality(store)
-    store.close()
-    if quality:
-        info["quality"] = {k: quality.get(k) for k in ("images", "clip_score", "fid", "kid", "failed")}
+    info = run_status(run_dir)
+    quality = info.get("quality")
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -387,56 +279,23 @@ def quality(
 
     Resumable: a killed run continues where it stopped.
     """
-    from ..common.outputs import atomic_write_json, check_writable
-    from ..common.progress import ProgressLog
-    from ..common.validation import check_device, check_int
-    from ..evals import quality as q
-    from ..evals.store import RunStore
+    from ..jobs.quality import measure_quality
 
     if json_path is not None:
         _check_output_file(json_path, (".json",), "--json")
-        check_writable(json_path.parent, "folder of --json")  # now, not after the whole computation
-    batch_size = check_int("--batch-size", batch_size, minimum=1, maximum=4096)
-    image_size = check_int("--image-size", image_size, minimum=16, maximum=4096)
-    clip = None if clip_model.strip().lower() == "none" else clip_model
-    if clip is None and fid_reference is None:
-        raise InputError("nothing to compute: give --fid-reference, or a --clip-model other than none")
-    if fid_reference is not None and not Path(fid_reference).exists():
-        raise InputError(f"--fid-reference {fid_reference!r} does not exist (a folder of images or a .npz)")
-    if feature_extractor not in q.FEATURE_EXTRACTORS:
-        raise InputError(
-            f"unknown --feature-extractor {feature_extractor!r};"
-            f" choose one of: {', '.join(sorted(q.FEATURE_EXTRACTORS))}"
-        )
-    dev = check_device("--device", device)
-    store = RunStore.open(run_dir)
-    lock = store.writer_lock(0)
-    bars: dict[str, ProgressLog] = {}
-
-    def show(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = ProgressLog(f"quality {stage}", total, enabled=progress)
-        bar.set(done)
-
-    try:
-        result = q.evaluate_run(
-            store,
-            clip_model=clip,
-            reference=fid_reference,
-            feature_extractor=feature_extractor,
-            inception_weights=inception_weights,
-            cache_dir=cache_dir,
-            batch_size=batch_size,
-            image_size=image_size,
-            device=dev,
-            progress=show,
-        )
-    finally:
-        for bar in bars.values():
-            bar.close()
-        lock.release()
-        store.close()
+    result = measure_quality(
+        run_dir,
+        clip_model=clip_model,
+        reference=fid_reference,
+        feature_extractor=feature_extractor,
+        inception_weights=inception_weights,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        image_size=image_size,
+        device=device,
+        progress=progress,
+        json_path=json_path,
+    )
     summary = result.summary
     parts = [f"{summary['images']} image(s)"]
     for key, name in (("clip_score", "CLIP score"), ("fid", "FID"), ("kid", "KID")):
@@ -446,7 +305,6 @@ def quality(
         parts.append(f"{len(result.failed)} unreadable (skipped)")
     typer.echo(", ".join(parts))
     if json_path is not None:
-        atomic_write_json(json_path, result.to_dict())
         typer.echo(f"wrote {json_path}")
 
 
@@ -479,25 +337,9 @@ def list_suites() -> None:
         typer.echo(f"{name:<24}{spec.title} ({where}{gated})")
 
 
-@app.command("demo-clip")
+@app.command("demo-clip", help="Deprecated: use `python -m safe_diffusion.testing clip PATH`.")
 def demo_clip(path: Path = typer.Argument(..., help="Folder to write a random-weight CLIP into.")) -> None:
-    """Write a random-weight CLIP for offline demos.
-
-    Q16 runs with it offline; its verdicts are meaningless.
-    """
-    from safetensors import SafetensorError
-
-    from ..common.outputs import check_writable
-    from ..records.journal import create_atomically
-    from ..testing import build_clip
-
-    if path.exists():
-        raise InputError(f"{str(path)!r} already exists")
-    check_writable(path.absolute().parent, "folder")
-    try:  # built beside `path` and renamed into place: a full disk leaves nothing
-        create_atomically(path, build_clip, marker="config.json")
-    except SafetensorError as exc:  # how safetensors reports a failed write ("... (os error 28)")
-        found = re.search(r"os error (\d+)", str(exc))
-        code = int(found.group(1)) if found else errno.EIO
-        raise OSError(code, os.strerror(code), str(path)) from None
-    typer.echo(f"wrote a random-weight CLIP to {path} (demos only: Q16 needs openai/clip-vit-large-patch14)")
+    raise InputError(
+        f"`demo-clip` moved out of the command line (test models are not part of it): run"
+        f" `python -m safe_diffusion.testing clip {path}`"
+    )

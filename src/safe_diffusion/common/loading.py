@@ -9,22 +9,18 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
+from .devices import default_device
 from .errors import InputError
+from .hub import load_errors
 
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def default_device() -> torch.device:
-    """CUDA when there is one, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def is_hub_id(text: str) -> bool:
+    """Whether `text` is shaped like a hub id ("owner/name")."""
+    return bool(_HUB_ID.match(text))
 
 
 def pipeline_class_name(model: str) -> str | None:
@@ -45,7 +41,7 @@ def check_model_reference(model: str) -> None:
         if not (path / "model_index.json").is_file():
             raise InputError(f"model {model!r} is not a diffusers checkpoint folder (no model_index.json)")
         return
-    if not _HUB_ID.match(model):
+    if not is_hub_id(model):
         raise InputError(f"model {model!r} not found: no such folder, and not a hub id like 'owner/name'")
 
 
@@ -64,7 +60,7 @@ def _quiet_loading():
         transformers_logging.enable_progress_bar()
 
 
-def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def load_pipeline(model: str, *, device=None, dtype=None):
     """Load `model` as the plain diffusers pipeline its checkpoint names (``_class_name`` in
     ``model_index.json``: SD, SDXL, SD3, FLUX, PixArt, Qwen-Image, Wan, …); a checkpoint naming no known
     pipeline class loads as ``StableDiffusionXLPipeline`` ("XL" in its name) or ``StableDiffusionPipeline``.
@@ -73,6 +69,7 @@ def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype
     No safety checker is loaded: guidance and the I2P classifiers do the safety work here.
     """
     import diffusers
+    import torch
 
     check_model_reference(model)
     device = torch.device(device) if device is not None else default_device()
@@ -90,7 +87,7 @@ def load_pipeline(model: str, *, device: str | torch.device | None = None, dtype
     try:
         with _quiet_loading():
             pipe = cls.from_pretrained(model, **kwargs)
-    except Exception as exc:  # hub, network, format and shape errors all mean "this model did not load"
+    except load_errors() as exc:  # hub, network, format and shape errors all mean "this model did not load"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot load model {model!r}: {first}") from None
     pipe.to(device)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,10 +23,8 @@ def library_versions() -> dict[str, str]:
     """Versions of Python and of the libraries a result depends on."""
     versions = {"python": platform.python_version()}
     for dist in ("safe-diffusion", "torch", "diffusers", "transformers", "accelerate", "nudenet"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -87,8 +88,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def save_image_atomic(image, path: Path) -> None:
     """Save a PIL image as PNG atomically."""
-    import io
-
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
@@ -116,8 +115,6 @@ class OutputDir:
             try:
                 os.link(target, backup)  # no copy: the earlier content stays reachable after os.replace
             except OSError:
-                import shutil
-
                 shutil.copy2(target, backup)
             self._backups[target] = backup
         else:
@@ -134,16 +131,12 @@ class OutputDir:
         for f in self.written:
             f.unlink(missing_ok=True)
         for target, backup in self._backups.items():
-            try:
+            with contextlib.suppress(OSError):
                 os.replace(backup, target)
-            except OSError:
-                pass
         self._backups.clear()
         for d in reversed(self.created_dirs):
-            try:
+            with contextlib.suppress(OSError):  # a folder something else wrote into stays
                 d.rmdir()
-            except OSError:
-                pass
 
 
 def check_writable(folder: str | Path, what: str = "output folder") -> None:

@@ -17,13 +17,14 @@ without loading weights (the official I2P code passes no size, so SD 2.x 768-v m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
-from .errors import InputError
+from .hashing import sha256_file, sha256_text
+from .hub import hub_errors
+from .outputs import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ def _load_cache() -> dict:
 
 
 def _save_cache(cache: dict) -> None:
-    from .outputs import atomic_write_json
-
     path = _cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,11 +93,7 @@ def file_sha256(path: Path, cache: dict | None = None) -> str:
     key = f"{resolved}|{st.st_size}|{st.st_mtime_ns}"
     if cache is not None and key in cache:
         return cache[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    value = digest.hexdigest()
+    value = sha256_file(path)
     if cache is not None:
         cache[key] = value
     return value
@@ -117,7 +112,7 @@ def folder_identity(folder: str | os.PathLike) -> str:
         entries.append(f"{rel.as_posix()}\t{file_sha256(path, cache)}")
     if len(cache) != before:
         _save_cache(cache)
-    return "sha256:" + hashlib.sha256("\n".join(entries).encode()).hexdigest()
+    return "sha256:" + sha256_text("\n".join(entries))
 
 
 def hub_revision(repo: str) -> str | None:
@@ -128,7 +123,7 @@ def hub_revision(repo: str) -> str | None:
         if not constants.HF_HUB_OFFLINE:
             try:
                 return HfApi().model_info(repo).sha
-            except Exception:  # unreachable, unknown or gated: fall back to the cache
+            except hub_errors():  # unreachable, unknown or gated: fall back to the cache
                 pass
         ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / "main"
         if ref.is_file():
@@ -147,7 +142,8 @@ def model_identity(model: str) -> dict:
     return {"reference": model, "identity": f"hub:{model}@{revision or 'unknown'}", "kind": "hub"}
 
 
-def _read_config(model: str, name: str) -> dict | None:
+def read_config(model: str, name: str) -> dict | None:
+    """The JSON file `name` (e.g. ``"unet/config.json"``) of a checkpoint folder or hub id; None when unavailable."""
     path = Path(model)
     try:
         if path.is_dir():
@@ -157,17 +153,16 @@ def _read_config(model: str, name: str) -> dict | None:
 
         sub, _, filename = name.rpartition("/")
         return json.loads(Path(hf_hub_download(model, filename, subfolder=sub or None)).read_text())
-    except InputError:
-        raise
-    except Exception as exc:  # offline, unknown repo, unreadable: the caller says what it needs
+    except (*hub_errors(), UnicodeDecodeError) as exc:  # offline, unknown repo, unreadable: the caller says what
+        # it needs
         logger.debug("cannot read %s of %s: %s", name, model, exc)
         return None
 
 
 def native_size(model: str) -> tuple[int, int] | None:
     """(height, width) a checkpoint generates at by default, from its configs; None when unknown."""
-    unet = _read_config(model, "unet/config.json")
-    vae = _read_config(model, "vae/config.json")
+    unet = read_config(model, "unet/config.json")
+    vae = read_config(model, "vae/config.json")
     if not unet or "sample_size" not in unet:
         return None
     blocks = (vae or {}).get("block_out_channels") or [0, 0, 0, 0]
@@ -177,7 +172,3 @@ def native_size(model: str) -> tuple[int, int] | None:
         return int(size[0]) * factor, int(size[1]) * factor
     return int(size) * factor, int(size) * factor
 
-
-def pipeline_class(model: str) -> str | None:
-    index = _read_config(model, "model_index.json")
-    return None if index is None else index.get("_class_name")

@@ -60,8 +60,9 @@ class Entry(Generic[T]):
 
 
 class Registry(Generic[T]):
-    """Names → objects of one kind. ``registry.get(name)`` returns the object; ``registry.entry(name)`` the
-    :class:`Entry` with its summary and metadata; ``registry.names()`` lists them in registration order."""
+    """Names → objects of one kind. ``registry.get(name)`` (or ``registry[name]``) returns the object;
+    ``registry.entry(name)`` the :class:`Entry` with its summary and metadata; ``registry.names()`` lists them
+    in registration order."""
 
     def __init__(self, kind: str, *, what: str | None = None, normalize: Callable[[str], str] | None = None):
         self.kind = kind  # plural, e.g. "judges": the entry-point group is safe_diffusion.<kind>
@@ -148,6 +149,10 @@ class Registry(Generic[T]):
             return entry.load()
         except (ImportError, AttributeError) as exc:
             raise InputError(f"{self.what} {entry.name!r} cannot be loaded from {entry.target!r}: {exc}") from None
+
+    def __getitem__(self, name: str) -> T:
+        """``registry[name]`` is :meth:`get`."""
+        return self.get(name)
 
     def canonical(self, name: str) -> str:
         """The registered name that `name` (any case, or an alias) stands for."""

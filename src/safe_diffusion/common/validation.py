@@ -7,8 +7,11 @@ returns the normalised value, so callers write ``steps = check_int("--steps", st
 from __future__ import annotations
 
 import math
+import socket
+from pathlib import Path
 from typing import Any
 
+from .devices import check_device as check_device  # re-exported: the --device check is one of these checks
 from .errors import InputError
 
 #: Seeds go to ``torch.Generator.manual_seed``, which takes 64-bit values; image k uses seed + k.
@@ -87,32 +90,6 @@ def check_text(name: str, value: Any, *, allow_empty: bool = False) -> str:
     return text
 
 
-def check_device(name: str, value: str | None):
-    """A torch device that exists on this machine (None: the default device)."""
-    import torch
-
-    from .loading import default_device
-
-    if value is None:
-        return default_device()
-    try:
-        device = torch.device(str(value).strip())
-    except (RuntimeError, ValueError):
-        raise InputError(f"{name} {value!r} is not a device; use e.g. cpu, cuda, cuda:1 or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"{name} {value!r}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"{name} {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise InputError(f"{name} {value!r}: MPS is not available on this machine; use --device cpu")
-    elif device.type != "cpu":
-        raise InputError(f"{name} {value!r} is not supported; use cpu, cuda or mps")
-    return device
-
-
 #: ``--safety`` values: no SLD, or one of the paper's presets.
 SAFETY_CHOICES = ("off", "weak", "medium", "strong", "max")
 
@@ -181,16 +158,8 @@ def warmup_problems(terms: Any, steps: int) -> list[str]:
     return problems
 
 
-def guidance_problems(terms: Any, *, steps: int, guidance_scale: float) -> list[str]:
-    """Why some of `terms` would leave the image exactly as unguided: each reason one line, empty if none."""
-    cfg = cfg_problem(terms, guidance_scale)
-    return ([cfg] if cfg else []) + warmup_problems(terms, steps)
-
-
 def check_host(name: str, host: str, port: int = 0) -> str:
     """An address this machine can listen on (a name that resolves, an IP of one of its interfaces)."""
-    import socket
-
     host = check_text(name, host).strip()
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -211,8 +180,6 @@ def read_lines(path: Any, what: str, *, empty: str) -> list[str]:
     `what` names the file in messages ("prompts file", "--erase-file file"); `empty` says what a file
     without such lines lacks ("has no prompts").
     """
-    from pathlib import Path
-
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:

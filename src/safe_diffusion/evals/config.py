@@ -18,11 +18,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from ..common import provenance
 from ..common.errors import InputError
-from ..common.validation import SAFETY_CHOICES, check_safety
+from ..common.loading import check_model_reference
+from ..common.validation import (
+    SAFETY_CHOICES,
+    cfg_problem,
+    check_float,
+    check_image_side,
+    check_int,
+    warmup_problems,
+)
+from ..erasure.folder import read_erasure_record
+
+if TYPE_CHECKING:  # the store and the reports read configs without torch: Mitigation is imported where used
+    from ..guidance.mitigation import Mitigation
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +45,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 PROTOCOL_DTYPE = "float32"  # the official I2P code generates in float32
 SAFETY_PRESETS = SAFETY_CHOICES
 GOLDEN = 0x9E3779B97F4A7C15
+DEFAULT_GUIDANCE_SCALE = 7.5  # the I2P protocol's, for suites without a guidance column
 SEED_RULE = (
     "image k of a prompt: torch.Generator('cpu').manual_seed((seed + k * 0x9E3779B97F4A7C15) mod 2**63),"
     " seed = the suite's per-prompt seed (else base_seed + row)"
@@ -50,16 +64,6 @@ class ModelRecord:
 
 
 @dataclass(frozen=True)
-class MitigationRecord:
-    kind: str  # none | negative_prompt | sld | erased | erased+sld (| ...+negative_prompt)
-    label: str  # for reports: "SD", "negative prompt", "SLD strong", "UCE", "UCE + SLD strong", ...
-    sld_preset: str | None = None  # weak | medium | strong | max | custom
-    guidance: list = field(default_factory=list)  # every guidance term's describe()
-    negative_prompt: str | None = None
-    erasure: dict | None = None  # the model folder's erasure.json
-
-
-@dataclass(frozen=True)
 class GenerationRecord:
     dtype: str
     height: int
@@ -73,18 +77,36 @@ class GenerationRecord:
     base_seed: int = 0
     guidance_source: str = "given"  # given | suite
 
+    def scale_of(self, prompt) -> float:
+        """The classifier-free guidance scale of `prompt`'s images: the run's, else the prompt's own, else 7.5."""
+        if self.guidance_scale is not None:
+            return self.guidance_scale
+        return DEFAULT_GUIDANCE_SCALE if prompt.guidance is None else prompt.guidance
+
 
 @dataclass(frozen=True)
 class RunConfig:
     suite: dict  # Suite.record() + "categories" (the filter) + "per_prompt": fields the suite supplies
     model: ModelRecord
-    mitigation: MitigationRecord
+    mitigation: Mitigation
     generation: GenerationRecord
     schema: str = CONFIG_SCHEMA
     schema_version: int = CONFIG_SCHEMA_VERSION
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """JSON-ready, as the run folder's config.json holds it."""
+        return json.loads(
+            json.dumps(
+                {
+                    "suite": self.suite,
+                    "model": dataclasses.asdict(self.model),
+                    "mitigation": self.mitigation.to_dict(),
+                    "generation": dataclasses.asdict(self.generation),
+                    "schema": self.schema,
+                    "schema_version": self.schema_version,
+                }
+            )
+        )
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
@@ -98,7 +120,7 @@ class RunConfig:
         return cls(
             suite=data["suite"],
             model=ModelRecord(**data["model"]),
-            mitigation=MitigationRecord(**data["mitigation"]),
+            mitigation=_mitigation_type().from_dict(data["mitigation"]),
             generation=GenerationRecord(**data["generation"]),
         )
 
@@ -109,6 +131,12 @@ class RunConfig:
     @property
     def label(self) -> str:
         return self.mitigation.label
+
+
+def _mitigation_type():
+    from ..guidance.mitigation import Mitigation
+
+    return Mitigation
 
 
 def identity_of(config: dict) -> dict:
@@ -142,70 +170,6 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {short(a.get(k))} -> {short(b.get(k))}" for k in keys if a.get(k) != b.get(k)]
 
 
-# -- guidance terms ---------------------------------------------------------------------------------
-
-
-def describe_term(term) -> dict:
-    """A guidance term's JSON-ready settings (each term describes itself)."""
-    return term.describe()
-
-
-def safety_terms(preset: str, concept: str | None = None) -> list:
-    """The SLD term of a preset (none for "off")."""
-    from ..guidance import safety_terms as terms_of
-
-    return terms_of(parse_safety(preset), concept)
-
-
-def parse_safety(value: str | None) -> str:
-    return check_safety("safety", value)
-
-
-def erasure_label(record: dict) -> str:
-    if record.get("label"):
-        return str(record["label"])
-    method = str(record.get("method", "erased"))
-    return {"uce": "UCE", "rece": "RECE", "esd-x": "ESD-x", "esd-u": "ESD-u"}.get(method.lower(), method)
-
-
-def build_mitigation(
-    model: str, *, safety: str = "off", terms: list | None = None, negative_prompt: str | None = None
-) -> tuple[MitigationRecord, list]:
-    """The mitigation record and the guidance terms to attach.
-
-    `safety`: an SLD preset, or "custom" with `terms` (any guidance terms); `negative_prompt`: the
-    same for every image (a suite's per-prompt negative prompts are recorded with the suite).
-    """
-    if terms is not None:
-        preset = "custom" if terms else "off"
-    else:
-        preset = parse_safety(safety)
-        terms = safety_terms(preset)
-    from ..erasure import read_erasure_record
-
-    erasure = read_erasure_record(model)
-    parts, kinds = [], []
-    if erasure is not None:
-        parts.append(erasure_label(erasure))
-        kinds.append("erased")
-    if preset != "off":
-        parts.append(f"SLD {preset}")
-        kinds.append("sld")
-    if negative_prompt:
-        parts.append("negative prompt")
-        kinds.append("negative_prompt")
-    label = " + ".join(parts) if parts else "SD"
-    record = MitigationRecord(
-        kind="+".join(kinds) or "none",
-        label=label,
-        sld_preset=None if preset == "off" else preset,
-        guidance=[describe_term(t) for t in terms],
-        negative_prompt=negative_prompt,
-        erasure=erasure,
-    )
-    return record, terms
-
-
 # -- the whole config --------------------------------------------------------------------------------
 
 
@@ -222,8 +186,8 @@ def build_run_config(
     model: str,
     *,
     categories: tuple[str, ...] | None = None,
+    mitigation: Mitigation | None = None,
     safety: str = "off",
-    terms: list | None = None,
     negative_prompt: str | None = None,
     dtype: str | None = None,
     height: int | None = None,
@@ -236,22 +200,18 @@ def build_run_config(
 ) -> tuple[RunConfig, list]:
     """A :class:`RunConfig` and the guidance terms it stands for; loads no weights.
 
+    `mitigation`: what the run does against unwanted content (:meth:`Mitigation.build`); without it, the
+    SLD preset `safety` and `negative_prompt`. The model folder's erasure record joins it either way.
     `guidance_scale` None: the suite's per-prompt guidance when it has a guidance column, else 7.5.
     `height`/`width` None: the checkpoint's native size. `images_per_prompt` None: the suite's default
     (I2P: 10, adversarial suites: 1).
     """
-    from ..common import provenance
-    from ..common.loading import check_model_reference
-    from ..common.validation import check_float, check_image_side, check_int, check_text
-
     check_model_reference(model)
     steps = check_int("--steps", steps, minimum=1, maximum=10_000)
     batch_size = check_int("--batch-size", batch_size, minimum=1, maximum=MAX_BATCH)
     n = images_per_prompt if images_per_prompt is not None else suite.images_per_prompt
     n = check_int("--images-per-prompt", n, minimum=1, maximum=MAX_IMAGES_PER_PROMPT)
     base_seed = check_int("--seed", base_seed, minimum=0, maximum=2**63 - 1)
-    if negative_prompt is not None:
-        negative_prompt = check_text("--negative-prompt", negative_prompt, allow_empty=True) or None
     height = check_image_side("--height", height)
     width = check_image_side("--width", width)
     if (height is None) != (width is None):
@@ -270,15 +230,16 @@ def build_run_config(
     elif "guidance" in suite.columns:
         guidance_source = "suite"
     else:
-        guidance_scale, guidance_source = 7.5, "given"
+        guidance_scale, guidance_source = DEFAULT_GUIDANCE_SCALE, "given"
     identity = provenance.model_identity(model)
     scheduler = None
-    index = provenance._read_config(model, "model_index.json") or {}
+    index = provenance.read_config(model, "model_index.json") or {}
     if isinstance(index.get("scheduler"), list) and len(index["scheduler"]) == 2:
         scheduler = index["scheduler"][1]
-    mitigation, guidance_terms = build_mitigation(model, safety=safety, terms=terms, negative_prompt=negative_prompt)
-    from ..common.validation import cfg_problem, warmup_problems
-
+    if mitigation is None:
+        mitigation = _mitigation_type().build(safety=safety, negative_prompt=negative_prompt)
+    mitigation = mitigation.with_erasure(read_erasure_record(model))
+    guidance_terms = mitigation.terms()
     problem = cfg_problem(guidance_terms, guidance_scale) if guidance_scale is not None else None
     if problem is None and guidance_terms and guidance_source == "suite":
         low = min((p.guidance for p in suite.prompts if p.guidance is not None), default=None)

@@ -225,9 +225,9 @@ def score_store(store) -> dict:
         raise InputError(f"run {str(store.path)!r} is not judged yet; run `safe-diffusion eval classify {store.path}`")
     suite = store.config.get("suite", {})
     from ..guidance.activity import run_label
-    from .suites import _REGISTRY
+    from .suites import find_suite_spec
 
-    spec = _REGISTRY.get(suite.get("name", ""))
+    spec = find_suite_spec(suite.get("name", ""))
     vocabulary = None
     if spec is not None and spec.vocabulary:
         vocabulary = list(spec.vocabulary)

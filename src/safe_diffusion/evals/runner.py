@@ -16,13 +16,21 @@ was extended with a larger limit — the pixels are bit-identical, not merely cl
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+from ..common.errors import InputError
+from ..common.hashing import sha256_bytes
+from ..common.outputs import atomic_write_bytes
 from ..common.progress import ProgressLog
-from .store import RunStore, clean_temp_files, image_key, image_name
+from ..engine import guide
+from .config import GenerationRecord, RunConfig
+from .store import RunStore, clean_temp_files, image_name
 from .suites import Prompt
 
 logger = logging.getLogger(__name__)
@@ -39,36 +47,7 @@ def image_seed(seed: int, k: int) -> int:
     return (seed + k * _GOLDEN) % (2**63)
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    images_per_prompt: int = 10
-    steps: int = 50
-    guidance_scale: float | None = 7.5  # None: each prompt's own
-    height: int = 512
-    width: int = 512
-    batch_size: int = 8
-    negative_prompt: str | None = None
-
-    @classmethod
-    def from_config(cls, config: dict) -> GenerationSettings:
-        g = config["generation"]
-        return cls(
-            images_per_prompt=g["images_per_prompt"],
-            steps=g["steps"],
-            guidance_scale=g["guidance_scale"],
-            height=g["height"],
-            width=g["width"],
-            batch_size=g["batch_size"],
-            negative_prompt=config["mitigation"].get("negative_prompt"),
-        )
-
-    def scale_of(self, prompt: Prompt) -> float:
-        if self.guidance_scale is not None:
-            return self.guidance_scale
-        return 7.5 if prompt.guidance is None else prompt.guidance
-
-
-def plan(prompts: list[Prompt], settings: GenerationSettings) -> list[list[tuple[Prompt, int]]]:
+def plan(prompts: list[Prompt], settings: GenerationRecord) -> list[list[tuple[Prompt, int]]]:
     """All (prompt, image_index) of the selection in key order, cut into fixed batches."""
     batches: list[list[tuple[Prompt, int]]] = []
     current: list[tuple[Prompt, int]] = []
@@ -85,7 +64,7 @@ def plan(prompts: list[Prompt], settings: GenerationSettings) -> list[list[tuple
     return batches
 
 
-def shard_keys(store: RunStore, settings: GenerationSettings, process_index: int, num_processes: int) -> set:
+def shard_keys(store: RunStore, settings: GenerationRecord, process_index: int, num_processes: int) -> set:
     """The wanted keys of this process's batches."""
     wanted = set(store.wanted_keys())
     batches = plan(store.prompts(), settings)[process_index::num_processes]
@@ -106,27 +85,29 @@ def report_image_problems(store: RunStore, keys: set) -> int:
 
 def generate(
     pipe,
-    terms: list,
     store: RunStore,
-    settings: GenerationSettings,
+    config: RunConfig | None = None,
     *,
+    terms: list | None = None,
     process_index: int = 0,
     num_processes: int = 1,
     show_progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
 ) -> int:
-    """Generate this process's missing images into `store`; returns how many it wrote."""
-    import hashlib
+    """Generate this process's missing images into `store`; returns how many it wrote.
 
-    import torch
-
-    from ..common.outputs import atomic_write_bytes
-    from ..pipelines import guide
+    `config`: the run's (default: the one frozen in `store`); `terms`: the guidance terms (default: those
+    the config's mitigation rebuilds from its record), the negative prompt is the mitigation's.
+    """
+    if config is None:
+        config = RunConfig.from_dict(store.config)
+    settings = config.generation
+    if terms is None:
+        terms = config.mitigation.terms()
+    default_negative = config.mitigation.negative_prompt
 
     # diffusers warns with the prompt text when it truncates a prompt: suite prompts must not reach logs.
     logging.getLogger("diffusers.pipelines").setLevel(logging.ERROR)
-    from diffusers.utils import logging as diffusers_logging
-
     diffusers_logging.set_verbosity_error()
     wanted = set(store.wanted_keys())
     batches = plan(store.prompts(), settings)[process_index::num_processes]
@@ -142,9 +123,7 @@ def generate(
         for batch in todo:
             texts = [p.text for p, _ in batch]
             generators = [torch.Generator("cpu").manual_seed(image_seed(p.seed, k)) for p, k in batch]
-            negatives = [
-                p.negative_prompt if p.negative_prompt is not None else settings.negative_prompt for p, _ in batch
-            ]
+            negatives = [p.negative_prompt if p.negative_prompt is not None else default_negative for p, _ in batch]
             negative = None if all(n is None for n in negatives) else [n or "" for n in negatives]
             images = pipe(
                 prompt=texts,
@@ -159,8 +138,6 @@ def generate(
             for (p, k), image in zip(batch, images):
                 if (p.index, k) not in wanted or (p.index, k) in done:
                     continue
-                import io
-
                 buf = io.BytesIO()
                 image.save(buf, format="PNG")
                 data = buf.getvalue()
@@ -173,7 +150,7 @@ def generate(
                         "seed": image_seed(p.seed, k),
                         "image": name,
                         "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest(),
+                        "sha256": sha256_bytes(data),
                     }
                 )
             store.add_images(rows)  # ... before its record is appended
@@ -186,8 +163,6 @@ def generate(
 
 def check_judges(store: RunStore, judges: list) -> None:
     """Refuse to add judgments from a judge configured differently from the one that judged this run."""
-    from ..common.errors import InputError
-
     recorded = store.judges()
     for judge in judges:
         old = recorded.get(judge.name)
@@ -248,7 +223,3 @@ def classify(
         if len(failures) > 5:
             print(f"warning: {judge.name} has no verdict for {len(failures) - 5} more image(s)", file=sys.stderr)
     return count
-
-
-def image_keys_for(store: RunStore) -> list[str]:
-    return [image_key(p, k) for p, k in store.wanted_keys()]

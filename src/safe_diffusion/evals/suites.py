@@ -10,12 +10,15 @@ Prompts are kept exactly as the file has them (I2P's ``Null``, its four zero-wid
 and its four prompts with line breaks included): they are what the model is given, and duplicates
 are pooled by exact text when scoring. Every loaded suite is recorded by name, source, revision,
 content hash and row count (:meth:`Suite.record`).
+
+Over 500 lines because the registered specs (ten suites' sources, columns, licences and how to get
+them) are code here; issue 19 moves them to data files loaded by the registry, which leaves the loader.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import hashlib
 import io
 import json
 import math
@@ -24,6 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common.errors import InputError
+from ..common.hashing import sha256_bytes, sha256_file
+from ..common.hub import hub_errors
+from ..common.registry import Registry
+from ..common.validation import MAX_SEED
+from .coco import load_coco_captions
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUNDLED_CSV = DATA_DIR / "i2p_benchmark.csv"
@@ -82,11 +90,14 @@ _COMMON = {
     "negative_prompt": ("negative_prompt",),
 }
 
-_REGISTRY: dict[str, SuiteSpec] = {}
+#: Suites by name (a :class:`SuiteSpec`); other packages add theirs through the entry points
+#: ``safe_diffusion.suites`` (:mod:`safe_diffusion.common.registry`).
+SUITES: Registry[SuiteSpec] = Registry("suites")
 
 
 def register_suite(spec: SuiteSpec) -> None:
-    _REGISTRY[spec.name] = spec
+    """Make suite `spec.name` usable as ``--suite NAME`` (registering a name again replaces it)."""
+    SUITES.register(spec.name, spec, summary=spec.title, replace=True)
 
 
 register_suite(
@@ -173,8 +184,6 @@ register_suite(
 
 def _coco_loader(subset: str | None) -> Callable[[str, int], tuple[list[Prompt], dict[str, str]]]:
     def load(path: str, base_seed: int) -> tuple[list[Prompt], dict[str, str]]:
-        from .coco import load_coco_captions
-
         captions = load_coco_captions(path, subset)
         prompts = [Prompt(c.index, c.text, ("coco",), base_seed + c.index) for c in captions.captions]
         source = captions.source
@@ -203,17 +212,21 @@ for _subset in (None, "5k", "10k", "30k"):
     )
 
 def available_suites() -> list[str]:
-    return list(_REGISTRY)
+    return SUITES.names()
 
 
 def get_suite_spec(name: str) -> SuiteSpec:
-    key = name.strip().lower()
-    if key not in _REGISTRY:
+    if name not in SUITES:
         raise InputError(
-            f"unknown suite {name!r}; choose from: {', '.join(_REGISTRY)},"
+            f"unknown suite {name!r}; choose from: {', '.join(SUITES.names())},"
             " or give a CSV/Parquet file with a prompt column"
         )
-    return _REGISTRY[key]
+    return SUITES.get(name)
+
+
+def find_suite_spec(name: str) -> SuiteSpec | None:
+    """The spec registered as `name`, or None (a suite loaded from a file has none)."""
+    return SUITES.get(name) if name in SUITES else None
 
 
 @dataclass(frozen=True)
@@ -238,7 +251,7 @@ class Suite:
     def categories(self) -> tuple[str, ...]:
         """Every category label of the suite, the known vocabulary's order first."""
         seen = dict.fromkeys(c for p in self.prompts for c in p.categories)
-        spec = _REGISTRY.get(self.name)
+        spec = find_suite_spec(self.name)
         order = list(spec.vocabulary) if spec and spec.vocabulary else []
         return tuple([c for c in order if c in seen] + [c for c in seen if c not in order])
 
@@ -276,12 +289,13 @@ def read_table(data: bytes, name: str, fmt: str) -> tuple[list[str], list[dict]]
         if not data:
             raise InputError(f"{name} is empty")
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
-
-            table = pq.read_table(io.BytesIO(data))
         except ImportError:
             raise InputError("Parquet needs pyarrow: pip install 'safe-diffusion[eval]'") from None
-        except Exception as exc:
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError, ValueError) as exc:
             raise InputError(f"{name}: not a readable Parquet file ({type(exc).__name__})") from None
         return list(table.column_names), table.to_pylist()
     text = decode_text_file(data, name)
@@ -325,8 +339,6 @@ def parse_categories(value, where: str, vocabulary: tuple[str, ...] | None = Non
 
 
 def _seed(value, where: str, column: str = "seed") -> int:
-    from ..common.validation import MAX_SEED
-
     bad = InputError(f"{where}: {column} {value!r} is not a whole number")
     if isinstance(value, bool) or value is None:
         raise bad
@@ -452,7 +464,7 @@ def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[st
             data = path.read_bytes()
             commit = path.parent.name if path.parent.parent.name == "snapshots" else revision
             header, rows = read_table(data, f"hub dataset {repo}", _format_of(path))
-            return header, rows, f"hub:{repo}", hashlib.sha256(data).hexdigest(), commit
+            return header, rows, f"hub:{repo}", sha256_bytes(data), commit
         try:
             import datasets
         except ImportError:
@@ -462,10 +474,8 @@ def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[st
         from huggingface_hub import HfApi, constants
 
         if revision is None and not constants.HF_HUB_OFFLINE:
-            try:
+            with contextlib.suppress(*hub_errors()):  # load_dataset reports the reason below
                 revision = HfApi().dataset_info(repo).sha
-            except Exception:
-                pass  # load_dataset reports the reason below
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()
         ds = datasets.load_dataset(repo, split=spec.split, revision=revision)
@@ -473,7 +483,7 @@ def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[st
         header = list(ds.column_names)
     except InputError:
         raise
-    except Exception as exc:  # offline, gated, unknown: all mean "not available here"
+    except hub_errors() as exc:  # offline, gated, unknown: all mean "not available here"
         text = " ".join(str(exc).split())
         kind = type(exc).__name__
         if "Gated" in kind or "gated" in text.lower() or "401" in text or "403" in text:
@@ -484,7 +494,7 @@ def _load_hub(spec: SuiteSpec, repo: str, revision: str | None) -> tuple[list[st
         first = text.split(". ")[0][:160] or kind
         raise InputError(f"cannot load hub dataset {repo!r} ({first}){how}") from None
     canonical = json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str).encode()
-    return header, rows, f"hub:{repo}", hashlib.sha256(canonical).hexdigest(), revision
+    return header, rows, f"hub:{repo}", sha256_bytes(canonical), revision
 
 
 def load_suite(
@@ -504,7 +514,7 @@ def load_suite(
     """
     suite = suite or "i2p"
     path = Path(suite)
-    if suite.strip().lower() not in _REGISTRY and (path.suffix.lower() in FILE_SUFFIXES or path.exists()):
+    if suite not in SUITES and (path.suffix.lower() in FILE_SUFFIXES or path.exists()):
         if data is not None:
             raise InputError("--data is for named suites; --suite already names a file")
         spec = SuiteSpec(name=path.stem, title=path.name, columns=dict(_COMMON))
@@ -522,7 +532,7 @@ def load_suite(
             title=spec.title,
             prompts=prompts,
             source=str(file.resolve()),
-            sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
+            sha256=sha256_file(file),
             columns=details,
             images_per_prompt=spec.images_per_prompt,
             licence=spec.licence,
@@ -540,7 +550,7 @@ def load_suite(
         if spec.bundled is None:
             raise InputError(f"suite {spec.name!r} has no bundled copy; pass --data FILE or --data hub")
         raw = spec.bundled.read_bytes()
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = sha256_bytes(raw)
         if spec.bundled_sha256 and digest != spec.bundled_sha256:
             raise InputError(
                 f"the bundled {spec.bundled.name} is damaged (sha256 {digest[:12]}…); reinstall safe-diffusion"
@@ -560,7 +570,7 @@ def load_suite(
             raise InputError(f"suite file {source_spec!r} is not a file")
         raw = file.read_bytes()
         header, rows = read_table(raw, source_spec, _format_of(file))
-        source, digest, revision = str(file.resolve()), hashlib.sha256(raw).hexdigest(), None
+        source, digest, revision = str(file.resolve()), sha256_bytes(raw), None
     name = source if source != "bundled" else f"bundled {spec.bundled.name}"
     prompts, used = parse_rows(
         header, rows, source_spec if source_spec not in ("bundled",) else name, spec, columns, base_seed
@@ -583,7 +593,7 @@ def parse_category_filter(values: list[str] | None, suite: Suite | None = None) 
     if not values:
         return None
     known = suite.categories if suite is not None else I2P_CATEGORIES
-    spec = _REGISTRY.get(suite.name) if suite is not None else None
+    spec = find_suite_spec(suite.name) if suite is not None else None
     vocabulary = (spec.vocabulary if spec and spec.vocabulary else None) or known
     return parse_categories(",".join(values), "--categories", tuple(vocabulary))
 
@@ -609,4 +619,4 @@ def parse_prompt_csv(data: bytes, name: str) -> Suite:
     spec = get_suite_spec("i2p")
     header, rows = read_table(data, name, "csv")
     prompts, used = parse_rows(header, rows, name, spec)
-    return Suite("i2p", "I2P", prompts, name, hashlib.sha256(data).hexdigest(), columns=used, images_per_prompt=10)
+    return Suite("i2p", "I2P", prompts, name, sha256_bytes(data), columns=used, images_per_prompt=10)

@@ -5,10 +5,15 @@ turns the estimates into a correction of the prompt's estimate ε_p: the pipelin
 classifier-free guidance, ε_∅ + s_g·(ε_p + Δ − ε_∅), then yields the guided estimate. Terms hold
 no tensors between runs; each run's state is created by :meth:`initial_state` and passed back in.
 
-Every term describes itself (:meth:`describe`: JSON-ready settings for sidecars and run records),
-says in which prediction space its thresholds and scales act (``space``, see :data:`SPACES` and
-docs/guidance.md), and may give its warm-up as a fraction of the schedule, resolved to steps for
-one run by :meth:`for_schedule`.
+Every term is a config object in the spirit of diffusers' ``register_to_config`` / ``from_config``:
+:meth:`to_config` gives its constructor arguments as a JSON-ready dict with a ``"type"`` key, and
+``type(term).from_config(config)`` (or :func:`safe_diffusion.guidance.mitigation.term_from_config`,
+which reads the type) builds an equal term, so a run's record rebuilds the guidance it used.
+:meth:`describe` is that config plus read-only facts (:data:`READ_ONLY_KEYS`: the prediction space
+the term acts in on a given model, Fair Diffusion's per-image directions). A term says in which
+prediction space its thresholds and scales act (``space``, see :data:`SPACES` and docs/guidance.md),
+and may give its warm-up as a fraction of the schedule, resolved to steps for one run by
+:meth:`for_schedule`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .fair import check_proportions, directions_for_seeds, minimal_run_length
 from .sega import needs_edit_estimate, sega_step
 from .sld import DEFAULT_SAFETY_CONCEPT, SafetyConfig, needs_safety_estimate, sld_step
 
@@ -49,25 +55,73 @@ def steps_from_fraction(fraction: float, total_steps: int) -> int:
     return int(float(fraction) * total_steps)
 
 
-def _describe_value(value):
+#: Keys :meth:`describe` adds to a term's config: facts about one use of it, never constructor arguments.
+READ_ONLY_KEYS = ("prediction", "acts_in", "assigned_directions")
+#: How :meth:`describe` shows a concept given as precomputed embeddings (such a term has no config).
+EMBEDDINGS = "<embeddings>"
+
+
+def _config_value(value, *, strict: bool):
     if isinstance(value, torch.Tensor):
-        return "<embeddings>"
+        if strict:
+            raise ValueError("a term built from precomputed embeddings has no config: give its concepts as text")
+        return EMBEDDINGS
     if isinstance(value, (list, tuple)):
-        return [_describe_value(v) for v in value]
+        return [_config_value(v, strict=strict) for v in value]
     return value
 
 
-def describe_fields(term, prediction: str | None = None) -> dict:
-    """``{"type": …, <every constructor field>…}`` of a dataclass term, JSON-ready (embeddings as
-    ``"<embeddings>"``). Given the pipeline's `prediction` type ("epsilon", "v_prediction", "flow"), also
-    ``"prediction"`` and ``"acts_in"``: the space ("model" or "epsilon") the term's ``space`` setting means there."""
+def config_fields(term, *, strict: bool = True) -> dict:
+    """``{"type": …, <every constructor field>…}`` of a dataclass term, JSON-ready. `strict`: a concept given as
+    embeddings raises ValueError (a config must rebuild the term); otherwise it shows as ``"<embeddings>"``."""
     out = {"type": type(term).__name__}
     for f in dataclasses.fields(term):
         if f.init:
-            out[f.name] = _describe_value(getattr(term, f.name))
+            out[f.name] = _config_value(getattr(term, f.name), strict=strict)
+    return out
+
+
+def describe_fields(term, prediction: str | None = None) -> dict:
+    """:func:`config_fields` (embeddings as ``"<embeddings>"``) and, given the pipeline's `prediction` type
+    ("epsilon", "v_prediction", "flow"), ``"prediction"`` and ``"acts_in"``: the space ("model" or "epsilon")
+    the term's ``space`` setting means there."""
+    out = config_fields(term, strict=False)
     if prediction is not None:
         out["prediction"] = prediction
         out["acts_in"] = resolve_space(getattr(term, "space", "auto"), prediction)
+    return out
+
+
+class ConfigTerm:
+    """The config round trip of a dataclass term: :meth:`to_config` and :meth:`from_config`."""
+
+    def to_config(self) -> dict:
+        """The constructor arguments, JSON-ready, with ``"type"``: the class name."""
+        return config_fields(self)
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """The term `config` describes (a :meth:`to_config` or :meth:`describe` output): read-only keys are
+        ignored; a config of another type, or with unknown keys, raises ValueError."""
+        config = dict(config)
+        kind = config.pop("type", cls.__name__)
+        if kind != cls.__name__:
+            raise ValueError(f"a {kind} config cannot build a {cls.__name__}")
+        for key in READ_ONLY_KEYS:
+            config.pop(key, None)
+        if EMBEDDINGS in _flatten(config.values()):
+            raise ValueError(f"this {kind} was built from precomputed embeddings, which its record does not hold")
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ValueError(f"{kind} has no setting {', '.join(map(repr, unknown))}")
+        return cls(**config)
+
+
+def _flatten(values) -> list:
+    out = []
+    for value in values:
+        out.extend(_flatten(value) if isinstance(value, (list, tuple)) else [value])
     return out
 
 
@@ -84,8 +138,10 @@ def resolve_space(space: str, prediction: str) -> str:
 class GuidanceTerm(Protocol):
     """What the engine (:mod:`safe_diffusion.engine`) asks of a term.
 
-    Optional members, used when present: ``space`` (one of :data:`SPACES`, default "auto") and
-    ``for_schedule(total_steps)`` (the term with fractional warm-ups resolved for one run).
+    Optional members, used when present: ``space`` (one of :data:`SPACES`, default "auto"),
+    ``for_schedule(total_steps)`` (the term with fractional warm-ups resolved for one run), and
+    ``to_config()`` / ``from_config(config)`` (:class:`ConfigTerm`: what lets a run's record rebuild the term;
+    a dataclass term without them is serialised from its fields).
     """
 
     @property
@@ -112,7 +168,8 @@ class GuidanceTerm(Protocol):
 
 
 def for_schedule(terms: Sequence[GuidanceTerm], total_steps: int) -> list[GuidanceTerm]:
-    """The terms for a run of `total_steps` denoiser evaluations (fractional warm-ups resolved where a term has them)."""
+    """The terms for a run of `total_steps` denoiser evaluations (fractional warm-ups resolved where a term has
+    them)."""
     return [t.for_schedule(int(total_steps)) if callable(getattr(t, "for_schedule", None)) else t for t in terms]
 
 
@@ -122,7 +179,7 @@ def needed_concepts(terms: Sequence[GuidanceTerm], step: int) -> list[tuple[int,
 
 
 @dataclass(frozen=True)
-class SafetyGuidance:
+class SafetyGuidance(ConfigTerm):
     """Safe Latent Diffusion (Schramowski et al., CVPR 2023): steer away from a safety concept.
 
     Defaults are the MEDIUM preset, as in diffusers' ``StableDiffusionPipelineSafe``. Steps count
@@ -207,7 +264,7 @@ def _per_concept(value, n: int, name: str) -> list:
 
 
 @dataclass(frozen=True)
-class SemanticGuidance:
+class SemanticGuidance(ConfigTerm):
     """Semantic guidance, SEGA (Brack et al., NeurIPS 2023): add or remove concepts.
 
     Every per-concept setting is a single value or a list with one entry per concept; `reverse`
@@ -222,12 +279,12 @@ class SemanticGuidance:
     scale: float | Sequence[float] = 5.0
     threshold: float | Sequence[float] = 0.9
     warmup_steps: int | Sequence[int] = 10
-    cooldown_steps: int | None | Sequence[int | None] = None
+    cooldown_steps: int | Sequence[int | None] | None = None
     weights: Sequence[float] | None = None
     momentum_scale: float = 0.1
     mom_beta: float = 0.4
-    warmup_fraction: float | None | Sequence[float | None] = None
-    cooldown_fraction: float | None | Sequence[float | None] = None
+    warmup_fraction: float | Sequence[float | None] | None = None
+    cooldown_fraction: float | Sequence[float | None] | None = None
     space: str = "auto"
     _signs: tuple = field(init=False, repr=False, compare=False)
 
@@ -258,7 +315,8 @@ class SemanticGuidance:
         return self._signs
 
     def for_schedule(self, total_steps: int) -> SemanticGuidance:
-        """This term for a run of `total_steps` denoiser evaluations: fractional warm-ups/cool-downs turned into steps."""
+        """This term for a run of `total_steps` denoiser evaluations: fractional warm-ups/cool-downs turned into
+        steps."""
         if self.warmup_fraction is None and self.cooldown_fraction is None:
             return self
         changes: dict = {"warmup_fraction": None, "cooldown_fraction": None}
@@ -310,7 +368,7 @@ class SemanticGuidance:
 
 
 @dataclass(frozen=True)
-class FairGuidance:
+class FairGuidance(ConfigTerm):
     """Fair Diffusion (Friedrich et al., 2023): each image gets one edit direction, added while the others are removed.
 
     Which image gets which direction is decided by :mod:`safe_diffusion.guidance.fair` from the
@@ -336,8 +394,6 @@ class FairGuidance:
     _semantic: SemanticGuidance = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        from .fair import check_proportions, minimal_run_length
-
         _check_space(self.space)
         _check_fraction("warmup_fraction", self.warmup_fraction)
         directions = [self.directions] if isinstance(self.directions, str) else list(self.directions)
@@ -375,8 +431,6 @@ class FairGuidance:
 
     def assignments(self) -> list[int]:
         """Per image of the bound batch, the index of its direction."""
-        from .fair import directions_for_seeds
-
         if self.seeds is None:
             raise ValueError("FairGuidance must be bound to the images' seeds: use .for_seeds(seeds)")
         return directions_for_seeds(self.seeds, self.proportions, self.run_length)
@@ -416,11 +470,6 @@ class FairGuidance:
     def apply(self, eps_uncond, eps_text, eps_concepts, step, state, guidance_scale):
         signs = self.signs(eps_uncond.shape[0])
         return self._semantic.apply_signed(eps_uncond, eps_concepts, step, state, guidance_scale, signs)
-
-
-def describe_term(term: Any) -> dict:
-    """What a run records about a term: its type and every hyper-parameter it was built with."""
-    return describe_fields(term)
 
 
 def describe_terms(terms: Sequence[Any]) -> list[dict]:

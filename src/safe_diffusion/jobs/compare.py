@@ -12,12 +12,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from ..common.outputs import library_versions
+from ..engine import guide
+from ..guidance import describe_terms
+from ..guidance.mitigation import bind_to_seeds
+
 KINDS = ("unguided", "guided")
-
-
-def bind_to_seeds(terms: Sequence, seeds: Sequence[int]) -> list:
-    """Terms that decide per image from its seed (Fair Diffusion) bound to this batch's seeds."""
-    return [t.for_seeds(list(seeds)) if hasattr(t, "for_seeds") else t for t in terms]
 
 
 @dataclass
@@ -45,9 +47,8 @@ class GuidedImages:
 
     def record(self, index: int, kind: str) -> dict:
         """JSON-ready: the image's seed, the guidance applied to it and, for Fair Diffusion, its direction."""
-        from ..guidance import describe_terms
-
-        out: dict[str, Any] = {"seed": self.seeds[index], "guidance": describe_terms(self.terms if kind == "guided" else [])}
+        applied = self.terms if kind == "guided" else []
+        out: dict[str, Any] = {"seed": self.seeds[index], "guidance": describe_terms(applied)}
         direction = self.fair_direction(index) if kind == "guided" else None
         if direction is not None:
             out["fair_direction"] = direction
@@ -67,10 +68,6 @@ def generate_guided_images(
     """`pipe(prompt, …)` once per kind ("unguided": no terms; "guided": `terms` bound to `seeds`), one
     image per seed. `step_callback(kind)` may give a ``callback_on_step_end`` for that kind's call;
     `call` holds the pipeline's other arguments (steps, guidance scale, size, negative prompt …)."""
-    import torch
-
-    from ..engine import guide
-
     seeds = [int(s) for s in seeds]
     bound = bind_to_seeds(terms, seeds)
     images = {}
@@ -91,8 +88,6 @@ def generate_guided_images(
 
 def pipeline_record(pipe, image) -> dict:
     """JSON-ready: which pipeline and scheduler made `image`, its size, and the library versions."""
-    from ..common.outputs import library_versions
-
     return {
         "height": image.height,
         "width": image.width,

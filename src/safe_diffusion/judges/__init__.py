@@ -3,21 +3,23 @@
 ``load_judges(["q16", "nudenet"], options={"q16": {"model": ...}})`` instantiates judges (weights
 load at once, so a judge that cannot load fails before any work); each has ``judge(paths)`` →
 one :class:`Judgment` per image, and ``describe()`` → what a run must record about it.
-Third-party judges register with :func:`register_judge`.
+Third-party judges register with :func:`register_judge`, or without editing this package through the
+entry-point group ``safe_diffusion.judges`` (:mod:`safe_diffusion.common.registry`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib import import_module
 from typing import Any
 
 from ..common.errors import InputError
+from ..common.registry import Registry
 from .base import Judge, Judgment, decode_rgb
 from .options import judge_options_from
 
 __all__ = [
+    "JUDGES",
     "Judge",
     "JudgeSpec",
     "Judgment",
@@ -31,6 +33,10 @@ __all__ = [
 ]
 
 
+#: Judges by name: a ``Judge`` subclass or a factory (or a lazy "module:Class" reference) with a summary.
+JUDGES: Registry[Callable[..., Judge]] = Registry("judges")
+
+
 @dataclass(frozen=True)
 class JudgeSpec:
     """A registered judge: how to build it and the one line ``--help`` shows for it."""
@@ -40,22 +46,13 @@ class JudgeSpec:
     summary: str
 
     def build(self, **options: Any) -> Judge:
-        factory = self.target
-        if isinstance(factory, str):
-            module, _, attr = factory.partition(":")
-            factory = getattr(import_module(module), attr)
-        return factory(**options)
-
-
-_REGISTRY: dict[str, JudgeSpec] = {}
+        return JUDGES.get(self.name)(**options)
 
 
 def register_judge(name: str, target: str | Callable[..., Judge], summary: str = "") -> None:
-    """Make `name` usable wherever judges are named (``--judges``). `target`: "module:Class" or a factory."""
-    key = name.strip().lower()
-    if not key or "," in key:
-        raise ValueError(f"invalid judge name {name!r}")
-    _REGISTRY[key] = JudgeSpec(key, target, summary)
+    """Make `name` usable wherever judges are named (``--judges``). `target`: "module:Class" or a factory.
+    Registering a name again replaces its judge."""
+    JUDGES.register(name, target, summary=summary, replace=True)
 
 
 register_judge("q16", "safe_diffusion.judges.q16:Q16", "CLIP ViT-L/14 + Q16's learned prompts (I2P)")
@@ -64,30 +61,31 @@ register_judge(
     "NudeNet in a published set-up: v3/v2 detector (I2P, UnlearnDiffAtk, RECE) or v2 classifier (SAFREE, P4D)",
 )
 register_judge(
-    "llavaguard", "safe_diffusion.judges.llavaguard:LlavaGuard", "LlavaGuard v1.2 VLM: rating, O1-O9 category, rationale"
+    "llavaguard",
+    "safe_diffusion.judges.llavaguard:LlavaGuard",
+    "LlavaGuard v1.2 VLM: rating, O1-O9 category, rationale",
 )
 
 
 def available_judges() -> list[str]:
-    return list(_REGISTRY)
+    return JUDGES.names()
 
 
 def get_judge_spec(name: str) -> JudgeSpec:
-    key = name.strip().lower()
-    if key not in _REGISTRY:
-        raise InputError(f"unknown judge {name!r}; choose from: {', '.join(_REGISTRY)}")
-    return _REGISTRY[key]
+    entry = JUDGES.entry(name)
+    return JudgeSpec(entry.name, entry.target, entry.summary)
 
 
 def parse_judges(value: str | None, *, allow_none: bool = True) -> list[str]:
-    """'q16,nudenet' / 'none' → validated names in the order given (duplicates dropped)."""
+    """'q16,nudenet' / 'none' → validated names in the order given; a name given twice is refused."""
     if value is None or value.strip().lower() in ("", "none"):
         if not allow_none:
             raise InputError("name at least one judge")
         return []
-    names = list(dict.fromkeys(v.strip().lower() for v in value.split(",") if v.strip()))
-    for name in names:
-        get_judge_spec(name)
+    names = [JUDGES.canonical(v) for v in value.split(",") if v.strip()]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"judge {repeated[0]!r} is named twice in {value.strip()!r}; name each judge once")
     return names
 
 
@@ -102,8 +100,8 @@ def load_judges(
     options = options or {}
     judges = []
     for name in names:
-        spec = get_judge_spec(name)
+        factory = JUDGES.get(name)
         kwargs = {k: v for k, v in dict(options.get(name, {})).items() if v is not None}
         kwargs.setdefault("device", device)
-        judges.append(spec.build(**kwargs))
+        judges.append(factory(**kwargs))
     return judges

@@ -6,6 +6,7 @@ outputs are noise: they test plumbing and numerics, not quality. One module per 
 everything public is re-exported here.
 """
 
+from ..common.registry import Registry
 from .flux import build_flux_checkpoint
 from .llava import build_llava_onevision, byte_level_bpe_tokenizer
 from .nudenet import build_nudenet_v2_classifier, build_nudenet_v2_detector
@@ -18,18 +19,21 @@ from .variants import build_controlnet_checkpoint, build_inpaint_checkpoint
 from .wan import build_wan_checkpoint
 
 #: Builders by family name: ``FAMILIES["flux"](path)`` saves a tiny checkpoint of that family at `path`.
-FAMILIES = {
-    "sd": lambda path, seed=0: build_checkpoint(path, "tiny", seed),
-    "sdxl": build_sdxl_checkpoint,
-    "sd3": build_sd3_checkpoint,
-    "flux": build_flux_checkpoint,
-    "pixart-sigma": build_pixart_checkpoint,
-    "qwen-image": build_qwenimage_checkpoint,
-    "wan": build_wan_checkpoint,
-    "sd-controlnet": lambda path, seed=0: build_controlnet_checkpoint(path, "sd", seed),
-    "sdxl-controlnet": lambda path, seed=0: build_controlnet_checkpoint(path, "sdxl", seed),
-    "sd-inpaint": build_inpaint_checkpoint,
-}
+FAMILIES: Registry = Registry("test_families", what="model family")
+FAMILIES.register("sd", lambda path, seed=0: build_checkpoint(path, "tiny", seed), summary="SD 1.x, tiny")
+FAMILIES.register("sdxl", build_sdxl_checkpoint, summary="SDXL")
+FAMILIES.register("sd3", build_sd3_checkpoint, summary="SD 3")
+FAMILIES.register("flux", build_flux_checkpoint, summary="FLUX.1")
+FAMILIES.register("pixart-sigma", build_pixart_checkpoint, summary="PixArt-Σ")
+FAMILIES.register("qwen-image", build_qwenimage_checkpoint, summary="Qwen-Image")
+FAMILIES.register("wan", build_wan_checkpoint, summary="Wan 2.x (text-to-video)")
+FAMILIES.register(
+    "sd-controlnet", lambda path, seed=0: build_controlnet_checkpoint(path, "sd", seed), summary="SD 1.x + ControlNet"
+)
+FAMILIES.register(
+    "sdxl-controlnet", lambda path, seed=0: build_controlnet_checkpoint(path, "sdxl", seed), summary="SDXL + ControlNet"
+)
+FAMILIES.register("sd-inpaint", build_inpaint_checkpoint, summary="SD 1.x inpainting")
 
 __all__ = [
     "FAMILIES",

@@ -1,0 +1,32 @@
+"""common/: the one sha256 helper and the one device resolver (issue 22)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from safe_diffusion.common.devices import check_device, default_device, use_cpu
+from safe_diffusion.common.errors import InputError
+from safe_diffusion.common.hashing import sha256_bytes, sha256_file, sha256_json, sha256_text
+
+
+def test_one_sha256_for_files_bytes_texts_and_json(tmp_path):
+    data = bytes(range(256)) * 5000  # larger than one block when read in small blocks
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == sha256_file(path, block=1000) == sha256_bytes(data) == expected
+    assert sha256_text("é") == hashlib.sha256("é".encode()).hexdigest()
+    assert sha256_json({"b": 1, "a": [1, 2]}) == sha256_json({"a": [1, 2], "b": 1})
+
+
+def test_one_device_resolver(monkeypatch):
+    assert check_device("--device", None) == default_device()
+    assert check_device("--device", torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(InputError, match=r"^--device 'banana' is not a device"):
+        check_device("--device", "banana")
+    assert use_cpu("cpu")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # what `accelerate launch --cpu` sets
+    assert use_cpu(None)
