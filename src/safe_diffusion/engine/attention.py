@@ -75,12 +75,10 @@ class AttentionObserver:
         self.spatial: list[int] = []
         self.sums: torch.Tensor | None = None
         self.armed = False
-        self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.layers]
+        self._handles: list = []
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self.disarm()
 
     def arm(self, first_row: int, n_rows: int, latent_spatial: Sequence[int]) -> None:
         """Capture rows ``first_row … first_row + n_rows`` of the next denoiser evaluation (latents of `latent_spatial`)."""
@@ -88,9 +86,15 @@ class AttentionObserver:
         self.queries = math.prod(self.spatial)
         self.first_row, self.n_rows, self.offset = first_row, n_rows, 0
         self.sums, self.armed = None, True
+        if not self._handles:
+            self._handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.layers]
 
     def disarm(self) -> None:
-        self.armed, self.sums = False, None
+        """Stop capturing and remove the hooks (they exist only while armed)."""
+        self.armed = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def set_offset(self, offset: int) -> None:
         """The first row of the chunk the denoiser evaluates next (a caller evaluating rows in chunks)."""

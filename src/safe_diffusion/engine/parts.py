@@ -270,8 +270,11 @@ class Observing:
             timestep = float(timestep.flatten()[0]) if timestep.numel() else None
         maps = None
         if self.observer is not None and self.observer.armed:
-            maps = dict(zip(needed, self.observer.maps(len(needed), batch)))
-            self.observer.disarm()
+            try:
+                maps = dict(zip(needed, self.observer.maps(len(needed), batch)))
+            finally:
+                self.observer.disarm()
+                self.observer.sums = None
         out: list[Observation | None] = []
         for ti, wanted in enumerate(self.wanted):
             if not wanted:
