@@ -136,9 +136,14 @@ class AttentionObserver:
         return [mean[b * batch : (b + 1) * batch].reshape(batch, *self.spatial, mean.shape[-1]) for b in range(blocks)]
 
 
-def token_count(pipe, text: str, max_length: int) -> int:
-    """The length of `text` in the pipeline's (last) tokenizer, with its start and end tokens, at most `max_length`."""
+def token_span(pipe, text: str, max_length: int) -> slice:
+    """The positions of `text`'s own tokens in the pipeline's (last) tokenizer, start and end tokens excluded."""
     tokenizer = getattr(pipe, "tokenizer_2", None) or getattr(pipe, "tokenizer", None)
     if tokenizer is None:
-        raise ValueError(f"{type(pipe).__name__} has no tokenizer to count a concept's tokens with")
-    return len(tokenizer(text, truncation=True, max_length=max_length).input_ids)
+        raise ValueError(f"{type(pipe).__name__} has no tokenizer to find a concept's tokens with")
+    ids = tokenizer(text, truncation=True, max_length=max_length).input_ids
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    own = [i for i, token in enumerate(ids) if token not in special]
+    if not own:
+        return slice(1, max(len(ids) - 1, 2))
+    return slice(own[0], own[-1] + 1)

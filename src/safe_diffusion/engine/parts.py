@@ -38,7 +38,7 @@ import torch
 
 from ..common.errors import GuidanceError
 from ..guidance.terms import for_schedule, needed_concepts, resolve_space
-from .attention import AttentionObserver, attention_factor, token_count
+from .attention import AttentionObserver, attention_factor, token_span
 from .spaces import apply_in_epsilon
 
 # -- concept encoding ---------------------------------------------------------------------------------
@@ -158,13 +158,13 @@ class Observation:
     ``timestep``: the denoiser's own timestep argument (first sample). ``attention``: per concept of the
     term, its rows' cross-attention probabilities averaged over heads and layers, shape
     (batch, *spatial, tokens), or None (not evaluated at this step, or the family has no cross-attention
-    to text). ``token_counts``: per concept, the tokenizer's length of its text with start and end
-    tokens (None for embeddings). ``factor``: the attention maps' resolution relative to the latents.
+    to text). ``token_spans``: per concept, the positions of its own tokens (start and end tokens
+    excluded; None for embeddings). ``factor``: the attention maps' resolution relative to the latents.
     """
 
     timestep: float | None = None
     attention: list[torch.Tensor | None] | None = None
-    token_counts: list[int | None] = field(default_factory=list)
+    token_spans: list[slice | None] = field(default_factory=list)
     factor: int | None = None
 
 
@@ -234,7 +234,7 @@ class Observing:
     def __init__(self, adapter, terms: Sequence, concepts: ConceptRows, name: str):
         self.wanted = [observes(t) for t in terms]
         self.observer: AttentionObserver | None = None
-        self.token_counts: list[list[int | None]] = [[] for _ in terms]
+        self.token_spans: list[list[slice | None]] = [[] for _ in terms]
         if not any(self.wanted):
             return
         if any("cross_attention" in w for w in self.wanted):
@@ -248,8 +248,8 @@ class Observing:
             self.observer = AttentionObserver(adapter.model, factor)
         for ti, term in enumerate(terms):
             if "cross_attention" in self.wanted[ti]:
-                self.token_counts[ti] = [
-                    token_count(adapter.pipe, c, rows["encoder_hidden_states"].shape[0]) if isinstance(c, str) else None
+                self.token_spans[ti] = [
+                    token_span(adapter.pipe, c, rows["encoder_hidden_states"].shape[0]) if isinstance(c, str) else None
                     for c, rows in zip(term.concepts, concepts.rows[ti])
                 ]
 
@@ -282,11 +282,11 @@ class Observing:
                 continue
             attention = None
             if "cross_attention" in wanted:
-                attention = [None if maps is None else maps.get((ti, ci)) for ci in range(len(self.token_counts[ti]))]
+                attention = [None if maps is None else maps.get((ti, ci)) for ci in range(len(self.token_spans[ti]))]
             out.append(Observation(
                 timestep=None if timestep is None else float(timestep),
                 attention=attention,
-                token_counts=self.token_counts[ti],
+                token_spans=self.token_spans[ti],
                 factor=None if self.observer is None else self.observer.factor,
             ))
         return out
