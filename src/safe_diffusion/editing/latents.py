@@ -222,8 +222,11 @@ def schedule(
 
     VP: the last n of ⌊n(1 + skip)⌋ DPM-Solver "leading" timesteps, σ = √((1 − ᾱ)/ᾱ), as LEDITS++ does.
     Flow: the last n of the scheduler's own ⌊n(1 + skip)⌋-step schedule (shifted as the pipeline shifts it,
-    with the image's token count where the shift is dynamic). `final_sigma`: "min", the schedule's smallest
-    noise level (exact reconstruction), or "zero" (diffusers' LEDITS++).
+    with the image's token count where the shift is dynamic), ending at σ = 0 as the pipeline does
+    (`final_sigma="zero"`), or with `final_sigma="min"` the last n + 1 points of its schedule with one more
+    point, so that the last step ends at a small nonzero σ (the scheduler's smallest on SD3).
+    VP `final_sigma`: "min", the smallest noise level of the training schedule (exact reconstruction, as
+    LEDITS++'s code), or "zero" (diffusers' LEDITS++).
     """
     if final_sigma not in ("min", "zero"):
         raise ValueError(f"final_sigma must be 'min' or 'zero', got {final_sigma!r}")
@@ -236,12 +239,12 @@ def schedule(
         last = all_sigmas[0] if final_sigma == "min" else torch.zeros((), dtype=torch.float64)
         return list(timesteps), torch.stack([all_sigmas[t] for t in timesteps] + [last])
     total = int(steps * (1 + skip))
-    sigmas, timesteps = _flow_schedule(pipe, total, latent_shape)
-    if final_sigma == "min":
-        last = _flow_schedule(pipe, int(config.num_train_timesteps), latent_shape)[0][-1]
-    else:
-        last = torch.zeros((), dtype=torch.float64)
-    return timesteps[-steps:], torch.cat([sigmas[-steps:], last[None]])
+    if final_sigma == "zero":  # the pipeline's own: n steps, then its terminal σ = 0
+        sigmas, timesteps = _flow_schedule(pipe, total, latent_shape)
+        return timesteps[-steps:], torch.cat([sigmas[-steps:], torch.zeros(1, dtype=torch.float64)])
+    # the scheduler's schedule with one more point, whose last (its smallest σ on SD3) is where the edit ends
+    sigmas, timesteps = _flow_schedule(pipe, total + 1, latent_shape)
+    return timesteps[total - steps : total], sigmas[total - steps :]
 
 
 def _flow_schedule(pipe, n: int, latent_shape) -> tuple[torch.Tensor, list]:
@@ -258,4 +261,4 @@ def _flow_schedule(pipe, n: int, latent_shape) -> tuple[torch.Tensor, list]:
     else:
         scheduler.set_timesteps(n)  # as SD3's pipeline: the scheduler's own (statically shifted) schedule
     sigmas = scheduler.sigmas.detach().cpu().to(torch.float64)[:n]
-    return sigmas, [t for t in scheduler.timesteps[:n]]
+    return sigmas, [float(t) for t in scheduler.timesteps[:n]]

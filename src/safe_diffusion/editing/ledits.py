@@ -132,7 +132,7 @@ class _Denoiser:
         self.sigmas = sigmas
         self.levels = sigmas[:-1]
         dtype = torch.int64 if family.schedule == "vp" else torch.float32
-        self.timesteps = [torch.tensor(t, dtype=dtype) for t in timesteps]
+        self.timesteps = [torch.as_tensor(t).to(dtype) for t in timesteps]
         self.progress, self.stage = progress, stage
 
     def index(self, sigma: torch.Tensor) -> int:
