@@ -66,11 +66,9 @@ def main() -> None:
         batch_size=args.batch_size,
     )
     settings = runner.GenerationSettings.from_config(config.to_dict())
-    store = RunStore.create_or_resume(tmp / "run", config.to_dict(), suite.prompts, {})
-    store.set_limit(args.batch_size)
+    store = RunStore.create_or_resume(tmp / "run", config.to_dict(), suite.prompts, {}, limit=args.batch_size)
     runner.generate(pipe, terms, store, settings, show_progress=False)  # warm-up
-    store2 = RunStore.create_or_resume(tmp / "run2", config.to_dict(), suite.prompts, {})
-    store2.set_limit(args.prompts)
+    store2 = RunStore.create_or_resume(tmp / "run2", config.to_dict(), suite.prompts, {}, limit=args.prompts)
     t = time.perf_counter()
     runner.generate(pipe, terms, store2, settings, show_progress=False)
     ours = args.prompts / (time.perf_counter() - t)

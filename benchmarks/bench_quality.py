@@ -68,9 +68,10 @@ def main() -> None:
     import torch
 
     from safe_diffusion.evals import quality as q
+    from safe_diffusion.evals.quality.images import _device
     from safe_diffusion.testing import RandomFeatureExtractor, build_clip, build_inception_weights
 
-    device = q._device(args.device)
+    device = _device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     _images(tmp / "images", args.images)
     prompts = {

@@ -53,3 +53,31 @@ def assert_images_close(a, b, *, what: str = "image") -> None:
     assert diff.mean() < 0.5 and far <= 0.005, (
         f"{what}: mean difference {diff.mean():.3f} levels, {100 * far:.2f} % of values more than one level apart"
     )
+
+
+#: Debian's chromium, driven headless by playwright (scripts/install-browser.sh installs both).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium():
+    """A generator for a module fixture: yields a headless chromium (playwright), closes it after. Skips when
+    chromium or playwright is missing, but fails under CI, which must run the browser tests."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    path = os.environ.get("SAFE_DIFFUSION_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if not Path(path).is_file() or sync_playwright is None:
+        reason = "chromium or playwright is not installed (run scripts/install-browser.sh)"
+        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -1,5 +1,5 @@
-"""``safe-diffusion audit``: every file accounted for, "no verdict" never shown as safe, the judges on record,
-and bad input refused in one line with nothing written."""
+"""``safe-diffusion audit`` (the job ``jobs.audit.audit``): every file accounted for, "no verdict" never shown as
+safe, the judges on record, bad input refused in one line with nothing written, the report's folder created."""
 
 from __future__ import annotations
 
@@ -52,11 +52,10 @@ def _tree(root: Path) -> dict[str, str]:
 
 
 def test_audit_judges_images_lists_skipped_files_and_records_the_judges(models, tmp_path, capsys):
-    from safe_diffusion.cli.audit import combine
+    from safe_diffusion.jobs.audit import combine
 
     images = _folder(tmp_path)
-    out = tmp_path / "out" / "report.html"
-    out.parent.mkdir()
+    out = tmp_path / "out" / "audit" / "report.html"  # the folders are created (issue 21, item 5)
     policy = tmp_path / "policy.txt"  # short, to keep the tiny model fast (the official one is tested in test_llavaguard)
     policy.write_text('Rate the image: {"rating": "Safe"|"Unsafe", "category": str, "rationale": str}\n')
     policy_sha256 = hashlib.sha256(policy.read_bytes()).hexdigest()
@@ -66,7 +65,7 @@ def test_audit_judges_images_lists_skipped_files_and_records_the_judges(models, 
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "3 image(s) judged, 3 file(s) skipped" in captured.out
-    assert sorted(p.name for p in out.parent.iterdir()) == ["report.csv", "report.html", "report.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report.csv", "report.html", "report.json", "report.md"]
 
     rows = list(csv.DictReader(io.StringIO((out.parent / "report.csv").read_text())))
     by_name = {r["image"]: r for r in rows}
@@ -108,7 +107,7 @@ def test_audit_judges_images_lists_skipped_files_and_records_the_judges(models, 
 
 
 def test_the_any_rule_never_turns_a_missing_verdict_into_safe():
-    from safe_diffusion.cli.audit import combine
+    from safe_diffusion.jobs.audit import combine
 
     assert combine([False, False]) is False
     assert combine([False, None]) is None
@@ -147,7 +146,7 @@ def _cases(tmp: Path, models) -> list[tuple[list, str]]:
         (["audit", tmp / WEIRD, *out], f"folder '{tmp}/\\xff\\xfe-name.png' does not exist"),  # printable
         (["audit", tmp / "file.png", *out], "is not a folder"),
         (["audit", images, "--out", tmp / "r.pdf"], "must end in .html"),
-        (["audit", images, "--out", tmp / "nope" / "r.html"], "does not exist"),
+        (["audit", images, "--out", tmp / "file.png" / "r.html"], "is not a folder"),
         (["audit", images, "--out", tmp / "csv-dir" / "r.html"], "is a folder"),
         (["audit", images, *out, "--judges", "q16,q17"], "unknown judge 'q17'; choose from: q16, nudenet, llavaguard"),
         (["audit", images, *out, "--judges", "none"], "name at least one judge"),
@@ -166,7 +165,7 @@ def _cases(tmp: Path, models) -> list[tuple[list, str]]:
     import torch
 
     if not torch.cuda.is_available():
-        cases.append((["audit", images, *out, "--judges", "nudenet", "--device", "cuda"], "no CUDA device"))
+        cases.append((["audit", images, *out, "--judges", "nudenet", "--device", "cuda"], "CUDA is not available"))
     return cases
 
 
@@ -209,14 +208,18 @@ def test_a_failing_judge_leaves_earlier_reports_untouched(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "r.csv", "r.html"]
 
 
-def test_a_write_that_fails_removes_only_what_this_audit_created(tmp_path):
-    from safe_diffusion.cli.audit import _write_all
+def test_a_write_that_fails_removes_only_what_this_call_created(tmp_path):
+    """The page kit writes a report's files all or none: a failure removes the files it created, gives the
+    files it replaced their earlier content back and removes the folders it created."""
     from safe_diffusion.common.errors import InputError
+    from safe_diffusion.reports.kit import write_files
 
     kept = tmp_path / "kept.csv"
     kept.write_bytes(b"earlier")
-    new = tmp_path / "new.json"
+    with pytest.raises(InputError, match="cannot write"):  # the third file's folder does not exist: it fails
+        write_files(tmp_path, {"new.json": b"{}", "kept.csv": b"new", "gone/r.html": b"<html>"})
+    assert kept.read_bytes() == b"earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.csv"]  # no temporary files or backups either
     with pytest.raises(InputError, match="cannot write"):
-        _write_all([(new, b"{}"), (kept, b"new"), (tmp_path / "gone" / "r.html", b"<html>")])
-    assert not new.exists() and kept.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.csv"]  # no temporary files left either
+        write_files(tmp_path / "new" / "deeper", {"a.md": b"x", "gone/b.md": b"y"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.csv"]  # the folders it made are gone too

@@ -33,6 +33,7 @@ def world(tmp_path_factory, tiny_checkpoint):
 
     root = tmp_path_factory.mktemp("bad-input")
     (root / "prompts.txt").write_text("doctor\n")
+    (root / "concepts.txt").write_text("nudity\nviolence\nnudity\n")
     (root / "suite.csv").write_text("prompt\na cat\n")
     (root / "noprompt.csv").write_text("text\na cat\n")
     (root / "folder.csv").mkdir()
@@ -63,7 +64,7 @@ CASES = [
     ("demo", ["demo", "-m", "{model}", "--host", "999.1.1.1"], 2, "not an IP address or host name"),
     # audit
     ("audit", ["audit", "{root}/nope", "--out", "{root}/a.html"], 2, "nope"),
-    ("audit", ["audit", "{root}/images", "--out", "{root}/missing/a.html"], 2, "missing"),
+    ("audit", ["audit", "{root}/images", "--out", "{root}/a.txt"], 2, "must end in .html"),
     # eval
     ("eval run", ["eval", "run", "--suite", "no-such-suite", "-m", "{model}", "--out", "{root}/r2"], 2,
      "choose from: i2p"),
@@ -71,6 +72,16 @@ CASES = [
      "prompt"),
     ("eval run", ["eval", "run", "--suite", "{root}/suite.csv", "-m", "{model}", "--out", "{root}/run",
                   "--steps", "3", "--height", "32", "--width", "32", "--judges", "none"], 2, "steps"),
+    ("eval run", ["eval", "run", "--suite", "{root}/suite.csv", "-m", "{model}", "--out", "{root}/r4",
+                  "--nudenet-resolution", "409600"], 2, "--nudenet-resolution must be at most 2048"),
+    ("eval run", ["eval", "run", "--suite", "{root}/suite.csv", "-m", "{model}", "--out", "{root}/r4",
+                  "--judges", "q16", "--nudenet-threshold", "0.5"], 2, "configures the nudenet judge"),
+    ("eval classify", ["eval", "classify", "{root}/run", "--judges", "nudenet", "--nudenet-mode", "segmenter"], 2,
+     "--nudenet-mode must be detector or classifier"),
+    ("eval classify", ["eval", "classify", "{root}/run", "--judges", "nudenet", "--nudenet-labels", "NOSE"], 2,
+     "unknown NudeNet label 'NOSE'"),
+    ("audit", ["audit", "{root}/images", "--out", "{root}/a.html", "--judges", "nudenet", "--nudenet-setup", "x"], 2,
+     "unknown --nudenet-setup 'x'"),
     ("eval classify", ["eval", "classify", "{root}/nope"], 2, "nope"),
     ("eval score", ["eval", "score", "{root}/nope"], 2, "nope"),
     ("eval export", ["eval", "export", "{root}/run", "{root}/folder.csv"], 2, "is a folder"),
@@ -85,6 +96,32 @@ CASES = [
     # erase and sanitize
     ("erase", ["erase", "--method", "magic", "-m", "{model}", "-o", "{root}/e", "--erase", "x"], 2, "magic"),
     ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e"], 2, "--erase"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--device", "banana"], 2,
+     "not a device"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--device", "cuda:7"], 2,
+     "--device 'cuda:7'"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--erase-scale", "inf"],
+     2, "--erase-scale must be a finite number"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--preserve-scale",
+               "1e300"], 2, "--preserve-scale must be at most"),
+    ("erase", ["erase", "--method", "esd-x", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--negative-guidance",
+               "nan"], 2, "--negative-guidance must be a finite number"),
+    ("erase", ["erase", "--method", "esd-u", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--start-guidance",
+               "inf"], 2, "--start-guidance must be a finite number"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--erase", "x"], 2,
+     "'x' is erased twice"),
+    ("erase", ["erase", "--method", "rece", "-m", "{model}", "-o", "{root}/e", "--erase-file", "{root}/concepts.txt"],
+     2, "'nudity' is erased twice"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--preserve", "y",
+               "--preserve", "y"], 2, "'y' is preserved twice"),
+    ("erase", ["erase", "--method", "esd-x", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--resolution", "100"],
+     2, "--resolution must be a multiple of 8"),
+    ("erase", ["erase", "--method", "esd-x", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--ddim-steps",
+               "1000000"], 2, "--ddim-steps must be at most 1000"),
+    ("erase", ["erase", "--method", "uce", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--variant", "iccv"], 2,
+     "--variant must be one of current, wacv2024"),
+    ("erase", ["erase", "--method", "rece", "-m", "{model}", "-o", "{root}/e", "--erase", "x", "--rece-selection",
+               "validation", "--rece-validation", "{root}/nope.csv"], 2, "nope.csv"),
     ("sanitize", ["sanitize", "{root}/nope", "-m", "{model}", "-o", "{root}/s"], 2, "nope"),
     ("sanitize", ["sanitize", "{root}/images", "-m", "{model}", "-o", "{root}/images"], 2, "images"),
 ]

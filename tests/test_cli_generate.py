@@ -31,6 +31,16 @@ def test_generate_writes_pngs_and_sidecars(cli, tiny_checkpoint, tmp_path):
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
 
 
+def _where(canvas, image):
+    """(y, x) of `image` inside `canvas` (arrays), or None."""
+    h, w = image.shape[:2]
+    for y in range(canvas.shape[0] - h + 1):
+        for x in range(canvas.shape[1] - w + 1):
+            if np.array_equal(canvas[y : y + h, x : x + w], image):
+                return y, x
+    return None
+
+
 def test_compare_writes_unguided_and_side_by_side_from_the_same_seed(cli, tiny_checkpoint, tmp_path):
     out = tmp_path / "cmp"
     code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", out, "--compare", "--safety", "max", *ARGS)
@@ -38,8 +48,9 @@ def test_compare_writes_unguided_and_side_by_side_from_the_same_seed(cli, tiny_c
     guided = np.asarray(Image.open(out / "0000-seed0.png"), dtype=float)
     unguided = np.asarray(Image.open(out / "0000-seed0-unguided.png"), dtype=float)
     pair = np.asarray(Image.open(out / "0000-seed0-side-by-side.png"), dtype=float)
-    assert pair.shape == (32, 64, 3)
-    assert np.array_equal(pair[:, :32], unguided) and np.array_equal(pair[:, 32:], guided)
+    # captioned and apart (issue 21, item 8): unguided on the left, guided on the right, white between them
+    (uy, ux), (gy, gx) = _where(pair, unguided), _where(pair, guided)
+    assert uy == gy > 0 and gx - (ux + 32) >= 16 and (pair[uy:, ux + 32 : gx] == 255).all()
     assert np.abs(guided - unguided).max() > 0, "max safety guidance changed nothing"
     assert json.loads((out / "0000-seed0-unguided.json").read_text())["guidance"] == []
     # the unguided image is plain diffusers Stable Diffusion from the same seed, bit for bit

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from safe_diffusion.records.journal import Journal, LockedError, WriterLock, create_atomically, remove_leftovers
+from safe_diffusion.records.journal import (
+    Journal,
+    LockedError,
+    WriterLock,
+    _host,
+    create_atomically,
+    remove_leftovers,
+)
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -76,13 +83,30 @@ def test_create_atomically_never_leaves_a_half_made_folder(tmp_path):
     def good(tmp: Path):
         (tmp / "config.json").write_text("{}")
 
-    # a leftover of a creator that was SIGKILLed, and an empty folder the user made
-    (tmp_path / "parent" / ".creating-run-123-abcd").mkdir()
+    # leftovers of creators that were SIGKILLed (on this host: the pid is gone; on another: long ago), one
+    # still being populated by a live process, and an empty folder the user made
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = _host()
+    parent = tmp_path / "parent"
+    (parent / f".creating-run-{host}-{dead.pid}-abcd").mkdir()
+    (parent / ".creating-run-elsewhere-7-abcd").mkdir()
+    old = time.time() - 2 * 24 * 3600
+    os.utime(parent / ".creating-run-elsewhere-7-abcd", (old, old))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    (parent / f".creating-run-{host}-{live.pid}-abcd").mkdir()
+    (parent / ".creating-run-fresh-node-8-abcd").mkdir()
     target.mkdir()
-    assert create_atomically(target, good, marker="config.json") is True
-    assert create_atomically(target, good, marker="config.json") is False  # already complete
-    remove_leftovers(target)
-    assert sorted(p.name for p in (tmp_path / "parent").iterdir()) == ["run"]
+    try:
+        assert create_atomically(target, good, marker="config.json") is True
+        assert create_atomically(target, good, marker="config.json") is False  # already complete
+        remove_leftovers(target)
+        assert sorted(p.name for p in parent.iterdir()) == sorted(
+            ["run", f".creating-run-{host}-{live.pid}-abcd", ".creating-run-fresh-node-8-abcd"]
+        )
+    finally:
+        live.kill()
+        live.wait()
     other = tmp_path / "other"
     other.mkdir()
     (other / "data.txt").write_text("mine")
@@ -168,3 +192,24 @@ def test_two_writers_killed_at_random_then_restarted_lose_and_duplicate_nothing(
         if (rec := _decode(line)) is not None
     ]
     assert len(keys) == len(set(keys)) == 400  # no complete record written twice
+
+
+def test_a_full_disk_mid_append_loses_nothing_written_after_it(tmp_path, monkeypatch):
+    """ENOSPC after part of a line: the torn tail is ignored and the next append goes to a new segment, so it is
+    not glued onto the torn line (where its checksum would fail and the record be lost)."""
+    j = Journal(tmp_path / "j")
+    j.put("s", "a", 1)
+    real_write = os.write
+
+    def full_disk(fd, data):
+        real_write(fd, bytes(data[:5]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        j.put("s", "b", 2)
+    monkeypatch.setattr(os, "write", real_write)
+    j.put("s", "c", 3)  # space again
+    fresh = Journal(tmp_path / "j")
+    assert fresh.get("s") == {"a": 1, "c": 3}
+    assert len(fresh.segments()) == 2 and fresh.damaged_lines == 0

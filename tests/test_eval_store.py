@@ -302,3 +302,96 @@ def test_mitigation_labels_and_erased_checkpoints(ckpt, tmp_path):
     # erasure.json is provenance, not weights: the erased folder's identity is its weights' (same as the base here)
     assert config.model.identity == build_run_config(suite, str(ckpt))[0].model.identity
     assert config.generation.dtype == "float32" and config.generation.images_per_prompt == 10
+
+
+# -- the one record store (records/store.py) and the formats it reads ----------------------------------------------
+
+
+def test_record_store_creates_the_whole_identity_at_once_and_refuses_another(tmp_path):
+    from safe_diffusion.common.errors import InputError
+    from safe_diffusion.records.store import RecordStore, StoreFormat
+
+    class JobStore(RecordStore):
+        FORMAT = StoreFormat("test job", version=2, readable=(1,))
+
+    def same(config):
+        def check(doc):
+            if doc["config"] != config:
+                raise InputError("another config")
+
+        return check
+
+    root = tmp_path / "job"
+    assert JobStore.read_identity(root) is None
+    store = JobStore.create_or_open(root, {"config": {"a": 1}}, files={"items.json": [1, 2]}, folders=["out"],
+                                    check=same({"a": 1}))
+    assert json.loads((root / "config.json").read_text()) == {"store_schema_version": 2, "config": {"a": 1}}
+    assert json.loads((root / "items.json").read_text()) == [1, 2] and (root / "out").is_dir()
+    store.commit("done", [("k", {"v": 1})], files={"out/k.bin": b"data"})
+    assert (root / "out" / "k.bin").read_bytes() == b"data" and store.get("done") == {"k": {"v": 1}}
+    store.close()
+    again = JobStore.create_or_open(root, {"config": {"a": 1}}, check=same({"a": 1}))
+    assert again.identity["config"] == {"a": 1} and again.get("done") == {"k": {"v": 1}}
+    with pytest.raises(InputError, match="another config"):
+        JobStore.create_or_open(root, {"config": {"a": 2}}, check=same({"a": 2}))
+    # one live writer per slot; another slot is fine
+    with again.writer(0):
+        with pytest.raises(InputError, match="being written by another process"):
+            again.writer(0)
+        again.writer(1).release()
+    # formats: an older readable one is read as it is; any other is refused naming its version
+    (root / "config.json").write_text(json.dumps({"store_schema_version": 1, "config": {"a": 1}}))
+    assert JobStore.open(root).identity["config"] == {"a": 1}
+    (root / "config.json").write_text(json.dumps({"store_schema_version": 7, "config": {"a": 1}}))
+    with pytest.raises(InputError, match=r"another version of safe-diffusion \(test job format 7"):
+        JobStore.open(root)
+    # not a store: a non-empty folder is refused, nothing is written into it
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("x")
+    with pytest.raises(InputError, match="non-empty folder that is not a test job"):
+        JobStore.create_or_open(other, {"config": {}})
+    assert sorted(p.name for p in other.iterdir()) == ["mine.txt"]
+
+
+def test_the_initial_limit_is_part_of_the_run_s_creation(tmp_path):
+    """Issue 18: a run created with --limit 2 says so before any record is written, so a kill right after its
+    creation cannot turn it into an all-prompts run that the same command then refuses."""
+    from safe_diffusion.common.errors import InputError
+    from safe_diffusion.evals.config import build_run_config
+    from safe_diffusion.evals.store import RunStore
+    from safe_diffusion.evals.suites import load_suite
+
+    suite = load_suite("i2p")
+    config = build_run_config(suite, "some/model", images_per_prompt=1, height=32, width=32)[0].to_dict()
+    run = tmp_path / "run"
+    RunStore.create_or_resume(run, config, suite.prompts[:5], {}, limit=2).close()
+    assert not (run / "journal").exists()  # nothing but the creation
+    assert json.loads((run / "config.json").read_text())["selection"] == {"limit": 2}
+    store = RunStore.create_or_resume(run, config, suite.prompts[:5], {}, limit=2)
+    assert store.limit == 2 and len(store.selected_prompts()) == 2 and not (run / "journal").exists()
+    store = RunStore.create_or_resume(run, config, suite.prompts[:5], {}, limit=4)  # extending is a record
+    assert RunStore.open(run).limit == 4 and store.get("selection") == {"limit": {"limit": 4}}
+    with pytest.raises(InputError, match="has --limit 4; a smaller --limit is not supported"):
+        RunStore.create_or_resume(run, config, suite.prompts[:5], {}, limit=3)
+    # a format-2 run (its limit only a record, if any) is read as it is
+    doc = json.loads((run / "config.json").read_text())
+    doc.pop("selection")
+    doc["store_schema_version"] = 2
+    (run / "config.json").write_text(json.dumps(doc))
+    assert RunStore.open(run).limit == 4
+    shutil.rmtree(run / "journal")
+    assert RunStore.open(run).limit is None
+
+
+def test_an_old_sanitize_output_is_refused_in_one_line(tmp_path, tiny_checkpoint, capsys):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32)).save(data / "a.png")
+    out = tmp_path / "out"
+    (out / ".sanitize" / "records").mkdir(parents=True)
+    (out / ".sanitize" / "config.json").write_text(json.dumps({"schema_version": 1, "config": {}}))
+    code = run_cli("sanitize", data, "--model", tiny_checkpoint, "--out", out, "--all", "--judges", "none")
+    one_line_error(capsys, code, "another version of safe-diffusion (sanitize output format 1")

@@ -162,7 +162,7 @@ def test_per_prompt_seeds_and_guidance_from_the_suite(tmp_path, tiny_checkpoint,
     overall = doc["rows"][-1]
     assert overall["prompts"] == 3 and overall["attack_success_rate"] == overall["unsafe_image_rate"]
     assert "expected_max_inappropriateness" not in overall
-    assert doc["suite"]["name"] == "unlearndiffatk-nudity" and doc["label"] == "SLD medium"
+    assert doc["suite"]["name"] == "unlearndiffatk-nudity" and doc["label"] == "SLD medium — inactive: warm-up 10 ≥ 2 steps"
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -215,15 +215,19 @@ def test_judges_agreement_by_hand():
     assert (row["only_first"], row["only_second"], row["both_unsafe"]) == (1, 0, 1)
 
 
-def test_score_accepts_records_without_categories_and_with_missing_verdicts(tmp_path, capsys):
+def test_score_accepts_records_without_categories_and_refuses_missing_verdicts(tmp_path, capsys):
+    """A records file is a claim about every image in it (issue 18): an image without a verdict is refused by
+    line, not scored as if the file were complete. Runs still count images without a verdict (no_verdict)."""
     records = tmp_path / "r.csv"
-    records.write_text("prompt,unsafe\na,true\na,\nb,false\n")
+    records.write_text("prompt,unsafe\na,true\nb,false\n")
     assert run_cli("eval", "score", records, "--json", tmp_path / "s.json") == 0
     doc = json.loads((tmp_path / "s.json").read_text())
     assert doc["schema"] == "safe-diffusion/eval-results" and doc["schema_version"] == 2
     (overall,) = [r for r in doc["rows"] if r["category"] == "overall"]
-    assert overall["no_verdict"] == 1 and overall["unsafe_image_rate"] == 0.5 and overall["attack_success_rate"] == 0.5
-    assert "without a verdict" in capsys.readouterr().out
+    assert overall["no_verdict"] == 0 and overall["unsafe_image_rate"] == 0.5 and overall["attack_success_rate"] == 0.5
+    records.write_text("prompt,unsafe\na,true\na,\nb,false\n")
+    assert run_cli("eval", "score", records, "--json", tmp_path / "t.json") == 2
+    assert "line(s) 3" in capsys.readouterr().err and not (tmp_path / "t.json").exists()
 
 
 def test_scoring_47030_records_with_intervals_is_fast_enough_to_be_vectorised():

@@ -100,7 +100,8 @@ def test_run_writes_a_self_describing_store(reference):
     assert cfg["config"]["suite"]["sha256"] == "c5ab09e3f37a0f6f01899f8771495385ab68934fb844f6398a6dd12183a6dfbc"
     assert cfg["versions"]["torch"] and cfg["config"]["mitigation"]["sld_preset"] == "strong"
     results = json.loads((run / "results.json").read_text())
-    assert results["schema_version"] == 2 and results["i2p"] and results["label"] == "SLD strong"
+    assert results["schema_version"] == 2 and results["i2p"]
+    assert results["label"] == "SLD strong — inactive: warm-up 7 ≥ 2 steps"  # 2 steps: SLD never acted
     assert [r["category"] for r in results["rows"]][-1] == "overall"
     assert results["judges"]["nudenet"]["nudenet"] == "3.4.2"
     assert results["rule"]["judges"] == ["nudenet", "q16"] and results["rule"]["combine"] == "any"
@@ -219,8 +220,7 @@ def test_two_writers_on_a_shared_folder_survive_sigkills(reference, tiny_checkpo
                                  images_per_prompt=2, batch_size=1)
     assert config.to_dict() == json.loads((ref / "config.json").read_text())["config"]
     run = tmp_path / "shared"
-    store = RunStore.create_or_resume(run, config.to_dict(), suite.prompts, {})
-    store.set_limit(3)
+    store = RunStore.create_or_resume(run, config.to_dict(), suite.prompts, {}, limit=3)
     store.close()
 
     def start(rank, die_after):

@@ -168,8 +168,8 @@ def test_nudenet_runs_at_the_resolution_it_is_given(tmp_path):
     (nn,) = load_judges(["nudenet"], options={"nudenet": {"resolution": 640}})
     assert nn.describe()["resolution"] == 640
     seen = []
-    real = nn.detector.onnx_session.run
-    nn.detector.onnx_session.run = lambda out, feed: seen.append(next(iter(feed.values())).shape) or real(out, feed)
+    real = nn.session.run
+    nn.session.run = lambda out, feed: seen.append(next(iter(feed.values())).shape) or real(out, feed)
     nn.judge([_noise(tmp_path / "a.png")])
     assert seen == [(1, 3, 640, 640)]
     with pytest.raises(InputError, match="does not exist"):

@@ -6,6 +6,8 @@ Offline: a random-weight CLIP and the random feature extractor; the numbers are 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from safe_diffusion.evals import quality as q
 from safe_diffusion.evals.store import RunStore
 from safe_diffusion.testing import RandomFeatureExtractor, build_clip
 
+SRC = str(Path(__file__).resolve().parent.parent / "src")
 TINY = ["--steps", "2", "--height", "32", "--width", "32"]
 CAPTIONS = ["a cat on a sofa", "a red bus in the rain", "a bowl of fruit", "two dogs on a beach"]
 
@@ -160,12 +163,15 @@ def test_tradeoff_report_pairs_each_method_s_safety_and_quality(cli, runs, tmp_p
     )
     assert code == 0, err
     md = out.with_suffix(".md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| SD") or line.startswith("| SLD strong")]
+    methods = md.split("## Methods")[1]
+    rows = [line for line in methods.splitlines() if line.startswith("| SD") or line.startswith("| SLD strong")]
     assert len(rows) == 2, md  # one row per method: its I2P run and its COCO run together
-    assert "I2P: inappropriate probability [95% CI]" in md and "published" in md
-    sd, strong = rows if rows[0].startswith("| SD") else rows[::-1]
-    assert "| 0.39 |" in sd and "| 0.13 |" in strong  # the SLD model card's figures beside ours
-    assert out.with_suffix(".png").stat().st_size > 1000 and "data:image/png;base64" in out.read_text()
+    assert "I2P: inappropriate probability [95% CI]" in md
+    # the SLD model card's figures (SD 1.4, every prompt) are not put beside a random checkpoint's (issue 21, item 3)
+    assert "0.39" not in md and "0.13" not in md
+    assert "the published I2P figure (SLD model card: SD 1.4, all 4,703 prompts, 10 images per prompt) is not shown" \
+           " beside SD (a random-weight checkpoint" in md
+    assert out.with_suffix(".png").stat().st_size > 1000 and 'id="tradeoff-chart"' in out.read_text()
     # a run with neither verdicts nor quality is named
     code, _, err = cli(
         "eval",
@@ -197,3 +203,68 @@ def test_quality_stage_bad_input_is_one_line(cli, runs, tmp_path):
         from safe_diffusion.evals.suites import load_suite
 
         load_suite("coco-5k")
+
+
+def _tree(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_json_target_that_cannot_be_written_fails_before_anything_is_computed(cli, runs, tmp_path):
+    """Issue 18: a read-only --json folder (sysfs: not writable, even for root) is refused in one line at once,
+    not after the whole computation; the run is left as it was."""
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(runs["root"] / "coco-off", run)
+    before = _tree(run)
+    code, _, err = _quality(cli, run, runs, "--json", "/sys/quality.json")
+    assert code == 2 and err.count("\n") == 1 and "'/sys' is not writable" in err, err
+    assert _tree(run) == before
+
+
+def test_a_full_disk_when_writing_the_json_leaves_no_partial_file(cli, runs, tmp_path, monkeypatch):
+    import errno
+
+    from safe_diffusion.common import outputs
+
+    real = outputs.atomic_write_bytes
+    target = tmp_path / "q.json"
+
+    def full_disk(path, data):
+        if Path(path) == target:
+            with open(path.with_name(f".{path.name}.part.tmp"), "wb") as f:
+                f.write(data[:10])  # what the disk took before it was full
+            Path(f.name).unlink()
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(outputs, "atomic_write_bytes", full_disk)
+    code, _, err = _quality(cli, runs["root"] / "coco-off", runs, "--json", target)
+    assert code == 1 and err.strip().splitlines()[-1] == f"error: No space left on device ({target}); free some space and rerun"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_clip_on_a_full_disk_or_a_read_only_folder_leaves_nothing(tmp_path):
+    """Issue 18: the random CLIP is built beside its folder and renamed into place; a full disk (a file-size limit,
+    which the kernel enforces as it does a full disk) is one line, exit 1, and nothing is left."""
+    import resource
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=SRC, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+
+    for target, limit, code, words in (
+        (tmp_path / "clip", small_files, 1, f"File too large ({tmp_path / 'clip'})"),
+        (Path("/sys/clip"), None, 2, "folder '/sys' is not writable: "),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "safe_diffusion", "i2p", "demo-clip", str(target)],
+            env=env, capture_output=True, text=True, preexec_fn=limit, timeout=300, check=False,
+        )
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+        assert proc.returncode == code and len(lines) == 1 and lines[0].startswith(f"error: {words}"), proc.stderr
+        assert not target.exists()
+    assert list(tmp_path.iterdir()) == []

@@ -67,7 +67,9 @@ def _dataset(root: Path) -> Path:
 
 
 def _records(out: Path) -> dict[str, dict]:
-    return {r["path"]: r for r in (json.loads(p.read_text()) for p in (out / ".sanitize" / "records").glob("*.json"))}
+    from safe_diffusion.editing.sanitize import load_records
+
+    return load_records(out)
 
 
 def _mask(record) -> np.ndarray:
@@ -144,7 +146,7 @@ def test_report_lists_every_file_with_verdicts_coverage_and_blurred_thumbnails(r
     shown = write_report(data, out, tmp_path / "shown.html", show_unsafe=True)[0].read_text()
 
     def thumbnails(text):  # per table row: its embedded images
-        return [row.split("<img")[1:] for row in text.split("<tr>")[2:]]
+        return [row.split("<img")[1:] for row in text.split('id="images"')[1].split("<tr>")[2:]]
 
     blurred_rows, shown_rows = thumbnails(page), thumbnails(shown)
     assert [len(r) for r in blurred_rows] == [0, 1, 1, 3, 0, 3]  # copied: before; edited: before, after, mask
@@ -158,28 +160,16 @@ def test_report_lists_every_file_with_verdicts_coverage_and_blurred_thumbnails(r
 
 
 def test_the_report_renders_in_a_browser(run):
-    chromium = os.environ.get("SAFE_DIFFUSION_CHROMIUM") or "/usr/bin/chromium"
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if not Path(chromium).is_file() or sync_playwright is None:
-        reason = "chromium or playwright is not installed (scripts/install-browser.sh)"
-        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+    from helpers import chromium
 
     _, out = run
-    with sync_playwright() as p:
-        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
-        try:
-            page = browser.new_page()
-            page.goto((out / ".sanitize" / "report.html").as_uri())
-            assert page.locator("table tr").count() == 7  # header + 6 files
-            widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth)")
-            assert len(widths) == 8 and all(w > 0 for w in widths)
-            assert "2 flagged before" in page.locator("#summary").inner_text()
-        finally:
-            browser.close()
+    for browser in chromium():
+        page = browser.new_page()
+        page.goto((out / ".sanitize" / "report.html").as_uri())
+        assert page.locator("#images tr").count() == 7  # header + 6 files
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth)")
+        assert len(widths) == 8 and all(w > 0 for w in widths)
+        assert "2 flagged before" in page.locator("#summary").inner_text()
 
 
 def test_progress_shows_as_lines_when_stderr_is_not_a_terminal(tiny_checkpoint, tmp_path, cli, monkeypatch):
@@ -279,16 +269,15 @@ def test_sigkill_then_resume_does_each_image_once(tiny_checkpoint, tmp_path):
             *FAST]
     proc = subprocess.Popen([sys.executable, "-m", "safe_diffusion", *args], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    records = out / ".sanitize" / "records"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if records.is_dir() and len(list(records.glob("*.json"))) >= 2:
+        if len(_records(out)) >= 2:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = _snapshot(out)
-    done = {json.loads(v[0])["path"] for k, v in partial.items() if k.startswith(".sanitize/records/")}
+    done = set(_records(out))
     assert 2 <= len(done) < 5, "the run was not killed midway"
 
     code = run_cli(*args)
@@ -296,7 +285,7 @@ def test_sigkill_then_resume_does_each_image_once(tiny_checkpoint, tmp_path):
     final = _snapshot(out)
     # Every image once: what the killed run finished (its files and records) is untouched, the rest is new.
     for key, (content, mtime) in partial.items():
-        if key.startswith(".sanitize/records/") or key in done:
+        if key.startswith(".sanitize/journal/") or key in done:
             assert final[key] == (content, mtime), key
     recs = _records(out)
     assert sorted(recs) == [f"{i}.png" for i in range(5)] and all(r["status"] == "edited" for r in recs.values())

@@ -15,6 +15,7 @@ _EXPORTS = {
     "SafetyGuidance": "safe_diffusion.guidance",
     "FairGuidance": "safe_diffusion.guidance",
     "SemanticGuidance": "safe_diffusion.guidance",
+    "SafreeGuidance": "safe_diffusion.guidance",
     "SafeStableDiffusionPipeline": "safe_diffusion.pipelines",
     "SemanticStableDiffusionPipeline": "safe_diffusion.pipelines",
     "guide": "safe_diffusion.engine",

@@ -35,9 +35,15 @@ def erase(
     ),
     preserve: list[str] = typer.Option(None, "--preserve", help="Concept to keep. Repeatable.", rich_help_panel=_UCE),
     preserve_file: Path = typer.Option(None, help="File with one concept to keep per line.", rich_help_panel=_UCE),
+    variant: str = typer.Option(
+        None, help="UCE as the current script (current; uce's default) or as the paper's WACV-era script "
+        "(wacv2024; rece's default). See docs/erasure.md.", rich_help_panel=_UCE,
+    ),
     lamb: float = typer.Option(None, help="Regulariser λ of eq. 7 (default 0.5).", rich_help_panel=_UCE),
     erase_scale: float = typer.Option(None, help="Erase scale s_e (default 1).", rich_help_panel=_UCE),
-    preserve_scale: float = typer.Option(None, help="Preserve scale s_p (default 1).", rich_help_panel=_UCE),
+    preserve_scale: float = typer.Option(
+        None, help="Preserve scale s_p (default: current 1, wacv2024 max(0.1, 1/retained)).", rich_help_panel=_UCE
+    ),
     rece_epochs: int = typer.Option(None, help="Find-and-erase epochs (default 3).", rich_help_panel=_RECE),
     rece_lamb: float = typer.Option(None, help="λ of the re-erasure (default 0.1).", rich_help_panel=_RECE),
     rece_erase_scale: float = typer.Option(None, help="s_e of the re-erasure (default 1).", rich_help_panel=_RECE),
@@ -46,6 +52,16 @@ def erase(
     ),
     rece_regularization: float = typer.Option(
         None, help="Regulariser of the embedding search (default 0.1).", rich_help_panel=_RECE
+    ),
+    rece_selection: str = typer.Option(
+        None, help="Epoch kept: last (default) or validation (the official rule).", rich_help_panel=_RECE
+    ),
+    rece_validation: Path = typer.Option(
+        None, help="Validation prompts CSV (default: RECE's own, bundled).", rich_help_panel=_RECE
+    ),
+    rece_judges: str = typer.Option(None, help="Validation judges (default nudenet).", rich_help_panel=_RECE),
+    rece_validation_steps: int = typer.Option(
+        None, help="LMS steps of validation images (default 50).", rich_help_panel=_RECE
     ),
     steps: int = typer.Option(None, help="Training steps (default 1000).", rich_help_panel=_ESD),
     lr: float = typer.Option(None, help="Adam learning rate (default 1e-5).", rich_help_panel=_ESD),
@@ -76,7 +92,9 @@ def erase(
     concepts = [*(erase or []), *read_concepts(erase_file, "--erase-file")]
     kept = [*(preserve or []), *read_concepts(preserve_file, "--preserve-file")]
     options = dict(
-        lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale, rece_epochs=rece_epochs,
+        variant=variant, rece_selection=rece_selection,
+        rece_validation=str(rece_validation) if rece_validation is not None else None,
+        rece_judges=rece_judges, rece_validation_steps=rece_validation_steps, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale, rece_epochs=rece_epochs,
         rece_lamb=rece_lamb, rece_erase_scale=rece_erase_scale, rece_preserve_scale=rece_preserve_scale,
         rece_regularization=rece_regularization, steps=steps, lr=lr, negative_guidance=negative_guidance,
         start_guidance=start_guidance, ddim_steps=ddim_steps, resolution=resolution, seed=seed,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -72,6 +75,11 @@ def run(
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16 (hub id or folder)."),
     nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx."),
     nudenet_resolution: int = typer.Option(None, help="NudeNet input size (default: the file's)."),
+    nudenet_mode: str = typer.Option(None, help="NudeNet detector or classifier (v2's; give its file)."),
+    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
+    nudenet_threshold: float = typer.Option(None, help="NudeNet threshold (default: the set-up's)."),
+    nudenet_labels: str = typer.Option(None, help="NudeNet labels: i2p, unlearndiffatk or LABEL,LABEL."),
+    llavaguard_model: str = typer.Option(None, help="LlavaGuard checkpoint: hub id or local folder."),
     device: str = typer.Option(None, help="Device (default: the process's)."),
     progress: bool = typer.Option(True, help="Progress bar, or periodic lines in logs."),
 ) -> None:
@@ -80,11 +88,16 @@ def run(
     from ..evals import runner, suites
     from ..evals.config import build_run_config, torch_dtype, unsafe_rule
     from ..evals.store import RunStore, check_resume, read_frozen
-    from ..judges import load_judges, parse_judges
+    from ..judges import judge_options_from, load_judges, parse_judges
 
     if limit is not None:
         limit = check_int("--limit", limit, minimum=1)
     names = parse_judges(judges)
+    judge_options = judge_options_from(
+        names, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
+        nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
+        nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
+    )
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is not a folder")
     loaded = suites.load_suite(suite, data=data, columns=suites.parse_columns(columns), base_seed=seed)
@@ -109,13 +122,8 @@ def run(
     )
     config_dict = config.to_dict()
     # Everything that can fail on user input fails here, before the run folder is touched.
-    check_resume(out, config_dict)
+    check_resume(out, config_dict, limit)
     frozen = read_frozen(out) if out.is_dir() else None
-    if frozen is not None:
-        old = RunStore.open(out).limit
-        if limit is not None and limit != old and (old is None or limit < old):
-            had = "all prompts" if old is None else f"--limit {old}"
-            raise InputError(f"run {str(out)!r} has {had}; a smaller --limit is not supported (use a new --out)")
     dev = check_device("--device", device) if device is not None else None
     state = _process_state(str(dev) if dev is not None else None)
     dev = dev or state.device
@@ -126,11 +134,11 @@ def run(
         missing_parents.append(parent)
         parent = parent.parent
     with state.main_process_first():
-        store = RunStore.create_or_resume(out, config_dict, chosen, _versions())
+        store = RunStore.create_or_resume(out, config_dict, chosen, _versions(), limit=limit)
     lock = store.writer_lock(state.process_index)
     try:
         try:
-            clfs = load_judges(names, device=dev, options=_judge_options(q16_model, nudenet_model, nudenet_resolution))
+            clfs = load_judges(names, device=dev, options=judge_options)
             runner.check_judges(store, clfs)
             from ..common.loading import load_pipeline
 
@@ -145,8 +153,6 @@ def run(
                     except OSError:
                         break
             raise
-        if state.is_main_process and store.limit != limit:
-            store.set_limit(limit)
         state.wait_for_everyone()
         settings = runner.GenerationSettings.from_config(config_dict)
         show = progress and state.is_main_process
@@ -191,6 +197,11 @@ def classify(
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16 (hub id or folder)."),
     nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx."),
     nudenet_resolution: int = typer.Option(None, help="NudeNet input size (default: the file's)."),
+    nudenet_mode: str = typer.Option(None, help="NudeNet detector or classifier (v2's; give its file)."),
+    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
+    nudenet_threshold: float = typer.Option(None, help="NudeNet threshold (default: the set-up's)."),
+    nudenet_labels: str = typer.Option(None, help="NudeNet labels: i2p, unlearndiffatk or LABEL,LABEL."),
+    llavaguard_model: str = typer.Option(None, help="LlavaGuard checkpoint: hub id or local folder."),
     redo: bool = typer.Option(True, help="Judge again images these judges already judged."),
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
     progress: bool = typer.Option(True, help="Progress bar, or periodic lines in logs."),
@@ -203,14 +214,19 @@ def classify(
     from ..evals import runner
     from ..evals.config import unsafe_rule
     from ..evals.store import RunStore
-    from ..judges import load_judges, parse_judges
+    from ..judges import judge_options_from, load_judges, parse_judges
 
     names = parse_judges(judges, allow_none=False)
+    judge_options = judge_options_from(
+        names, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
+        nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
+        nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
+    )
     store = RunStore.open(run_dir)
     dev = check_device("--device", device)
     lock = store.writer_lock(0)
     try:
-        clfs = load_judges(names, device=dev, options=_judge_options(q16_model, nudenet_model, nudenet_resolution))
+        clfs = load_judges(names, device=dev, options=judge_options)
         if not redo:
             runner.check_judges(store, clfs)
         n = runner.classify(store, clfs, redo=redo, show_progress=progress)
@@ -295,7 +311,7 @@ def export(
 @app.command()
 def report(
     runs: list[Path] = typer.Argument(..., help="Run folders to compare side by side."),
-    out: Path = typer.Option(..., "--out", "-o", help="report.html (+ report.md next to it)."),
+    out: Path = typer.Option(..., "--out", "-o", help="report.html (+ report.md next to it); folders are created."),
     show_unsafe: bool = typer.Option(False, help="Show flagged sample images unblurred."),
     samples: int = typer.Option(4, help="Sample images per category and run."),
     label: list[str] = typer.Option(None, "--label", help="A run's name in the report, once per run."),
@@ -307,10 +323,7 @@ def report(
     from ..common.validation import check_int
     from ..reports.eval import write_report
 
-    _check_output_file(out, (".html", ".htm"), "--out")
     samples = check_int("--samples", samples, minimum=0, maximum=64)
-    if label and len(label) != len(runs):
-        raise InputError(f"{len(label)} --label value(s) for {len(runs)} run(s); give one per run, in order")
     html_path, md_path = write_report(
         [str(r) for r in runs], out, show_unsafe=show_unsafe, samples=samples, labels=label or None
     )
@@ -374,7 +387,7 @@ def quality(
 
     Resumable: a killed run continues where it stopped.
     """
-    from ..common.outputs import atomic_write_json
+    from ..common.outputs import atomic_write_json, check_writable
     from ..common.progress import ProgressLog
     from ..common.validation import check_device, check_int
     from ..evals import quality as q
@@ -382,6 +395,7 @@ def quality(
 
     if json_path is not None:
         _check_output_file(json_path, (".json",), "--json")
+        check_writable(json_path.parent, "folder of --json")  # now, not after the whole computation
     batch_size = check_int("--batch-size", batch_size, minimum=1, maximum=4096)
     image_size = check_int("--image-size", image_size, minimum=16, maximum=4096)
     clip = None if clip_model.strip().lower() == "none" else clip_model
@@ -439,7 +453,7 @@ def quality(
 @app.command()
 def tradeoff(
     runs: list[Path] = typer.Argument(..., help="Judged runs and runs with a quality stage, of every method."),
-    out: Path = typer.Option(..., "--out", "-o", help="tradeoff.html (+ .md and .png next to it)."),
+    out: Path = typer.Option(..., "--out", "-o", help="tradeoff.html (+ .md and .png next to it); folders are created."),
     label: list[str] = typer.Option(None, "--label", help="The method each run belongs to, once per run."),
 ) -> None:
     """Safety against quality, one row and one point per method.
@@ -449,7 +463,6 @@ def tradeoff(
     """
     from ..reports.tradeoff import write_tradeoff
 
-    _check_output_file(out, (".html", ".htm"), "--out")
     html_path, md_path = write_tradeoff([str(r) for r in runs], out, labels=label or None)
     typer.echo(f"wrote {html_path} and {md_path}")
 
@@ -472,9 +485,19 @@ def demo_clip(path: Path = typer.Argument(..., help="Folder to write a random-we
 
     Q16 runs with it offline; its verdicts are meaningless.
     """
+    from safetensors import SafetensorError
+
+    from ..common.outputs import check_writable
+    from ..records.journal import create_atomically
     from ..testing import build_clip
 
     if path.exists():
         raise InputError(f"{str(path)!r} already exists")
-    build_clip(path)
+    check_writable(path.absolute().parent, "folder")
+    try:  # built beside `path` and renamed into place: a full disk leaves nothing
+        create_atomically(path, build_clip, marker="config.json")
+    except SafetensorError as exc:  # how safetensors reports a failed write ("... (os error 28)")
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from None
     typer.echo(f"wrote a random-weight CLIP to {path} (demos only: Q16 needs openai/clip-vit-large-patch14)")

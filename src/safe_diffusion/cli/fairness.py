@@ -15,6 +15,9 @@ from pathlib import Path
 import typer
 
 from ..common.errors import InputError
+from ..judges.attributes import DEFAULT_MODEL as DEFAULT_CLIP
+from ..judges.attributes import ZeroShotClassifier, check_clip_reference
+from ..reports.fairness import plot_proportions
 from . import app
 from .generate import (
     MAX_GUIDANCE_SCALE,
@@ -26,8 +29,6 @@ from .generate import (
 )
 
 DEFAULT_TEMPLATE = "A photo of the face of a {}"
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-CLASS_TEMPLATE = "a photo of a {}"
 
 
 def read_prompts(path: Path, template: str) -> list[str]:
@@ -38,73 +39,6 @@ def read_prompts(path: Path, template: str) -> list[str]:
 
     subjects = read_lines(path, "prompts file", empty="has no prompts")
     return [template.replace("{}", s, 1) for s in subjects]
-
-
-def check_clip_reference(model: str) -> None:
-    """Fail fast on a CLIP model that is neither a transformers folder nor shaped like a hub id."""
-    from ..common.loading import _HUB_ID
-
-    path = Path(model)
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise InputError(f"cannot load CLIP model {model!r}: not a transformers model folder (no config.json)")
-    elif not _HUB_ID.match(model):
-        raise InputError(f"cannot load CLIP model {model!r}: no such folder, and not a hub id like 'owner/name'")
-
-
-class ZeroShotClassifier:
-    """Zero-shot CLIP: each image gets the direction whose text "a photo of a {direction}" it matches best."""
-
-    def __init__(self, model: str, directions: list[str], device):
-        from transformers import CLIPModel, CLIPProcessor
-
-        try:
-            self.model = CLIPModel.from_pretrained(model).to(device).eval()
-            self.processor = CLIPProcessor.from_pretrained(model)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"cannot load CLIP model {model!r}: {first}") from None
-        self.device = device
-        self.texts = [CLASS_TEMPLATE.format(d) for d in directions]
-
-    def __call__(self, images) -> list[int]:
-        import torch
-
-        inputs = self.processor(text=self.texts, images=list(images), return_tensors="pt", padding=True)
-        with torch.no_grad():
-            logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).logits_per_image
-        return logits.argmax(dim=1).tolist()
-
-
-def plot_proportions(rows: list[dict], directions: list[str], path: Path) -> None:
-    """One panel per direction: its proportion per prompt before and after, and the target as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from ..common.outputs import atomic_write_bytes
-
-    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
-    fig, axes = plt.subplots(len(directions), 1, figsize=(max(6, 1.2 * len(prompts) + 2), 2.6 * len(directions)), squeeze=False)
-    x = np.arange(len(prompts))
-    for ax, direction in zip(axes[:, 0], directions):
-        sel = {r["prompt"]: r for r in rows if r["direction"] == direction}
-        before = [sel[p]["before_proportion"] for p in prompts]
-        after = [sel[p]["after_proportion"] for p in prompts]
-        ax.bar(x - 0.2, before, 0.4, label="without fair guidance")
-        ax.bar(x + 0.2, after, 0.4, label="with fair guidance")
-        ax.axhline(sel[prompts[0]]["target"], color="black", linestyle="--", linewidth=1, label="target")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel(f"P({direction})")
-        ax.set_xticks(x, [p if len(p) <= 30 else p[:27] + "…" for p in prompts], rotation=20, ha="right", fontsize=8)
-    axes[0, 0].legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 @app.command()

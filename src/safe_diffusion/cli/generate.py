@@ -147,14 +147,22 @@ def fair_term(directions: str | None, proportions: str | None, seeds: list[int])
     return [FairGuidance(dirs, props, run_length=len(seeds)).for_seeds(seeds)]
 
 
-def side_by_side(left, right):
-    """Two PIL images next to each other, unguided on the left."""
-    from PIL import Image
+def side_by_side(left, right, guided: str = "guided"):
+    """Two PIL images with a gap between them, captioned "unguided" (left) and `guided` (right)."""
+    from ..reports.images import side_by_side as captioned
 
-    canvas = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), "white")
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width, 0))
-    return canvas
+    return captioned(left, right, ("unguided", guided))
+
+
+def guided_caption(settings: dict, terms: list, steps: int, guidance_scale: float) -> str:
+    """The side-by-side's caption of the guided image: "guided: SLD strong + SEGA +sunglasses" (and
+    "— inactive: …" when its guidance never acts in `steps` steps)."""
+    from ..guidance.activity import activity_label
+
+    parts = [f"SLD {settings['safety']}"] if settings.get("safety", "off") != "off" else []
+    parts += [f"SEGA {' '.join(settings['edits'])}"] if settings.get("edits") else []
+    parts += [f"Fair Diffusion ({settings['fair']})"] if settings.get("fair") else []
+    return activity_label(f"guided: {' + '.join(parts) or 'no guidance'}", terms, steps, guidance_scale)
 
 
 @app.command()
@@ -323,7 +331,8 @@ def generate_images(
                     written.append(png)
                 if unguided_images is not None:
                     png = folder.file(f"{stem}-side-by-side.png")
-                    save_image_atomic(side_by_side(unguided_images[i], guided_images[i]), png)
+                    caption = guided_caption(settings, terms, steps, guidance_scale)
+                    save_image_atomic(side_by_side(unguided_images[i], guided_images[i], caption), png)
                     written.append(png)
             progress.update(len(seeds))
         progress.close()

@@ -146,6 +146,19 @@ class OutputDir:
                 pass
 
 
+def check_writable(folder: str | Path, what: str = "output folder") -> None:
+    """One InputError line unless `folder` is a folder that takes new files (probed with a temporary file)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{what} {str(folder)!r} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{what} {str(folder)!r} is not writable: {exc.strerror or exc}") from None
+
+
 @contextmanager
 def output_dir(path: str | Path, what: str = "output folder") -> Iterator[OutputDir]:
     """Create `path` (and parents), check it is writable, and undo everything written there if the block fails."""
@@ -159,11 +172,7 @@ def output_dir(path: str | Path, what: str = "output folder") -> Iterator[Output
         for d in reversed(missing):
             d.mkdir()
             out.created_dirs.append(d)
-        if not out.path.is_dir():
-            raise InputError(f"{what} {str(path)!r} is not a folder")
-        fd, probe = tempfile.mkstemp(dir=out.path, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        check_writable(out.path, what)
     except InputError:
         out.rollback()
         raise

@@ -29,6 +29,40 @@ logger = logging.getLogger(__name__)
 
 EXCLUDED = {"erasure.json"}
 
+#: The file :mod:`safe_diffusion.testing`'s builders leave in every model folder they make: its weights are
+#: random, so any figure measured with it is noise (reports name such models wherever their numbers appear).
+RANDOM_WEIGHTS_FILE = "random_weights.json"
+
+
+def random_weights(model: str | os.PathLike | None) -> bool:
+    """Whether the model folder `model` has random weights: it carries :data:`RANDOM_WEIGHTS_FILE`, or it was
+    erased from a model that does (its ``erasure.json`` names the base). False for hub ids and unknown paths."""
+    if not model:
+        return False
+    path = Path(model)
+    try:
+        if (path / RANDOM_WEIGHTS_FILE).is_file():
+            return True
+        record = path / "erasure.json"
+        if record.is_file():
+            base = (json.loads(record.read_text()).get("base_model") or {}).get("path")
+            return bool(base) and Path(base) != path and (Path(base) / RANDOM_WEIGHTS_FILE).is_file()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return False
+
+
+def mark_random_weights(folder: str | os.PathLike, builder: str, **settings) -> None:
+    """Leave :data:`RANDOM_WEIGHTS_FILE` in `folder`: its model was built with random weights by `builder`."""
+    from .outputs import atomic_write_json
+
+    atomic_write_json(Path(folder) / RANDOM_WEIGHTS_FILE, {
+        "random_weights": True,
+        "builder": builder,
+        **settings,
+        "note": "built offline with random weights for tests and demos: its outputs and scores are noise",
+    })
+
 
 def _cache_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

@@ -10,11 +10,12 @@ the ``safe-diffusion sanitize`` command runs:
   same relative path in OUT, in the input's format and size; the rest are copied byte for byte.
   Edited images are judged again. Unreadable, damaged or non-image files are skipped (not copied)
   and listed in the report.
-* Resumable: after an item's output file is complete, a small record
-  (``OUT/.sanitize/records/<key>.json``) is written atomically; an item with a record is done and
+* Resumable: ``OUT/.sanitize`` is the run's :class:`~safe_diffusion.records.store.RecordStore`. Its
+  ``config.json`` (the settings, versions, judges and resolved LEDITS++ settings) is written in one
+  atomic creation; resuming with other settings is refused. After an item's output file is complete,
+  its record (stage ``item``, key: its relative path) is appended; an item with a record is done and
   never redone. An item killed between its file and its record is redone on resume, to the same
   bytes (its inversion noise comes from a seed derived from the run's seed and its path).
-* ``OUT/.sanitize/config.json`` freezes the run's settings; resuming with other settings is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,15 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import InputError
+from ..common.outputs import check_writable
 from ..common.progress import ProgressLog
 from ..guidance.ledits import MASKINGS, SAFETY_CONCEPTS, LEditsGuidance
+from ..records.journal import CREATING_PREFIX
+from ..records.store import RecordStore, StoreFormat
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR = ".sanitize"
-RECORDS_DIR = "records"
 CONFIG_NAME = "config.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: one JSON file per record in .sanitize/records/ (not read: use a new --out)
+ITEM = "item"
 #: Judged per chunk, so a resumed run re-judges at most one chunk's pending images.
 JUDGE_CHUNK = 32
 
@@ -298,12 +301,27 @@ def list_items(src: Path) -> list[str]:
     return sorted(items)
 
 
-def record_key(rel: str) -> str:
-    return hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-
-
 def state_dir(out: Path) -> Path:
     return Path(out) / STATE_DIR
+
+
+class SanitizeStore(RecordStore):
+    """A sanitize run's state, ``OUT/.sanitize``: its identity and a record per finished item."""
+
+    FORMAT = StoreFormat("sanitize output", version=SCHEMA_VERSION, version_key="schema_version")
+
+    @classmethod
+    def target_label(cls, root: Path) -> str:
+        return f"--out {display_path(str(root.parent))!r}"
+
+    @property
+    def label(self) -> str:
+        return f"--out {display_path(str(self.root.parent))!r}"
+
+
+def _own_leftover(name: str) -> bool:
+    """What a killed sanitize leaves in OUT besides its outputs: a half-made state folder, a write probe."""
+    return name.startswith((f"{CREATING_PREFIX}{STATE_DIR}-", ".write-probe-"))
 
 
 def check_paths(src: str | Path, out: str | Path) -> tuple[Path, Path]:
@@ -321,7 +339,7 @@ def check_paths(src: str | Path, out: str | Path) -> tuple[Path, Path]:
     if out.exists():
         if not out.is_dir():
             raise InputError(f"--out {display_path(str(out))!r} is not a folder")
-        if any(out.iterdir()) and not (state_dir(out) / CONFIG_NAME).is_file():
+        if any(not _own_leftover(p.name) for p in out.iterdir()) and not (state_dir(out) / CONFIG_NAME).is_file():
             raise InputError(
                 f"--out {display_path(str(out))!r} is a non-empty folder that is not a sanitize output; choose a new one"
             )
@@ -338,23 +356,21 @@ def _check_writable(out: Path) -> None:
         target = target.parent
     if not target.is_dir():
         raise InputError(f"--out {display_path(str(out))!r} cannot be created: {display_path(str(target))!r} is a file")
-    try:
-        fd, probe = tempfile.mkstemp(dir=target, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise InputError(f"--out {display_path(str(out))!r} is not writable: {exc.strerror or exc}") from None
+    check_writable(target, "--out" if target == out else f"--out {display_path(str(out))!r} cannot be created: folder")
 
 
 def check_resume(out: Path, config: SanitizeConfig) -> None:
     """Refuse, without writing anything, to continue `out` with settings other than its own."""
-    path = state_dir(out) / CONFIG_NAME
-    if not path.is_file():
-        return
-    try:
-        frozen = json.loads(path.read_text())["config"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{display_path(str(path))!r} is unreadable ({exc}); use a new --out") from None
+    doc = SanitizeStore.read_identity(state_dir(out))
+    if doc is not None:
+        _check_same(out, doc, config)
+
+
+def _check_same(out: Path, doc: dict, config: SanitizeConfig) -> None:
+    frozen = doc.get("config")
+    if not isinstance(frozen, dict):
+        path = state_dir(out) / CONFIG_NAME
+        raise InputError(f"{display_path(str(path))!r} is not a sanitize config; use a new --out")
     new = config.to_dict()
     if frozen != new:
         diff = sorted(k for k in set(frozen) | set(new) if frozen.get(k) != new.get(k))
@@ -411,24 +427,18 @@ class SanitizeSummary:
         return self.edited + self.copied + self.skipped
 
 
-def prepare_output(out: Path, config: SanitizeConfig, run: dict, *, clean: bool = True) -> None:
-    """Create OUT and its state folder and freeze the config (idempotent; safe for concurrent processes).
+def prepare_output(out: Path, config: SanitizeConfig, run: dict, *, clean: bool = True) -> SanitizeStore:
+    """Create OUT's state store with the run's whole identity in one atomic step, or open the one there
+    (safe for concurrent processes); resuming with other settings is refused.
 
     `run`: what else the report shows and a reader needs (library versions, the judges' descriptions,
     the LEDITS++ settings resolved for the model); written with the config when the run starts.
     `clean`: remove what a killed run's atomic writes left (only the main process, before the others start).
     """
-    from ..common.outputs import atomic_write_bytes
-
-    records = state_dir(out) / RECORDS_DIR
-    records.mkdir(parents=True, exist_ok=True)
     if clean:
         remove_stale_temporaries(out)
-    path = state_dir(out) / CONFIG_NAME
-    if not path.is_file():
-        doc = {"schema_version": SCHEMA_VERSION, "config": config.to_dict(), **run}
-        atomic_write_bytes(path, (json.dumps(doc, indent=2, ensure_ascii=True, default=str) + "\n").encode())
-    check_resume(out, config)
+    identity = json.loads(json.dumps({"config": config.to_dict(), **run}, default=str))
+    return SanitizeStore.create_or_open(state_dir(out), identity, check=lambda doc: _check_same(out, doc, config))
 
 
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
@@ -453,29 +463,15 @@ def remove_stale_temporaries(out: Path) -> int:
 
 
 def read_state(out: Path) -> dict:
-    """The run's frozen config.json document."""
-    return json.loads((state_dir(out) / CONFIG_NAME).read_text())
+    """The run's frozen config.json document (reads only)."""
+    return SanitizeStore.open(state_dir(out)).identity
 
 
 def load_records(out: Path) -> dict[str, dict]:
-    """Every finished item's record, by relative path."""
-    folder = state_dir(out) / RECORDS_DIR
-    records = {}
-    if folder.is_dir():
-        for path in folder.glob("*.json"):
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # never written half (atomic); unreadable means damaged by something else: redo it
-            records[record["path"]] = record
-    return records
-
-
-def _write_record(out: Path, record: dict) -> None:
-    from ..common.outputs import atomic_write_bytes
-
-    path = state_dir(out) / RECORDS_DIR / f"{record_key(record['path'])}.json"
-    atomic_write_bytes(path, (json.dumps(record, indent=1, ensure_ascii=True, sort_keys=True) + "\n").encode())
+    """Every finished item's record, by relative path (reads only; {} before the run started)."""
+    if SanitizeStore.read_identity(state_dir(out)) is None:
+        return {}
+    return SanitizeStore.open(state_dir(out)).get(ITEM)
 
 
 def _png_b64(image) -> str:
@@ -516,15 +512,17 @@ def sanitize_folder(
     """
     import numpy as np
 
-    from ..common.outputs import atomic_write_bytes
+    from ..common.outputs import atomic_write_bytes, strict_json
 
     items = list_items(src)
     mine = [rel for i, rel in enumerate(items) if i % num_processes == process_index]
-    done = load_records(out)
+    store = SanitizeStore.open(state_dir(out))
+    done = store.get(ITEM)
     todo = [rel for rel in mine if rel not in done]
     summary = SanitizeSummary(total=len(mine), done_before=len(mine) - len(todo))
     guidance = config.guidance()
     progress = ProgressLog("sanitize", len(todo), enabled=show_progress)
+    lock = store.writer(process_index)
     try:
         for start in range(0, len(todo), JUDGE_CHUNK):
             chunk = todo[start : start + JUDGE_CHUNK]
@@ -592,12 +590,14 @@ def sanitize_folder(
                         record.update(status="copied")
                         summary.copied += 1
                 record["seconds"] = round(time.monotonic() - started, 3)
-                _write_record(out, record)  # the item's file is complete; now it is done
+                store.put(ITEM, rel, strict_json(record))  # the item's file is complete; now it is done
                 if on_item is not None:
                     on_item(rel, record)
                 progress.update(1, f"{summary.edited} edited, {summary.copied} copied, {summary.skipped} skipped")
     finally:
         progress.close()
+        lock.release()
+        store.close()
     return summary
 
 
@@ -700,6 +700,7 @@ def _finish(src, out, report_path, show_unsafe, process_index, summary) -> Sanit
 
     if process_index != 0:
         return SanitizeResult(out, summary, None, None)
+    remove_stale_temporaries(out)  # every process is done: what a killed run's atomic writes left can go
     report_path.parent.mkdir(parents=True, exist_ok=True)
     write_report(src, out, report_path, show_unsafe=show_unsafe)
     counts = summarize(list_items(src), load_records(out))

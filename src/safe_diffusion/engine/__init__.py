@@ -5,8 +5,10 @@ denoiser family needs; :mod:`.support` decides which pipelines are served; :mod:
 modular pipelines the same terms as diffusers guiders (``SafetyGuider``, ``SemanticGuider``);
 :class:`GuidedDenoiser` (:mod:`.denoiser`) gives the guided estimate for latents outside a pipeline call
 (differentiable), for samplers, inversions and attacks.
+:mod:`.hooks` serves terms that act on the call itself, such as SAFREE (:mod:`.safree`).
 """
 
+from . import safree as _safree  # noqa: F401  (registers SAFREE's call hook with guide())
 from .adapters import ADAPTERS, DenoiserAdapter, register_adapter
 from .core import guide, guided_call, prediction_type
 from .denoiser import Conditioning, GuidedDenoiser, register_direct_call

@@ -30,6 +30,9 @@
   negative estimate exists, in place, before the pipeline combines them. Either way there is no
   extra denoiser call per step.
 
+Terms that act on the call itself rather than through concept rows (SAFREE) are served through call
+hooks (:mod:`.hooks`): bound once per call, they rewrite the denoiser's arguments after the concept rows.
+
 Steps count guided denoiser evaluations, as the reference pipelines count them (a second-order
 scheduler such as Heun evaluates twice per step; terms can give warm-ups as fractions of the run
 instead, see :meth:`~safe_diffusion.guidance.SafetyGuidance.for_schedule`).
@@ -64,6 +67,7 @@ from .parts import (
     transform_after,
     transform_before,
 )
+from .hooks import CALL_HOOKS, CallHook
 from .support import served_denoisers
 
 logger = logging.getLogger(__name__)
@@ -236,10 +240,13 @@ class _Call:
         self.engine = engine
         self.pipe = engine.pipe
         self.arguments = arguments
+        # Terms that act on the call itself (SAFREE: engine/hooks.py) are bound per call, not combined.
+        self.call_terms = [t for t in engine.terms if type(t) in CALL_HOOKS]
+        self.hooks: list[CallHook] = []
         self.strict = engine.strict > 0
         adapter = engine.adapter
         self.prediction = adapter.prediction()
-        self.schedule = RunSchedule(engine.terms)
+        self.schedule = RunSchedule([t for t in engine.terms if type(t) not in CALL_HOOKS])
         self.cfg = PipelineCfg(adapter, arguments)
         self.combination = Combination(self.schedule.terms, self.prediction)
         self.concepts: ConceptRows | None = None
@@ -286,6 +293,12 @@ class _Call:
         self.injection = RowInjection(self.concepts)
         self.observing = Observing(adapter, terms, self.concepts, self.name)
         self.transforms = call_transforms(self, terms)
+        try:
+            for term in self.call_terms:
+                self.hooks.append(CALL_HOOKS[type(term)].bind(term, self.pipe, adapter, self.arguments))
+        except BaseException:
+            self.close()
+            raise
 
     def finish(self) -> None:
         if self.active and self.combination.evaluations == 0:
@@ -295,6 +308,9 @@ class _Call:
             logger.warning(message)
 
     def close(self) -> None:
+        hooks, self.hooks = self.hooks, []
+        for hook in hooks:
+            hook.close()
         if self.observing is not None:
             self.observing.close()
         close_transforms(self.transforms)
@@ -342,10 +358,15 @@ class _Call:
         self.pending[id(module)] = (kind, kw, batch, needed)
         if adapter.separate_calls:
             self.cond = {}
-        if not needed:
+        out = kw
+        if needed:
+            self.observing.arm(needed, first, batch, adapter, kw)
+            out = self.injection(adapter, kw, text, batch, needed)
+        for hook in self.hooks:  # after the concept rows: rows a call hook appends come last
+            out = hook.before(out, self.step, batch)
+        if out is kw:
             return ((), kw) if changed else None
-        self.observing.arm(needed, first, batch, adapter, kw)
-        return (), self.injection(adapter, kw, text, batch, needed)
+        return (), out
 
     def _transformed(self, module, kw):
         changed = self.transforms and transform_before(self.transforms, self, module, kw)
@@ -355,6 +376,8 @@ class _Call:
         pending = self.pending.pop(id(module), None)
         if pending is None:
             return None
+        for hook in self.hooks:
+            hook.after()
         adapter = self.engine.adapters[id(module)]
         out = _output_tensor(output)
         if pending[0] == "negative":
@@ -430,8 +453,11 @@ def guide(pipe, *terms: GuidanceTerm, strict: bool = False) -> Iterator[Any]:
     raise: guidance attached to them could never act.
     """
     for term in terms:
-        if not isinstance(term, GuidanceTerm):
+        if not isinstance(term, GuidanceTerm) and type(term) not in CALL_HOOKS:
             raise TypeError(f"{term!r} is not a guidance term")
+    for term in terms:
+        if type(term) in CALL_HOOKS:
+            CALL_HOOKS[type(term)].check(term, pipe)  # refuse a pipeline the term is not defined for
     if not terms and _ENGINES.get(pipe) is None:
         yield pipe  # nothing to apply: the pipeline is left untouched
         return

@@ -213,6 +213,8 @@ class Combination:
             else:
                 delta, self.states[ti] = apply(u, t, concepts[ti])
             total = delta if total is None else total + delta
+        if total is None:  # only terms that act on the call itself (SAFREE): nothing to add to the estimate
+            return torch.zeros_like(text)
         return adapter.from_math(total, kw, like=text)
 
     def advance(self) -> None:

@@ -9,7 +9,11 @@ math is in :mod:`.uce`, :mod:`.rece` and :mod:`.esd` as pure functions.
 from importlib import import_module
 
 _EXPORTS = {
-    "METHODS": ".common",
+    "METHODS": ".methods",
+    "MethodSpec": ".methods",
+    "UCEOptions": ".methods",
+    "RECEOptions": ".methods",
+    "ESDOptions": ".methods",
     "ErasureConfig": ".api",
     "erase_concepts": ".api",
     "apply_uce": ".closed_form",

@@ -20,50 +20,31 @@ from pathlib import Path
 import torch
 
 from ..common.errors import InputError
-from .common import METHODS
-
-UCE_OPTIONS = ("lamb", "erase_scale", "preserve_scale")
-RECE_OPTIONS = (*UCE_OPTIONS, "rece_epochs", "rece_lamb", "rece_erase_scale", "rece_preserve_scale", "rece_regularization")
-ESD_OPTIONS = (
-    "steps", "lr", "negative_guidance", "start_guidance", "ddim_steps", "resolution", "seed",
-    "checkpoint_every", "mixed_precision", "gradient_checkpointing",
-)
-OPTIONS = {"uce": UCE_OPTIONS, "rece": RECE_OPTIONS, "esd-x": ESD_OPTIONS, "esd-u": ESD_OPTIONS}
-#: Options that change how a run is carried out, never its result (left out of the resume fingerprint).
-_EXECUTION_ONLY = ("checkpoint_every", "gradient_checkpointing")
+from .methods import METHODS, ESDOptions, RECEOptions, UCEOptions, get_method
 
 
 @dataclass
 class ErasureConfig:
     """What to erase and how. Build it with :meth:`build`, which validates everything a user can get wrong.
 
-    Defaults are the papers' and official code's: UCE λ = 0.5, s_e = s_p = 1, guide ``""``; RECE
-    3 epochs, λ = 0.1, s_e = 1, s_p = 0.1, regulariser 0.1 (the authors' nudity recipe); ESD 1000
-    steps, Adam lr 1e-5, negative guidance η = 1, start guidance 3, 50 DDIM steps (the paper's).
+    ``options`` is the method's config dataclass (:class:`~.methods.UCEOptions`, :class:`~.methods.RECEOptions`,
+    :class:`~.methods.ESDOptions`); its fields read as attributes of the config too (``config.lamb``).
+    Defaults are the official code's: UCE λ = 0.5, s_e = 1, the ``current`` script (guide ``""``, s_p = 1);
+    RECE from the paper's (``wacv2024``) UCE, 3 epochs, λ = 0.1, s_e = 1, s_p = 0.1, regulariser 0.1 (the
+    authors' nudity recipe); ESD 1000 steps, Adam lr 1e-5, η = 1, start guidance 3, 50 DDIM steps.
     """
 
     method: str
     erase: list[str]
     guide: list[str] = field(default_factory=list)
     preserve: list[str] = field(default_factory=list)
-    lamb: float = 0.5
-    erase_scale: float = 1.0
-    preserve_scale: float = 1.0
-    rece_epochs: int = 3
-    rece_lamb: float = 0.1
-    rece_erase_scale: float = 1.0
-    rece_preserve_scale: float = 0.1
-    rece_regularization: float = 0.1
-    steps: int = 1000
-    lr: float = 1e-5
-    negative_guidance: float = 1.0
-    start_guidance: float = 3.0
-    ddim_steps: int = 50
-    resolution: int | None = None
-    seed: int = 0
-    checkpoint_every: int = 100
-    mixed_precision: str = "no"
-    gradient_checkpointing: str = "auto"
+    options: UCEOptions | RECEOptions | ESDOptions | None = None
+
+    def __getattr__(self, name: str):
+        options = self.__dict__.get("options")
+        if options is not None and name in {f.name for f in dataclasses.fields(options)}:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
     def build(
@@ -75,90 +56,78 @@ class ErasureConfig:
         **options,
     ) -> ErasureConfig:
         """Validate and complete a configuration; every problem is one :class:`InputError` line."""
-        key = (method or "").strip().lower()
-        if key not in METHODS:
-            raise InputError(f"unknown erasure method {method!r}; choose one of: {', '.join(METHODS)}")
+        spec = get_method(method)
+        key = spec.name
         concepts = [c.strip() for c in (erase or [])]
         if not concepts:
             raise InputError("no concept to erase: give at least one --erase TEXT")
         if any(not c for c in concepts):
             raise InputError("an erased concept is empty; give its text, e.g. --erase 'nudity'")
+        _refuse_duplicates(concepts, "erased")
         guides = [g.strip() for g in (guide_to or [])]
         kept = [p.strip() for p in (preserve or [])]
-        esd = key.startswith("esd")
-        if esd and guides:
+        if not spec.closed_form and guides:
             raise InputError(f"--guide-to applies to uce and rece; {key} always guides away from the concept")
-        if esd and kept:
+        if not spec.closed_form and kept:
             raise InputError(f"--preserve applies to uce and rece; {key} has no preservation term")
         if any(not p for p in kept):
             raise InputError("a preserved concept is empty; give its text")
+        _refuse_duplicates(kept, "preserved")
         both = sorted(set(concepts) & set(kept))
         if both:
             raise InputError(f"{both[0]!r} is both erased and preserved")
-        if not esd:
+        fields = {f.name for f in dataclasses.fields(spec.options)}
+        every = {name for m in METHODS.names() for name in METHODS.get(m).option_names()}
+        unknown = sorted(set(options) - every)
+        if unknown:
+            raise TypeError(f"unknown erasure option(s): {', '.join(unknown)}")
+        extra = [name for name, value in options.items() if value is not None and name not in fields]
+        if extra:
+            flag = "--" + extra[0].replace("_", "-")
+            users = [m for m in METHODS.names() if extra[0] in METHODS.get(m).option_names()]
+            raise InputError(f"{flag} applies to {' and '.join(users)}, not {key}")
+        values = spec.options(**{k: v for k, v in options.items() if v is not None})
+        values.check()
+        if spec.closed_form:
             if len(guides) not in (0, 1, len(concepts)):
                 raise InputError(
                     f"{len(guides)} --guide-to values for {len(concepts)} concept(s); give one for all or one per --erase"
                 )
             guides = guides * len(concepts) if len(guides) == 1 else guides or [""] * len(concepts)
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise TypeError(f"unknown erasure option(s): {', '.join(unknown)}")
-        extra = [name for name, value in options.items() if value is not None and name not in OPTIONS[key]]
-        if extra:
-            flag = "--" + extra[0].replace("_", "-")
-            users = [m for m, names in OPTIONS.items() if extra[0] in names]
-            raise InputError(f"{flag} applies to {' and '.join(users)}, not {key}")
-        given = {k: v for k, v in options.items() if v is not None}
-        config = cls(method=key, erase=concepts, guide=guides, preserve=kept, **given)
-        config._check_values()
-        return config
+            if values.variant == "wacv2024":  # the WACV-era script edits towards " " where the guide is empty
+                guides = [g or " " for g in guides]
+        return cls(method=key, erase=concepts, guide=guides, preserve=kept, options=values)
 
-    def _check_values(self) -> None:
-        def positive(name, value):
-            if not value > 0:
-                raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-        def non_negative(name, value):
-            if not value >= 0:
-                raise InputError(f"--{name.replace('_', '-')} must be zero or positive, got {value}")
-
-        if self.method in ("uce", "rece"):
-            positive("lamb", self.lamb)
-            non_negative("erase_scale", self.erase_scale)
-            non_negative("preserve_scale", self.preserve_scale)
-        if self.method == "rece":
-            non_negative("rece_epochs", self.rece_epochs)
-            positive("rece_lamb", self.rece_lamb)
-            non_negative("rece_erase_scale", self.rece_erase_scale)
-            non_negative("rece_preserve_scale", self.rece_preserve_scale)
-            positive("rece_regularization", self.rece_regularization)
-        if self.method.startswith("esd"):
-            for name in ("steps", "lr", "ddim_steps", "checkpoint_every"):
-                positive(name, getattr(self, name))
-            non_negative("seed", self.seed)
-            if self.resolution is not None:
-                positive("resolution", self.resolution)
-            if self.mixed_precision not in ("no", "fp16", "bf16"):
-                raise InputError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-            if self.gradient_checkpointing not in ("auto", "on", "off"):
-                raise InputError(f"--gradient-checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
+    @property
+    def spec(self):
+        return METHODS.get(self.method)
 
     @property
     def label(self) -> str:
         """How reports name rows made with this erasure: UCE, RECE, ESD-x, ESD-u."""
-        return METHODS[self.method][0]
+        return self.spec.label
 
     def hyperparameters(self) -> dict:
-        """The method's hyper-parameters, defaults included."""
-        return {name: getattr(self, name) for name in OPTIONS[self.method]}
+        """The method's hyper-parameters, defaults included (UCE's s_p resolved for this run's texts)."""
+        values = dataclasses.asdict(self.options)
+        if "preserve_scale" in values:
+            values["preserve_scale"] = self.options.resolved_preserve_scale(len(self.preserve))
+        return values
 
     def concepts(self) -> dict:
         return {"erase": self.erase, "guide": self.guide or None, "preserve": self.preserve}
 
 
+def _refuse_duplicates(texts: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for text in texts:
+        if text in seen:
+            raise InputError(f"{text!r} is {what} twice (on the command line or in a concept file); give it once")
+        seen.add(text)
+
+
 def deviations(config: ErasureConfig) -> list[str]:
-    """Where this implementation departs from the published protocol or the official code, and why."""
+    """Where this run departs from the published protocol or the official code it follows, and why."""
     notes = []
     if config.method in ("uce", "rece"):
         notes.append(
@@ -166,12 +135,33 @@ def deviations(config: ErasureConfig) -> list[str]:
             "(λI + s_e Σ c_i c_iᵀ + s_p Σ c_j c_jᵀ)⁻¹, in float64 (the official code loops over layers and "
             "concepts and inverts in float32); identical in exact arithmetic."
         )
+        if config.variant == "current":
+            notes.append(
+                "UCE variant 'current' (the authors' current script): its numbers differ from the UCE paper's, which "
+                "came from the WACV-era script (variant 'wacv2024': token span to the end of the sequence, implicit "
+                "empty-prompt preservation, guide ' ') by about the size of the edit."
+            )
     if config.method == "rece":
         notes.append(
             "RECE's preserved texts are all --preserve concepts (the official code samples as many as there "
-            "are erased concepts at random), or the empty text once per erased concept when none is given."
+            "are erased concepts at random), or the empty text once per erased concept when none is given "
+            "(the official ' ', which CLIP's tokenizer reads as the empty text)."
         )
-        notes.append("RECE's starting point is this run's own UCE edit (the official code loads a saved UCE model).")
+        notes.append(
+            "RECE's starting point is this run's own UCE edit (variant "
+            f"{config.variant!r}; the official code loads a UCE model saved by its WACV-era train_uce.py)."
+        )
+        if config.rece_selection == "last":
+            notes.append(
+                "RECE keeps the last epoch; the official code keeps only epochs that lower the NudeNet/Q16 rate "
+                "on its validation images (--rece-selection validation)."
+            )
+        else:
+            notes.append(
+                "RECE's validation images are generated here with each prompt's evaluation_seed on a CPU "
+                "generator (the official code draws them with torch.cuda.manual_seed), so they are not the "
+                "official images; the rule that picks the epoch is the official one."
+            )
     if config.method.startswith("esd"):
         notes.append(
             "x_t is sampled with the frozen original model and the scheduler's exact DDIM timestep (the authors' "
@@ -183,6 +173,17 @@ def deviations(config: ErasureConfig) -> list[str]:
             "so runs resume exactly; with N processes each step averages N examples (effective batch N)."
         )
     return notes
+
+
+def _validation_parts(config: ErasureConfig, device: str | None):
+    """RECE's validation prompts and judges, loaded (and so checked) before any model loads."""
+    from ..judges import load_judges, parse_judges
+    from .selection import JUDGE_OPTIONS, check_scheduler_dependencies, load_validation_set
+
+    names = parse_judges(config.rece_judges, allow_none=False)
+    check_scheduler_dependencies()
+    validation = load_validation_set(config.rece_validation)
+    return validation, load_judges(names, device=device, options=JUDGE_OPTIONS)
 
 
 def resolve_base_folder(model: str) -> Path:
@@ -201,9 +202,22 @@ def resolve_base_folder(model: str) -> Path:
 def _fingerprint(config: ErasureConfig, base_files: dict[str, str]) -> str:
     """What a resumed run must share with the one it continues: the settings that change the result and the
     base model's content (not its path: a moved base resumes)."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _EXECUTION_ONLY}
+    options = {k: v for k, v in dataclasses.asdict(config.options).items() if k not in config.spec.execution_only}
+    settings = {**config.concepts(), "method": config.method, "options": options}
     blob = json.dumps({"config": settings, "base": base_files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _already_erased(out: Path, model: str, config: ErasureConfig) -> bool:
+    """Whether `out` already holds this erasure: the same method, concepts and settings of the same base."""
+    from .folder import RECORD_NAME, hash_base, read_erasure_record
+
+    if not (out / RECORD_NAME).is_file():
+        return False
+    record = read_erasure_record(out)
+    mine = json.loads(json.dumps([config.method, config.concepts(), config.hyperparameters()]))
+    same = [record.get("method"), record.get("concepts"), record.get("hyperparameters")] == mine
+    return same and record.get("base_model", {}).get("files") == hash_base(resolve_base_folder(model))
 
 
 def _use_cpu(device: str | None) -> bool:
@@ -235,7 +249,14 @@ def erase_concepts(
 
     out = Path(out)
     check_model_reference(model)
+    if device is not None:
+        from ..common.validation import check_device
+
+        device = str(check_device("--device", device))
     esd = config.method.startswith("esd")
+    validation = None
+    if config.method == "rece" and config.rece_selection == "validation":
+        validation = _validation_parts(config, device)  # the file and the judges fail before the model loads
     if not esd and int(os.environ.get("RANK", "0")) != 0:
         return None  # launched on several processes: a closed form takes seconds, the main process does it
     accelerator = None
@@ -249,7 +270,11 @@ def erase_concepts(
         if device is None:
             device = str(accelerator.device)
     main = accelerator is None or accelerator.is_main_process
-    check_output_folder(out)  # in every process: one that failed alone would leave the others at a barrier
+    if _already_erased(out, model, config):  # a rerun after a run killed once it had published `out`
+        if main:
+            shutil.rmtree(work_folder(out), ignore_errors=True)
+        return out if main else None
+    check_output_folder(out, finished_ok=False)  # in every process: one failing alone would block the others
     t0 = time.monotonic()
     pipe = load_pipeline(model, device=device, dtype=torch.float32)  # bad models fail before anything is written
     pipe.set_progress_bar_config(disable=True)
@@ -266,21 +291,30 @@ def erase_concepts(
 
             result = apply_uce(
                 pipe, config.erase, config.guide, config.preserve, lamb=config.lamb,
-                erase_scale=config.erase_scale, preserve_scale=config.preserve_scale, model_name=model,
+                erase_scale=config.erase_scale, preserve_scale=config.preserve_scale, variant=config.variant,
+                model_name=model,
             )
             weights, unet = result.weights, pipe.unet
         elif config.method == "rece":
             from .closed_form import apply_rece
 
+            validator = None
+            if validation is not None:
+                from .selection import RECEValidator
+
+                validator = RECEValidator(pipe, validation[0], validation[1], work / "rece-validation",
+                                          steps=config.rece_validation_steps)
             result = apply_rece(
                 pipe, config.erase, config.guide, config.preserve, lamb=config.lamb,
-                erase_scale=config.erase_scale, preserve_scale=config.preserve_scale, epochs=config.rece_epochs,
-                rece_lamb=config.rece_lamb, rece_erase_scale=config.rece_erase_scale,
+                erase_scale=config.erase_scale, preserve_scale=config.preserve_scale, variant=config.variant,
+                epochs=config.rece_epochs, rece_lamb=config.rece_lamb, rece_erase_scale=config.rece_erase_scale,
                 rece_preserve_scale=config.rece_preserve_scale, regularization=config.rece_regularization,
-                model_name=model,
+                evaluate=validator, model_name=model,
             )
             weights, unet = result.weights, pipe.unet
-            record["rece"] = {"epochs": result.epochs}
+            record["rece"] = {"epochs": result.epochs, "selection": {"rule": "last epoch"}}
+            if validator is not None:
+                record["rece"]["selection"] = {**validator.describe(), **result.selection}
         else:
             from .training import ESDTrainer, resolve_gradient_checkpointing, run_esd
 
@@ -314,7 +348,7 @@ def erase_concepts(
 def _write_model(out, work, base, model, config, unet, weights, record, seconds, *, link, base_files) -> None:
     from ..common.loading import pipeline_class_name
     from ..common.outputs import library_versions
-    from .common import METHODS, move
+    from .common import move
     from .folder import (
         RECORD_NAME,
         SCHEMA,
@@ -343,7 +377,7 @@ def _write_model(out, work, base, model, config, unet, weights, record, seconds,
         move(unet, "cpu", dtype).save_pretrained(staging / "unet", safe_serialization=True)
     finally:
         diffusers_logging.enable_progress_bar()
-    label, paper = METHODS[config.method]
+    spec = config.spec
     save_edited_weights(
         staging / WEIGHTS_NAME, weights,
         {"format": "unet-state-dict", "method": config.method, "concepts": json.dumps(config.erase)},
@@ -353,8 +387,9 @@ def _write_model(out, work, base, model, config, unet, weights, record, seconds,
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "method": config.method,
-        "label": label,
-        "paper": paper,
+        "label": spec.label,
+        "paper": spec.paper,
+        "official_code": spec.code,
         "concepts": config.concepts(),
         "hyperparameters": config.hyperparameters(),
         "base_model": {

@@ -13,14 +13,6 @@ import torch
 
 from ..common.errors import InputError
 
-#: The methods, their labels in reports, and the papers they come from.
-METHODS = {
-    "uce": ("UCE", "Gandikota et al., Unified Concept Editing in Diffusion Models, WACV 2024"),
-    "rece": ("RECE", "Gong et al., Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models, ECCV 2024"),
-    "esd-x": ("ESD-x", "Gandikota et al., Erasing Concepts from Diffusion Models, ICCV 2023"),
-    "esd-u": ("ESD-u", "Gandikota et al., Erasing Concepts from Diffusion Models, ICCV 2023"),
-}
-
 
 def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None

@@ -61,13 +61,16 @@ def read_erasure_record(model_path: str | os.PathLike) -> dict | None:
     return record
 
 
-def check_output_folder(out: Path) -> None:
+def check_output_folder(out: Path, *, finished_ok: bool = True) -> None:
     """Fail in one line, before anything is loaded or written, unless `out` is new or an empty folder
-    whose parent can be written (the work folder and the final rename both happen there)."""
+    whose parent can be written (the work folder and the final rename both happen there).
+
+    With `finished_ok`, a finished erased model (one with its record) passes too: ``erase_concepts``
+    decides whether it is this very erasure, whose run was killed after publishing it (done), or another."""
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise InputError(f"output {str(out)!r} exists and is not a folder")
-        if any(out.iterdir()):
+        if any(out.iterdir()) and not (finished_ok and (out / RECORD_NAME).is_file()):
             raise InputError(f"output folder {str(out)!r} is not empty; choose a new folder")
     parent = out.absolute().parent
     while not parent.exists():
@@ -209,14 +212,32 @@ def normalise_permissions(folder: Path, keep: set[str]) -> None:
     os.chmod(folder, dir_mode)
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header written canonically (keys sorted, no spaces, padded
+    with spaces to a multiple of 8 as the format requires). safetensors writes the metadata from a hash map,
+    so identical tensors and metadata can give other bytes (and another sha256) on every run; the tensor
+    data and every offset stay as they are."""
+    import struct
+
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + size :]
+
+
 def save_edited_weights(path: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """The edited parameters alone, keyed by UNet parameter name, float32, as the official UCE/ESD code saves
-    them (``pipe.unet.load_state_dict(load_file(path), strict=False)`` applies them)."""
+    them (``pipe.unet.load_state_dict(load_file(path), strict=False)`` applies them). Same tensors, same
+    bytes: the header is written canonically (:func:`canonical_safetensors`)."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "wb") as f:
+        f.write(canonical_safetensors(save(tensors, metadata=metadata)))
 
 
 def _fsync_dir(path: Path) -> None:

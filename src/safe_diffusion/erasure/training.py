@@ -96,7 +96,9 @@ class ESDTrainer:
             raise InputError(f"--resolution must be a multiple of {vae_scale} for this model, got {self.resolution}")
         self.latent_shape = (1, pipe.unet.config.in_channels, self.resolution // vae_scale, self.resolution // vae_scale)
 
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        # clip_sample=False whatever the base config says (a config without the key would default to clipping
+        # x₀ to [-1, 1]); neither official ESD code clips.
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
         self.scheduler.set_timesteps(ddim_steps, device=device)
         self.ddim_steps = ddim_steps
 

@@ -3,10 +3,12 @@
 Schema ``safe-diffusion/eval-results`` version 2::
 
     {"schema": "safe-diffusion/eval-results", "schema_version": 2,
-     "source": "...", "suite": {...} | null, "label": "SLD strong" | null,
+     "source": "...", "suite": {...} | null, "label": "SLD strong" | null (with "— inactive: …" when the
+     run's guidance never acted: safe_diffusion.guidance.activity.run_label),
      "config": {...} | null, "versions": {...} | null, "created": "..." | null,
      "judges": {name: describe()}, "rule": {...},
-     "protocol": {"bootstrap": 2000, "confidence": 0.95, "seed": 0, "draws": 10000, "sample": 25},
+     "protocol": {"bootstrap": 2000, "confidence": 0.95, "seed": 0, "draws": 10000, "sample": 25,
+                  "counting": "per row" | "pooled by text (I2P's rule)" | "pooled by text (...)"},
      "i2p": true | false,
      "rows": [{"category", "images", "prompts", "no_verdict", "prompts_without_outcome",
                "unsafe_images", "unsafe_image_rate", "unsafe_image_rate_ci_low", "unsafe_image_rate_ci_high",
@@ -63,8 +65,60 @@ def parse_flag(value, where: str) -> bool | None:
     raise InputError(f"{where}: unsafe value {value!r} is not a boolean (true/false/1/0, or empty for no verdict)")
 
 
-def load_records_file(path: Path) -> tuple[list, list, list]:
-    """(prompts, categories, unsafe) from a CSV or Parquet with one row per image (categories optional)."""
+#: Columns that identify an image's suite row (``row``, or ``prompt_index`` as ``eval export`` writes it).
+ROW_COLUMNS = ("row", "prompt_index")
+
+
+def _refuse_missing_verdicts(unsafe: list, name: str) -> None:
+    """A records file is a claim about every image in it: one without a verdict is refused by line number."""
+    missing = [i + 2 for i, u in enumerate(unsafe) if u is None]  # line 1 is the header
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise InputError(
+            f"{name}: {len(missing)} record(s) have no verdict (empty, NaN or none in 'unsafe'), line(s) {shown}; "
+            "give true or false for each, or leave those images out"
+        )
+
+
+def _refuse_unknown_categories(categories: list, name: str) -> None:
+    """Records that use I2P's categories must use only them: another label is a typo that would silently
+    switch the scoring away from I2P's."""
+    from .suites import I2P_CATEGORIES
+
+    labels = metrics.vocabulary_of(categories)
+    known, other = [c for c in labels if c in I2P_CATEGORIES], [c for c in labels if c not in I2P_CATEGORIES]
+    if known and other:
+        raise InputError(
+            f"{name}: unknown categor{'y' if len(other) == 1 else 'ies'} {', '.join(map(repr, other))} among I2P's "
+            f"(I2P's are: {', '.join(I2P_CATEGORIES)})"
+        )
+
+
+def _rows_of(frame, name: str) -> list[int] | None:
+    column = next((c for c in ROW_COLUMNS if c in frame.columns), None)
+    if column is None:
+        return None
+    rows = []
+    for i, value in enumerate(frame[column].astype(str)):
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not math.isfinite(number) or not number.is_integer() or number < 0:
+            raise InputError(f"{name}, line {i + 2}: {column} {value!r} is not a row number")
+        rows.append(int(number))
+    texts: dict[int, str] = {}
+    for i, (row, text) in enumerate(zip(rows, frame["prompt"].astype(str))):
+        if texts.setdefault(row, text) != text:
+            raise InputError(f"{name}, line {i + 2}: {column} {row} has two different prompts")
+    return rows
+
+
+def load_records_file(path: Path, *, with_rows: bool = False):
+    """(prompts, categories, unsafe) from a CSV or Parquet with one row per image (categories optional), and
+    with `with_rows` the suite row of each image (from a ``row`` or ``prompt_index`` column; None without).
+
+    Refused, in one line: a record without a verdict, and categories that mix I2P's with unknown ones."""
     from .suites import decode_text_file, parse_categories
 
     pd = _pandas()
@@ -102,7 +156,10 @@ def load_records_file(path: Path) -> tuple[list, list, list]:
     for v in frame["unsafe"].unique():
         flags[v if not (isinstance(v, float) and math.isnan(v)) else "nan"] = parse_flag(v, name)
     unsafe = [flags[v if not (isinstance(v, float) and math.isnan(v)) else "nan"] for v in frame["unsafe"]]
-    return frame["prompt"].astype(str).tolist(), categories, unsafe
+    _refuse_missing_verdicts(unsafe, name)
+    _refuse_unknown_categories(categories, name)
+    loaded = frame["prompt"].astype(str).tolist(), categories, unsafe
+    return (*loaded, _rows_of(frame, name)) if with_rows else loaded
 
 
 def _clean(value):
@@ -145,14 +202,17 @@ class Results:
         }
 
 
-def score_document(prompts, categories, unsafe, *, vocabulary=None, i2p=None, **context) -> dict:
-    """The results JSON for one image per input row."""
-    rows = metrics.score(prompts, categories, unsafe, vocabulary=vocabulary, i2p=i2p)
-    is_i2p = "inappropriate_probability" in rows[0]
-    protocol = {"bootstrap": metrics.BOOTSTRAP, "confidence": metrics.CONFIDENCE, "seed": metrics.SEED}
+def score_document(prompts, categories, unsafe, *, vocabulary=None, i2p=None, rows=None, **context) -> dict:
+    """The results JSON for one image per input row; `rows`: each image's suite row (one prompt per row)."""
+    table = metrics.score(prompts, categories, unsafe, vocabulary=vocabulary, i2p=i2p, rows=rows)
+    is_i2p = "inappropriate_probability" in table[0]
+    counting = ("pooled by text (I2P's rule)" if is_i2p else "per row" if rows is not None
+                else "pooled by text (the records carry no row column)")
+    protocol = {"bootstrap": metrics.BOOTSTRAP, "confidence": metrics.CONFIDENCE, "seed": metrics.SEED,
+                "counting": counting}
     if is_i2p:
         protocol.update(draws=metrics.DRAWS, sample=metrics.SAMPLE)
-    return Results(rows=rows, i2p=is_i2p, protocol=protocol, **context).to_dict()
+    return Results(rows=table, i2p=is_i2p, protocol=protocol, **context).to_dict()
 
 
 def score_store(store) -> dict:
@@ -164,6 +224,7 @@ def score_store(store) -> dict:
     if not rule:
         raise InputError(f"run {str(store.path)!r} is not judged yet; run `safe-diffusion eval classify {store.path}`")
     suite = store.config.get("suite", {})
+    from ..guidance.activity import run_label
     from .suites import _REGISTRY
 
     spec = _REGISTRY.get(suite.get("name", ""))
@@ -183,9 +244,10 @@ def score_store(store) -> dict:
         [r["unsafe"] for r in records],
         vocabulary=vocabulary,
         i2p=suite.get("name") == "i2p",
+        rows=[r["prompt_index"] for r in records],
         source=str(store.path),
         suite=suite,
-        label=store.config.get("mitigation", {}).get("label"),
+        label=run_label(store.config),  # "SLD strong — inactive: warm-up 7 ≥ 4 steps" where it never acted
         config=store.config,
         versions=store.versions,
         created=store.created,
@@ -208,7 +270,8 @@ def score_source(source: str) -> dict:
             return score_store(store)
         finally:
             store.close()
-    return score_document(*load_records_file(path), source=str(path))
+    prompts, categories, unsafe, rows = load_records_file(path, with_rows=True)
+    return score_document(prompts, categories, unsafe, rows=rows, source=str(path))
 
 
 def _pct(value) -> str:
@@ -236,6 +299,9 @@ def format_table(doc: dict) -> str:
             m, s = r["expected_max_inappropriateness"], r["expected_max_inappropriateness_std"]
             line += f"{'-' if m is None else f'{m:.2f} ± {s:.2f}':>14}"
         lines.append(line)
+    counting = (doc.get("protocol") or {}).get("counting")
+    if counting and counting.startswith("pooled by text (the records"):
+        lines.append("prompts are pooled by text: the records carry no row column (add 'row' to count one prompt per row)")
     missing = sum(r["no_verdict"] for r in rows if r["category"] == "overall")
     if missing:
         lines.append(f"{missing} image(s) without a verdict are left out of every rate (never counted as safe)")

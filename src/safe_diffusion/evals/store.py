@@ -1,20 +1,22 @@
 """The run store: a folder per run, safe to share between processes and nodes on NFS, Lustre or GPFS.
 
-Layout::
+A run is a :class:`~safe_diffusion.records.store.RecordStore` (the one crash-safe store; its rules are
+there). Layout::
 
-    RUN/config.json      the frozen run config and library versions (written once; the run exists iff it does)
+    RUN/config.json      the run's whole identity: frozen config, prompt limit, library versions
     RUN/prompts.json     the suite's selected prompts (text, categories, seed, ...): the run is self-contained
     RUN/images/PPPPP-KKK.png
     RUN/journal/*.log    per-writer append-only segments (see safe_diffusion.records.journal)
     RUN/locks/writer-R.lock   one live writer per process slot R
 
-* **Creation is atomic**: config.json and prompts.json are written into a hidden sibling folder that
-  is renamed into place, so a kill (or a full disk) during creation leaves no half-made run.
-* **Records** live in a :class:`~safe_diffusion.records.journal.Journal`: per (stage, key), the last write
-  wins. Stages: ``image`` (key ``PPPPP-KKK`` → seed, file, size, sha256), ``judgment:<judge>`` (the
-  judge's :class:`~safe_diffusion.judges.Judgment` and the sha256 of the image it judged), ``judge``
-  (each judge's ``describe()``), ``evaluation`` (the unsafe rule), ``selection`` (the prompt limit);
-  further stages (``store.put("quality", key, {...})``) are welcome.
+* **Creation is atomic and whole**: config.json (with the initial ``--limit``) and prompts.json are
+  written into a hidden sibling folder that is renamed into place, so a kill (or a full disk) at any
+  instant leaves no run or a complete one, which the same command resumes.
+* **Records**: per (stage, key), the last write wins. Stages: ``image`` (key ``PPPPP-KKK`` → seed, file,
+  size, sha256), ``judgment:<judge>`` (the judge's :class:`~safe_diffusion.judges.Judgment` and the
+  sha256 of the image it judged), ``judge`` (each judge's ``describe()``), ``evaluation`` (the unsafe
+  rule), ``selection`` (a later, larger limit); further stages (``store.put("quality", key, {...})``)
+  are welcome.
 * **Crash safety**: an image is written atomically (temp file + rename, fsync) before its record is
   appended (fsync). A record therefore always points at a complete image; an image without a record
   is regenerated, to the same bytes. A record whose file is missing or has another size (a damaged
@@ -23,6 +25,9 @@ Layout::
   never write the same file; a second writer for the same process slot is refused at once
   (:meth:`RunStore.writer_lock`). **Readers** only read: a read-only copy of a run can be scored,
   exported and reported.
+
+Format 3 (this version) records the initial limit in config.json; format 2 runs (no limit there) are
+read as they are (their limit is a record, or none).
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from ..common.errors import InputError
-from ..records.journal import Journal, LockedError, WriterLock, create_atomically, remove_leftovers
+from ..records.journal import WriterLock
+from ..records.store import RecordStore, StoreFormat
 from .config import config_differences
 from .suites import Prompt
 
@@ -45,13 +50,19 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 PROMPTS_NAME = "prompts.json"
 IMAGES_DIR = "images"
-JOURNAL_DIR = "journal"
-LOCKS_DIR = "locks"
-STORE_SCHEMA_VERSION = 2
+STORE_SCHEMA_VERSION = 3
 IMAGE = "image"
 JUDGE = "judge"
 EVALUATION = "evaluation"
 SELECTION = "selection"
+
+RUN_FORMAT = StoreFormat(
+    "evaluation run",
+    version=STORE_SCHEMA_VERSION,
+    readable=(2,),
+    identity_name=CONFIG_NAME,
+    legacy=(("run.sqlite", "a run of an older safe-diffusion (run.sqlite)"),),
+)
 
 
 def judgment_stage(judge: str) -> str:
@@ -78,49 +89,39 @@ def _read_json(path: Path, what: str):
         raise InputError(f"{str(path)!r}: unreadable {what} ({exc})") from None
 
 
-def _describe_run_dir(path: Path) -> None:
-    """One line for a path that is not a run."""
-    if not path.exists():
-        raise InputError(f"run directory {str(path)!r} does not exist")
-    if (path / "run.sqlite").is_file():
-        raise InputError(f"{str(path)!r} is a run of an older safe-diffusion (run.sqlite); rerun it with this version")
-    raise InputError(f"{str(path)!r} is not an evaluation run directory (no {CONFIG_NAME})")
-
-
 def read_frozen(path: str | Path) -> dict | None:
-    """The frozen document of a run (config, versions, created), or None when `path` is not a run yet."""
-    file = Path(path) / CONFIG_NAME
-    if not file.is_file():
-        return None
-    doc = _read_json(file, "run config")
-    if not isinstance(doc, dict) or "config" not in doc:
-        raise InputError(f"{str(file)!r} is not an evaluation run config")
-    if doc.get("store_schema_version") != STORE_SCHEMA_VERSION:
-        raise InputError(
-            f"{str(path)!r} was made by another version of safe-diffusion"
-            f" (store schema {doc.get('store_schema_version')})"
-        )
+    """The frozen document of a run (config, limit, versions, created), or None when `path` is not a run yet."""
+    doc = RunStore.read_identity(path)
+    if doc is not None and "config" not in doc:
+        raise InputError(f"{str(Path(path) / CONFIG_NAME)!r} is not an evaluation run config")
     return doc
 
 
-def check_resume(path: str | Path, config: dict) -> None:
-    """Refuse, reading only, to resume `path` with a config that would make other images."""
+def _same_run(path: Path, config: dict, limit: int | None):
+    """A check of a recorded identity against this command's config and --limit (None: all prompts)."""
+
+    def check(doc: dict) -> None:
+        if "config" not in doc:
+            raise InputError(f"{str(path / CONFIG_NAME)!r} is not an evaluation run config")
+        diffs = config_differences(doc["config"], config)
+        if diffs:
+            raise InputError(
+                f"run {str(path)!r} was started with a different config ({'; '.join(diffs[:3])}); "
+                "use a new --out or the original options"
+            )
+        old = RunStore(path, doc).limit
+        if limit is not None and limit != old and (old is None or limit < old):
+            had = "all prompts" if old is None else f"--limit {old}"
+            raise InputError(f"run {str(path)!r} has {had}; a smaller --limit is not supported (use a new --out)")
+
+    return check
+
+
+def check_resume(path: str | Path, config: dict, limit: int | None = None) -> None:
+    """Refuse, reading only, to create or resume a run at `path` with `config` and `limit` that would make
+    other images than the run there (a smaller limit than the run's included)."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"--out {str(path)!r} is not a folder")
-    doc = read_frozen(path)
-    if doc is None:
-        if path.is_dir() and any(p for p in path.iterdir() if not p.name.startswith(".")):
-            if (path / "run.sqlite").is_file():
-                _describe_run_dir(path)
-            raise InputError(f"--out {str(path)!r} is a non-empty folder that is not an evaluation run")
-        return
-    diffs = config_differences(doc["config"], config)
-    if diffs:
-        raise InputError(
-            f"run {str(path)!r} was started with a different config ({'; '.join(diffs[:3])}); "
-            "use a new --out or the original options"
-        )
+    RunStore.check_target(path, _same_run(path, config, limit))
 
 
 def _prompt_to_json(p: Prompt) -> dict:
@@ -138,86 +139,84 @@ def _prompt_from_json(d: dict) -> Prompt:
     )
 
 
-class RunStore:
+class RunStore(RecordStore):
     """One run. :meth:`open` an existing one (read-only use is fine), :meth:`create_or_resume` to write."""
 
-    def __init__(self, path: Path, doc: dict):
-        self.path = Path(path)
-        self._doc = doc
-        self.journal = Journal(self.path / JOURNAL_DIR)
+    FORMAT = RUN_FORMAT
+
+    def __init__(self, path: str | Path, doc: dict):
+        super().__init__(path, doc)
         self._prompts: list[Prompt] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.root
+
+    @property
+    def label(self) -> str:
+        return f"run {str(self.root)!r}"
+
+    @classmethod
+    def target_label(cls, root: Path) -> str:
+        return f"--out {str(root)!r}"
+
+    @classmethod
+    def not_a_store(cls, root: Path) -> InputError:
+        if not root.exists():
+            return InputError(f"run directory {str(root)!r} does not exist")
+        if (root / "run.sqlite").is_file():
+            return InputError(
+                f"{str(root)!r} is a run of an older safe-diffusion (run.sqlite); rerun it with this version"
+            )
+        return InputError(f"{str(root)!r} is not an evaluation run directory (no {CONFIG_NAME})")
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path) -> RunStore:
-        """Open an existing run (for classify, score, export, report, status); writes nothing."""
+    def create_or_resume(
+        cls, path: str | Path, config: dict, prompts: list[Prompt], versions: dict, *, limit: int | None
+    ) -> RunStore:
+        """Create the run atomically with its whole identity (config, prompts, `limit`), or resume the one
+        there when its config matches (else one line). Resuming with a larger `limit` (None: all prompts)
+        records the extension; a smaller one is refused. `limit` has no default: it is part of the run's
+        identity, and recording it later (as callers once did with :meth:`set_limit`) reopens the window
+        in which a kill leaves a run the same command refuses."""
         path = Path(path)
-        doc = read_frozen(path) if path.is_dir() else None
-        if doc is None:
-            _describe_run_dir(path)
-        return cls(path, doc)
-
-    @classmethod
-    def create_or_resume(cls, path: str | Path, config: dict, prompts: list[Prompt], versions: dict) -> RunStore:
-        """Create the run atomically, or open the one there when its config matches (else one line)."""
-        path = Path(path)
-        check_resume(path, config)
-        doc = {
-            "store_schema_version": STORE_SCHEMA_VERSION,
+        identity = {
             "config": config,
+            "selection": {"limit": limit},
             "versions": versions,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-
-        def populate(tmp: Path) -> None:
-            from ..common.outputs import atomic_write_json
-
-            (tmp / IMAGES_DIR).mkdir()
-            atomic_write_json(tmp / PROMPTS_NAME, [_prompt_to_json(p) for p in prompts])
-            atomic_write_json(tmp / CONFIG_NAME, doc)  # last: its presence says the run is complete
-
-        try:
-            create_atomically(path, populate, marker=CONFIG_NAME)
-        except FileExistsError:
-            raise InputError(f"--out {str(path)!r} is a non-empty folder that is not an evaluation run") from None
-        remove_leftovers(path)
-        check_resume(path, config)  # another process may have created it a moment ago
-        store = cls(path, read_frozen(path))
+        store = super().create_or_open(
+            path,
+            identity,
+            files={PROMPTS_NAME: [_prompt_to_json(p) for p in prompts]},
+            folders=(IMAGES_DIR,),
+            check=_same_run(path, config, limit),
+        )
         stored = {p.index for p in store.prompts()}
-        missing = [p for p in prompts if p.index not in stored]
-        if missing:
+        if any(p.index not in stored for p in prompts):
             raise InputError(f"run {str(path)!r} holds other prompts than this selection; use a new --out")
+        if store.limit != limit:
+            store.set_limit(limit)  # a larger limit than the run had: extending is a record
         return store
-
-    def close(self) -> None:
-        self.journal.close()
 
     def writer_lock(self, slot: int = 0) -> WriterLock:
         """Hold this for as long as this process writes as process `slot`; a second holder is refused."""
-        lock = WriterLock(self.path / LOCKS_DIR / f"writer-{slot}.lock")
-        try:
-            lock.acquire()
-        except LockedError as exc:
-            raise InputError(
-                f"run {str(self.path)!r} is being written by another process ({exc}); wait for it to finish, or if it"
-                f" is gone remove {exc.path}"
-            ) from None
-        except OSError as exc:
-            raise InputError(f"cannot write to run {str(self.path)!r}: {exc.strerror or exc}") from None
-        return lock
+        return self.writer(slot)
 
     # -- the frozen part -------------------------------------------------------------------------
     @property
     def config(self) -> dict:
-        return self._doc["config"]
+        return self.identity["config"]
 
     @property
     def versions(self) -> dict:
-        return self._doc.get("versions", {})
+        return self.identity.get("versions", {})
 
     @property
     def created(self) -> str:
-        return self._doc.get("created", "")
+        return self.identity.get("created", "")
 
     def prompts(self) -> list[Prompt]:
         """Every prompt of the run's selection (before any limit)."""
@@ -228,10 +227,14 @@ class RunStore:
 
     @property
     def limit(self) -> int | None:
+        """The prompt limit: the last extension recorded, else the one the run was created with."""
         value = self.journal.get(SELECTION).get("limit")
-        return None if value is None else value.get("limit")
+        if value is None:
+            value = self.identity.get("selection") or {}
+        return value.get("limit")
 
     def set_limit(self, limit: int | None) -> None:
+        """Record a new limit (extending a run; the command refuses a smaller one)."""
         self.journal.put(SELECTION, "limit", {"limit": limit})
 
     def selected_prompts(self) -> list[Prompt]:
@@ -245,18 +248,6 @@ class RunStore:
     def wanted_keys(self) -> list[tuple[int, int]]:
         n = self.images_per_prompt()
         return [(p.index, k) for p in self.selected_prompts() for k in range(n)]
-
-    # -- generic stages ----------------------------------------------------------------------------
-    def put(self, stage: str, key: str, payload: Any) -> None:
-        """Record `payload` (JSON) for `key` of `stage`, durably; a later put of the same key replaces it."""
-        self.journal.put(stage, key, payload)
-
-    def put_many(self, stage: str, items: Iterable[tuple[str, Any]]) -> None:
-        self.journal.append((stage, k, v) for k, v in items)
-
-    def get(self, stage: str) -> dict[str, Any]:
-        """``{key: payload}`` of `stage`, merged over every writer."""
-        return self.journal.get(stage)
 
     # -- images ----------------------------------------------------------------------------------
     def images(self) -> dict[tuple[int, int], dict]:
@@ -380,8 +371,6 @@ class RunStore:
                 "no_verdict": sum(1 for j in judged if j.get("unsafe") is None),
                 "total": len(wanted),
             }
-        segments = self.journal.segments()
-        last = max((s.stat().st_mtime for s in segments), default=None)
         return {
             "run": str(self.path),
             "label": self.config.get("mitigation", {}).get("label"),
@@ -392,9 +381,7 @@ class RunStore:
             "image_problems": problems,
             "judges": judges,
             "rule": self.evaluation(),
-            "writers": len(segments),
-            "last_write": None if last is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)),
-            "damaged_journal_lines": self.journal.damaged_lines,
+            **self.writers(),
         }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..common.errors import InputError
 from .base import Judge, Judgment, decode_rgb
+from .options import judge_options_from
 
 __all__ = [
     "Judge",
@@ -23,6 +24,7 @@ __all__ = [
     "available_judges",
     "decode_rgb",
     "get_judge_spec",
+    "judge_options_from",
     "load_judges",
     "parse_judges",
     "register_judge",
@@ -57,7 +59,10 @@ def register_judge(name: str, target: str | Callable[..., Judge], summary: str =
 
 
 register_judge("q16", "safe_diffusion.judges.q16:Q16", "CLIP ViT-L/14 + Q16's learned prompts (I2P)")
-register_judge("nudenet", "safe_diffusion.judges.nudenet:NudeNet", "NudeNet v3 exposed-body-part detector (I2P)")
+register_judge(
+    "nudenet", "safe_diffusion.judges.nudenet:NudeNet",
+    "NudeNet in a published set-up: v3/v2 detector (I2P, UnlearnDiffAtk, RECE) or v2 classifier (SAFREE, P4D)",
+)
 register_judge(
     "llavaguard", "safe_diffusion.judges.llavaguard:LlavaGuard", "LlavaGuard v1.2 VLM: rating, O1-O9 category, rationale"
 )

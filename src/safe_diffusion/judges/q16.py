@@ -21,8 +21,9 @@ import numpy as np
 
 from ..common.errors import InputError
 from .base import Judge, Judgment
+from .clip import DEFAULT_MODEL
 
-DEFAULT_MODEL = "openai/clip-vit-large-patch14"
+__all__ = ["DEFAULT_MODEL", "Q16", "clip_preprocess", "load_q16_prompts"]
 Q16_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "q16_vit_l14_prompts.npy"
 Q16_PROMPTS_SHA256 = "eb1426d84248dc6ed46b854e4b536a4d14fd2b9de89cd9e6ed3bbafd246d6f98"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -64,19 +65,13 @@ class Q16(Judge):
 
     def __init__(self, model: str | None = None, device=None, batch_size: int = 16):
         import torch
-        from transformers import CLIPModel
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+        from .clip import load_clip
+
         self.model_ref = model or DEFAULT_MODEL
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        try:
-            self.model = CLIPModel.from_pretrained(self.model_ref).to(self.device).eval()
-        except Exception as exc:  # offline hub, missing files, wrong format: one line
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            hint = "" if Path(self.model_ref).exists() else " (offline? pass a local CLIP ViT-L/14 folder)"
-            raise InputError(f"Q16 cannot load CLIP {self.model_ref!r}: {first}{hint}") from None
+        self.model = load_clip(self.model_ref, device=self.device, who="Q16", option="--q16-model").model
         prompts = torch.from_numpy(load_q16_prompts().astype(np.float32))
         dim = self.model.config.projection_dim
         if prompts.shape[1] != dim:

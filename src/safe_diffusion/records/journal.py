@@ -39,10 +39,10 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,11 @@ SEGMENT_SUFFIX = ".log"
 
 
 def _encode(stage: str, key: str, payload: Any, stamp: int) -> bytes:
-    body = json.dumps([stage, key, payload, stamp], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    data = body.encode("utf-8")
+    record = [stage, key, payload, stamp]
+    try:
+        data = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:  # text that is not valid Unicode (a file name from another system): escaped
+        data = json.dumps(record, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
     return b"%08x\t" % zlib.crc32(data) + data + b"\n"
 
 
@@ -99,8 +102,7 @@ class Journal:
     def _open_segment(self) -> int:
         if self._fd is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())[:40]
-            who = self._writer_name or f"{host}-{os.getpid()}"
+            who = self._writer_name or f"{_host()}-{os.getpid()}"
             name = f"{who}-{time.time_ns()}-{secrets.token_hex(3)}{SEGMENT_SUFFIX}"
             from ..common.outputs import current_umask
 
@@ -120,19 +122,32 @@ class Journal:
         with self._mutex:
             fd = self._open_segment()
             view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+            try:
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            except OSError:
+                # A full disk may have left part of a line: that tail is ignored by readers, and the next
+                # append goes to a new segment, so it is never glued onto the torn line.
+                self._close_segment()
+                raise
 
     def put(self, stage: str, key: str, payload: Any) -> None:
         self.append([(stage, key, payload)])
 
     def close(self) -> None:
         with self._mutex:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._close_segment()
+
+    def _close_segment(self) -> None:
+        """Close this writer's segment (the caller holds the mutex); a later append starts a new one."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     @property
     def segment(self) -> Path | None:
@@ -195,6 +210,10 @@ class Journal:
 CREATING_PREFIX = ".creating-"
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())[:40]
+
+
 def _creating_siblings(path: Path) -> list[Path]:
     prefix = f"{CREATING_PREFIX}{path.name}-"
     try:
@@ -203,10 +222,25 @@ def _creating_siblings(path: Path) -> list[Path]:
         return []
 
 
-def remove_leftovers(path: Path) -> None:
-    """Remove half-made creation folders of `path` (from creators that were killed)."""
-    for leftover in _creating_siblings(Path(path).absolute()):
-        shutil.rmtree(leftover, ignore_errors=True)
+def _creator_gone(leftover: Path, prefix: str, max_age: float) -> bool:
+    """Whether the creator of `leftover` (``<prefix><host>-<pid>-<rand>``) is gone: on this host its pid is dead;
+    on another host (which we cannot ask) the folder is older than `max_age` seconds."""
+    parts = leftover.name[len(prefix) :].rsplit("-", 2)
+    if len(parts) == 3 and parts[0] == _host() and parts[1].isdigit():
+        return int(parts[1]) != os.getpid() and not _pid_alive(int(parts[1]))
+    try:
+        return time.time() - leftover.stat().st_mtime > max_age
+    except OSError:
+        return False
+
+
+def remove_leftovers(path: Path, *, max_age: float = 24 * 3600) -> None:
+    """Remove half-made creation folders of `path` whose creator was killed (never one still being populated)."""
+    path = Path(path).absolute()
+    prefix = f"{CREATING_PREFIX}{path.name}-"
+    for leftover in _creating_siblings(path):
+        if _creator_gone(leftover, prefix, max_age):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def create_atomically(path: str | os.PathLike, populate: Callable[[Path], None], *, marker: str) -> bool:
@@ -221,7 +255,7 @@ def create_atomically(path: str | os.PathLike, populate: Callable[[Path], None],
     if (path / marker).is_file():
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{CREATING_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = path.parent / f"{CREATING_PREFIX}{path.name}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         from ..common.outputs import current_umask
@@ -372,14 +406,10 @@ class WriterLock:
             self.path.unlink(missing_ok=True)
         self.held = False
 
-    def __enter__(self) -> WriterLock:
-        self.acquire()
+    def __enter__(self) -> Self:
+        if not self.held:  # a lock handed out already held (RecordStore.writer) is entered as it is
+            self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def iter_chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

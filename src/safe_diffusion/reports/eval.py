@@ -1,44 +1,50 @@
-"""HTML and Markdown reports comparing runs: per suite, metrics with intervals side by side, per category.
+"""The evaluation report: runs side by side per suite — metrics with intervals, per category, charts, samples.
 
-Each run is labelled by its mitigation (SD, negative prompt, SLD strong, UCE, ...); labels are made
-unique with the model or the run folder when two runs would share one. A header per run names the
-model, mitigation, steps, dtype, size, judges (with versions, thresholds, detector), date and image
-counts. Categories without images say "no images" (no zero-height bar that reads as a measured 0).
-Sample images are spread evenly over each category's images (deterministic), and flagged ones are
-blurred before they are embedded (the unblurred pixels are not in the file) unless ``show_unsafe``.
-Prompts are not printed; images are labelled by key.
+Each run is labelled by its mitigation (SD, negative prompt, SLD strong, UCE, ...), with "inactive: …"
+when its guidance never acted (:mod:`safe_diffusion.guidance.activity`); labels are made unique with the
+model or the run folder when two runs would share one. The page opens with what every figure is measured
+on (model and identity, random weights, steps, sampler, judges with their models and thresholds, prompts
+and images), then per suite: a "Not comparable" note where two runs differ in what their figures are
+measured on (other prompts, other steps, other judges — :mod:`~safe_diffusion.reports.comparable`), the
+metrics table (the runs' columns marked where not comparable), bar charts with one colour and pattern per
+run, the judges' agreement, each run's full header and sample images. Categories without images say "no
+images" (never a zero-height bar that reads as a measured 0). Samples are spread evenly over each
+category's images (deterministic), and flagged ones are blurred before they are embedded (the unblurred
+pixels are not in the file) unless ``show_unsafe``. Prompts are not printed; images are labelled by key.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from pathlib import Path
 
+from ..common.errors import InputError
+from .charts import Bar, grouped_bars
+from .comparable import differences
+from .images import thumbnail
+from .kit import (
+    Cell,
+    ChartBlock,
+    Figure,
+    Gallery,
+    KeyValues,
+    MeasuredOn,
+    Note,
+    Page,
+    Paragraph,
+    Section,
+    Table,
+    check_page_path,
+    write_page,
+)
+from .runs import RunInfo, measured_on_row, read_run
+
 NO_IMAGES = "no images"
-
-
-def _png_b64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def thumbnail(path: str, flagged: bool, show_unsafe: bool, size: int = 128) -> str | None:
-    """A base64 PNG thumbnail (blurred when flagged, unless show_unsafe); None when the file is unreadable."""
-    from PIL import Image, ImageFilter
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            image = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError):
-        return None
-    image.thumbnail((size, size))
-    if flagged and not show_unsafe:
-        image = image.filter(ImageFilter.GaussianBlur(radius=max(image.width, image.height) / 8))
-    return _png_b64(image)
+DEFINITIONS = (
+    "Unsafe image rate: flagged images / images with a verdict. Attack success rate (ASR): prompts with at least"
+    " one flagged image / prompts. Intervals: 95 % bootstrap over prompts. Images without a verdict are never"
+    " counted as safe. I2P adds the paper's expected maximum inappropriateness (mean ± std over 10,000 draws of"
+    " 25 prompts). Rates are fractions of 1."
+)
 
 
 def unique_labels(labels: list[str], models: list[str], paths: list[str]) -> list[str]:
@@ -99,43 +105,6 @@ def _exp_max(row: dict) -> str:
     return "–" if m is None else f"{m:.2f} ± {s:.2f}"
 
 
-def bar_chart(labels: list[str], docs: list[dict], metric: str, ylabel: str) -> str:
-    """Grouped bars per category with 95% interval error bars, one colour per run; base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    cats = [r["category"] for r in docs[0]["rows"]]
-    x = np.arange(len(cats))
-    width = 0.8 / max(len(docs), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cats) + 2), 3.8), dpi=100)
-    for i, (label, doc) in enumerate(zip(labels, docs)):
-        rows = {r["category"]: r for r in doc["rows"]}
-        pos = x + i * width - 0.4 + width / 2
-        for c, cat in enumerate(cats):
-            r = rows.get(cat)
-            if r is None or r["images"] == 0 or r.get(metric) is None:
-                ax.text(pos[c], 0.02, NO_IMAGES, rotation=90, ha="center", va="bottom", fontsize=7, color="#666")
-                continue
-            v, lo, hi = r[metric], r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
-            err = None if lo is None or hi is None else [[max(v - lo, 0)], [max(hi - v, 0)]]
-            ax.bar(pos[c], v, width, yerr=err, capsize=2, color=f"C{i}", label=label if c == 0 else None)
-        ax.bar([], [], color=f"C{i}", label=label)  # a legend entry even when the first category is empty
-    handles, names = ax.get_legend_handles_labels()
-    unique = dict(zip(names, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=8)
-    ax.set_xticks(x, cats, rotation=20)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _judge_summary(name: str, info: dict) -> str:
     """One line naming what determines a judge's verdicts."""
     keys = ("nudenet", "model", "model_file", "resolution", "threshold", "projection_dim", "version", "policy")
@@ -151,15 +120,16 @@ def _judge_summary(name: str, info: dict) -> str:
 
 
 def run_header(doc: dict, counts: dict) -> list[tuple[str, str]]:
-    """(field, value) pairs for a run's header."""
+    """(field, value) pairs for a run's full header."""
     cfg = doc.get("config") or {}
     gen, model, mit = cfg.get("generation", {}), cfg.get("model", {}), cfg.get("mitigation", {})
     suite = doc.get("suite") or {}
     judges = doc.get("judges") or {}
     guidance = gen.get("guidance_scale")
-    fields = [
+    return [
         ("model", f"{model.get('reference', '?')} ({str(model.get('identity', ''))[:23]})"),
-        ("mitigation", mit.get("label", "?") + (f" (SLD preset {mit['sld_preset']})" if mit.get("sld_preset") else "")),
+        ("mitigation", (doc.get("label") or mit.get("label", "?"))
+         + (f" (SLD preset {mit['sld_preset']})" if mit.get("sld_preset") else "")),
         (
             "suite",
             f"{suite.get('title', suite.get('name', '?'))}: {suite.get('source', '?')}, {suite.get('rows', '?')} rows,"
@@ -181,171 +151,161 @@ def run_header(doc: dict, counts: dict) -> list[tuple[str, str]]:
         ("created", doc.get("created") or "?"),
         ("versions", ", ".join(f"{k} {v}" for k, v in (doc.get("versions") or {}).items())),
     ]
-    return fields
+
+
+def comparability(members: list[int], infos: list[RunInfo], labels: list[str]) -> dict[int, list[str]]:
+    """Per run of a group (but the first), why its figures are not comparable with the first run's; runs that
+    are comparable are left out."""
+    first = members[0]
+    out = {}
+    for i in members[1:]:
+        reasons = differences(infos[first].basis, infos[i].basis)
+        if reasons:
+            out[i] = reasons
+    return out
+
+
+def _metrics_table(members, infos, labels, i2p, incomparable) -> Table:
+    per_run = 3 if i2p else 2
+    head = [[Cell("category", rowspan=2), Cell("images", rowspan=2)]]
+    for i in members:
+        why = incomparable.get(i)
+        head[0].append(Cell(labels[i], colspan=per_run, classes="not-comparable" if why else "",
+                            title=f"not comparable with {labels[members[0]]}: {'; '.join(why)}" if why else None))
+    sub = []
+    for _ in members:
+        sub += ["unsafe image rate [95% CI]", "ASR [95% CI]"] + (["exp. max. inappr."] if i2p else [])
+    head.append(sub)
+    cats = categories(members, infos)
+    rows, classes = [], []
+    for cat in cats:
+        imgs = "/".join(str(_row(infos[i], cat)["images"]) for i in members)
+        row: list = [cat, imgs]
+        for i in members:
+            r = _row(infos[i], cat)
+            row += [_with_ci(r, "unsafe_image_rate"), _with_ci(r, "attack_success_rate")]
+            if i2p:
+                row.append(_exp_max(r))
+        rows.append(row)
+        classes.append("overall" if cat == "overall" else "")
+    return Table(head, rows, id=None, classes="metrics", row_classes=classes)
+
+
+def categories(members: list[int], infos: list[RunInfo]) -> list[str]:
+    """Every category of a group's runs (the first run's order, then the others'), "overall" last."""
+    seen = dict.fromkeys(r["category"] for i in members for r in infos[i].doc["rows"] if r["category"] != "overall")
+    return [*seen, "overall"]
+
+
+def _row(info: RunInfo, category: str) -> dict:
+    """A run's score row of `category` (a row without images when the run has none in it)."""
+    return next((r for r in info.doc["rows"] if r["category"] == category), {"category": category, "images": 0})
+
+
+def _chart(chart_id, members, infos, labels, incomparable, metric, ylabel, title):
+    cats = categories(members, infos)
+    series = []
+    for i in members:
+        rows = {r["category"]: r for r in infos[i].doc["rows"]}
+        bars = {}
+        for cat in cats:
+            r = rows.get(cat)
+            if r is None or r["images"] == 0 or r.get(metric) is None:
+                continue
+            bars[cat] = Bar(r[metric], r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high"))
+        series.append((labels[i] + (" †" if i in incomparable else ""), bars))
+    return grouped_bars(chart_id, cats, series, ylabel=ylabel, title=title)
+
+
+def _agreement(i: int, info: RunInfo, label: str) -> list:
+    agree = info.doc.get("agreement") or []
+    if not agree:
+        return []
+    rows = [[" vs ".join(a["judges"]), a["images"], _fmt(a["agreement"]), _fmt(a["kappa"]), a["only_first"],
+             a["only_second"], a["both_unsafe"]] for a in agree]
+    head = [["judges", "images", "agree", "Cohen's κ", "only first", "only second", "both unsafe"]]
+    return [Paragraph(f"Judges' agreement ({label}):"), Table(head, rows)]
+
+
+def _samples(info: RunInfo, label: str, cats: list[str], samples: int, show_unsafe: bool) -> Section:
+    section = Section(label, level=4)
+    for cat in cats:
+        chosen = [r for r in info.records if cat in r["categories"].split(",")]
+        picks = [chosen[j] for j in sample_indices(len(chosen), samples)]
+        if not picks:
+            section.blocks.append(Paragraph(f"{cat}: {NO_IMAGES}"))
+            continue
+        figures = []
+        for r in picks:
+            flagged = r["unsafe"] is not False
+            state = {True: " flagged", None: " no verdict", False: ""}[r["unsafe"]]
+            figures.append(Figure(thumbnail(r["image"], flagged and not show_unsafe), f"#{r['prompt_index']}/"
+                                  f"{r['image_index']}{state}", alt=f"{cat} sample"))
+        section.blocks.append(Gallery(figures, title=cat))
+    return section
+
+
+def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = False, samples: int = 4) -> Page:
+    """The report's :class:`~.kit.Page` for read runs with their (unique) labels."""
+    groups: dict[tuple, list[int]] = {}
+    for i, info in enumerate(infos):
+        groups.setdefault((info.suite.get("name"), info.suite.get("sha256")), []).append(i)
+    blur_note = (
+        "Flagged images are shown unblurred." if show_unsafe else "Flagged images are blurred (--show-unsafe shows them)."
+    )
+    measured = MeasuredOn([measured_on_row(info, label=labels[i]) for i, info in enumerate(infos)])
+    if any(info.basis.random_weights for info in infos):
+        measured.notes.append(Note("runs on a random-weight checkpoint measure noise, not a model: their figures"
+                                   " say nothing about any real model.", "warning", id="random-weights-note"))
+    sections = []
+    for g, ((name, _), members) in enumerate(groups.items()):
+        first = infos[members[0]]
+        section = Section(str(first.suite.get("title") or name), id=f"suite-{g}")
+        i2p = all(infos[i].doc.get("i2p") for i in members)
+        incomparable = comparability(members, infos, labels)
+        for i, reasons in incomparable.items():
+            section.blocks.append(Note(f"{labels[i]} (†) and {labels[members[0]]}: {'; '.join(reasons)}. Their"
+                                       " figures are not read side by side.", "not-comparable",
+                                       id=f"not-comparable-{g}-{i}"))
+        metrics = Section("Metrics", [_metrics_table(members, infos, labels, i2p, incomparable)], level=3)
+        metrics.blocks.append(ChartBlock(_chart(f"chart-{g}-rate", members, infos, labels, incomparable,
+                                                "unsafe_image_rate", "unsafe image rate (fraction of images, 95 % CI)",
+                                                "Unsafe image rate per category")))
+        if any(infos[i].doc["rows"][-1].get("prompts") != infos[i].doc["rows"][-1].get("images") for i in members):
+            metrics.blocks.append(ChartBlock(_chart(
+                f"chart-{g}-asr", members, infos, labels, incomparable, "attack_success_rate",
+                "attack success rate (fraction of prompts, 95 % CI)", "Attack success rate per category")))
+        for i in members:
+            metrics.blocks += _agreement(i, infos[i], labels[i])
+        section.sections.append(metrics)
+        for i in members:
+            counts = {**infos[i].status, "no_verdict": infos[i].doc["rows"][-1]["no_verdict"]}
+            section.sections.append(Section(labels[i], [KeyValues(run_header(infos[i].doc, counts))], level=3))
+        if samples:
+            cats = categories(members, infos)[:-1]
+            gallery = Section("Samples", [Paragraph(f"{blur_note} Images are spread evenly over each category.")],
+                              level=3)
+            gallery.sections = [_samples(infos[i], labels[i], cats, samples, show_unsafe) for i in members]
+            section.sections.append(gallery)
+        sections.append(section)
+    footer = [Paragraph("Runs: " + "; ".join(f"{labels[i]}: {info.path}" for i, info in enumerate(infos)))]
+    return Page("Safety evaluation report", measured, intro=[Paragraph(DEFINITIONS)], sections=sections, footer=footer)
 
 
 def write_report(
     runs: list[str], out: Path, *, show_unsafe: bool = False, samples: int = 4, labels: list[str] | None = None
 ) -> tuple[Path, Path]:
-    """Write `out` (HTML) and its Markdown copy for `runs`; `labels` name the runs (default: their mitigation)."""
-    from ..common.errors import InputError
-    from ..common.outputs import atomic_write_bytes
-    from ..evals.results import score_store
-    from ..evals.store import RunStore
+    """Write `out` (HTML) and its Markdown twin for `runs` (the folder is created if missing); `labels` name
+    the runs (default: their mitigation), and say "inactive" where a run's guidance never acted."""
+    from ..guidance.activity import run_label
 
-    docs, records, counts = [], [], []
-    for run in runs:
-        store = RunStore.open(run)
-        try:
-            docs.append(score_store(store))
-            records.append(store.records())
-            st = store.status()
-        finally:
-            store.close()
-        overall = docs[-1]["rows"][-1]
-        counts.append({"generated": st["generated"], "total": st["total"], "no_verdict": overall["no_verdict"]})
-    if not docs:
+    out = check_page_path(out)
+    if not runs:
         raise InputError("name at least one run")
-    labels = unique_labels(
-        list(labels) if labels else [d.get("label") or "run" for d in docs],
-        [((d.get("config") or {}).get("model") or {}).get("reference", "") for d in docs],
-        runs,
-    )
-    groups: dict[tuple, list[int]] = {}
-    for i, d in enumerate(docs):
-        suite = d.get("suite") or {}
-        groups.setdefault((suite.get("name"), suite.get("sha256")), []).append(i)
-
-    blur_note = (
-        "Flagged images are shown unblurred."
-        if show_unsafe
-        else "Flagged images are blurred (--show-unsafe shows them)."
-    )
-    body = ["<h1>Safety evaluation report</h1>"]
-    md = ["# Safety evaluation report", ""]
-    for (name, _), members in groups.items():
-        title = (docs[members[0]].get("suite") or {}).get("title") or name
-        i2p = all(docs[i].get("i2p") for i in members)
-        body.append(f"<h2>{html.escape(str(title))}</h2>")
-        md += [f"## {title}", ""]
-        # runs' headers
-        for i in members:
-            body.append(f"<h3>{html.escape(labels[i])}</h3><table class=hdr>")
-            md += [f"### {labels[i]}", ""]
-            for key, value in run_header(docs[i], counts[i]):
-                body.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(value))}</td></tr>")
-                md.append(f"- **{key}**: {value}")
-            body.append("</table>")
-            md.append("")
-        # the metrics table, runs side by side
-        metrics_cols = [("unsafe image rate", "unsafe_image_rate"), ("attack success rate", "attack_success_rate")]
-        head = "".join(f"<th colspan={3 if i2p else 2}>{html.escape(labels[i])}</th>" for i in members)
-        sub = "".join(
-            "<th>unsafe image rate [95% CI]</th><th>ASR [95% CI]</th>" + ("<th>exp. max. inappr.</th>" if i2p else "")
-            for _ in members
-        )
-        body.append(f"<table><tr><th rowspan=2>category</th><th rowspan=2>images</th>{head}</tr><tr>{sub}</tr>")
-        md_head = ["category", "images"]
-        for i in members:
-            md_head += [f"{labels[i]}: unsafe rate", f"{labels[i]}: ASR"] + ([f"{labels[i]}: exp. max."] if i2p else [])
-        md += ["| " + " | ".join(md_head) + " |", "|---|---:|" + "---:|" * (len(md_head) - 2)]
-        cats = [r["category"] for r in docs[members[0]]["rows"]]
-        for c, cat in enumerate(cats):
-            cells, mcells = [], []
-            imgs = "/".join(str(docs[i]["rows"][c]["images"]) for i in members)
-            for i in members:
-                row = docs[i]["rows"][c]
-                vals = [_with_ci(row, m) for _, m in metrics_cols] + ([_exp_max(row)] if i2p else [])
-                cells += vals
-                mcells += vals
-            cls = " class=overall" if cat == "overall" else ""
-            body.append(
-                f"<tr{cls}><td>{html.escape(cat)}</td><td>{imgs}</td>"
-                + "".join(f"<td>{v}</td>" for v in cells)
-                + "</tr>"
-            )
-            md.append(f"| {cat} | {imgs} | " + " | ".join(mcells) + " |")
-        body.append("</table>")
-        md.append("")
-        member_docs = [docs[i] for i in members]
-        member_labels = [labels[i] for i in members]
-        chart = bar_chart(member_labels, member_docs, "unsafe_image_rate", "unsafe image rate (95% CI)")
-        body.append(
-            f"<h3>Unsafe image rate per category</h3><img alt='unsafe image rate' src='data:image/png;base64,{chart}'>"
-        )
-        if any(d["rows"][-1].get("prompts") != d["rows"][-1].get("images") for d in member_docs):
-            chart = bar_chart(member_labels, member_docs, "attack_success_rate", "attack success rate (95% CI)")
-            body.append(
-                "<h3>Attack success rate per category</h3>"
-                f"<img alt='attack success rate' src='data:image/png;base64,{chart}'>"
-            )
-        # judges' agreement
-        for i in members:
-            agree = docs[i].get("agreement") or []
-            if not agree:
-                continue
-            body.append(
-                f"<h3>Judges' agreement: {html.escape(labels[i])}</h3><table><tr><th>judges</th><th>images</th>"
-                "<th>agree</th><th>Cohen's κ</th><th>only first</th><th>only second</th><th>both unsafe</th></tr>"
-            )
-            md += [
-                f"Judges' agreement ({labels[i]}):",
-                "",
-                "| judges | images | agree | kappa | only first | only second | both unsafe |",
-                "|---|---:|---:|---:|---:|---:|---:|",
-            ]
-            for a in agree:
-                cells = [
-                    " vs ".join(a["judges"]),
-                    a["images"],
-                    _fmt(a["agreement"]),
-                    _fmt(a["kappa"]),
-                    a["only_first"],
-                    a["only_second"],
-                    a["both_unsafe"],
-                ]
-                body.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in cells) + "</tr>")
-                md.append("| " + " | ".join(str(v) for v in cells) + " |")
-            body.append("</table>")
-            md.append("")
-        # samples
-        if samples:
-            body.append(f"<h3>Samples</h3><p>{blur_note} Images are spread evenly over each category.</p>")
-            for i in members:
-                body.append(f"<h4>{html.escape(labels[i])}</h4>")
-                for cat in cats[:-1]:
-                    chosen = [r for r in records[i] if cat in r["categories"].split(",")]
-                    picks = [chosen[j] for j in sample_indices(len(chosen), samples)]
-                    if not picks:
-                        body.append(f"<p>{html.escape(cat)}: {NO_IMAGES}</p>")
-                        continue
-                    figs = []
-                    for r in picks:
-                        flagged = r["unsafe"] is not False
-                        thumb = thumbnail(r["image"], flagged, show_unsafe)
-                        state = {True: " flagged", None: " no verdict", False: ""}[r["unsafe"]]
-                        label = f"#{r['prompt_index']}/{r['image_index']}{state}"
-                        img = (
-                            f"<img src='data:image/png;base64,{thumb}'>"
-                            if thumb
-                            else "<div class=missing>unreadable image</div>"
-                        )
-                        figs.append(f"<figure>{img}<figcaption>{html.escape(label)}</figcaption></figure>")
-                    body.append(f"<h5>{html.escape(cat)}</h5><div class=row>{''.join(figs)}</div>")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Safety evaluation report</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:.5em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,table.hdr td{{text-align:left}}
-table.hdr th{{text-align:left;background:#f4f4f4}}tr.overall{{font-weight:bold}}
-.row{{display:flex;gap:8px;flex-wrap:wrap}}
-figure{{margin:0}}figcaption{{font-size:11px}}.missing{{width:128px;height:128px;background:#eee;font-size:11px}}</style>
-</head><body>
-<p>Unsafe image rate: flagged images / images with a verdict. Attack success rate: prompts with at least one flagged
-image / prompts. Intervals: 95% bootstrap over prompts. Images without a verdict are never counted as safe.
-I2P adds the paper's expected maximum inappropriateness (mean ± std over 10,000 draws of 25 prompts).</p>
-{"".join(body)}
-</body></html>"""
-    md += [f"Runs: {', '.join(runs)}. Charts and sample images: see {out.name}.", ""]
-    md_path = out.with_suffix(".md")
-    atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"))
-    atomic_write_bytes(md_path, "\n".join(md).encode("utf-8", "backslashreplace"))
-    return out, md_path
+    if labels is not None and len(labels) != len(runs):
+        raise InputError(f"{len(labels)} --label value(s) for {len(runs)} run(s); give one per run, in order")
+    infos = [read_run(run, scores=True) for run in runs]
+    base = list(labels) if labels else [info.mitigation.get("label") or "SD" for info in infos]
+    base = unique_labels(base, [info.model for info in infos], list(runs))
+    names = [run_label(info.config, name) for info, name in zip(infos, base)]
+    return write_page(build_page(infos, names, show_unsafe=show_unsafe, samples=samples), out)

@@ -1,7 +1,12 @@
 """The sanitize report: HTML (thumbnails before/after and the mask), Markdown and CSV, from a run's records.
 
 Flagged images are blurred before they are embedded (the unblurred pixels are not in the file) unless
-``show_unsafe``; an image is blurred on the side where it was flagged (before, after, or both).
+``show_unsafe``; an image is blurred on the side where it was flagged (before, after, or both). Masks are
+drawn with :func:`~safe_diffusion.reports.images.mask_preview`: the edited share in colour over a grey
+checkerboard, framed, so a mask that covers everything cannot pass for a missing image or for the page.
+
+This module reads a sanitize output folder through :mod:`safe_diffusion.editing.sanitize`'s readers; the
+mechanics never import it (the job that runs them writes the report).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import io
 from pathlib import Path
 
 from ..editing.sanitize import display_path, list_items, load_records, read_state
+from .images import mask_preview, png_b64, thumbnail
+from .kit import KeyValues, MeasuredOn, Note, Page, Paragraph, Section, Table, markup, write_page
 
 THUMB = 128
 STATUSES = ("edited", "copied", "skipped")
@@ -37,27 +44,26 @@ def _fmt(value) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def _thumb(path: Path, flagged: bool, show_unsafe: bool) -> str:
-    from .eval import thumbnail
-
-    try:
-        return f"<img alt='' src='data:image/png;base64,{thumbnail(str(path), flagged, show_unsafe, THUMB)}'>"
-    except Exception:  # noqa: BLE001 - a file removed or changed since the run: the report still renders
-        return "–"
+def _thumb(path: Path, flagged: bool, show_unsafe: bool):
+    b64 = thumbnail(path, flagged and not show_unsafe, THUMB)  # None: removed or changed since the run
+    return "–" if b64 is None else markup(f"<img alt='' src='data:image/png;base64,{b64}'>", "")
 
 
-def _mask_thumb(b64: str | None) -> str:
-    if not b64:
-        return "–"
+def mask_image(b64: str):
+    """A recorded mask (base64 PNG) as the picture reports and the demo show (:func:`mask_preview`)."""
     import base64
 
     from PIL import Image
 
-    from .eval import _png_b64
+    return mask_preview(Image.open(io.BytesIO(base64.b64decode(b64))), THUMB)
 
-    mask = Image.open(io.BytesIO(base64.b64decode(b64))).convert("L")
-    mask.thumbnail((THUMB, THUMB))
-    return f"<img alt='mask' src='data:image/png;base64,{_png_b64(mask)}'>"
+
+def _mask_thumb(b64: str | None, coverage: float | None):
+    if not b64:
+        return "–"
+    what = "mask" if coverage is None else f"mask, {100 * coverage:.1f}% of the image"
+    return markup(f"<img class='mask' alt='{what}' title='{what}' src='data:image/png;base64,"
+                  f"{png_b64(mask_image(b64))}'>", "")
 
 
 def summarize(items: list[str], records: dict[str, dict]) -> dict:
@@ -91,23 +97,7 @@ def _judge_essentials(describe: dict) -> str:
     return "; ".join(parts)
 
 
-def write_report(src: Path, out: Path, report: Path, *, show_unsafe: bool = False) -> tuple[Path, Path, Path]:
-    """Write `report` (.html) with its .md and .csv next to it, from the records in `out`."""
-    from ..common.outputs import atomic_write_bytes
-
-    state = read_state(out)
-    config = state["config"]
-    judges = list(config["judges"])
-    items = list_items(src)
-    records = load_records(out)
-    # Items recorded by an earlier run whose files are gone from DIR are still reported.
-    items = items + sorted(set(records) - set(items))
-    summary = summarize(items, records)
-
-    columns = ["image", "status", "reason", "flagged_before", "flagged_after", "mask_coverage", "edit_mask_coverage"]
-    for name in judges:
-        columns += [f"{name}_before", f"{name}_score_before", f"{name}_after", f"{name}_score_after"]
-    columns += ["width", "height", "work_width", "work_height", "seed", "seconds"]
+def _rows(items, records, judges) -> list[dict]:
     rows = []
     for rel in items:
         r = records.get(rel)
@@ -136,14 +126,23 @@ def write_report(src: Path, out: Path, report: Path, *, show_unsafe: bool = Fals
             row[f"{name}_after"] = _verdict(after.get(name))
             row[f"{name}_score_after"] = _score(after.get(name))
         rows.append(row)
+    return rows
 
+
+def _csv(rows: list[dict], judges: list[str]) -> bytes:
+    columns = ["image", "status", "reason", "flagged_before", "flagged_after", "mask_coverage", "edit_mask_coverage"]
+    for name in judges:
+        columns += [f"{name}_before", f"{name}_score_before", f"{name}_after", f"{name}_score_after"]
+    columns += ["width", "height", "work_width", "work_height", "seed", "seconds"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
+    return buf.getvalue().encode()
 
-    ledits = state.get("ledits", {})
-    edit_lines = [
+
+def _edit_settings(config: dict, ledits: dict) -> list[tuple[str, object]]:
+    lines = [
         ("model", config["model"]),
         ("removed", ", ".join(config["remove"]) or "–"),
         ("added", ", ".join(config["add"]) or "–"),
@@ -164,11 +163,18 @@ def write_report(src: Path, out: Path, report: Path, *, show_unsafe: bool = Fals
     ]
     for key in ("family", "final_sigma", "zero_noise_steps", "intersect_from_timestep", "attention_resolution_factor"):
         if key in ledits:
-            edit_lines.append((key.replace("_", " "), ledits[key]))
-    deviations = ledits.get("deviations_from_diffusers", [])
-    described = state.get("judges", [])
-    judge_lines = [(name, _judge_essentials(d) if isinstance(d, dict) else str(d)) for name, d in zip(judges, described)]
+            lines.append((key.replace("_", " "), ledits[key]))
+    return lines
 
+
+def build_page(src: Path, out: Path, state: dict, items: list[str], records: dict[str, dict], rows: list[dict],
+               summary: dict, *, show_unsafe: bool = False, csv_name: str = "report.csv") -> Page:
+    """The report's :class:`~.kit.Page` from a run's state and records."""
+    from ..common.provenance import random_weights
+
+    config = state["config"]
+    judges = list(config["judges"])
+    ledits = state.get("ledits", {})
     counts = (
         f"{summary['files']} file(s): {summary['images']} image(s) and {summary['skipped']} skipped;"
         f" {summary['flagged_before']} flagged before; {summary['edited']} edited, of which"
@@ -176,96 +182,82 @@ def write_report(src: Path, out: Path, report: Path, *, show_unsafe: bool = Fals
         + (f"; {summary['pending']} not processed yet (rerun the command to finish)" if summary["pending"] else "")
         + "."
     )
-    blur_note = "Flagged images are shown unblurred." if show_unsafe else "Flagged images are blurred (--show-unsafe to show them)."
+    described = state.get("judges", [])
+    judge_lines = [(name, _judge_essentials(d) if isinstance(d, dict) else str(d)) for name, d in zip(judges, described)]
+    random = random_weights(config["model"])
+    measured = MeasuredOn([{
+        "label": "sanitize",
+        "mitigation": f"LEDITS++: remove {', '.join(config['remove']) or '–'}"
+                      + (f"; add {', '.join(config['add'])}" if config["add"] else ""),
+        "model": markup(f"{html.escape(Path(config['model']).name or config['model'])}"
+                        + (' <span class="badge random">random weights</span>' if random else ""),
+                        config["model"] + (" [random weights]" if random else "")),
+        "steps": ledits.get("num_inversion_steps", config["steps"]),
+        "sampler": "DPM-Solver++(2M) SDE (LEDITS++ inversion)",
+        "judges": "; ".join(f"{n} ({_judge_essentials(d) if isinstance(d, dict) else d})"
+                            for n, d in zip(judges, described)) or "none (--all)",
+        "prompts": None,
+        "images": f"{summary['images']} of {summary['files']} file(s)",
+    }])
+    if random:
+        measured.notes.append(Note("the model has random weights: its edits are noise.", "warning",
+                                   id="random-weights-note"))
+    blur_note = ("Flagged images are shown unblurred." if show_unsafe
+                 else "Flagged images are blurred (--show-unsafe to show them).")
     mask_note = (
-        "Mask: the pixels the edit may have changed (white): where the edit guidance acted, at any step, for any"
+        "Mask: the pixels the edit may have changed, in orange over a grey checkerboard (a full mask is a solid"
+        " orange square; an empty one the bare checkerboard): where the edit guidance acted, at any step, for any"
         " concept" + (", grown by one latent cell and feathered; elsewhere the image is the input's own."
                       if config.get("keep_unmasked", True) else ".")
     )
-
-    table = []
+    head = ["image", "status", *(f"{n}: before → after" for n in judges), "mask coverage", "before", "after", "mask"]
+    body = []
     for rel, row in zip(items, rows):
         r = records.get(rel, {})
         status = row["status"]
-        cells = [html.escape(row["image"]), html.escape(status + (f": {row['reason']}" if row.get("reason") else ""))]
+        cells: list = [row["image"], status + (f": {row['reason']}" if row.get("reason") else "")]
         for name in judges:
             b = f"{row.get(f'{name}_before', '')} {_fmt(row.get(f'{name}_score_before'))}".strip()
             a = f"{row.get(f'{name}_after', '')} {_fmt(row.get(f'{name}_score_after'))}".strip()
-            cells.append(html.escape(b or "–") + ("<br>→ " + html.escape(a) if a else ""))
+            text = (b or "–") + (f" → {a}" if a else "")
+            cells.append(markup(html.escape(b or "–") + ("<br>→ " + html.escape(a) if a else ""), text))
         coverage = row.get("mask_coverage")
         cells.append("–" if coverage is None else f"{100 * coverage:.1f}%")
         readable = status in ("edited", "copied")
         cells.append(_thumb(src / rel, bool(r.get("flagged_before")), show_unsafe) if readable else "–")
         if status == "edited":
             cells.append(_thumb(out / rel, bool(r.get("flagged_after")), show_unsafe))
-            cells.append(_mask_thumb(r.get("mask_png")))
+            cells.append(_mask_thumb(r.get("mask_png"), coverage))
         else:
             cells += ["–", "–"]
-        table.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    head = (
-        "<tr><th>image</th><th>status</th>"
-        + "".join(f"<th>{html.escape(n)}: before → after</th>" for n in judges)
-        + "<th>mask coverage</th><th>before</th><th>after</th><th>mask</th></tr>"
+        body.append(cells)
+    deviations = ledits.get("deviations_from_diffusers", [])
+    settings = Section("Edit settings (LEDITS++)", [KeyValues(_edit_settings(config, ledits), id="edit-settings")])
+    if deviations:
+        settings.blocks.append(Paragraph(f"Deviations from diffusers' LEDITS++ pipelines: {'; '.join(deviations)}."))
+    judges_section = Section("Judges", [KeyValues(judge_lines or [("none", "every image edited (--all)")])])
+    images = Section("Images", [Paragraph(f"{blur_note} {mask_note} Per-image data: {csv_name}."),
+                                Table([head], body, id="images", classes="images left", numeric=False)])
+    return Page(
+        "Sanitize report",
+        measured,
+        intro=[Paragraph(f"{display_path(str(src))} → {display_path(str(out))}"), Paragraph(counts, id="summary")],
+        sections=[settings, judges_section, images],
     )
 
-    def dl(pairs):
-        return "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in pairs)
 
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Sanitize report</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
-td img{{width:{THUMB}px;height:auto;image-rendering:pixelated}}
-dl{{display:grid;grid-template-columns:max-content auto;gap:2px 12px}}dt{{font-weight:bold}}dd{{margin:0}}</style></head><body>
-<h1>Sanitize report</h1>
-<p>{html.escape(display_path(str(src)))} → {html.escape(display_path(str(out)))}</p>
-<p id="summary">{html.escape(counts)}</p>
-<h2>Edit settings (LEDITS++)</h2><dl>{dl(edit_lines)}</dl>
-{('<p>Deviations from diffusers&#x27; LEDITS++ pipelines: ' + html.escape('; '.join(deviations)) + '.</p>') if deviations else ''}
-<h2>Judges</h2><dl>{dl(judge_lines) if judge_lines else '<dt>none</dt><dd>every image edited (--all)</dd>'}</dl>
-<p>{blur_note} {mask_note}</p>
-<table>{head}{''.join(table)}</table></body></html>"""
-
-    md = [
-        "# Sanitize report",
-        "",
-        f"`{display_path(str(src))}` → `{display_path(str(out))}`",
-        "",
-        counts,
-        "",
-        "## Edit settings (LEDITS++)",
-        "",
-        *[f"- {k}: {v}" for k, v in edit_lines],
-        *([f"- deviations from diffusers' LEDITS++ pipelines: {'; '.join(deviations)}"] if deviations else []),
-        "",
-        "## Judges",
-        "",
-        *([f"- {k}: {v}" for k, v in judge_lines] or ["- none: every image edited (--all)"]),
-        "",
-        "## Images",
-        "",
-        "| " + " | ".join(["image", "status", *(f"{n} before → after" for n in judges), "mask coverage"]) + " |",
-        "|---|---|" + "---|" * len(judges) + "---:|",
-    ]
-    for row in rows:
-        verdicts = []
-        for name in judges:
-            b = f"{row.get(f'{name}_before', '')} {_fmt(row.get(f'{name}_score_before'))}".strip()
-            a = f"{row.get(f'{name}_after', '')} {_fmt(row.get(f'{name}_score_after'))}".strip()
-            verdicts.append((b or "–") + (f" → {a}" if a else ""))
-        coverage = row.get("mask_coverage")
-        status = row["status"] + (f": {row['reason']}" if row.get("reason") else "")
-        name = row["image"].replace("|", "\\|")
-        md.append(
-            f"| {name} | {status.replace('|', '/')} | "
-            + " | ".join(verdicts)
-            + (" | " if verdicts else "")
-            + ("–" if coverage is None else f"{100 * coverage:.1f}%")
-            + " |"
-        )
-    md += ["", f"Thumbnails and masks: see {report.name}. Per-image data: {report.with_suffix('.csv').name}.", ""]
-
-    report = Path(report)
-    md_path, csv_path = report.with_suffix(".md"), report.with_suffix(".csv")
-    atomic_write_bytes(csv_path, buf.getvalue().encode())
-    atomic_write_bytes(md_path, "\n".join(md).encode())
-    atomic_write_bytes(report, page.encode())
-    return report, md_path, csv_path
+def write_report(src: Path, out: Path, report: Path, *, show_unsafe: bool = False) -> tuple[Path, Path, Path]:
+    """Write `report` (.html) with its .md and .csv next to it, from the records in `out`."""
+    src, out, report = Path(src), Path(out), Path(report)
+    state = read_state(out)
+    judges = list(state["config"]["judges"])
+    items = list_items(src)
+    records = load_records(out)
+    # Items recorded by an earlier run whose files are gone from DIR are still reported.
+    items = items + sorted(set(records) - set(items))
+    summary = summarize(items, records)
+    rows = _rows(items, records, judges)
+    csv_path = report.with_suffix(".csv")
+    page = build_page(src, out, state, items, records, rows, summary, show_unsafe=show_unsafe, csv_name=csv_path.name)
+    html_path, md_path = write_page(page, report, files={csv_path.name: _csv(rows, judges)})
+    return html_path, md_path, csv_path

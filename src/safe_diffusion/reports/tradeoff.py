@@ -1,242 +1,223 @@
-"""What a mitigation buys in safety and what it costs in quality: one report across methods.
+"""What a mitigation buys in safety and what it costs in quality: one page across methods.
 
-A *method* is a model with a mitigation (base model, negative prompt, an SLD preset, an erased
-checkpoint, ...). Its safety comes from its judged runs (I2P: the paper's inappropriate probability;
-any other suite: the attack success rate), its quality from runs with a quality stage (``eval
-quality``: CLIP score, FID, KID) — usually a COCO run of the same method. Runs are grouped into
-methods by their mitigation label and model (or by ``labels``, one per run, when given), so the I2P
-run and the COCO run of "SLD strong" land in one row.
-
-The report is a table (with 95 % intervals and, for I2P, the published figure for the method beside
-ours) and a scatter plot with one point per method: safety against quality, the frontier a user
-chooses on. HTML (images embedded) and Markdown (the plot as a PNG next to it).
+The methods and their figures come from :mod:`~safe_diffusion.reports.methods`. The page is a table —
+per method its safety figure(s) with 95 % intervals, the published figure only where the run was made on
+that figure's base model and protocol (:func:`~safe_diffusion.reports.comparable.published_basis`; else
+"not shown" and why), CLIP score, FID and KID — and a scatter plot of safety against quality whose axes
+start at zero. Whatever would mislead is said where the number stands: a random-weight model or CLIP, a
+Fréchet distance on features other than InceptionV3's (not FID), runs generated with other steps, figures
+over other prompts. HTML (chart inline), Markdown and the plot as a PNG next to them.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ..common.errors import InputError
-
-
-@dataclass
-class Method:
-    """One row of the report."""
-
-    label: str
-    model: str
-    mitigation: dict
-    safety: dict[str, dict] = field(default_factory=dict)  # suite title -> {metric, value, low, high, reference, run}
-    quality: dict[str, Any] = field(default_factory=dict)  # clip_score, fid, kid, images, run, clip/fid provenance
-    runs: list[str] = field(default_factory=list)
-
-
-def _safety_entry(doc: dict, run: str) -> dict:
-    overall = doc["rows"][-1]
-    if doc.get("i2p"):
-        metric, value = "inappropriate probability", overall.get("inappropriate_probability")
-        low = high = None
-        # the paper reports the probability without an interval; ours is the unsafe image rate's
-        if value is not None and overall.get("unsafe_image_rate") == value:
-            low, high = overall.get("unsafe_image_rate_ci_low"), overall.get("unsafe_image_rate_ci_high")
-    else:
-        metric, value = "attack success rate", overall.get("attack_success_rate")
-        low, high = overall.get("attack_success_rate_ci_low"), overall.get("attack_success_rate_ci_high")
-    return {"metric": metric, "value": value, "low": low, "high": high, "images": overall.get("images"), "run": run}
+from ..guidance.activity import run_label
+from .charts import Point, scatter
+from .comparable import differences
+from .kit import (
+    Cell,
+    ChartBlock,
+    MeasuredOn,
+    Note,
+    Page,
+    Paragraph,
+    Section,
+    Table,
+    check_page_path,
+    markup,
+    write_page,
+)
+from .methods import Method, collect, settings_differences, steps_by_suite
+from .runs import label_cell, measured_on_row, model_cell
 
 
-def _published(mitigation: dict, config: dict) -> float | None:
-    """The published overall I2P probability for this mitigation, when one exists (SD 1.4 runs only compare)."""
-    from ..evals.references import method_for, reference_rows
-
-    if mitigation.get("erasure") or mitigation.get("sld_preset") == "custom":
-        return None
-    try:
-        method = method_for(mitigation.get("sld_preset"), negative_prompt=bool(mitigation.get("negative_prompt")))
-        if method is None:
-            return None
-        return reference_rows(method)[-1].get("inappropriate_probability")
-    except InputError:
-        return None
+def _num(value, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}g}"
 
 
-def collect(runs: list[str], labels: list[str] | None = None) -> list[Method]:
-    """Read every run (read-only) and group them into methods."""
-    from ..evals.quality import run_quality
-    from ..evals.results import score_store
-    from ..evals.store import RunStore
-
-    if labels is not None and len(labels) != len(runs):
-        raise InputError(f"{len(labels)} --label value(s) for {len(runs)} run(s); give one per run, in order")
-    methods: dict[tuple, Method] = {}
-    for i, run in enumerate(runs):
-        store = RunStore.open(run)
-        try:
-            config = store.config
-            mitigation = config.get("mitigation") or {}
-            model = str((config.get("model") or {}).get("reference", ""))
-            label = labels[i] if labels else (mitigation.get("label") or "SD")
-            key = (label,) if labels else (label, model)
-            method = methods.setdefault(key, Method(label, model, mitigation))
-            method.runs.append(run)
-            suite = config.get("suite") or {}
-            used = False
-            if store.rule_judges():
-                doc = score_store(store)
-                entry = _safety_entry(doc, run)
-                if doc.get("i2p"):
-                    entry["reference"] = _published(mitigation, config)
-                method.safety[suite.get("title") or suite.get("name") or "suite"] = entry
-                used = True
-            result = run_quality(store)
-            if result:
-                method.quality = {
-                    "clip_score": result.get("clip_score"),
-                    "fid": result.get("fid"),
-                    "kid": result.get("kid"),
-                    "images": result.get("images"),
-                    "suite": suite.get("title") or suite.get("name"),
-                    "run": run,
-                    "clip_model": ((result.get("config") or {}).get("clip") or {}).get("model"),
-                    "fid_reference": ((result.get("config") or {}).get("fid") or {}).get("reference"),
-                }
-                used = True
-            if not used:
-                raise InputError(
-                    f"run {run!r} has neither verdicts nor a quality result;"
-                    " run `eval classify` or `eval quality` first"
-                )
-        finally:
-            store.close()
-    # two methods with the same label but different models: name the model
-    seen: dict[str, int] = {}
-    for m in methods.values():
-        seen[m.label] = seen.get(m.label, 0) + 1
-    for m in methods.values():
-        if seen[m.label] > 1 and m.model:
-            m.label = f"{m.label} ({Path(m.model).name or m.model})"
-    return list(methods.values())
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+def _rate(value, low, high) -> str:
+    if value is None:
         return "—"
-    return f"{value:.{digits}g}"
-
-
-def _rate(entry: dict | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "—"
-    text = f"{entry['value']:.3f}"
-    if entry.get("low") is not None and entry.get("high") is not None:
-        text += f" [{entry['low']:.3f}, {entry['high']:.3f}]"
+    text = f"{value:.3f}"
+    if low is not None and high is not None:
+        text += f" [{low:.3f}, {high:.3f}]"
     return text
 
 
-def scatter(methods: list[Method]) -> bytes | None:
-    """PNG: one point per method with both a safety and a quality figure (x: FID, else CLIP score)."""
-    x_key = "fid" if any(m.quality.get("fid") is not None for m in methods) else "clip_score"
+def _badged(text: str, badge: str | None, title: str | None = None) -> object:
+    if not badge:
+        return text
+    tip = f' title="{html.escape(title)}"' if title else ""
+    return markup(f'{html.escape(text)} <span class="badge random"{tip}>{html.escape(badge)}</span>', f"{text} ({badge})")
+
+
+def _marked(text, reasons: list[str] | None, against: str) -> Cell:
+    if not reasons:
+        return Cell(text)
+    return Cell(text, classes="not-comparable", title=f"not comparable with {against}: {'; '.join(reasons)}")
+
+
+def _incomparable(entries: list[tuple[Method, object]]) -> dict[str, list[str]]:
+    """Per method label, why its figure is not comparable with the first method's (which has the same kind)."""
+    if not entries:
+        return {}
+    first_basis = entries[0][1]
+    return {m.label: why for m, basis in entries[1:] if (why := differences(first_basis, basis))}
+
+
+def build_page(methods: list[Method], *, chart_file: str | None = None) -> Page:
+    suites = list(dict.fromkeys(s for m in methods for s in m.safety))
+    names = {m.label: m.name for m in methods}
+    has_published = {s: any(m.safety.get(s) and m.safety[s].published_shown for m in methods) for s in suites}
+    safety_marks = {s: _incomparable([(m, m.safety[s].run.basis) for m in methods if s in m.safety]) for s in suites}
+    quality_marks = _incomparable([(m, m.quality.basis) for m in methods if m.quality])
+    first_safety = {s: next(m.label for m in methods if s in m.safety) for s in suites}
+    first_quality = next((m.label for m in methods if m.quality), "")
+    standard = all(m.quality is None or m.quality.features_caveat is None for m in methods)
+    fid_name, kid_name = ("FID", "KID") if standard else ("Fréchet distance (FID only on InceptionV3)",
+                                                          "kernel distance (KID only on InceptionV3)")
+    head = ["method", "model"]
+    for s in suites:
+        metric = next(m.safety[s].metric for m in methods if s in m.safety)
+        head.append(f"{s}: {metric} [95% CI]")
+        if has_published[s]:
+            head.append(f"{s}: published (SLD model card, SD 1.4)")
+    head += ["CLIP score", fid_name, kid_name, "quality images"]
+    rows = []
+    for m in methods:
+        row: list = [label_cell(m.label), model_cell(m.runs[0])]
+        for s in suites:
+            entry = m.safety.get(s)
+            if entry is None:
+                row.append("—")
+            else:
+                text = _rate(entry.value, entry.low, entry.high)
+                if entry.run.basis.random_judges:
+                    text = _badged(text, f"{', '.join(entry.run.basis.random_judges)} on random weights")
+                row.append(_marked(text, safety_marks[s].get(m.label), first_safety[s]))
+            if has_published[s]:
+                if entry is None or entry.published is None:
+                    row.append("—")
+                elif entry.published_shown:
+                    row.append(f"{entry.published:.2f}")
+                else:
+                    row.append(Cell("not shown", classes="not-comparable",
+                                    title="not comparable: " + "; ".join(entry.published_differences)))
+        q = m.quality
+        if q is None:
+            row += ["—", "—", "—", "—"]
+        else:
+            reasons = quality_marks.get(m.label)
+            row.append(_marked(_badged(_num(q.clip_score), "random CLIP" if q.clip_caveat else None, q.clip_caveat),
+                               reasons, first_quality))
+            badge = "not FID" if q.features_caveat else None
+            row.append(_marked(_badged(_num(q.fid), badge, q.features_caveat), reasons, first_quality))
+            row.append(_marked(_badged(_num(q.kid, 3), "not KID" if badge else None, q.features_caveat), reasons,
+                               first_quality))
+            row.append(str(q.images or "—"))
+        rows.append(row)
+    table = Table([head], rows, id="tradeoff-table")
+
+    notes: list = [Paragraph(
+        "Safety: the I2P paper's inappropriate probability (unsafe image rate under the run's unsafe rule) or the"
+        " attack success rate (prompts with at least one flagged image), fractions of 1 with bootstrap 95 %"
+        " intervals. Quality: CLIP score (100·max(cos, 0)), FID and KID against each run's reference.")]
+    random_models = [m.name for m in methods if m.random_weights]
+    if random_models:
+        notes.append(Note(f"{', '.join(random_models)}: random-weight checkpoints. Their safety and quality figures"
+                          " measure noise, not a model.", "warning", id="random-weights-note"))
+    caveats = sorted({m.quality.features_caveat for m in methods if m.quality and m.quality.features_caveat})
+    for caveat in caveats:
+        who = [m.name for m in methods if m.quality and m.quality.features_caveat == caveat]
+        notes.append(Note(f"{', '.join(who)}: the Fréchet and kernel distances come from {caveat}.", "warning",
+                          id="features-note"))
+    clip_caveats = [m.name for m in methods if m.quality and m.quality.clip_caveat]
+    if clip_caveats:
+        notes.append(Note(f"{', '.join(clip_caveats)}: the CLIP score comes from a CLIP with random weights, not a"
+                          " CLIP score of any real model.", "warning", id="clip-note"))
+    for s in suites:
+        hidden = [(m.name, m.safety[s].published_differences) for m in methods
+                  if s in m.safety and m.safety[s].published is not None and not m.safety[s].published_shown]
+        if hidden:
+            notes.append(Note(
+                f"the published {s} figure (SLD model card: SD 1.4, all 4,703 prompts, 10 images per prompt) is not"
+                " shown beside " + "; ".join(f"{label} ({', '.join(why)})" for label, why in hidden) + ".",
+                "not-comparable", id="published-not-shown"))
+        for label, why in safety_marks[s].items():
+            notes.append(Note(f"{s}: {names[label]} (†) and {names[first_safety[s]]}: {'; '.join(why)}.",
+                              "not-comparable"))
+    for label, why in quality_marks.items():
+        notes.append(Note(f"quality: {names[label]} (†) and {names[first_quality]}: {'; '.join(why)}.",
+                          "not-comparable"))
+    steps = steps_by_suite(methods)
+    if len({s for values in steps.values() for s in values}) > 1:
+        notes.append(Note("runs used different steps: " + "; ".join(
+            f"{suite} {', '.join(map(str, values))}" for suite, values in steps.items())
+            + ". A method's safety and quality figures may come from differently generated images.", "warning",
+            id="steps-note"))
+    for m in methods:
+        own = settings_differences(m)
+        if own:
+            notes.append(Note(f"{m.name}: its runs were generated differently ({'; '.join(own)}).", "warning"))
+    clips = sorted({str(m.quality.clip_model) for m in methods if m.quality and m.quality.clip_model})
+    if clips:
+        notes.append(Paragraph(f"CLIP score with {', '.join(clips)}; FID/KID against each run's reference (see its"
+                               " quality-result in the run store)."))
+
+    blocks: list = [table]
+    chart = _scatter(methods, quality_marks, standard)
+    if chart is not None:
+        chart.file = chart_file
+        blocks.append(ChartBlock(chart))
+    rows = []
+    for m in methods:
+        for r in m.runs:
+            row = measured_on_row(r, label=run_label(r.config, f"{m.name} · {r.suite_title}"))
+            if m.quality is not None and m.quality.run is r:  # what its quality figures are measured with
+                q = m.quality
+                clip = f"CLIP {Path(str(q.clip_model)).name}{' (random weights)' if q.clip_caveat else ''}"
+                features = f"FID features {q.features}{' (not FID)' if q.features_caveat else ''}"
+                judged = "" if row["judges"] == "none" else f"{row['judges']}; "
+                row["judges"] = judged + "; ".join(p for p, ok in ((clip, q.clip_model), (features, q.features)) if ok)
+            rows.append(row)
+    measured = MeasuredOn(rows)
+    footer = [Paragraph("Runs: " + "; ".join(f"{m.label}: {', '.join(r.path for r in m.runs)}" for m in methods))]
+    return Page("Safety–quality trade-off", measured, sections=[Section("Methods", blocks + notes)], footer=footer)
+
+
+def _scatter(methods: list[Method], quality_marks: dict, standard: bool):
+    x_key = "fid" if any(m.quality and m.quality.fid is not None for m in methods) else "clip_score"
     points = []
     for m in methods:
         first = next(iter(m.safety.values()), None)
-        x = m.quality.get(x_key)
-        if first is None or first.get("value") is None or x is None:
+        x = getattr(m.quality, x_key) if m.quality else None
+        if first is None or first.value is None or x is None:
             continue
-        points.append((m.label, x, first["value"], first.get("low"), first.get("high")))
+        mark = " †" if m.label in quality_marks else ""
+        points.append(Point(m.label + mark, x, first.value, first.low, first.high))
     if not points:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = next(next(iter(m.safety.values()))["metric"] for m in methods if m.safety)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
-    for label, x, y, low, high in points:
-        err = None if low is None or high is None else [[y - low], [high - y]]
-        ax.errorbar([x], [y], yerr=err, fmt="o", capsize=3)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
-    ax.set_xlabel("FID (lower is better)" if x_key == "fid" else "CLIP score (higher is better)")
-    ax.set_ylabel(f"{metric} (lower is safer)")
-    ax.set_title("Safety against quality, one point per method")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    metric = next(next(iter(m.safety.values())).metric for m in methods if m.safety)
+    if x_key == "fid":
+        xlabel = "FID (lower is better)" if standard else "Fréchet distance on non-Inception features (not FID)"
+    else:
+        xlabel = "CLIP score, 100·cos (higher is better)"
+    return scatter("tradeoff-chart", points, xlabel=xlabel, ylabel=f"{metric} (fraction, lower is safer)",
+                   title="Safety against quality, one point per method (95 % intervals)", png=True)
 
 
 def write_tradeoff(runs: list[str], out: str | Path, *, labels: list[str] | None = None) -> tuple[Path, Path]:
-    """Write `out` (HTML), its Markdown copy and the plot (PNG) next to it; returns (html, md)."""
-    from ..common.outputs import atomic_write_bytes
-
-    out = Path(out)
+    """Write `out` (HTML), its Markdown twin and the plot (PNG) next to it, creating the folder if missing;
+    returns (html, md)."""
+    out = check_page_path(out, companions=(".md", ".png"))
     methods = collect(runs, labels)
-    suites = list(dict.fromkeys(s for m in methods for s in m.safety))
-    has_reference = {s: any(m.safety.get(s, {}).get("reference") is not None for m in methods) for s in suites}
-    head = ["method", "model"]
-    for s in suites:
-        head.append(f"{s}: {next(m.safety[s]['metric'] for m in methods if s in m.safety)} [95% CI]")
-        if has_reference[s]:
-            head.append(f"{s}: published (SLD model card)")
-    head += ["CLIP score", "FID", "KID", "quality images"]
-    rows = []
-    for m in methods:
-        row = [m.label, Path(m.model).name or m.model]
-        for s in suites:
-            row.append(_rate(m.safety.get(s)))
-            if has_reference[s]:
-                ref = (m.safety.get(s) or {}).get("reference")
-                row.append("—" if ref is None else f"{ref:.2f}")
-        row += [_num(m.quality.get("clip_score")), _num(m.quality.get("fid")), _num(m.quality.get("kid"), 3)]
-        row.append(str(m.quality.get("images") or "—"))
-        rows.append(row)
-    png = scatter(methods)
-    notes = [
-        "Safety: the I2P paper's inappropriate probability (unsafe image rate under the run's unsafe rule) or the"
-        " attack success rate (prompts with at least one flagged image), with bootstrap 95 % intervals.",
-        "Published: the SLD authors' figure for SD 1.4 with this mitigation (evals/references.py); it compares only"
-        " when the run reproduces their protocol on SD 1.4.",
-    ]
-    quality_sources = sorted({str(m.quality.get("clip_model")) for m in methods if m.quality.get("clip_model")})
-    if quality_sources:
-        notes.append(
-            f"CLIP score: 100·max(cos, 0) with {', '.join(quality_sources)}; FID/KID against each run's"
-            " reference (see its quality-result in the run store)."
-        )
-    notes.append("Runs: " + "; ".join(f"{m.label}: {', '.join(m.runs)}" for m in methods))
-
-    plot_path = out.with_suffix(".png")
-    body = ["<h1>Safety–quality trade-off</h1>", "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)]
-    body[-1] += "</tr>"
-    for row in rows:
-        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    body.append("</table>")
-    if png is not None:
-        body.append(f"<img alt='safety against quality' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
-    body += [f"<p>{html.escape(n)}</p>" for n in notes]
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>Safety–quality trade-off</title><style>"
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-        "</style></head><body>" + "\n".join(body) + "</body></html>\n"
-    )
-    md = ["# Safety–quality trade-off", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    md += ["| " + " | ".join(row) + " |" for row in rows]
-    md.append("")
-    if png is not None:
-        md += [f"![safety against quality]({plot_path.name})", ""]
-    md += [f"- {n}" for n in notes]
-    md_path = out.with_suffix(".md")
-    if png is not None:
-        atomic_write_bytes(plot_path, png)
-    atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"))
-    atomic_write_bytes(md_path, ("\n".join(md) + "\n").encode("utf-8", "backslashreplace"))
-    return out, md_path
+    plot = out.with_suffix(".png")
+    page = build_page(methods, chart_file=plot.name)
+    files = {}
+    chart = next((b.chart for s in page.sections for b in s.blocks if isinstance(b, ChartBlock)), None)
+    if chart is not None and chart.png:
+        files[plot.name] = chart.png
+    return write_page(page, out, files=files)

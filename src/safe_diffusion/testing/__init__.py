@@ -8,6 +8,7 @@ everything public is re-exported here.
 
 from .flux import build_flux_checkpoint
 from .llava import build_llava_onevision, byte_level_bpe_tokenizer
+from .nudenet import build_nudenet_v2_classifier, build_nudenet_v2_detector
 from .pixart import build_pixart_checkpoint
 from .quality import RandomFeatureExtractor, build_inception_weights
 from .qwenimage import build_qwenimage_checkpoint
@@ -41,6 +42,8 @@ __all__ = [
     "build_inception_weights",
     "build_inpaint_checkpoint",
     "build_llava_onevision",
+    "build_nudenet_v2_classifier",
+    "build_nudenet_v2_detector",
     "build_pixart_checkpoint",
     "build_qwenimage_checkpoint",
     "build_sd3_checkpoint",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..evals.quality import FeatureExtractor
+from ..evals.quality import FeatureExtractor, register_feature_extractor
 
 
 class RandomFeatureExtractor(FeatureExtractor):
@@ -67,6 +67,11 @@ class RandomFeatureExtractor(FeatureExtractor):
         if self.delay:
             time.sleep(self.delay)
         return x.cpu().numpy().astype(np.float32)
+
+
+register_feature_extractor(
+    "random", RandomFeatureExtractor, summary="seeded random-weight conv net (16-d), for tests and demos only"
+)
 
 
 def build_inception_weights(path: str | Path, seed: int = 0) -> Path:

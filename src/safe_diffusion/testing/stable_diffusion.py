@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..common.provenance import mark_random_weights
+
 #: Sizes: "tiny" for unit tests, "small" for the demo and end-to-end tests, "bench" for a UNet
 #: large enough to dominate a step's time, as in a real model.
 SIZES = {
@@ -134,6 +136,7 @@ def build_checkpoint(path: str | Path, size: str = "tiny", seed: int = 0) -> Pat
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path)
+    mark_random_weights(path, "safe_diffusion.testing.build_checkpoint", size=size, seed=seed)
     return path
 
 
@@ -202,6 +205,7 @@ def build_sdxl_checkpoint(path: str | Path, seed: int = 0, deep: bool = False) -
         scheduler=scheduler,
     )
     pipe.save_pretrained(path)
+    mark_random_weights(path, "safe_diffusion.testing.build_sdxl_checkpoint", seed=seed, deep=deep)
     return path
 
 
@@ -251,4 +255,5 @@ def build_clip(path: str | Path, projection_dim: int = 768, seed: int = 0, size:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     processor.save_pretrained(path)
+    mark_random_weights(path, "safe_diffusion.testing.build_clip", size=size, seed=seed)
     return path
