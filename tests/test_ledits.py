@@ -12,18 +12,16 @@ from safe_diffusion.guidance.ledits import (
     SAFETY_CONCEPTS,
     LEditsGuidance,
     cross_attention_mask,
-    denoised,
     inversion_timesteps,
     ledits_guidance,
-    noise_map,
     noise_mask,
-    noised,
-    sde_dpmpp_mean,
-    sde_dpmpp_noise_scale,
-    sde_dpmpp_step,
     smooth,
     smoothing_weights,
 )
+from safe_diffusion.guidance.sampling import denoised, noise_map, noised
+from safe_diffusion.guidance.sampling import dpmpp_2m_sde_mean as sde_dpmpp_mean
+from safe_diffusion.guidance.sampling import dpmpp_2m_sde_noise_scale as sde_dpmpp_noise_scale
+from safe_diffusion.guidance.sampling import sde_step as sde_dpmpp_step
 
 # -- the math -------------------------------------------------------------------------------------
 
@@ -362,11 +360,13 @@ def test_sdxl_size_conditioning_is_height_then_width(sdxl_deep):
 
 def test_attention_tokens_concept_reads_only_the_concepts_own_tokens(sd_deep):
     """The paper's text: the concept's tokens; LEDITS++'s code (and the default) sum every position after the start token."""
-    from safe_diffusion.editing.ledits import _token_slices
+    from safe_diffusion.engine.attention import token_span
 
-    g = LEditsGuidance(["abc", "de"], attention_tokens="concept")
-    assert _token_slices(sd_deep, "sd", g, 77) == [slice(1, 4), slice(1, 3)]  # one token per character here
-    assert _token_slices(sd_deep, "sd", LEditsGuidance(["abc"]), 77) == [slice(1, 76)]
+    assert [token_span(sd_deep, c, 77) for c in ("abc", "de")] == [slice(1, 4), slice(1, 3)]  # a token per character
+    attention = torch.rand(1, 2, 2, 77, dtype=torch.float64)
+    own = LEditsGuidance(["abc"], attention_tokens="concept").attention_map(attention, slice(1, 4))
+    assert torch.equal(own, attention[..., 1:4].sum(-1))
+    assert torch.equal(LEditsGuidance(["abc"]).attention_map(attention, slice(1, 4)), attention[..., 1:76].sum(-1))
     from safe_diffusion.editing import edit_image
 
     kw = {"num_inversion_steps": 4, "generator": torch.Generator().manual_seed(0), "output_type": "latent"}
@@ -381,7 +381,7 @@ def test_a_unet_without_cross_attention_at_a_quarter_reads_its_nearest_resolutio
     from diffusers import StableDiffusionPipeline
 
     from safe_diffusion.editing import edit_image
-    from safe_diffusion.editing.ledits import attention_factor
+    from safe_diffusion.engine.attention import attention_factor
 
     pipe = load_float64(StableDiffusionPipeline, tiny_checkpoint)
     assert attention_factor(pipe.unet) == 1

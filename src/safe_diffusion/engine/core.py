@@ -53,10 +53,21 @@ from typing import Any
 import torch
 
 from ..common.errors import GuidanceError, GuidanceOffError
-from ..guidance.terms import GuidanceTerm, for_schedule, needed_concepts, resolve_space
+from ..guidance.terms import GuidanceTerm
 from .adapters import DenoiserAdapter
+from .parts import (
+    Combination,
+    ConceptRows,
+    Observing,
+    PipelineCfg,
+    RowInjection,
+    RunSchedule,
+    call_transforms,
+    close_transforms,
+    transform_after,
+    transform_before,
+)
 from .hooks import CALL_HOOKS, CallHook
-from .spaces import apply_in_epsilon
 from .support import served_denoisers
 
 logger = logging.getLogger(__name__)
@@ -205,50 +216,68 @@ class _Engine:
     def run(self, arguments: dict) -> Iterator[_Call]:
         """One pipeline call with the terms attached now: its own state, cleared when the call ends."""
         call = _Call(self, arguments)
-        call.start()
-        token = _CURRENT.set(call)
         try:
-            yield call
-            call.finish()
+            call.start()
+            token = _CURRENT.set(call)
+            try:
+                yield call
+                call.finish()
+            finally:
+                _CURRENT.reset(token)
         finally:
-            _CURRENT.reset(token)
             call.close()
 
 
 class _Call:
-    """The state of one guided pipeline call."""
+    """One guided pipeline call: the run's named parts (:mod:`.parts`) driven by the denoiser's hooks.
+
+    ``start`` detects CFG and encodes the concepts; ``before`` (the pre-hook) resolves the schedule once,
+    lets call transforms change the pipeline's rows, injects the concept rows and arms the observers;
+    ``after`` (the post-hook) combines the estimates into the prompt's and counts the step.
+    """
 
     def __init__(self, engine: _Engine, arguments: dict):
         self.engine = engine
         self.pipe = engine.pipe
         self.arguments = arguments
-        self.terms = [t for t in engine.terms if type(t) not in CALL_HOOKS]
+        # Terms that act on the call itself (SAFREE: engine/hooks.py) are bound per call, not combined.
         self.call_terms = [t for t in engine.terms if type(t) in CALL_HOOKS]
         self.hooks: list[CallHook] = []
         self.strict = engine.strict > 0
-        self.step = 0
-        self.evaluations = 0
-        self.states = [t.initial_state() for t in self.terms]
+        adapter = engine.adapter
+        self.prediction = adapter.prediction()
+        self.schedule = RunSchedule([t for t in engine.terms if type(t) not in CALL_HOOKS])
+        self.cfg = PipelineCfg(adapter, arguments)
+        self.combination = Combination(self.schedule.terms, self.prediction)
+        self.concepts: ConceptRows | None = None
+        self.injection: RowInjection | None = None
+        self.observing: Observing | None = None
+        self.transforms: list = []
         self.active = True
-        self.cfg_entry = True
         self.lost_warned = False
-        self.scheduled = False
-        self.rows: list[list[dict]] = []  # per term, per concept: the rows that stand for it
         self.pending: dict[int, tuple] = {}
         self.cond: dict | None = None  # separate calls: the prompt call's estimates, until the negative call
-        prediction = engine.adapter.prediction()
-        self.prediction = prediction
-        self.spaces = [resolve_space(getattr(t, "space", "auto"), prediction) for t in self.terms]
 
     @property
     def name(self) -> str:
         return self.engine.original_class.__name__
 
+    @property
+    def terms(self) -> list:
+        return self.combination.terms
+
+    @property
+    def step(self) -> int:
+        return self.combination.step
+
+    @property
+    def states(self) -> list:
+        return self.combination.states
+
     # -- start and end ---------------------------------------------------------------------------
     def start(self) -> None:
         adapter = self.engine.adapter
-        cfg, reason = adapter.cfg_in_call(self.arguments)
-        self.cfg_entry = cfg
+        cfg, reason = self.cfg.at_entry()
         if not cfg:
             message = (
                 f"safety and semantic guidance need classifier-free guidance, which this {self.name} call "
@@ -259,7 +288,11 @@ class _Call:
             logger.warning("%s; running unguided", message)
             self.active = False
             return
-        self._encode()
+        terms = self.schedule.terms
+        self.concepts = ConceptRows(adapter, terms, self.arguments, self.pipe._execution_device, self.name)
+        self.injection = RowInjection(self.concepts)
+        self.observing = Observing(adapter, terms, self.concepts, self.name)
+        self.transforms = call_transforms(self, terms)
         try:
             for term in self.call_terms:
                 self.hooks.append(CALL_HOOKS[type(term)].bind(term, self.pipe, adapter, self.arguments))
@@ -267,53 +300,20 @@ class _Call:
             self.close()
             raise
 
-    def close(self) -> None:
-        hooks, self.hooks = self.hooks, []
-        for hook in hooks:
-            hook.close()
-
     def finish(self) -> None:
-        if self.active and self.evaluations == 0:
+        if self.active and self.combination.evaluations == 0:
             message = f"guidance never acted: {self.name} made no classifier-free-guidance denoiser call"
             if self.strict:
                 raise GuidanceOffError(message)
             logger.warning(message)
 
-    def _encode(self) -> None:
-        adapter = self.engine.adapter
-        texts = sorted({c for t in self.terms for c in t.concepts if isinstance(c, str)})
-        encoded = {}
-        if texts:
-            device = self.pipe._execution_device
-            with torch.no_grad():
-                encoded = dict(zip(texts, adapter.encode(texts, self.arguments, device)))
-        if any(not isinstance(c, str) for t in self.terms for c in t.concepts):
-            with torch.no_grad():
-                probe = adapter.encode([""], self.arguments, self.pipe._execution_device)[0]
-            if set(probe) != {"encoder_hidden_states"}:
-                raise GuidanceError(
-                    f"{self.name} conditions on more than token embeddings ({', '.join(map(str, probe))}); "
-                    "give its guidance concepts as text"
-                )
-        for term in self.terms:
-            per_concept = []
-            for concept in term.concepts:
-                if isinstance(concept, str):
-                    per_concept.append(encoded[concept])
-                else:
-                    per_concept.append({"encoder_hidden_states": concept})
-            self.rows.append(per_concept)
-
-    def _schedule(self) -> None:
-        """Resolve fractional warm-ups against this run's number of denoiser evaluations."""
-        self.scheduled = True
-        if not any(callable(getattr(t, "for_schedule", None)) for t in self.terms):
-            return
-        total = vars(self.pipe).get("_num_timesteps")
-        if not total:
-            timesteps = getattr(self.pipe.scheduler, "timesteps", None)
-            total = 0 if timesteps is None else len(timesteps)
-        self.terms = for_schedule(self.terms, int(total))
+    def close(self) -> None:
+        hooks, self.hooks = self.hooks, []
+        for hook in hooks:
+            hook.close()
+        if self.observing is not None:
+            self.observing.close()
+        close_transforms(self.transforms)
 
     def _cfg_lost(self) -> None:
         message = (
@@ -327,9 +327,6 @@ class _Call:
             self.lost_warned = True
 
     # -- inside the denoiser ---------------------------------------------------------------------
-    def _needed(self) -> list[tuple[int, int]]:
-        return needed_concepts(self.terms, self.step)
-
     def before(self, module, args, kwargs):
         adapter = self.engine.adapters.get(id(module))
         if adapter is None or not self.active:
@@ -340,29 +337,40 @@ class _Call:
         if adapter.separate_calls and self.cond is not None:
             # The prompt's call of this step came first; guidance cannot be switched off between the two.
             self.pending[id(module)] = ("negative", kw)
-            return None
-        if not adapter.cfg_now(self.arguments, self.cfg_entry):
+            return self._transformed(module, kw)
+        if not self.cfg.now():
             self._cfg_lost()
             return None
-        if not self.scheduled:
-            self._schedule()
+        if not self.schedule.resolved:
+            self.combination.set_terms(self.schedule.resolve_from(self.pipe))
         rows = kw[adapter.sample_arg].shape[0]
         if adapter.separate_calls:
-            batch, text = rows, slice(0, rows)
+            batch, text, first = rows, slice(0, rows), rows
         else:
             if rows % 2:
                 self._cfg_lost()
                 return None
-            batch, text = rows // 2, slice(rows // 2, rows)
-        needed = self._needed()
+            batch, text, first = rows // 2, slice(rows // 2, rows), rows
+        changed = self.transforms and transform_before(self.transforms, self, module, kw)
+        kw = changed or kw
+        needed = self.combination.needed()
         kind = "prompt" if adapter.separate_calls else "batched"
         self.pending[id(module)] = (kind, kw, batch, needed)
         if adapter.separate_calls:
             self.cond = {}
-        out = adapter.extend(kw, text, [self.rows[ti][ci] for ti, ci in needed], batch) if needed else kw
-        for hook in self.hooks:
+        out = kw
+        if needed:
+            self.observing.arm(needed, first, batch, adapter, kw)
+            out = self.injection(adapter, kw, text, batch, needed)
+        for hook in self.hooks:  # after the concept rows: rows a call hook appends come last
             out = hook.before(out, self.step, batch)
-        return None if out is kw else ((), out)
+        if out is kw:
+            return ((), kw) if changed else None
+        return (), out
+
+    def _transformed(self, module, kw):
+        changed = self.transforms and transform_before(self.transforms, self, module, kw)
+        return ((), changed) if changed else None
 
     def after(self, module, output):
         pending = self.pending.pop(id(module), None)
@@ -376,53 +384,39 @@ class _Call:
             cond = self.cond
             self.cond = None
             if cond is None or "text" not in cond:
-                return None
-            delta = self._correction(adapter, cond["kw"], out, cond["text"], cond["estimates"], cond["batch"])
+                return self._after_transforms(module, None)
+            delta = self.combination.correction(
+                adapter, cond["kw"], out, cond["text"], cond["estimates"], cond["batch"], self.cfg.scale(),
+                cond["observed"],
+            )
             cond["text"].add_(delta)  # the pipeline holds this tensor as the prompt's estimate
-            self.step += 1
-            self.evaluations += 1
-            return None
+            self.combination.advance()
+            return self._after_transforms(module, None)
         kind, kw, batch, needed = pending
         if kind == "prompt":
             text = out[:batch]
-            self.cond.update(kw=kw, batch=batch, text=text, estimates=self._estimates(needed, out, batch, 1))
+            self.cond.update(
+                kw=kw,
+                batch=batch,
+                text=text,
+                estimates=self.combination.estimates(needed, out, batch, 1),
+                observed=self._observed(needed, batch, kw),
+            )
             return _replace_output(output, text) if needed else None
         uncond, text = out[:batch], out[batch : 2 * batch]
-        delta = self._correction(adapter, kw, uncond, text, self._estimates(needed, out, batch, 2), batch)
-        self.step += 1
-        self.evaluations += 1
-        return _replace_output(output, torch.cat([uncond, text + delta]))
+        estimates = self.combination.estimates(needed, out, batch, 2)
+        observed = self._observed(needed, batch, kw)
+        delta = self.combination.correction(adapter, kw, uncond, text, estimates, batch, self.cfg.scale(), observed)
+        self.combination.advance()
+        return self._after_transforms(module, _replace_output(output, torch.cat([uncond, text + delta])))
 
-    def _estimates(self, needed, out, batch: int, skip: int) -> list[list]:
-        per_term = [[None] * len(term.concepts) for term in self.terms]
-        extra = out[skip * batch :].split(batch) if needed else ()
-        for (ti, ci), estimate in zip(needed, extra):
-            per_term[ti][ci] = estimate
-        return per_term
+    def _observed(self, needed, batch, kw):
+        return self.observing.observations(needed, batch, kw) if self.observing.active else None
 
-    def _correction(self, adapter, kw, uncond, text, per_term, batch) -> torch.Tensor:
-        """Σ over terms of Δ, in the layout of the denoiser's output."""
-        guidance_scale = adapter.guidance_scale(self.arguments)
-        u = adapter.to_math(uncond, kw)
-        t = adapter.to_math(text, kw)
-        concepts = [[None if e is None else adapter.to_math(e, kw) for e in est] for est in per_term]
-        total = None
-        for ti, term in enumerate(self.terms):
-            if self.spaces[ti] == "epsilon":
-                delta = self._apply_in_epsilon(adapter, kw, term, ti, u, t, concepts[ti], guidance_scale, batch)
-            else:
-                delta, self.states[ti] = term.apply(u, t, concepts[ti], self.step, self.states[ti], guidance_scale)
-            total = delta if total is None else total + delta
-        if total is None:  # only call-hook terms (SAFREE): nothing to add to the estimate
-            return torch.zeros_like(text)
-        return adapter.from_math(total, kw, like=text)
-
-    def _apply_in_epsilon(self, adapter, kw, term, ti, u, t, concepts, guidance_scale, batch):
-        def apply(u_, t_, c_):
-            return term.apply(u_, t_, c_, self.step, self.states[ti], guidance_scale)
-
-        delta, self.states[ti] = apply_in_epsilon(apply, adapter.epsilon_scale(kw, batch), u, t, concepts)
-        return delta
+    def _after_transforms(self, module, output):
+        if not self.transforms:
+            return output
+        return transform_after(self.transforms, self, module, output)
 
 
 def _output_tensor(output) -> torch.Tensor:

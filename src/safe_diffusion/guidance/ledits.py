@@ -2,12 +2,9 @@
 
 Three parts, in the paper's order:
 
-* **Inversion** (§3.1). An image's latent x_0 is inverted with the second-order multistep
-  SDE-DPM-Solver++ (Lu et al., 2022) in the edit-friendly way of Huberman-Spiegelglas et al.
-  (CVPR 2024): an auxiliary sequence x_t = α_t x_0 + σ_t ε_t is drawn with *independent* noise per
-  step, and each step's noise map z_t = (x_{t-1} − μ_t(x_t)) / s_t is the one that makes the
-  solver's step from x_t land exactly on x_{t-1}. Denoising from x_T with those z_t reconstructs
-  x_0 exactly, in as few steps as the solver needs.
+* **Inversion** (§3.1): the timesteps here (:func:`inversion_timesteps`); the solver and the
+  edit-friendly inversion are :mod:`safe_diffusion.guidance.sampling` (SDE-DPM-Solver++(2M) with
+  k-diffusion's signature, and the noise maps that make it retrace an auxiliary sequence).
 * **Edit guidance** (§3.2). Several concepts at once, in SEGA's vocabulary (reverse direction,
   scale s_e, threshold λ, warm-up, cool-down): ε̂ = ε_∅ + Σ_i M_i · ψ_i with
   ψ_i = ±s_{e,i} (ε_{e_i} − ε_∅).
@@ -15,10 +12,12 @@ Three parts, in the paper's order:
   map, smoothed, kept above its λ-quantile. M²_i, the noise-estimate mask: Σ_channels |ψ_i| kept
   above its λ-quantile. M_i = M¹_i ∩ M²_i.
 
-Time is the noise level σ of k-diffusion (σ_t = √((1 − ᾱ_t)/ᾱ_t)); latents are those the UNet
-takes (variance preserving), so α_t = 1/√(1 + σ²) and σ_vp = σ·α_t. Every function works on any
-latent layout (batch, channels, *spatial): images, video, 3-D. Nothing here knows about
-pipelines, schedulers, tokenizers or devices.
+:class:`LEditsGuidance` is a guidance term (the :class:`~safe_diffusion.guidance.terms.GuidanceTerm`
+protocol) with the engine's one extension for masks: it declares ``observes`` and receives, through
+``apply_observed``, the denoiser's timestep and its concept rows' cross-attention maps
+(:class:`~safe_diffusion.engine.parts.Observation`); its per-run state records each step's masks.
+Every function works on any latent layout (batch, channels, *spatial): images, video, 3-D. Nothing
+here knows about pipelines, schedulers, tokenizers or devices.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from .sega import needs_edit_estimate
 from .sld import DEFAULT_SAFETY_CONCEPT
-from .terms import Concept, _per_concept
+from .terms import Concept, _per_concept, resolve_space
 
 Masking = Literal["intersect", "cross_attention", "noise"]
 MASKINGS = ("intersect", "cross_attention", "noise")
@@ -46,11 +45,6 @@ SAFETY_CONCEPTS: tuple[str, ...] = tuple(
 
 
 # -- noise schedule --------------------------------------------------------------------------------
-
-
-def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """σ_t = √((1 − ᾱ_t) / ᾱ_t) for every training timestep t (k-diffusion's noise levels)."""
-    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 
 def leading_timesteps(num_train_timesteps: int, num_steps: int, steps_offset: int = 0) -> list[int]:
@@ -79,86 +73,6 @@ def inversion_timesteps(
         raise ValueError(f"skip must be in [0, 1), got {skip}")
     total = int(num_inversion_steps * (1 + skip))
     return leading_timesteps(num_train_timesteps, total, steps_offset)[-num_inversion_steps:]
-
-
-def vp_coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(α_t, σ_t) of the variance-preserving process at noise level σ: α = 1/√(1 + σ²), σ_vp = σ·α."""
-    alpha = 1.0 / torch.sqrt(sigma * sigma + 1.0)
-    return alpha, sigma * alpha
-
-
-def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x_t = α_t x_0 + σ_t ε of the auxiliary sequence (§3.1; edit-friendly: one independent ε per step)."""
-    alpha, sigma_vp = vp_coefficients(sigma)
-    return alpha * x0 + sigma_vp * noise
-
-
-def denoised(
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    sigma: torch.Tensor,
-    prediction_type: str = "epsilon",
-) -> torch.Tensor:
-    """The data prediction x̂_0 that DPM-Solver++ integrates, from an ε-, v- or x_0-predicting model."""
-    alpha, sigma_vp = vp_coefficients(sigma)
-    if prediction_type == "epsilon":
-        return (x - sigma_vp * model_output) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * x - sigma_vp * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"unsupported prediction type {prediction_type!r} (epsilon, v_prediction or sample)")
-
-
-def sde_dpmpp_mean(
-    x: torch.Tensor,
-    x0_pred: torch.Tensor,
-    sigma: torch.Tensor,
-    sigma_next: torch.Tensor,
-    x0_pred_prev: torch.Tensor | None = None,
-    sigma_prev: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The deterministic part μ of one SDE-DPM-Solver++ step from σ to σ_next (§3.1).
-
-    With h = λ_next − λ (λ = log α − log σ_vp, the half log-SNR):
-    μ = (σ_next/σ)·e^{−h}·x + α_next (1 − e^{−2h}) D, where D = x̂_0 (first order) or, given the
-    previous step's x̂_0, the multistep midpoint estimate D = x̂_0 + (x̂_0 − x̂_0,prev)/(2r) with
-    r = h_prev / h (second order, "2M"). σ_next = 0 is a deterministic last step: μ = x̂_0.
-    """
-    if float(sigma_next) == 0.0:
-        return x0_pred
-    alpha, sigma_vp = vp_coefficients(sigma)
-    alpha_next, sigma_vp_next = vp_coefficients(sigma_next)
-    lam = torch.log(alpha) - torch.log(sigma_vp)
-    h = torch.log(alpha_next) - torch.log(sigma_vp_next) - lam
-    d = x0_pred
-    if x0_pred_prev is not None:
-        alpha_prev, sigma_vp_prev = vp_coefficients(sigma_prev)
-        r = (lam - (torch.log(alpha_prev) - torch.log(sigma_vp_prev))) / h
-        d = x0_pred + 0.5 * (1.0 / r) * (x0_pred - x0_pred_prev)
-    return (sigma_vp_next / sigma_vp * torch.exp(-h)) * x + (alpha_next * (1 - torch.exp(-2.0 * h))) * d
-
-
-def sde_dpmpp_noise_scale(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-    """s, the scale of the step's noise: σ_vp,next · √(1 − e^{−2h}) (0 for a last step to σ = 0)."""
-    if float(sigma_next) == 0.0:
-        return torch.zeros_like(sigma)
-    alpha, sigma_vp = vp_coefficients(sigma)
-    alpha_next, sigma_vp_next = vp_coefficients(sigma_next)
-    h = (torch.log(alpha_next) - torch.log(sigma_vp_next)) - (torch.log(alpha) - torch.log(sigma_vp))
-    return sigma_vp_next * torch.sqrt(1.0 - torch.exp(-2.0 * h))
-
-
-def noise_map(x_next: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """z = (x_{t−1} − μ) / s: the noise that makes the step land on x_{t−1} (§3.1); zeros where s = 0."""
-    if float(scale) == 0.0:
-        return torch.zeros_like(x_next)
-    return (x_next - mean) / scale
-
-
-def sde_dpmpp_step(mean: torch.Tensor, scale: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """x_{t−1} = μ + s·z: one stochastic solver step with a given (recorded) noise map."""
-    return mean + scale * z
 
 
 # -- edit guidance and implicit masks -------------------------------------------------------------
@@ -304,8 +218,13 @@ class LEditsGuidance:
     every position after the start token (the concept's tokens, the end token and the padding), as
     LEDITS++'s code and diffusers do — their token count is the padded length; "concept" sums only
     the concept's own tokens, as the paper's text describes.
-    `intersect_from_timestep`: see :func:`ledits_guidance`; "auto" is 800 on Stable Diffusion 1.x/2.x
-    and None (every step) on SDXL, as in diffusers' two LEDITS++ pipelines.
+    `intersect_from_timestep`: see :func:`ledits_guidance`; "auto" is resolved per family by the
+    LEDITS++ API (:mod:`safe_diffusion.editing.ledits`): 800 on Stable Diffusion 1.x/2.x and None (every
+    step) on SDXL, as in diffusers' two LEDITS++ pipelines, None elsewhere; attached with ``guide()`` it
+    means None.
+
+    As a guidance term it also runs inside a pipeline's own call (``guide(pipe, LEditsGuidance(...))``:
+    semantic guidance with implicit masks), where the engine captures the cross-attention maps.
     """
 
     concepts: Sequence[Concept] = ()
@@ -347,8 +266,59 @@ class LEditsGuidance:
         """Per concept, whether it guides at `step`."""
         return [concept_is_active(step, w, c) for w, c in zip(self.warmup_steps, self.cooldown_steps)]
 
-    def apply(self, eps_uncond, eps_edits, step, timestep, attention=None, intersect_from_timestep=None):
-        """γ and the masks at `step` (see :func:`ledits_guidance`); `intersect_from_timestep` resolved."""
+    # -- the GuidanceTerm protocol, and its extension for masks ------------------------------------
+    #: The masks are quantiles per sample and γ is linear in ψ, so acting on the model's own output is the
+    #: same as acting on its ε-equivalent (a per-sample factor): "model" for every prediction type.
+    space = "model"
+
+    @property
+    def observes(self) -> tuple[str, ...]:
+        """What the engine must hand :meth:`apply_observed`: the timestep, and the cross-attention maps unless
+        masking is "noise"."""
+        return ("timestep", "cross_attention") if self.uses_attention else ("timestep",)
+
+    def needs(self, step: int) -> list[bool]:
+        return self.active(step)
+
+    def initial_state(self) -> tuple:
+        """The run's mask record: one ``(step, masks)`` per evaluation, masks per concept (batch, 1, *spatial)
+        booleans or None where the concept did not guide."""
+        return ()
+
+    def apply(self, eps_uncond, eps_text, eps_concepts, step, state, guidance_scale):
+        """Δ without observations: only masking="noise" can run so."""
+        return self.apply_observed(eps_uncond, eps_text, eps_concepts, step, state, guidance_scale, None)
+
+    def apply_observed(self, eps_uncond, eps_text, eps_concepts, step, state, guidance_scale, observed):
+        """Δ = γ / s_g, the edit guidance as a correction of ε_p (the guided estimate is then
+        ε_∅ + s_g(ε_p − ε_∅) + γ; without a prompt, ε_∅ + γ), and the state with this step's masks."""
+        attention = None
+        if self.uses_attention:
+            if observed is None or observed.attention is None:
+                raise ValueError(f"masking {self.masking!r} needs cross-attention maps, which this run does not observe")
+            attention = [
+                None if a is None else self.attention_map(a, observed.token_spans[i])
+                for i, a in enumerate(observed.attention)
+            ]
+        timestep = None if observed is None else observed.timestep
+        intersect = None if self.intersect_from_timestep == "auto" else self.intersect_from_timestep
+        gamma, masks = self.apply_at(eps_uncond, eps_concepts, step, timestep, attention, intersect)
+        record = [None if m is None else m[:, 0] > 0 for m in masks]
+        return gamma / guidance_scale, (*state, (step, record))
+
+    def attention_map(self, attention: torch.Tensor, span: slice | None) -> torch.Tensor:
+        """A concept's map (batch, *spatial) from its rows' attention (batch, *spatial, tokens): summed over every
+        position after the start token but the last ("all"), or over the concept's own tokens ("concept")."""
+        if self.attention_tokens == "all":
+            tokens = slice(1, attention.shape[-1] - 1)
+        elif span is None:
+            raise TypeError("attention_tokens='concept' needs concepts given as text")
+        else:
+            tokens = span
+        return attention[..., tokens].sum(dim=-1)
+
+    def apply_at(self, eps_uncond, eps_edits, step, timestep, attention=None, intersect_from_timestep=None):
+        """γ and the masks at `step` (see :func:`ledits_guidance`), `intersect_from_timestep` resolved."""
         return ledits_guidance(
             eps_uncond,
             eps_edits,
@@ -364,9 +334,10 @@ class LEditsGuidance:
             intersect_from_timestep=intersect_from_timestep,
         )
 
-    def describe(self) -> dict:
+    def describe(self, prediction: str | None = None) -> dict:
         """JSON-ready settings (concepts given as embeddings are shown by shape)."""
-        return {
+        out = {
+            "type": type(self).__name__,
             "concepts": [c if isinstance(c, str) else f"<embeddings {tuple(c.shape)}>" for c in self.concepts],
             "reverse": list(self.reverse),
             "scale": [float(s) for s in self.scale],
@@ -377,3 +348,7 @@ class LEditsGuidance:
             "attention_tokens": self.attention_tokens,
             "intersect_from_timestep": self.intersect_from_timestep,
         }
+        if prediction is not None:
+            out["prediction"] = prediction
+            out["acts_in"] = resolve_space(self.space, prediction)
+        return out
