@@ -104,3 +104,20 @@ def chromium():
         browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+#: Schedulers as a user builds them in code, with the library's defaults (``steps_offset=0``; DDIM clips x₀):
+#: a pipeline constructed with one must keep or rewrite its config exactly as the reference pipeline does.
+SCHEDULERS_BUILT_IN_CODE = {
+    "DDIMScheduler()": ("DDIMScheduler", {}),
+    "PNDMScheduler(skip_prk_steps=True)": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "LMSDiscreteScheduler()": ("LMSDiscreteScheduler", {}),
+}
+
+
+def scheduler_built_in_code(name: str):
+    """A fresh scheduler of :data:`SCHEDULERS_BUILT_IN_CODE` (pipelines may rewrite the one they are given)."""
+    import diffusers
+
+    cls, kwargs = SCHEDULERS_BUILT_IN_CODE[name]
+    return getattr(diffusers, cls)(**kwargs)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import PARITY_TOL, load_float64, oracle
+from helpers import PARITY_TOL, SCHEDULERS_BUILT_IN_CODE, load_float64, oracle, scheduler_built_in_code
 
 from safe_diffusion import SafeStableDiffusionPipeline, SafetyConfig
 
@@ -139,3 +139,21 @@ def test_pipeline_is_left_exactly_as_it_was(pipes):
     assert set(vars(ours)) - before <= {"_flagged"}
     assert not ours.unet._forward_pre_hooks and not ours.unet._forward_hooks
     assert "progress_bar" not in vars(ours)
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS_BUILT_IN_CODE))
+def test_schedulers_built_in_code_match_reference(tiny_checkpoint, scheduler):
+    # each pipeline is constructed with its own scheduler, as from_pretrained(..., scheduler=...) does; both
+    # constructors rewrite steps_offset to 1 and clip_sample to False
+    ours = load_float64(SafeStableDiffusionPipeline, tiny_checkpoint, scheduler=scheduler_built_in_code(scheduler))
+    ref = load_float64(
+        oracle("StableDiffusionPipelineSafe"), tiny_checkpoint, scheduler=scheduler_built_in_code(scheduler)
+    )
+    assert dict(ours.scheduler.config) == dict(ref.scheduler.config)
+    call = dict(prompt="a red car", num_inference_steps=6, output_type="np", **SIZE)
+    sld = {**SafetyConfig.STRONG, "sld_warmup_steps": 2}  # past its warm-up for 4 of the 6 steps
+    a = ours(generator=torch.Generator().manual_seed(0), **call, **sld).images
+    b = ref(generator=torch.Generator().manual_seed(0), **call, **sld).images
+    assert np.abs(a - b).max() <= TOL
+    unguided = ours(generator=torch.Generator().manual_seed(0), **call, sld_guidance_scale=0).images
+    assert np.abs(a - unguided).max() > 1e-3, "safety guidance had no effect: the parity test would be vacuous"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import PARITY_TOL, load_float64, oracle
+from helpers import PARITY_TOL, SCHEDULERS_BUILT_IN_CODE, load_float64, oracle, scheduler_built_in_code
 
 from safe_diffusion.guidance.sega import needs_edit_estimate, sega_step, semantic_direction
 
@@ -153,3 +153,26 @@ def test_editing_changes_the_image_and_no_edit_is_plain(pipes):
     reference_plain = ref("a man", generator=torch.Generator().manual_seed(3), **KW).images
     assert np.abs(plain - reference_plain).max() <= PARITY_TOL
     assert np.abs(edited - plain).max() > 1e-3
+
+
+# -- schedulers built in code: the reference's constructor leaves them as they are -----------------------
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS_BUILT_IN_CODE))
+def test_drop_in_matches_reference_with_a_scheduler_built_in_code(tiny_checkpoint, scheduler):
+    from diffusers import SemanticStableDiffusionPipeline as Ref
+
+    from safe_diffusion import SemanticStableDiffusionPipeline
+
+    # each pipeline is constructed with its own scheduler, as from_pretrained(..., scheduler=...) does
+    ours = load_float64(SemanticStableDiffusionPipeline, tiny_checkpoint, scheduler=scheduler_built_in_code(scheduler))
+    ref = load_float64(Ref, tiny_checkpoint, scheduler=scheduler_built_in_code(scheduler))
+    assert dict(ours.scheduler.config) == dict(ref.scheduler.config)
+    assert ours.scheduler.config.get("steps_offset", 0) == 0  # not rewritten to 1
+    call = dict(num_inference_steps=6, output_type="np", height=32, width=32)
+    edits = dict(editing_prompt=["sunglasses", "beard"], reverse_editing_direction=[False, True], edit_warmup_steps=1)
+    a = ours("a man", generator=torch.Generator().manual_seed(3), **edits, **call).images
+    b = ref("a man", generator=torch.Generator().manual_seed(3), **edits, **call).images
+    assert np.abs(a - b).max() <= PARITY_TOL
+    plain = ours("a man", generator=torch.Generator().manual_seed(3), **call).images
+    assert np.abs(a - plain).max() > 1e-3, "the edits had no effect: the parity test would be vacuous"

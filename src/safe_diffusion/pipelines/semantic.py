@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
 from ..engine import guide, guided_call
 from ..guidance.terms import SemanticGuidance
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +34,49 @@ class SemanticStableDiffusionPipeline(StableDiffusionPipeline):
     """
 
     _safe_diffusion_native = True  # our own drop-in: guide() serves it, its editing_prompt is ours
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker,
+        feature_extractor,
+        requires_safety_checker: bool = True,
+        image_encoder=None,
+    ):
+        """As diffusers' ``SemanticStableDiffusionPipeline.__init__``: the scheduler and the UNet are registered
+        as given. ``StableDiffusionPipeline.__init__`` would rewrite a scheduler's ``steps_offset`` to 1 and
+        ``clip_sample`` to False, which moves the timesteps of a scheduler built in code (``DDIMScheduler()``
+        denoises at 501 … 1 instead of 500 … 0) and changes every image. ``image_encoder`` (None unless an
+        IP-Adapter is loaded) is the one component the reference lacks."""
+        DiffusionPipeline.__init__(self)
+        if safety_checker is None and requires_safety_checker:
+            logger.warning(
+                "You have disabled the safety checker for %s by passing `safety_checker=None`; the Stable Diffusion "
+                "license asks you not to expose unfiltered results in public services.", type(self)
+            )
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a feature extractor to run its safety checker; pass one, or "
+                "safety_checker=None"
+            )
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self._is_unet_config_sample_size_int = unet is not None and isinstance(unet.config.sample_size, int)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
 
     @torch.no_grad()
     def __call__(
