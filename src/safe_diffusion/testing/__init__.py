@@ -11,6 +11,7 @@ from .llava import build_llava_onevision, byte_level_bpe_tokenizer
 from .pixart import build_pixart_checkpoint
 from .quality import RandomFeatureExtractor, build_inception_weights
 from .qwenimage import build_qwenimage_checkpoint
+from .realsize import REAL_SIZES, build_real_pipeline
 from .sd3 import build_sd3_checkpoint
 from .stable_diffusion import SIZES, build_checkpoint, build_clip, build_sdxl_checkpoint, byte_level_tokenizer
 from .variants import build_controlnet_checkpoint, build_inpaint_checkpoint
@@ -32,6 +33,7 @@ FAMILIES = {
 
 __all__ = [
     "FAMILIES",
+    "REAL_SIZES",
     "SIZES",
     "RandomFeatureExtractor",
     "build_checkpoint",
@@ -43,6 +45,7 @@ __all__ = [
     "build_llava_onevision",
     "build_pixart_checkpoint",
     "build_qwenimage_checkpoint",
+    "build_real_pipeline",
     "build_sd3_checkpoint",
     "build_sdxl_checkpoint",
     "build_wan_checkpoint",
