@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo-output
 
-.PHONY: setup test test-quick lint demo bench clean
+.PHONY: setup test test-quick lint demo bench bench-realsize clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,12 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_sld.py
+
+# Real-size random-weight models (issue 23). DEVICE=cuda: every family, about 7 minutes on one H100/H200-class
+# GPU; DEVICE=cpu: SD 1.5 only, 2 steps, about 8 minutes on 2 idle cores. Results in benchmarks/results/.
+DEVICE ?= cpu
+bench-realsize: setup
+	$(PY) benchmarks/realsize.py --device $(DEVICE) --json benchmarks/results/realsize-$(DEVICE).json
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

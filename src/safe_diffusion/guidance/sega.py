@@ -29,7 +29,8 @@ def semantic_direction(
     if diff.ndim < 3:
         raise ValueError(f"estimates must be laid out (batch, channels, *spatial), got shape {tuple(diff.shape)}")
     if isinstance(sign, torch.Tensor):  # per image: shape (batch,) → broadcast over channels and spatial dims
-        sign = sign.to(device=diff.device, dtype=diff.dtype).reshape(-1, *([1] * (diff.ndim - 1)))
+        # non_blocking: a blocking host-to-device copy would wait for the denoiser's queued work every step
+        sign = sign.to(device=diff.device, dtype=diff.dtype, non_blocking=True).reshape(-1, *([1] * (diff.ndim - 1)))
     psi = diff * sign * scale
     magnitude = psi.abs()
     # The percentile is taken in float32 whatever the dtype, as the reference does (half precision needs it).
@@ -64,7 +65,6 @@ def sega_step(
     zeros = torch.zeros_like(eps_uncond)
     if momentum is None:
         momentum = zeros
-    batch = eps_uncond.shape[0]
     n = len(eps_edits)
     gammas, concept_weights, warm = [], [], []
     for i, eps_edit in enumerate(eps_edits):
@@ -72,26 +72,32 @@ def sega_step(
         cooled = cooldown is not None and step >= cooldown
         warm.append(step >= warmup_steps[i])
         if cooled or eps_edit is None:
-            gammas.append(zeros)
+            gammas.append(None)  # γ_i = 0
             concept_weights.append(0.0 if cooled else max(weights[i], 0.0))
             continue
         gammas.append(
             semantic_direction(eps_uncond, eps_edit, scale=scales[i], threshold=thresholds[i], sign=signs[i])
         )
         concept_weights.append(max(weights[i], 0.0))
-    gamma = torch.stack(gammas)  # (concepts, batch, channels, *spatial)
-    w = torch.tensor(concept_weights, dtype=eps_uncond.dtype, device=eps_uncond.device)[:, None].expand(n, batch)
+
+    def weighted(indices: Sequence[int], w: Sequence[float]) -> torch.Tensor:
+        # Σ w_i γ_i with the weights as Python numbers: no per-step host-to-device copy (and sync) of a weight tensor
+        total = zeros
+        for i, wi in zip(indices, w):
+            if gammas[i] is not None and wi != 0.0:
+                total = total + wi * gammas[i]
+        return total
 
     n_warm = sum(warm)
     term = zeros
     if 0 < n_warm < n:
         idx = [i for i in range(n) if warm[i]]
-        w_warm = w[idx]
+        norm = sum(concept_weights[i] for i in idx)
         # A warm set whose weights are all zero (all cooled down) would divide 0 by 0; it adds nothing instead.
-        w_warm = torch.nan_to_num(w_warm / w_warm.sum(dim=0))
-        term = torch.einsum("cb,cb...->b...", w_warm, gamma[idx])
+        if norm > 0:
+            term = weighted(idx, [concept_weights[i] / norm for i in idx])
 
-    combined = torch.einsum("cb,cb...->b...", w, gamma) + momentum_scale * momentum  # eq. (8), (6)
+    combined = weighted(range(n), concept_weights) + momentum_scale * momentum  # eq. (8), (6)
     new_momentum = mom_beta * momentum + (1 - mom_beta) * combined  # eq. (7)
     if n_warm == n:
         term = combined

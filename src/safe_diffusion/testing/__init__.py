@@ -13,6 +13,7 @@ from .nudenet import build_nudenet_v2_classifier, build_nudenet_v2_detector
 from .pixart import build_pixart_checkpoint
 from .quality import RandomFeatureExtractor, build_inception_weights
 from .qwenimage import build_qwenimage_checkpoint
+from .realsize import REAL_SIZES, build_real_pipeline
 from .sd3 import build_sd3_checkpoint
 from .stable_diffusion import SIZES, build_checkpoint, build_clip, build_sdxl_checkpoint, byte_level_tokenizer
 from .variants import build_controlnet_checkpoint, build_inpaint_checkpoint
@@ -37,6 +38,7 @@ FAMILIES.register("sd-inpaint", build_inpaint_checkpoint, summary="SD 1.x inpain
 
 __all__ = [
     "FAMILIES",
+    "REAL_SIZES",
     "SIZES",
     "RandomFeatureExtractor",
     "build_checkpoint",
@@ -50,6 +52,7 @@ __all__ = [
     "build_nudenet_v2_detector",
     "build_pixart_checkpoint",
     "build_qwenimage_checkpoint",
+    "build_real_pipeline",
     "build_sd3_checkpoint",
     "build_sdxl_checkpoint",
     "build_wan_checkpoint",

@@ -46,12 +46,34 @@ def byte_level_bpe_tokenizer():
     )
 
 
-def build_llava_onevision(path: str | Path, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
-    """Save a tiny random LLaVA-OneVision (model, tokenizer, image processor, chat template) at `path`.
+#: ``size="0.5b"``: the architecture of llava-hf/llava-onevision-qwen2-0.5b-ov-hf, which LlavaGuard v1.2 0.5B
+#: fine-tunes (SigLIP so400m at 384 px in 14-px patches, Qwen2-0.5B, anyres tiles up to 6x6, at most 9 kept).
+REAL_0_5B = dict(
+    vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16),
+    text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+              num_key_value_heads=2, vocab_size=151936, rope_theta=1_000_000.0, tie_word_embeddings=True),
+    image_size=384,
+    patch_size=14,
+    grid=6,
+)
 
-    The vision tower sees `image_size` squares in `patch_size` patches; anyres tiles images onto up
-    to 2x2 of those squares. Returns `path`.
+
+def build_llava_onevision(
+    path: str | Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, size: str = "tiny"
+) -> Path:
+    """Save a random LLaVA-OneVision (model, tokenizer, image processor, chat template) at `path`.
+
+    ``size="tiny"``: the vision tower sees `image_size` squares in `patch_size` patches; anyres tiles
+    images onto up to 2x2 of those squares. ``size="0.5b"``: LlavaGuard v1.2 0.5B's real architecture
+    (:data:`REAL_0_5B`; `image_size` and `patch_size` are ignored), built without default
+    initialisation (:func:`~safe_diffusion.testing.realsize.materialize`) and saved in bfloat16.
+    Returns `path`.
     """
+    if size not in ("tiny", "0.5b"):
+        raise ValueError(f"size must be 'tiny' or '0.5b', got {size!r}")
+    real = size == "0.5b"
+    if real:
+        image_size, patch_size = REAL_0_5B["image_size"], REAL_0_5B["patch_size"]
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -67,7 +89,8 @@ def build_llava_onevision(path: str | Path, seed: int = 0, image_size: int = 32,
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = byte_level_bpe_tokenizer()
-    grid = [[image_size * h, image_size * w] for h in (1, 2) for w in (1, 2)]
+    sides = range(1, (REAL_0_5B["grid"] if real else 2) + 1)
+    grid = [[image_size * h, image_size * w] for h in sides for w in sides]
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size}, image_grid_pinpoints=grid)
     num_image_tokens = (image_size // patch_size) ** 2
     processor = _processor_class()(
@@ -77,23 +100,18 @@ def build_llava_onevision(path: str | Path, seed: int = 0, image_size: int = 32,
         num_image_tokens=num_image_tokens,
         vision_feature_select_strategy="full",
     )
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-        vision_use_head=False,
+    vision_dims = REAL_0_5B["vision"] if real else dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
     )
+    text_dims = REAL_0_5B["text"] if real else dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    vision = SiglipVisionConfig(**vision_dims, image_size=image_size, patch_size=patch_size, vision_use_head=False)
     text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,  # the official policy is ~5,500 bytes, one token each here
+        **text_dims,
+        # the official policy is ~5,500 bytes, one token each with this tokenizer, plus the image tokens
+        max_position_embeddings=32768 if real else 8192,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -107,8 +125,13 @@ def build_llava_onevision(path: str | Path, seed: int = 0, image_size: int = 32,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
     )
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config)
+    if real:
+        from .realsize import build_model
+
+        model = build_model(lambda: LlavaOnevisionForConditionalGeneration(config), torch.bfloat16, "cpu", seed)
+    else:
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)

@@ -249,7 +249,13 @@ def build_clip(path: str | Path, projection_dim: int = 768, seed: int = 0, size:
         patch_size=dims["patch_size"],
         projection_dim=projection_dim,
     )
-    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim))
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim)
+    if size == "tiny":
+        model = CLIPModel(config)
+    else:  # real sizes: no default initialisation (minutes on a CPU), weights filled once
+        from .realsize import build_model
+
+        model = build_model(lambda: CLIPModel(config), torch.float32, "cpu", seed)
     side = dims["image_size"]
     processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     model.save_pretrained(path)
