@@ -90,6 +90,13 @@ def _register() -> None:
         importlib.import_module(f"{__name__}.{module}")
 
 
+def _interrupt(signum, frame) -> None:
+    # Ctrl-C unwinds once; a second one (or a late duplicate delivery) while the rollbacks run is ignored, so
+    # it cannot cut the clean-up short and end the process by the signal (exit -2) with partial output left.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _terminate(signum, frame) -> None:
     # SIGTERM (Slurm's time limit, `kill`, a service manager) unwinds like Ctrl-C, so every
     # `finally` and rollback runs: no partial outputs, no temp folders left behind.
@@ -114,6 +121,22 @@ def main(argv: list[str] | None = None) -> None:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         with contextlib.suppress(ValueError):  # not the main thread
             signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        try:
+            signal.signal(signal.SIGINT, _interrupt)
+        except ValueError:  # not the main thread
+            previous = None
+    else:
+        previous = None
+    try:
+        _run(argv)
+    finally:
+        if previous is not None:  # called in-process (tests, a user's script): leave Ctrl-C as it was
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(argv: list[str] | None) -> None:
     _register()
     try:
         code = app(args=argv, standalone_mode=False)
