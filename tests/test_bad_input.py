@@ -88,6 +88,8 @@ CASES = [
      "unknown NudeNet label 'NOSE'"),
     ("audit", ["audit", "{root}/images", "--out", "{root}/a.html", "--judges", "nudenet", "--nudenet-setup", "x"], 2,
      "unknown --nudenet-setup 'x'"),
+    ("i2p run", ["i2p", "run", "--suite", "{root}/suite.csv", "-m", "{model}", "--out", "{root}/r5"], 2,
+     "`i2p run` runs the I2P suite only; for --suite"),
     ("eval classify", ["eval", "classify", "{root}/nope"], 2, "nope"),
     ("eval score", ["eval", "score", "{root}/nope"], 2, "nope"),
     ("eval export", ["eval", "export", "{root}/run", "{root}/folder.csv"], 2, "is a folder"),

@@ -322,3 +322,12 @@ def test_report_labels_runs_uniquely_and_says_no_images(tmp_path, tiny_checkpoin
     assert unique_labels(["SD", "SD"], ["m", "m"], ["x/run", "x/run"]) == ["SD #1", "SD #2"]
     assert unique_labels(["SD", "UCE"], ["m", "m"], ["a", "b"]) == ["SD", "UCE"]
     assert sample_indices(10, 4) == [0, 3, 6, 9] and sample_indices(3, 5) == [0, 1, 2] and sample_indices(9, 1) == [4]
+
+
+def test_eval_suites_says_where_each_unbundled_suite_comes_from(capsys):
+    from safe_diffusion.cli import main
+
+    main(["eval", "suites"])
+    out = capsys.readouterr().out
+    assert "a file you download" not in out
+    assert "get it: download prompts/nudity.csv from github.com/OPTML-Group/Diffusion-MU-Attack" in out

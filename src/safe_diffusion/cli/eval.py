@@ -332,9 +332,11 @@ def list_suites() -> None:
 
     for name in available_suites():
         spec = get_suite_spec(name)
-        where = "bundled" if spec.bundled else (f"hub {spec.hub}" if spec.hub else "a file you download")
+        where = "bundled" if spec.bundled else (f"hub {spec.hub}" if spec.hub else "a file you pass with --data")
         gated = ", gated" if spec.gated else ""
         typer.echo(f"{name:<24}{spec.title} ({where}{gated})")
+        if not spec.bundled and (spec.how_to_get or spec.homepage):
+            typer.echo(f"{'':<24}get it: {spec.how_to_get or spec.homepage}")
 
 
 @app.command("demo-clip", help="Deprecated: use `python -m safe_diffusion.testing clip PATH`.")
