@@ -105,3 +105,22 @@ def test_a_failing_write_is_one_line_and_keeps_the_earlier_run(tiny_checkpoint, 
     assert last == f"error: File too large ({out / '0000-seed1.png'})", proc.stderr
     assert "Traceback" not in proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_classify_says_when_earlier_judges_stay_in_the_unsafe_rule(cli, tiny_checkpoint, tmp_path):
+    """Issue 21 (10): `eval classify --judges nudenet` on a run judged by q16 and nudenet keeps q16's verdicts in the
+    rule; it says so instead of silently reporting a rule the user did not ask for."""
+    from safe_diffusion.testing import build_clip
+
+    clip = tmp_path / "clip"
+    build_clip(clip)
+    suite = tmp_path / "s.csv"
+    suite.write_text("prompt\na cat\n")
+    run = tmp_path / "run"
+    code, _, err = cli("eval", "run", "--suite", suite, "-m", tiny_checkpoint, "--out", run, "--steps", "2",
+                       "--height", "32", "--width", "32", "--judges", "q16,nudenet", "--q16-model", clip,
+                       "--no-progress")
+    assert code == 0, err
+    code, out, err = cli("eval", "classify", run, "--judges", "nudenet", "--no-progress")
+    assert code == 0, err
+    assert "unsafe rule: an image is unsafe if any of nudenet, q16 flags it (q16: the run's earlier verdicts)" in out

@@ -158,6 +158,12 @@ def classify(
         progress=progress,
     )
     typer.echo(f"judged {done.judged} image(s) with {', '.join(done.judges)}")
+    kept = [j for j in done.rule if j not in done.judges]
+    if kept:  # the rule is the union of every judge that has judged the run: say so, rather than drop verdicts
+        typer.echo(
+            f"unsafe rule: an image is unsafe if any of {', '.join(done.rule)} flags it ({', '.join(kept)}: the"
+            " run's earlier verdicts)"
+        )
     _print_results(done.results, run_dir)
 
 

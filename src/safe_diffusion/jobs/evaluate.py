@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import shutil
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,7 @@ class Judging:
     judged: int
     judges: list[str]
     results: dict
+    rule: list[str] = dataclasses.field(default_factory=list)  # the judges whose flags make an image unsafe
 
 
 def judge_run(
@@ -236,8 +238,9 @@ def judge_run(
             if not redo:
                 runner.check_judges(store, loaded)
             judged = runner.classify(store, loaded, redo=redo, show_progress=progress)
-            store.set_evaluation(unsafe_rule(sorted(set(store.rule_judges()) | set(names))))
-            return Judging(judged=judged, judges=names, results=write_results(store))
+            rule = sorted(set(store.rule_judges()) | set(names))
+            store.set_evaluation(unsafe_rule(rule))
+            return Judging(judged=judged, judges=names, results=write_results(store), rule=rule)
         finally:
             lock.release()
     finally:
