@@ -38,6 +38,16 @@ def test_fairness_writes_table_plot_and_record(cli, tiny_checkpoint, clip, tmp_p
     assert Image.open(out / "fairness.png").format == "PNG"
     record = json.loads((out / "fairness.json").read_text())
     assert record["classifier_texts"] == ["a photo of a male person", "a photo of a female person"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = cli(  # issue 18: a rerun with other directions into the same folder is refused, nothing touched
+        "fairness", "--model", tiny_checkpoint, "--prompts", prompts, "--directions", "young person,old person",
+        "--out", out, "--images-per-prompt", "3", "--clip-model", clip, "--steps", "3", "--height", "32",
+        "--width", "32", "--seed", "10",
+    )
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: {str(out)!r} holds a fairness run with other settings (directions); use a new --out to keep both"
+    ), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert record["seeds"] == [10, 11, 12]
     after = [x for x in record["images"] if x["kind"] == "after"]
     assert sorted(x["assigned"] for x in after[:3]) == ["female person", "male person", "male person"]

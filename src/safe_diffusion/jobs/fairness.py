@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,26 @@ def read_prompts(path: str | Path, template: str) -> list[str]:
         raise InputError(f"template {template!r} must contain {{}} where the subject goes")
     subjects = read_lines(path, "prompts file", empty="has no prompts")
     return [template.replace("{}", s, 1) for s in subjects]
+
+
+def check_earlier_run(out: Path, settings: dict) -> None:
+    """Refuse, before any work, a folder that holds files of another run: a fairness run made with other
+    settings (rerunning the same settings makes the same files again), or files that are not a fairness run's."""
+    record = out / "fairness.json"
+    if record.is_file():
+        try:
+            earlier = json.loads(record.read_text())
+        except (OSError, ValueError):
+            earlier = {}
+        changed = sorted(k for k, v in settings.items() if k in earlier and earlier[k] != v)
+        missing = sorted(k for k in settings if k not in earlier and k not in ("height", "width", "save_images"))
+        if changed or missing:
+            what = ", ".join(changed or missing)
+            raise InputError(
+                f"{str(out)!r} holds a fairness run with other settings ({what}); use a new --out to keep both"
+            )
+    elif out.is_dir() and any(out.iterdir()):
+        raise InputError(f"--out {str(out)!r} is not empty and holds no fairness run; use a new or empty folder")
 
 
 @dataclass
@@ -93,6 +114,12 @@ def fairness(
     check_clip_reference(clip_model)
     check_guidance([term], steps=steps, guidance_scale=guidance_scale, strict=strict, warn=warn)
     directions, proportions = term.directions, term.proportions
+    settings = {
+        "model": model, "clip_model": clip_model, "prompts": prompt_list, "directions": list(directions),
+        "proportions": list(proportions), "images_per_prompt": n, "seeds": list(seeds), "steps": steps,
+        "guidance_scale": guidance_scale, "height": height, "width": width, "save_images": save_images,
+    }
+    check_earlier_run(Path(out), settings)
     with output_dir(Path(out)) as folder:
         classify = ZeroShotClassifier(clip_model, directions, "cpu")
         pipe = load_pipeline(model, device=device)
@@ -135,9 +162,7 @@ def fairness(
         atomic_write_bytes(folder.file("fairness.csv"), buf.getvalue().encode())
         plot_proportions(rows, directions, folder.file("fairness.png"))
         atomic_write_json(folder.file("fairness.json"), {
-            "model": model, "clip_model": clip_model, "classifier_texts": classify.texts, "prompts": prompt_list,
-            "directions": directions, "proportions": proportions, "images_per_prompt": n, "seeds": seeds,
-            "steps": steps, "guidance_scale": guidance_scale, "guidance": describe_terms([term]),
+            **settings, "classifier_texts": classify.texts, "guidance": describe_terms([term]),
             "images": labels, "versions": library_versions(),
         })
     return Fairness(out=Path(out), prompts=prompt_list, rows=rows)
