@@ -63,3 +63,18 @@ def test_a_failed_command_takes_back_only_what_it_wrote(tmp_path):
         atomic_write_bytes(out.file("x"), b"x")
         raise KeyboardInterrupt
     assert not (tmp_path / "a").exists()  # folders it created are removed too
+
+
+def test_rollback_tries_every_path_and_raises_after(tmp_path):
+    """One file that cannot be removed does not stop the rollback: the others go, then the error is raised."""
+    from safe_diffusion.common.outputs import OutputDir
+
+    out = OutputDir(tmp_path)
+    stuck = out.file("stuck")
+    stuck.mkdir()  # unlink of a folder fails (IsADirectoryError or PermissionError)
+    (stuck / "inside").write_text("x")
+    later = out.file("later.txt")
+    later.write_text("new")
+    with pytest.raises(OSError):
+        out.rollback()
+    assert not later.exists() and stuck.is_dir()

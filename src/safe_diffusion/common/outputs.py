@@ -128,15 +128,29 @@ class OutputDir:
         self._backups.clear()
 
     def rollback(self) -> None:
+        """Remove every file written, put every replaced file back, remove the folders made (those still empty).
+
+        Every path is tried even when one fails; the first failure is raised afterwards.
+        """
+        errors: list[OSError] = []
         for f in self.written:
-            f.unlink(missing_ok=True)
+            try:
+                f.unlink(missing_ok=True)
+            except OSError as exc:
+                errors.append(exc)
         for target, backup in self._backups.items():
-            with contextlib.suppress(OSError):
+            try:
                 os.replace(backup, target)
+            except FileNotFoundError:
+                pass  # nothing was moved aside for it
+            except OSError as exc:
+                errors.append(exc)
         self._backups.clear()
         for d in reversed(self.created_dirs):
             with contextlib.suppress(OSError):  # a folder something else wrote into stays
                 d.rmdir()
+        if errors:
+            raise errors[0]
 
 
 def check_writable(folder: str | Path, what: str = "output folder") -> None:
