@@ -63,8 +63,10 @@ def test_audit_judges_images_lists_skipped_files_and_records_the_judges(models, 
                    "--nudenet-resolution", "320", "--llavaguard-model", models["llava"], "--llavaguard-policy", policy,
                    "--llavaguard-max-new-tokens", "8", "--device", "cpu")
     captured = capsys.readouterr()
-    assert code == 0, captured.err
+    assert code == 2, captured.err  # issue 18: images that could not be read make the audit incomplete
     assert "3 image(s) judged, 3 file(s) skipped" in captured.out
+    assert "skipped: damaged.png (damaged image" in captured.err and "skipped: text.png (not an image)" in captured.err
+    assert captured.err.strip().splitlines()[-1] == "error: the audit is incomplete: 2 image(s) could not be read"
     assert sorted(p.name for p in out.parent.iterdir()) == ["report.csv", "report.html", "report.json", "report.md"]
 
     rows = list(csv.DictReader(io.StringIO((out.parent / "report.csv").read_text())))

@@ -65,3 +65,13 @@ def audit(
         f" without a verdict; wrote {printable(result.html)}, {printable(result.markdown.name)},"
         f" {printable(result.csv.name)} and {printable(result.json.name)}"
     )
+    # Files that are not images (notes.txt) are listed in the report; images that could not be read make it
+    # incomplete: they are named here and the exit status says so.
+    skipped = [s for s in result.record.get("skipped", []) if not s["reason"].startswith("not an image file")]
+    for item in skipped[:20]:
+        typer.echo(f"skipped: {printable(item['file'])} ({item['reason']})", err=True)
+    if len(skipped) > 20:
+        typer.echo(f"skipped: … and {len(skipped) - 20} more (see {printable(result.csv.name)})", err=True)
+    if skipped:
+        typer.echo(f"error: the audit is incomplete: {len(skipped)} image(s) could not be read", err=True)
+        raise typer.Exit(2)
