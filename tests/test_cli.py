@@ -124,3 +124,16 @@ def test_classify_says_when_earlier_judges_stay_in_the_unsafe_rule(cli, tiny_che
     code, out, err = cli("eval", "classify", run, "--judges", "nudenet", "--no-progress")
     assert code == 0, err
     assert "unsafe rule: an image is unsafe if any of nudenet, q16 flags it (q16: the run's earlier verdicts)" in out
+
+
+def test_logs_get_no_carriage_return_bars_and_builders_print_one_line(tiny_checkpoint, tmp_path):
+    """Issue 21 (9): with stderr not a terminal, `generate` writes its own progress lines, not diffusers' per-step
+    `\\r` bars; building a random checkpoint prints its one line, no library notices or shard-writing bars."""
+    proc = _run("generate", "a cat", "-m", tiny_checkpoint, "-o", tmp_path / "g", "--steps", "2", "--safety", "off",
+                "--height", "32", "--width", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr
+    built = subprocess.run([sys.executable, "-m", "safe_diffusion.testing", str(tmp_path / "ck")], env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert (built.stdout + built.stderr).strip() == f"built a random-weight 'small' checkpoint at {tmp_path / 'ck'}"

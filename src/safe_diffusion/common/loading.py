@@ -91,4 +91,7 @@ def load_pipeline(model: str, *, device=None, dtype=None):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot load model {model!r}: {first}") from None
     pipe.to(device)
+    # Every job reports its own progress (common/progress: a bar on a terminal, periodic lines in logs);
+    # diffusers' per-step bar would write carriage returns into logs.
+    pipe.set_progress_bar_config(disable=True)
     return pipe

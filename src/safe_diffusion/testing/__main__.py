@@ -9,17 +9,22 @@ appears complete or not at all (it is built next to DIR and renamed into place).
 
 from __future__ import annotations
 
-import argparse
-import errno
 import os
-import re
-import shutil
-import sys
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
 
-from . import FAMILIES
+# A builder's output is one line: no transformers notices about optional back-ends, no shard-writing bars.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import argparse  # noqa: E402
+import errno  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from . import FAMILIES  # noqa: E402
 from .stable_diffusion import SIZES, build_checkpoint, build_clip
 
 
