@@ -102,7 +102,7 @@ def test_safety_off_is_plain_stable_diffusion(cli, tiny_checkpoint, tmp_path):
         (["--device", "banana"], "--device 'banana' is not a device"),
         (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "cuda:999"], "--device"),
         (["--overwrite", "--skip-existing"], "exclude each other"),
-        (["--strict", "--safety", "medium"], "starts after a warm-up of 10 steps, but only 3 steps run"),
+        (["--refuse-inactive", "--safety", "medium"], "starts after a warm-up of 10 steps, but only 3 steps run"),
         (["--guidance-scale", "1"], "SafetyGuidance act through classifier-free guidance, which --guidance-scale 1"),
         (["--negative-prompt", "\udcff"], "--negative-prompt is not valid UTF-8 text"),
     ],
@@ -195,3 +195,19 @@ def test_mitigation_safree_is_registered_for_generate_and_eval_run(cli, tiny_che
     config = json.loads((run / "config.json").read_text())
     frozen = config.get("config", config)
     assert frozen["mitigation"]["label"] == "SAFREE", frozen["mitigation"]
+
+
+def test_safety_defaults_to_medium_only_when_no_other_guidance_is_chosen(cli, tiny_checkpoint, tmp_path):
+    """Issue 21 (6): an --edit-only run gets SEGA alone, not SLD too; a plain prompt gets SLD medium; --strict is the
+    deprecated spelling of --refuse-inactive."""
+    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path / "plain", *ARGS)
+    assert code == 0, err
+    assert json.loads((tmp_path / "plain" / "0000-seed0.json").read_text())["mitigation"]["label"] == "SLD medium"
+    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path / "edit", "--edit", "+hat",
+                       "--edit-warmup", "0", *ARGS)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "edit" / "0000-seed0.json").read_text())
+    assert meta["safety"] == "off" and [t["type"] for t in meta["mitigation"]["guidance"]] == ["SemanticGuidance"]
+    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path / "strict", "--strict",
+                       "--safety", "off", *ARGS)
+    assert code == 0 and "warning: --strict is deprecated; use --refuse-inactive (same meaning)" in err

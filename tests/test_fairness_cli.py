@@ -71,7 +71,7 @@ def test_fairness_writes_table_plot_and_record(cli, tiny_checkpoint, clip, tmp_p
         (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
         (["--seed", "18446744073709551617"], "--seed must be at most"),
         (["--device", "banana"], "is not a device"),
-        (["--strict", "--steps", "3"], "FairGuidance starts after a warm-up of 5 steps, but only 3 steps run"),
+        (["--refuse-inactive", "--steps", "3"], "FairGuidance starts after a warm-up of 5 steps, but only 3 steps run"),
     ],
 )
 def test_fairness_bad_input_is_one_line(cli, tiny_checkpoint, tmp_path, extra, message):

@@ -90,6 +90,14 @@ def _register() -> None:
         importlib.import_module(f"{__name__}.{module}")
 
 
+def deprecated_strict(given: bool) -> bool:
+    """`--strict` on `generate`/`fairness` meant "refuse guidance that cannot act"; it is `--refuse-inactive` now,
+    so that "strict" names one thing: the engine's refusal of a call without classifier-free guidance."""
+    if given:
+        typer.echo("warning: --strict is deprecated; use --refuse-inactive (same meaning)", err=True)
+    return given
+
+
 def _interrupt(signum, frame) -> None:
     # Ctrl-C unwinds once; a second one (or a late duplicate delivery) while the rollbacks run is ignored, so
     # it cannot cut the clean-up short and end the process by the signal (exit -2) with partial output left.

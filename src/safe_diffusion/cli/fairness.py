@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from . import app
+from . import app, deprecated_strict
 from .generate import parse_directions, parse_proportions
 
 DEFAULT_TEMPLATE = "A photo of the face of a {}"  # as jobs.fairness's, repeated so that --help imports no torch
@@ -38,7 +38,10 @@ def fairness(
     height: int = typer.Option(None, help="Image height in pixels (default: the model's)."),
     width: int = typer.Option(None, help="Image width in pixels (default: the model's)."),
     save_images: bool = typer.Option(True, help="Also write every image as PNG."),
-    strict: bool = typer.Option(False, help="Refuse settings under which guidance would not apply (else warn)."),
+    refuse_inactive: bool = typer.Option(
+        False, "--refuse-inactive", help="Refuse settings under which guidance would not apply (else warn)."
+    ),
+    strict: bool = typer.Option(False, "--strict", hidden=True, help="Deprecated spelling of --refuse-inactive."),
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
     """Measure attribute proportions per prompt with and without Fair Diffusion; write fairness.csv and fairness.png."""
@@ -59,7 +62,7 @@ def fairness(
         height=height,
         width=width,
         save_images=save_images,
-        strict=strict,
+        strict=refuse_inactive or deprecated_strict(strict),
         device=device,
         warn=lambda problem: typer.echo(f"warning: {problem}", err=True),
     )

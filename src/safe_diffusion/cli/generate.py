@@ -11,7 +11,7 @@ import typer
 
 from ..common.errors import InputError
 from ..common.validation import check_int, check_seed
-from . import app
+from . import app, deprecated_strict
 
 MAX_IMAGES = 10_000  # as jobs.generate.MAX_IMAGES, repeated here so that --help imports no torch
 MITIGATION_HELP = "A registered guidance method by name (e.g. safree), beside --safety. Repeatable."
@@ -51,7 +51,10 @@ def generate(
     prompt: str = typer.Argument(..., help="What to generate."),
     model: str = typer.Option(..., "--model", "-m", help="Hub id or local diffusers checkpoint folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNGs and their JSON sidecars."),
-    safety: str = typer.Option("medium", help="SLD preset: off, weak, medium, strong or max."),
+    safety: str = typer.Option(
+        None, help="SLD preset: off, weak, medium, strong or max (default: medium, or off when --edit, --fair or"
+        " --mitigation chooses other guidance)."
+    ),
     safety_concept: str = typer.Option(None, help="Text SLD steers away from (default: the paper's)."),
     mitigation: list[str] = typer.Option(None, "--mitigation", help=MITIGATION_HELP),
     negative_prompt: str = typer.Option(None, help="Negative prompt."),
@@ -65,7 +68,10 @@ def generate(
     compare: bool = typer.Option(False, help="Also write the unguided image from the same seed, and a side-by-side."),
     overwrite: bool = typer.Option(False, help="Replace images already in --out."),
     skip_existing: bool = typer.Option(False, help="Keep images already in --out; make only the missing ones."),
-    strict: bool = typer.Option(False, help="Refuse settings under which guidance would not apply (else warn)."),
+    refuse_inactive: bool = typer.Option(
+        False, "--refuse-inactive", help="Refuse settings under which guidance would not apply (else warn)."
+    ),
+    strict: bool = typer.Option(False, "--strict", hidden=True, help="Deprecated spelling of --refuse-inactive."),
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
     edit: list[str] = typer.Option(
         None, "--edit", help="SEGA edit: '+concept' adds it, '-concept' removes it. Repeatable."
@@ -91,6 +97,8 @@ def generate(
     from ..guidance.mitigation import Mitigation
     from ..jobs.generate import generate as run
 
+    if safety is None:  # SLD medium guards a plain prompt; a run that asks for other guidance gets only that
+        safety = "off" if (edit or fair or mitigation) else "medium"
     existing = existing_policy(overwrite, skip_existing)
     count = check_int("--num-images", num_images, minimum=1, maximum=MAX_IMAGES)
     first = check_seed("--seed", seed, count)
@@ -128,7 +136,7 @@ def generate(
         width=width,
         compare=compare,
         existing=existing,
-        strict=strict,
+        strict=refuse_inactive or deprecated_strict(strict),
         device=device,
         record=record,
         warn=lambda problem: typer.echo(f"warning: {problem}", err=True),
