@@ -137,3 +137,18 @@ def test_logs_get_no_carriage_return_bars_and_builders_print_one_line(tiny_check
                            capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     assert (built.stdout + built.stderr).strip() == f"built a random-weight 'small' checkpoint at {tmp_path / 'ck'}"
+
+
+def test_an_unreachable_hub_is_detected_and_errors_name_the_option(tmp_path):
+    """Issue 21 (7): with no network (here: a hub endpoint that refuses connections) and HF_HUB_OFFLINE unset, the
+    command switches to offline mode at once instead of retrying for tens of seconds, and the error is one line
+    that names the option to change, with no pointer to a stack trace that is not shown."""
+    env = {k: v for k, v in _env().items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "https://127.0.0.1:9"
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
+    proc = subprocess.run([sys.executable, "-m", "safe_diffusion", "generate", "a cat", "-m", "owner/no-model", "-o",
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot load model 'owner/no-model'") and "--model" in lines[0]
+    assert "stacktrace" not in lines[0] and not (tmp_path / "out").exists()

@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(argv: list[str] | None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and not {"--help", "--version"} & set(args):
+        from ..common.hub import go_offline_if_unreachable
+
+        if go_offline_if_unreachable():
+            logger.info("the Hugging Face hub is not reachable: offline mode (set HF_HUB_OFFLINE=0 to retry it)")
     _register()
     try:
         code = app(args=argv, standalone_mode=False)

@@ -88,8 +88,13 @@ def load_pipeline(model: str, *, device=None, dtype=None):
         with _quiet_loading():
             pipe = cls.from_pretrained(model, **kwargs)
     except load_errors() as exc:  # hub, network, format and shape errors all mean "this model did not load"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot load model {model!r}: {first}") from None
+        from .hub import plain_hub_message
+
+        first = plain_hub_message(str(exc)) or type(exc).__name__
+        hint = ""
+        if is_hub_id(model) and not Path(model).exists():
+            hint = " (--model: pass a local checkpoint folder, or download it where the hub is reachable)"
+        raise InputError(f"cannot load model {model!r}: {first}{hint}") from None
     pipe.to(device)
     # Every job reports its own progress (common/progress: a bar on a terminal, periodic lines in logs);
     # diffusers' per-step bar would write carriage returns into logs.
