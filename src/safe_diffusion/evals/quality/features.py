@@ -117,7 +117,7 @@ class InceptionV3Features(FeatureExtractor):
             if weights is None and not path.is_file():
                 raise InputError(
                     f"cannot download the Inception weights ({_first_line(exc)}); offline? copy "
-                    f"{path.name} to {path.parent} or pass the file as the Inception weights"
+                    f"{path.name} to {path.parent} or pass the file with --inception-weights"
                 ) from None
             raise InputError(f"cannot load Inception weights {str(path)!r}: {_first_line(exc)}") from None
         from ...judges.base import file_sha256
