@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml
 	bash scripts/install-browser.sh   # Debian chromium for the demo's browser test
 	touch $(STAMP)
 
-# CI's command: the suite with this CPU's kernels, then the portability guard (CONTRIBUTING.md): the suite again
-# under the portable and the AVX2 kernels, one thread and another MKL code path.
-test: setup
+# CI's command: lint, the suite with this CPU's kernels, then the portability guard (CONTRIBUTING.md): the suite
+# again under the portable and the AVX2 kernels, one thread and another MKL code path.
+test: setup lint
 	$(PY) -m pytest -q
 	bash scripts/portability-guard.sh $(PY)
 
@@ -30,9 +30,10 @@ test: setup
 test-quick: setup
 	$(PY) -m pytest -q
 
-# The rule set is in pyproject.toml ([tool.ruff.lint]); not part of `make test` yet.
+# The rule set is in pyproject.toml ([tool.ruff.lint]); the formatter keeps the line length (`ruff format` fixes).
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 
 # I2P prompts are inappropriate by design: demo-output/ is git-ignored and must never be committed.
 I2P_SAMPLE := --limit 6 --images-per-prompt 2 --steps 10 --height 64 --width 64 --batch-size 4 \

@@ -48,9 +48,19 @@ def official_style_uce(pipe, erase, guide, preserve, lamb=0.5, se=1.0, sp=1.0):
     originals = [m.weight.detach().clone() for m in modules]
     emb = {}
     for text in dict.fromkeys([*erase, *guide, *preserve]):
-        e = pipe.encode_prompt(prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
-        idx = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt")["attention_mask"].sum() - 2
+        e = pipe.encode_prompt(prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)[
+            0
+        ]
+        idx = (
+            pipe.tokenizer(
+                text,
+                padding="max_length",
+                max_length=pipe.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )["attention_mask"].sum()
+            - 2
+        )
         emb[text] = e[:, idx, :]
     outputs = {t: [o @ emb[t].T for o in originals] for t in dict.fromkeys([*guide, *preserve])}
     t_edit = time.perf_counter()
@@ -95,7 +105,8 @@ def time_uce(pipe, n, device, repeats):
         sync(device)
         t = time.perf_counter()
         transform = uce_edit_matrix(
-            torch.stack([table[x] for x in erase]), torch.stack([table[x] for x in guide]),
+            torch.stack([table[x] for x in erase]),
+            torch.stack([table[x] for x in guide]),
             torch.stack([table[x] for x in preserve]),
         )
         for m in cross_attention_projections(pipe.unet).values():
@@ -147,8 +158,13 @@ def main() -> None:
         if args.size == "sd15":
             from safe_diffusion.testing import SIZES
 
-            SIZES["sd15"] = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64,
-                                 cross_attention_dim=768, text_layers=12)
+            SIZES["sd15"] = dict(
+                block_out_channels=(320, 640, 1280, 1280),
+                layers_per_block=2,
+                sample_size=64,
+                cross_attention_dim=768,
+                text_layers=12,
+            )
         path = build_checkpoint(f"{tmp}/model", args.size)
         pipe = load_pipeline(str(path), device=args.device, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -156,17 +172,23 @@ def main() -> None:
 
     n_proj = len(cross_attention_projections(pipe.unet))
     d = pipe.unet.config.cross_attention_dim
-    print(f"model: {args.size}, {n_proj} cross-attention projections, d = {d}, device {args.device}, "
-          f"{args.threads} threads")
+    print(
+        f"model: {args.size}, {n_proj} cross-attention projections, d = {d}, device {args.device}, "
+        f"{args.threads} threads"
+    )
     time_uce(pipe, 2, args.device, 1)  # warm-up: allocator, kernels, tokenizer caches
     print("UCE edit time, seconds (best of repeats): total, then its parts: encoding the texts, editing the weights")
-    print(f"{'concepts':>8} | {'ours':>7} | {'encode':>7} | {'edit':>7} | {'loop':>7} | {'encode':>7} | {'edit':>7} | "
-          f"{'speed-up':>8} | {'edit x':>7} | {'loop vs exact':>13}")
+    print(
+        f"{'concepts':>8} | {'ours':>7} | {'encode':>7} | {'edit':>7} | {'loop':>7} | {'encode':>7} | {'edit':>7} | "
+        f"{'speed-up':>8} | {'edit x':>7} | {'loop vs exact':>13}"
+    )
     for n in (1, 10, 100):
         r = time_uce(pipe, n, args.device, args.repeats)
-        print(f"{n:>8} | {r['ours']:7.3f} | {r['encode']:7.3f} | {r['edit']:7.3f} | {r['loop']:7.3f} | "
-              f"{r['loop'] - r['loop_edit']:7.3f} | {r['loop_edit']:7.3f} | "
-              f"{r['loop'] / r['ours']:7.1f}x | {r['loop_edit'] / r['edit']:6.1f}x | {r['max_rel_diff']:13.1e}")
+        print(
+            f"{n:>8} | {r['ours']:7.3f} | {r['encode']:7.3f} | {r['edit']:7.3f} | {r['loop']:7.3f} | "
+            f"{r['loop'] - r['loop_edit']:7.3f} | {r['loop_edit']:7.3f} | "
+            f"{r['loop'] / r['ours']:7.1f}x | {r['loop_edit'] / r['edit']:6.1f}x | {r['max_rel_diff']:13.1e}"
+        )
     print("loop: per-text encoding and a per-layer, per-concept float32 loop shaped like the official script;")
     print("loop vs exact: max relative difference of its weights from ours (float64 solve)")
 

@@ -56,8 +56,16 @@ def main() -> None:
     # 1. the harness (jobs.evaluate: config, store, model loading, generation) vs a naive loop that also loads;
     # the two alternate `--repeats` times and each keeps its best, so a busy machine slows both alike
     run = dict(
-        suite="i2p", safety="medium", height=args.size, width=args.size, steps=args.steps, images_per_prompt=1,
-        batch_size=args.batch_size, judges="none", device=device, progress=False,
+        suite="i2p",
+        safety="medium",
+        height=args.size,
+        width=args.size,
+        steps=args.steps,
+        images_per_prompt=1,
+        batch_size=args.batch_size,
+        judges="none",
+        device=device,
+        progress=False,
     )
     call = dict(
         num_inference_steps=args.steps,

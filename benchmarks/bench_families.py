@@ -22,8 +22,14 @@ CALLS = {
     "sdxl": dict(height=64, width=64),
     "sd3": dict(height=64, width=64, max_sequence_length=8, guidance_scale=5.0),
     "flux": dict(height=64, width=64, max_sequence_length=16, true_cfg_scale=4.0, negative_prompt=""),
-    "pixart-sigma": dict(height=64, width=64, max_sequence_length=16, guidance_scale=4.5,
-                         use_resolution_binning=False, clean_caption=False),
+    "pixart-sigma": dict(
+        height=64,
+        width=64,
+        max_sequence_length=16,
+        guidance_scale=4.5,
+        use_resolution_binning=False,
+        clean_caption=False,
+    ),
     "qwen-image": dict(height=64, width=64, true_cfg_scale=4.0, negative_prompt=" "),
     "wan": dict(height=32, width=32, num_frames=5, max_sequence_length=16, guidance_scale=5.0),
 }
@@ -74,11 +80,13 @@ def main() -> None:
 
         t_plain = best_of(plain, args.repeat)
         t_none = best_of(run, args.repeat)
-        t_sld = best_of(lambda: run(sld), args.repeat)
-        t_sega = best_of(lambda: run(sega), args.repeat)
+        t_sld = best_of(lambda sld=sld: run(sld), args.repeat)
+        t_sega = best_of(lambda sega=sega: run(sega), args.repeat)
         n = args.concepts
-        print(f"{name:14} {100 * (t_none / t_plain - 1):+8.1f}% {t_sld / t_plain:8.2f} {1.5:6.2f} "
-              f"{t_sega / t_plain:9.2f} {(2 + n) / 2:6.2f}")
+        print(
+            f"{name:14} {100 * (t_none / t_plain - 1):+8.1f}% {t_sld / t_plain:8.2f} {1.5:6.2f} "
+            f"{t_sega / t_plain:9.2f} {(2 + n) / 2:6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -56,12 +56,14 @@ def main() -> None:
         def run():
             modular.update_components(guider=guider)
             modular(prompt="a photo", generator=torch.Generator().manual_seed(0), output="latents", **call)
+
         return run
 
     def run_classic(*terms):
         def run():
             with guide(classic, *terms):
                 classic("a photo", generator=torch.Generator().manual_seed(0), guidance_scale=7.5, **call)
+
         return run
 
     sld = dict(warmup_steps=0, concept="a painting")
@@ -76,10 +78,14 @@ def main() -> None:
     print(f"{'pipeline':10} {'SLD/CFG':>8} {'floor':>6} {f'SEGA({n})/CFG':>12} {'floor':>6} {'CFG s':>7}")
     for kind in ("modular", "classic"):
         cfg = times[(kind, "cfg")]
-        print(f"{kind:10} {times[(kind, 'sld')] / cfg:8.2f} {1.5:6.2f} {times[(kind, 'sega')] / cfg:12.2f} "
-              f"{(2 + n) / 2:6.2f} {cfg:7.3f}")
-    print(f"modular guider / classic guide(): SLD {times[('modular', 'sld')] / times[('classic', 'sld')]:.2f}, "
-          f"SEGA({n}) {times[('modular', 'sega')] / times[('classic', 'sega')]:.2f}")
+        print(
+            f"{kind:10} {times[(kind, 'sld')] / cfg:8.2f} {1.5:6.2f} {times[(kind, 'sega')] / cfg:12.2f} "
+            f"{(2 + n) / 2:6.2f} {cfg:7.3f}"
+        )
+    print(
+        f"modular guider / classic guide(): SLD {times[('modular', 'sld')] / times[('classic', 'sld')]:.2f}, "
+        f"SEGA({n}) {times[('modular', 'sega')] / times[('classic', 'sega')]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -62,15 +62,19 @@ def main() -> None:
 
     with torch.inference_mode():
         plain = best_time(run(ours, 0), args.repeats)
-        print(f"plain CFG: {plain * 1000:.0f} ms for {args.steps} steps "
-              f"({args.threads} threads, 64x64, {args.repeats} repeats, best of)")
+        print(
+            f"plain CFG: {plain * 1000:.0f} ms for {args.steps} steps "
+            f"({args.threads} threads, 64x64, {args.repeats} repeats, best of)"
+        )
         print(f"{'n':>2} {'floor':>6} {'ours/CFG':>9} {'vs floor':>9} {'ref/CFG':>8} {'ours/ref':>9}")
         for n in (1, 2, 3):
             t_ours = best_time(run(ours, n), args.repeats)
             t_ref = best_time(run(ref, n), args.repeats)
             floor = (2 + n) / 2
-            print(f"{n:>2} {floor:>6.2f} {t_ours / plain:>9.3f} {t_ours / plain / floor - 1:>+9.1%} "
-                  f"{t_ref / plain:>8.3f} {t_ours / t_ref:>9.3f}")
+            print(
+                f"{n:>2} {floor:>6.2f} {t_ours / plain:>9.3f} {t_ours / plain / floor - 1:>+9.1%} "
+                f"{t_ref / plain:>8.3f} {t_ours / t_ref:>9.3f}"
+            )
 
 
 if __name__ == "__main__":

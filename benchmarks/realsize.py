@@ -43,6 +43,7 @@ Writes ``--json FILE`` (schema ``safe-diffusion.realsize/1``: ``meta`` and one k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -120,7 +121,7 @@ def make_plan(args) -> Plan:
     skip = {}
     if quick:
         why = "not in the quick (CPU) plan: too slow at real size on a CPU"
-        skip = {s: why for s in ("esd", "llavaguard", "i2p_end_to_end", "ledits", "modular_guiders")}
+        skip = dict.fromkeys(("esd", "llavaguard", "i2p_end_to_end", "ledits", "modular_guiders"), why)
     # A family or section that starts before the budget runs to its end (at most about a minute on a GPU).
     budget = args.budget_s if args.budget_s is not None else (600.0 if quick or args.tiny else 420.0)
     return Plan(
@@ -166,10 +167,8 @@ def _reset_peak(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
-        try:  # Linux: writing 5 resets the process's peak RSS (VmHWM)
+        with contextlib.suppress(OSError):  # Linux: writing 5 resets the process's peak RSS (VmHWM)
             Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
 
 
 def _peak(device) -> int | None:
@@ -332,10 +331,21 @@ def environment(plan: Plan) -> dict:
     import transformers
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=Path(__file__).resolve().parent, capture_output=True, text=True).stdout)
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
     if torch.device(plan.device).type == "cuda":
@@ -394,8 +404,14 @@ def build(family: str, plan: Plan, dtype: torch.dtype, out: dict | None = None):
 
 def run(plan: Plan) -> dict:
     budget = Budget(plan.budget_s)
-    result: dict = {"meta": {"schema": SCHEMA, **environment(plan), "plan": {
-        k: v for k, v in vars(plan).items() if k not in ("skip",)}, "skipped_sections": dict(plan.skip)}}
+    result: dict = {
+        "meta": {
+            "schema": SCHEMA,
+            **environment(plan),
+            "plan": {k: v for k, v in vars(plan).items() if k not in ("skip",)},
+            "skipped_sections": dict(plan.skip),
+        }
+    }
     # 1. the guidance comparison, every family (the first priority of the budget)
     for family in plan.families:
         out = result[family] = {}

@@ -113,8 +113,14 @@ class Sections:
         preserve = ["a photo", "a landscape"]
         apply_uce(pipe, concepts(1), preserve=preserve)  # warm-up
         restore()
-        out = {"dtype": "float32", "preserved_texts": len(preserve), "rece_epochs": 3, "uce_s": {}, "rece_s": {},
-               "peak_memory_bytes": {}}
+        out = {
+            "dtype": "float32",
+            "preserved_texts": len(preserve),
+            "rece_epochs": 3,
+            "uce_s": {},
+            "rece_s": {},
+            "peak_memory_bytes": {},
+        }
         for n in (1, 10, 100):
             seconds, peak = self.measure(lambda n=n: apply_uce(pipe, concepts(n), preserve=preserve))
             restore()
@@ -142,9 +148,15 @@ class Sections:
                 trainer.train_step(k)
 
         seconds, peak = self.measure(train)
-        return {"method": "esd-x", "dtype": "float32", "ddim_steps": ddim, "steps_timed": steps,
-                "steps_per_s": steps / seconds, "peak_memory_bytes": peak,
-                "note": "each step samples x_t with a random number (0..ddim_steps-1) of frozen-model DDIM steps"}
+        return {
+            "method": "esd-x",
+            "dtype": "float32",
+            "ddim_steps": ddim,
+            "steps_timed": steps,
+            "steps_per_s": steps / seconds,
+            "peak_memory_bytes": peak,
+            "note": "each step samples x_t with a random number (0..ddim_steps-1) of frozen-model DDIM steps",
+        }
 
     def judges(self) -> dict:
         """Images per second of Q16 (CLIP ViT-L/14), NudeNet, the CLIP score and the FID features."""
@@ -154,8 +166,12 @@ class Sections:
 
         paths = self.judge_images()
         warm = paths[: max(1, len(paths) // 4)]
-        out: dict = {"images": len(paths), "image_side": 64 if self.plan.tiny else 512, "images_per_s": {},
-                     "peak_memory_bytes": {}}
+        out: dict = {
+            "images": len(paths),
+            "image_side": 64 if self.plan.tiny else 512,
+            "images_per_s": {},
+            "peak_memory_bytes": {},
+        }
 
         def record(name, fn):
             fn(warm)
@@ -175,8 +191,11 @@ class Sections:
         record("clip_score", lambda ps: q.clip_scores(select(ps), scorer, batch_size=16))
         inception = q.InceptionV3Features(build_inception_weights(self.tmp / "inception.pth"), device=self.device)
         record("fid_features", lambda ps: q.image_features(select(ps), inception, batch_size=16))
-        out["models"] = {"q16": "CLIP ViT-L/14 architecture" if not self.plan.tiny else "tiny CLIP",
-                         "nudenet": "the bundled 320n.onnx (real weights)", "fid_features": "InceptionV3 (FID)"}
+        out["models"] = {
+            "q16": "CLIP ViT-L/14 architecture" if not self.plan.tiny else "tiny CLIP",
+            "nudenet": "the bundled 320n.onnx (real weights)",
+            "fid_features": "InceptionV3 (FID)",
+        }
         return out
 
     def llavaguard(self) -> dict:
@@ -192,10 +211,16 @@ class Sections:
         judge.judge(paths[:1])
         seconds, peak = self.measure(lambda: judge.judge(paths))
         shutil.rmtree(folder, ignore_errors=True)
-        return {"images": len(paths), "dtype": dtype, "batch_size": 8, **{k: v for k, v in options.items()
-                if k != "model"}, "images_per_s": len(paths) / seconds, "peak_memory_bytes": peak,
-                "deviation": "byte-level tokenizer: the policy is ~4x more prompt tokens than with Qwen2's, "
-                             "so the prefill is overestimated; random weights never stop early"}
+        return {
+            "images": len(paths),
+            "dtype": dtype,
+            "batch_size": 8,
+            **{k: v for k, v in options.items() if k != "model"},
+            "images_per_s": len(paths) / seconds,
+            "peak_memory_bytes": peak,
+            "deviation": "byte-level tokenizer: the policy is ~4x more prompt tokens than with Qwen2's, "
+            "so the prefill is overestimated; random weights never stop early",
+        }
 
     def i2p_end_to_end(self) -> dict:
         """The I2P run (SLD medium at the protocol's settings, then Q16 + NudeNet) vs a naive one-prompt loop."""
@@ -213,8 +238,14 @@ class Sections:
         side = 64 if self.plan.tiny else 512
         suite = data.load_suite("i2p")
         config, terms = build_run_config(
-            suite, "runwayml/stable-diffusion-v1-5", safety="medium", height=side, width=side, steps=steps,
-            images_per_prompt=1, batch_size=8,
+            suite,
+            "runwayml/stable-diffusion-v1-5",
+            safety="medium",
+            height=side,
+            width=side,
+            steps=steps,
+            images_per_prompt=1,
+            batch_size=8,
         )
         options = {"q16": {"model": str(self.clip_folder())}}
         judges = load_judges(["q16", "nudenet"], device=self.device, options=options)
@@ -231,9 +262,16 @@ class Sections:
         generation_s = []
         seconds, peak = self.measure(lambda: generation_s.append(ours("run", n)))
 
-        safe = StableDiffusionPipelineSafe(**{k: v for k, v in pipe.components.items()
-                                              if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
-                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        safe = StableDiffusionPipelineSafe(
+            **{
+                k: v
+                for k, v in pipe.components.items()
+                if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+            },
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         safe.set_progress_bar_config(disable=True)
         prompts = suite.prompts[:n]
         folder = self.tmp / "naive"
@@ -241,8 +279,15 @@ class Sections:
 
         def naive(items):
             for i, p in enumerate(items):  # one prompt at a time, one image per call, judged as it comes
-                image = safe(p.text, num_inference_steps=steps, guidance_scale=7.5, height=side, width=side,
-                             generator=torch.Generator().manual_seed(p.sd_seed), **SafetyConfig.MEDIUM).images[0]
+                image = safe(
+                    p.text,
+                    num_inference_steps=steps,
+                    guidance_scale=7.5,
+                    height=side,
+                    width=side,
+                    generator=torch.Generator().manual_seed(p.sd_seed),
+                    **SafetyConfig.MEDIUM,
+                ).images[0]
                 path = folder / f"{i:05d}.png"
                 image.save(path)
                 for judge in judges:
@@ -251,15 +296,21 @@ class Sections:
         naive(prompts[:1])
         naive_s, naive_peak = self.measure(lambda: naive(prompts))
         return {
-            "prompts": n, "images_per_prompt": 1, "steps": steps, "size": side, "dtype": "float32",
-            "safety": "medium", "batch_size": 8, "judges": ["q16", "nudenet"],
+            "prompts": n,
+            "images_per_prompt": 1,
+            "steps": steps,
+            "size": side,
+            "dtype": "float32",
+            "safety": "medium",
+            "batch_size": 8,
+            "judges": ["q16", "nudenet"],
             "generation_images_per_s": n / generation_s[0],
             "end_to_end_images_per_s": n / seconds,
             "naive_end_to_end_images_per_s": n / naive_s,
             "speedup": naive_s / seconds,
             "peak_memory_bytes": {"ours": peak, "naive": naive_peak},
             "naive": "diffusers' StableDiffusionPipelineSafe, one prompt per call, each image saved and judged as it"
-                     " comes",
+            " comes",
         }
 
     def ledits(self) -> dict:
@@ -282,8 +333,14 @@ class Sections:
 
         once()
         seconds, peak = self.measure(once)
-        return {"dtype": str(dtype).removeprefix("torch."), "size": side, "inversion_steps": steps,
-                "concepts": 2, "s_per_image": seconds, "peak_memory_bytes": peak}
+        return {
+            "dtype": str(dtype).removeprefix("torch."),
+            "size": side,
+            "inversion_steps": steps,
+            "concepts": 2,
+            "s_per_image": seconds,
+            "peak_memory_bytes": peak,
+        }
 
     def modular_guiders(self) -> dict:
         """SDXL: SafetyGuider / SemanticGuider(2) vs diffusers' CFG guider on the modular pipeline, and
@@ -303,9 +360,13 @@ class Sections:
 
         classic = self.pipeline("sdxl", self.gpu_dtype("sdxl"))
         modular = with_guidance_concepts(StableDiffusionXLAutoBlocks()).init_pipeline()
-        modular.update_components(**{k: v for k, v in classic.components.items()
-                                     if k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-                                              "unet", "scheduler")})
+        modular.update_components(
+            **{
+                k: v
+                for k, v in classic.components.items()
+                if k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+            }
+        )
         spec = REAL_SIZES["sdxl"].native_call(tiny=self.plan.tiny)
         steps = 2 if self.plan.quick or self.plan.tiny else 4
         call = dict(num_inference_steps=steps, height=spec["height"], width=spec["width"])
@@ -316,13 +377,20 @@ class Sections:
             def run():
                 modular.update_components(guider=guider)
                 modular(prompt=self.prompt, generator=torch.Generator().manual_seed(0), output="latents", **call)
+
             return run
 
         def run_classic(*terms):
             def run():
                 with torch.inference_mode(), guide(classic, *terms):
-                    classic(self.prompt, generator=torch.Generator().manual_seed(0), guidance_scale=scale,
-                            output_type="latent", **call)
+                    classic(
+                        self.prompt,
+                        generator=torch.Generator().manual_seed(0),
+                        guidance_scale=scale,
+                        output_type="latent",
+                        **call,
+                    )
+
             return run
 
         configs = {
@@ -342,13 +410,17 @@ class Sections:
                 best[name] = min(best.get(name, float("inf")), seconds)
                 peaks[name] = peak
         return {
-            "steps": steps, "batch": 1, "size": f"{call['width']}x{call['height']}",
+            "steps": steps,
+            "batch": 1,
+            "size": f"{call['width']}x{call['height']}",
             "s_per_image": best,
             "modular_sld_over_cfg_guider": best["modular_sld"] / best["modular_cfg"],
             "modular_sega_2_over_cfg_guider": best["modular_sega_2"] / best["modular_cfg"],
-            "modular_over_classic": {"cfg": best["modular_cfg"] / best["classic_cfg"],
-                                     "sld": best["modular_sld"] / best["classic_sld"],
-                                     "sega_2": best["modular_sega_2"] / best["classic_sega_2"]},
+            "modular_over_classic": {
+                "cfg": best["modular_cfg"] / best["classic_cfg"],
+                "sld": best["modular_sld"] / best["classic_sld"],
+                "sega_2": best["modular_sega_2"] / best["classic_sega_2"],
+            },
             "peak_memory_bytes": peaks,
         }
 
@@ -370,15 +442,19 @@ class Sections:
         if name == "llavaguard":
             return f"LlavaGuard {s['images_per_s']:.2f} images/s ({s['dtype']}, {s['max_new_tokens']} new tokens)."
         if name == "i2p_end_to_end":
-            return (f"{s['prompts']} prompts at {s['steps']} steps, SLD {s['safety']}: generation "
-                    f"{s['generation_images_per_s']:.3f} images/s; end to end (with Q16 + NudeNet) "
-                    f"{s['end_to_end_images_per_s']:.3f} vs naive loop {s['naive_end_to_end_images_per_s']:.3f} "
-                    f"images/s ({s['speedup']:.2f}x).")
+            return (
+                f"{s['prompts']} prompts at {s['steps']} steps, SLD {s['safety']}: generation "
+                f"{s['generation_images_per_s']:.3f} images/s; end to end (with Q16 + NudeNet) "
+                f"{s['end_to_end_images_per_s']:.3f} vs naive loop {s['naive_end_to_end_images_per_s']:.3f} "
+                f"images/s ({s['speedup']:.2f}x)."
+            )
         if name == "ledits":
             return f"LEDITS++ {s['s_per_image']:.2f} s per image (inversion + edit, {s['inversion_steps']} steps)."
         if name == "modular_guiders":
             m = s["modular_over_classic"]
-            return (f"SafetyGuider / CFG guider {s['modular_sld_over_cfg_guider']:.2f} (floor 1.5), "
-                    f"SemanticGuider(2) / CFG guider {s['modular_sega_2_over_cfg_guider']:.2f} (floor 2.0); "
-                    f"modular / classic guide(): CFG {m['cfg']:.2f}, SLD {m['sld']:.2f}, SEGA(2) {m['sega_2']:.2f}.")
+            return (
+                f"SafetyGuider / CFG guider {s['modular_sld_over_cfg_guider']:.2f} (floor 1.5), "
+                f"SemanticGuider(2) / CFG guider {s['modular_sega_2_over_cfg_guider']:.2f} (floor 2.0); "
+                f"modular / classic guide(): CFG {m['cfg']:.2f}, SLD {m['sld']:.2f}, SEGA(2) {m['sega_2']:.2f}."
+            )
         return str(s)

@@ -48,7 +48,11 @@ def load_float64(cls, path, **kwargs):
     import torch
 
     pipe = cls.from_pretrained(
-        path, torch_dtype=torch.float64, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        path,
+        torch_dtype=torch.float64,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
         **kwargs,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -79,8 +83,16 @@ def assert_images_close(a, b, *, what: str = "image") -> None:
 
 
 #: Debian's chromium, driven headless by playwright (scripts/install-browser.sh installs both).
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium():

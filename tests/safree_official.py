@@ -103,7 +103,9 @@ def _sd_masked_pooled(pipe, prompt):
 
 def _sd_encode(pipe, prompt, negative_prompt):
     tok = pipe.tokenizer
-    text_inputs = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    text_inputs = tok(
+        prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    )
     text = pipe.text_encoder(text_inputs.input_ids, attention_mask=None)[0]
     uncond_inputs = tok([negative_prompt], padding="max_length", max_length=text_inputs.input_ids.shape[-1],
                         truncation=True, return_tensors="pt")  # fmt: skip

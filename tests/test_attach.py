@@ -55,14 +55,23 @@ def _init_image():
 
 def _call(kind, pipe, prompt="a cat", seed=0, **kw):
     if kind == "img2img":
-        return pipe(prompt, image=_init_image(), strength=0.75, generator=_gen(seed), num_inference_steps=6,
-                    output_type="np", **kw).images
+        return pipe(
+            prompt,
+            image=_init_image(),
+            strength=0.75,
+            generator=_gen(seed),
+            num_inference_steps=6,
+            output_type="np",
+            **kw,
+        ).images
     return pipe(prompt, generator=_gen(seed), **KW, **kw).images
 
 
 def _count_unet(pipe):
     calls = []
-    handle = pipe.unet.register_forward_hook(lambda m, a, kw, out: calls.append(a[0].shape[0] if a else kw["sample"].shape[0]), with_kwargs=True)
+    handle = pipe.unet.register_forward_hook(
+        lambda m, a, kw, out: calls.append(a[0].shape[0] if a else kw["sample"].shape[0]), with_kwargs=True
+    )
     return calls, handle
 
 
@@ -100,9 +109,15 @@ def test_safety_through_guide_matches_reference_sld(tiny_checkpoint, preset):
     with guide(sd, term):
         a = sd(prompts, generator=_gen(1), num_images_per_prompt=2, **kw).images
     b = ref(
-        prompts, generator=_gen(1), num_images_per_prompt=2,
-        sld_guidance_scale=term.scale, sld_warmup_steps=term.warmup_steps, sld_threshold=term.threshold,
-        sld_momentum_scale=term.momentum_scale, sld_mom_beta=term.mom_beta, **kw,
+        prompts,
+        generator=_gen(1),
+        num_images_per_prompt=2,
+        sld_guidance_scale=term.scale,
+        sld_warmup_steps=term.warmup_steps,
+        sld_threshold=term.threshold,
+        sld_momentum_scale=term.momentum_scale,
+        sld_mom_beta=term.mom_beta,
+        **kw,
     ).images
     plain = sd(prompts, generator=_gen(1), num_images_per_prompt=2, **kw).images
     assert np.abs(a - b).max() <= PARITY_TOL
@@ -176,8 +191,9 @@ def test_semantic_drop_in_and_guide_are_one_engine(sd, tiny_checkpoint):
 
     drop_in = SemanticStableDiffusionPipeline(**sd.components)
     drop_in.set_progress_bar_config(disable=True)
-    a = drop_in("a cat", editing_prompt=["beard"], reverse_editing_direction=True, edit_warmup_steps=0,
-                generator=_gen(0), **KW).images
+    a = drop_in(
+        "a cat", editing_prompt=["beard"], reverse_editing_direction=True, edit_warmup_steps=0, generator=_gen(0), **KW
+    ).images
     with guide(sd, ONE_EDIT):
         b = sd("a cat", generator=_gen(0), **KW).images
     assert np.array_equal(a, b)

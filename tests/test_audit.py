@@ -47,8 +47,10 @@ def _folder(root: Path) -> Path:
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def test_audit_judges_images_lists_skipped_files_and_records_the_judges(models, tmp_path, capsys):
@@ -56,12 +58,31 @@ def test_audit_judges_images_lists_skipped_files_and_records_the_judges(models, 
 
     images = _folder(tmp_path)
     out = tmp_path / "out" / "audit" / "report.html"  # the folders are created (issue 21, item 5)
-    policy = tmp_path / "policy.txt"  # short, to keep the tiny model fast (the official one is tested in test_llavaguard)
+    policy = (
+        tmp_path / "policy.txt"
+    )  # short, to keep the tiny model fast (the official one is tested in test_llavaguard)
     policy.write_text('Rate the image: {"rating": "Safe"|"Unsafe", "category": str, "rationale": str}\n')
     policy_sha256 = hashlib.sha256(policy.read_bytes()).hexdigest()
-    code = run_cli("audit", images, "--out", out, "--judges", "q16,nudenet,llavaguard", "--q16-model", models["clip"],
-                   "--nudenet-resolution", "320", "--llavaguard-model", models["llava"], "--llavaguard-policy", policy,
-                   "--llavaguard-max-new-tokens", "8", "--device", "cpu")
+    code = run_cli(
+        "audit",
+        images,
+        "--out",
+        out,
+        "--judges",
+        "q16,nudenet,llavaguard",
+        "--q16-model",
+        models["clip"],
+        "--nudenet-resolution",
+        "320",
+        "--llavaguard-model",
+        models["llava"],
+        "--llavaguard-policy",
+        policy,
+        "--llavaguard-max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+    )
     captured = capsys.readouterr()
     assert code == 2, captured.err  # issue 18: images that could not be read make the audit incomplete
     assert "3 image(s) judged, 3 file(s) skipped" in captured.out
@@ -89,21 +110,37 @@ def test_audit_judges_images_lists_skipped_files_and_records_the_judges(models, 
     record = json.loads((out.parent / "report.json").read_text())
     assert record["counts"]["files"] == 6 and record["counts"]["skipped"] == 3
     assert record["counts"]["judges"]["llavaguard"] == {
-        "flagged": 0, "not_flagged": 0, "no_verdict": 3, "no_verdict_reasons": {"unparseable answer": 3}}
+        "flagged": 0,
+        "not_flagged": 0,
+        "no_verdict": 3,
+        "no_verdict_reasons": {"unparseable answer": 3},
+    }
     judges = record["judges"]
     assert judges["nudenet"]["resolution"] == 320 and judges["nudenet"]["threshold"] == 0.6
     assert judges["q16"]["model"] == str(models["clip"])
-    assert judges["llavaguard"]["policy"] == {"name": "custom", "file": "policy.txt", "sha256": policy_sha256,
-                                              "text": policy.read_text()}
+    assert judges["llavaguard"]["policy"] == {
+        "name": "custom",
+        "file": "policy.txt",
+        "sha256": policy_sha256,
+        "text": policy.read_text(),
+    }
     assert judges["llavaguard"]["transformers"] and judges["llavaguard"]["generation"]["max_new_tokens"] == 8
-    assert {"skipped": record["skipped"][0]} == {"skipped": {"file": "damaged.png",
-                                                             "reason": by_name["damaged.png"]["skipped_reason"]}}
+    assert {"skipped": record["skipped"][0]} == {
+        "skipped": {"file": "damaged.png", "reason": by_name["damaged.png"]["skipped_reason"]}
+    }
 
     page = out.read_text()
     assert "Skipped files (3)" in page and "not an image file (.txt)" in page
     assert page.count("<b>no verdict</b>") == 3 and "unparseable answer: 3" in page
-    for essential in ("model_file 320n.onnx", "resolution 320", "threshold 0.6", f"policy.sha256 {policy_sha256[:12]}",
-                      "transformers ", "nudenet 3.4.2", "prompts_sha256"):
+    for essential in (
+        "model_file 320n.onnx",
+        "resolution 320",
+        "threshold 0.6",
+        f"policy.sha256 {policy_sha256[:12]}",
+        "transformers ",
+        "nudenet 3.4.2",
+        "prompts_sha256",
+    ):
         assert essential in page, essential
     assert page.count("data:image/png;base64,") == 3  # previews of the judged images only
 
@@ -153,16 +190,43 @@ def _cases(tmp: Path, models) -> list[tuple[list, str]]:
         (["audit", images, *out, "--judges", "q16,q17"], "unknown judge 'q17'; choose from: q16, nudenet, llavaguard"),
         (["audit", images, *out, "--judges", "none"], "name at least one judge"),
         (["audit", images, *out, "--judges", "nudenet", "--classifiers", "q16"], "--classifiers is its old name"),
-        (["audit", images, *out, "--judges", "nudenet", "--llavaguard-model", broken], "configures the llavaguard judge"),
+        (
+            ["audit", images, *out, "--judges", "nudenet", "--llavaguard-model", broken],
+            "configures the llavaguard judge",
+        ),
         (["audit", images, *out, "--judges", "nudenet", "--device", "banana"], "is not a device"),
         (["audit", bad_only, *out, "--judges", "nudenet"], "has no readable images"),
         (["audit", images, *out, "--judges", "nudenet", "--nudenet-model", tmp / "640m.onnx"], "does not exist"),
         (["audit", images, *out, "--judges", "nudenet", "--nudenet-resolution", "100"], "multiple of 32"),
         (["audit", images, *out, "--judges", "llavaguard", "--llavaguard-model", broken], "LlavaGuard cannot load"),
-        (["audit", images, *out, "--judges", "llavaguard", "--llavaguard-model", models["llava"],
-          "--llavaguard-max-new-tokens", "0"], "max_new_tokens must be an integer in 1..4096"),
-        (["audit", images, *out, "--judges", "llavaguard", "--llavaguard-model", models["llava"],
-          "--llavaguard-policy", tmp / "policy.txt"], "policy file"),
+        (
+            [
+                "audit",
+                images,
+                *out,
+                "--judges",
+                "llavaguard",
+                "--llavaguard-model",
+                models["llava"],
+                "--llavaguard-max-new-tokens",
+                "0",
+            ],
+            "max_new_tokens must be an integer in 1..4096",
+        ),
+        (
+            [
+                "audit",
+                images,
+                *out,
+                "--judges",
+                "llavaguard",
+                "--llavaguard-model",
+                models["llava"],
+                "--llavaguard-policy",
+                tmp / "policy.txt",
+            ],
+            "policy file",
+        ),
     ]
     import torch
 

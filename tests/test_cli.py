@@ -21,8 +21,14 @@ def _env(**extra):
 
 
 def _run(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "safe_diffusion", *map(str, args)], env=_env(), capture_output=True,
-                          text=True, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "safe_diffusion", *map(str, args)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
 
 
 def test_version_and_log_level(cli):
@@ -62,9 +68,29 @@ def test_every_commands_help_fits_80_columns(cli):
 
 def _start_generation(checkpoint, out):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "safe_diffusion", "generate", "a cat", "-m", str(checkpoint), "-o", str(out),
-         "--steps", "400", "--height", "32", "--width", "32", "--num-images", "2"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "safe_diffusion",
+            "generate",
+            "a cat",
+            "-m",
+            str(checkpoint),
+            "-o",
+            str(out),
+            "--steps",
+            "400",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--num-images",
+            "2",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         # Ctrl-C reaches a command started from a terminal; a suite started in the background
         # (`make test &`, some CI runners) would otherwise hand the child SIGINT ignored.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -117,9 +143,27 @@ def test_classify_says_when_earlier_judges_stay_in_the_unsafe_rule(cli, tiny_che
     suite = tmp_path / "s.csv"
     suite.write_text("prompt\na cat\n")
     run = tmp_path / "run"
-    code, _, err = cli("eval", "run", "--suite", suite, "-m", tiny_checkpoint, "--out", run, "--steps", "2",
-                       "--height", "32", "--width", "32", "--judges", "q16,nudenet", "--q16-model", clip,
-                       "--no-progress")
+    code, _, err = cli(
+        "eval",
+        "run",
+        "--suite",
+        suite,
+        "-m",
+        tiny_checkpoint,
+        "--out",
+        run,
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--judges",
+        "q16,nudenet",
+        "--q16-model",
+        clip,
+        "--no-progress",
+    )
     assert code == 0, err
     code, out, err = cli("eval", "classify", run, "--judges", "nudenet", "--no-progress")
     assert code == 0, err
@@ -129,12 +173,31 @@ def test_classify_says_when_earlier_judges_stay_in_the_unsafe_rule(cli, tiny_che
 def test_logs_get_no_carriage_return_bars_and_builders_print_one_line(tiny_checkpoint, tmp_path):
     """Issue 21 (9): with stderr not a terminal, `generate` writes its own progress lines, not diffusers' per-step
     `\\r` bars; building a random checkpoint prints its one line, no library notices or shard-writing bars."""
-    proc = _run("generate", "a cat", "-m", tiny_checkpoint, "-o", tmp_path / "g", "--steps", "2", "--safety", "off",
-                "--height", "32", "--width", "32")
+    proc = _run(
+        "generate",
+        "a cat",
+        "-m",
+        tiny_checkpoint,
+        "-o",
+        tmp_path / "g",
+        "--steps",
+        "2",
+        "--safety",
+        "off",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr
-    built = subprocess.run([sys.executable, "-m", "safe_diffusion.testing", str(tmp_path / "ck")], env=_env(),
-                           capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [sys.executable, "-m", "safe_diffusion.testing", str(tmp_path / "ck")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr
     assert (built.stdout + built.stderr).strip() == f"built a random-weight 'small' checkpoint at {tmp_path / 'ck'}"
 
@@ -146,8 +209,23 @@ def test_an_unreachable_hub_is_detected_and_errors_name_the_option(tmp_path):
     env = {k: v for k, v in _env().items() if k != "HF_HUB_OFFLINE"}
     env["HF_ENDPOINT"] = "https://127.0.0.1:9"
     env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
-    proc = subprocess.run([sys.executable, "-m", "safe_diffusion", "generate", "a cat", "-m", "owner/no-model", "-o",
-                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "safe_diffusion",
+            "generate",
+            "a cat",
+            "-m",
+            "owner/no-model",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: cannot load model 'owner/no-model'") and "--model" in lines[0]

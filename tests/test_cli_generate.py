@@ -16,8 +16,21 @@ ARGS = ["--steps", "3", "--height", "32", "--width", "32"]
 
 def test_generate_writes_pngs_and_sidecars(cli, tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
-    code, stdout, err = cli("generate", "a photo of a cat", "--model", tiny_checkpoint, "--out", out,
-                            "--num-images", "2", "--seed", "7", "--safety", "strong", *ARGS)
+    code, stdout, err = cli(
+        "generate",
+        "a photo of a cat",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        out,
+        "--num-images",
+        "2",
+        "--seed",
+        "7",
+        "--safety",
+        "strong",
+        *ARGS,
+    )
     assert code == 0, err
     names = ["0000-seed7.json", "0000-seed7.png", "0001-seed8.json", "0001-seed8.png"]
     assert sorted(p.name for p in out.iterdir()) == names
@@ -71,8 +84,22 @@ def test_safety_off_is_plain_stable_diffusion(cli, tiny_checkpoint, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     # 12 steps: past the 10-step warm-up of the drop-in's MEDIUM defaults, so stray guidance would show
-    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path, "--safety", "off",
-                       "--steps", "12", "--height", "32", "--width", "32")
+    code, _, err = cli(
+        "generate",
+        "a cat",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        tmp_path,
+        "--safety",
+        "off",
+        "--steps",
+        "12",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    )
     assert code == 0, err
     plain = StableDiffusionPipeline.from_pretrained(tiny_checkpoint, safety_checker=None, requires_safety_checker=False)
     expected = plain("a cat", num_inference_steps=12, height=32, width=32, generator=[torch.Generator().manual_seed(0)])
@@ -171,7 +198,9 @@ def test_model_that_fails_to_load_leaves_no_output_folder(cli, tmp_path):
 def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "safe_diffusion", "generate", "x", "--model", "/nope", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: model '/nope' not found: no such folder, and not a hub id like 'owner/name'"
@@ -180,8 +209,19 @@ def test_console_script_prints_no_traceback(tmp_path):
 def test_mitigation_safree_is_registered_for_generate_and_eval_run(cli, tiny_checkpoint, tmp_path):
     """SAFREE registers itself by name: `--mitigation safree` guides `generate` and `eval run`, and the record says so."""
     out = tmp_path / "gen"
-    code, _, err = cli("generate", "a photo of a cat", "--model", tiny_checkpoint, "--out", out,
-                       "--mitigation", "safree", "--safety", "off", *ARGS)
+    code, _, err = cli(
+        "generate",
+        "a photo of a cat",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        out,
+        "--mitigation",
+        "safree",
+        "--safety",
+        "off",
+        *ARGS,
+    )
     assert code == 0, err
     meta = json.loads((out / "0000-seed0.json").read_text())
     assert meta["mitigation"]["label"] == "SAFREE"
@@ -189,8 +229,21 @@ def test_mitigation_safree_is_registered_for_generate_and_eval_run(cli, tiny_che
     suite = tmp_path / "suite.csv"
     suite.write_text("prompt\na photo of a cat\n")
     run = tmp_path / "run"
-    code, _, err = cli("eval", "run", "--suite", suite, "--model", tiny_checkpoint, "--out", run, "--judges", "none",
-                       "--mitigation", "safree", *ARGS)
+    code, _, err = cli(
+        "eval",
+        "run",
+        "--suite",
+        suite,
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        run,
+        "--judges",
+        "none",
+        "--mitigation",
+        "safree",
+        *ARGS,
+    )
     assert code == 0, err
     config = json.loads((run / "config.json").read_text())
     frozen = config.get("config", config)
@@ -203,11 +256,32 @@ def test_safety_defaults_to_medium_only_when_no_other_guidance_is_chosen(cli, ti
     code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path / "plain", *ARGS)
     assert code == 0, err
     assert json.loads((tmp_path / "plain" / "0000-seed0.json").read_text())["mitigation"]["label"] == "SLD medium"
-    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path / "edit", "--edit", "+hat",
-                       "--edit-warmup", "0", *ARGS)
+    code, _, err = cli(
+        "generate",
+        "a cat",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        tmp_path / "edit",
+        "--edit",
+        "+hat",
+        "--edit-warmup",
+        "0",
+        *ARGS,
+    )
     assert code == 0, err
     meta = json.loads((tmp_path / "edit" / "0000-seed0.json").read_text())
     assert meta["safety"] == "off" and [t["type"] for t in meta["mitigation"]["guidance"]] == ["SemanticGuidance"]
-    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", tmp_path / "strict", "--strict",
-                       "--safety", "off", *ARGS)
+    code, _, err = cli(
+        "generate",
+        "a cat",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        tmp_path / "strict",
+        "--strict",
+        "--safety",
+        "off",
+        *ARGS,
+    )
     assert code == 0 and "warning: --strict is deprecated; use --refuse-inactive (same meaning)" in err

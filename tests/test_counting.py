@@ -85,7 +85,7 @@ def test_eval_score_counts_one_prompt_per_row(cli, tmp_path):
 def test_eval_score_refuses_records_it_cannot_score(cli, tmp_path, content, message):
     records = tmp_path / "records.csv"
     records.write_text(content)
-    code, out, err = cli("eval", "score", records, "--json", tmp_path / "r.json")
+    code, _out, err = cli("eval", "score", records, "--json", tmp_path / "r.json")
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "r.json").exists()
 
@@ -109,8 +109,24 @@ def test_a_run_counts_its_suite_rows(cli, tiny_checkpoint, tmp_path):
     register_judge("everything", Everything, "test: flags every image")
     suite = tmp_path / "suite.csv"
     suite.write_text("prompt\na cat\na cat\na dog\n")
-    code, out, err = cli("eval", "run", "--suite", suite, "--model", tiny_checkpoint, "--judges", "everything",
-                         "--out", tmp_path / "run", "--steps", "2", "--height", "32", "--width", "32")
+    code, _out, err = cli(
+        "eval",
+        "run",
+        "--suite",
+        suite,
+        "--model",
+        tiny_checkpoint,
+        "--judges",
+        "everything",
+        "--out",
+        tmp_path / "run",
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    )
     assert code == 0, err
     doc = json.loads((tmp_path / "run" / "results.json").read_text())
     assert _overall(doc["rows"])["prompts"] == 3 and doc["protocol"]["counting"] == "per row"

@@ -54,8 +54,9 @@ def img2img(sd):
 
 def _img2img(pipe, prompt="a dog", **kw):
     image = torch.rand(1, 3, 32, 32, generator=_gen(7))
-    return pipe(prompt, image=image, strength=0.8, num_inference_steps=4, generator=_gen(1), output_type="np",
-                **kw).images
+    return pipe(
+        prompt, image=image, strength=0.8, num_inference_steps=4, generator=_gen(1), output_type="np", **kw
+    ).images
 
 
 def _state(pipe):
@@ -114,9 +115,17 @@ def test_two_threads_sharing_a_unet(sd, img2img):
 
     with guide(sd, MAX), guide(img2img, EDIT):
         threads = [
-            threading.Thread(target=run, args=("sd", lambda: sd(  # 3 steps each, like img2img's 0.8 × 4
-                "a cat", generator=_gen(), callback_on_step_end=in_lockstep, **KW
-            ).images)),
+            threading.Thread(
+                target=run,
+                args=(
+                    "sd",
+                    lambda: (
+                        sd(  # 3 steps each, like img2img's 0.8 × 4
+                            "a cat", generator=_gen(), callback_on_step_end=in_lockstep, **KW
+                        ).images
+                    ),
+                ),
+            ),
             threading.Thread(target=run, args=("i2i", lambda: _img2img(img2img, callback_on_step_end=in_lockstep))),
         ]
         for t in threads:
@@ -188,7 +197,7 @@ def test_same_seed_twice_in_one_block_gives_the_same_image(sd):
 def _three_block_and_other_layouts(sd):
     import diffusers
 
-    parts = {k: v for k, v in sd.components.items()}
+    parts = dict(sd.components.items())
     return {
         "StableDiffusionPAGPipeline": lambda: diffusers.StableDiffusionPAGPipeline(**parts, pag_applied_layers=["mid"]),
         "StableDiffusionInstructPix2PixPipeline": lambda: diffusers.StableDiffusionInstructPix2PixPipeline(**parts),
@@ -233,9 +242,14 @@ def test_modular_pipeline_is_refused_in_one_line_and_left_untouched(sd):
     pipe = StableDiffusionXLAutoBlocks().init_pipeline()
     pipe.update_components(unet=sd.unet)
     hooks = (dict(sd.unet._forward_pre_hooks), dict(sd.unet._forward_hooks))
-    with pytest.raises(GuidanceError, match=r"modular pipelines take guidance through their guider; use safe_diffusion.engine.guiders.SafetyGuider"):
-        with guide(pipe, MAX):
-            pass
+    with (
+        pytest.raises(
+            GuidanceError,
+            match=r"modular pipelines take guidance through their guider; use safe_diffusion.engine.guiders.SafetyGuider",
+        ),
+        guide(pipe, MAX),
+    ):
+        pass
     assert (dict(sd.unet._forward_pre_hooks), dict(sd.unet._forward_hooks)) == hooks
     assert type(pipe).__name__ == "StableDiffusionXLModularPipeline"
 
@@ -291,8 +305,12 @@ def _cfg_off_at_step_1(pipe, step, timestep, kwargs):
 
 
 def test_cfg_turned_off_mid_run_warns_or_raises_in_strict_mode(sd, caplog):
-    call = dict(generator=_gen(), callback_on_step_end=_cfg_off_at_step_1,
-                callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **KW)
+    call = dict(
+        generator=_gen(),
+        callback_on_step_end=_cfg_off_at_step_1,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        **KW,
+    )
     with caplog.at_level(logging.WARNING, logger="safe_diffusion"), guide(sd, MAX):
         images = sd("a cat", **call).images
     assert np.isfinite(images).all() and "turned off during the StableDiffusionPipeline call" in caplog.text

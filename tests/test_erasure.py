@@ -56,7 +56,9 @@ class Texts:
         self.tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
         self.encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float64)]
         if sdxl:
-            self.encoders.append(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=torch.float64))
+            self.encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=torch.float64)
+            )
         self.sdxl = sdxl
 
     @torch.no_grad()
@@ -83,8 +85,9 @@ def _reference_uce(base_state, names, texts, erase, guide, preserve, lamb=0.5, s
     return out
 
 
-def _wacv2024_edit_model(base_state, names, texts, old_texts, new_texts, retain_texts, lamb=0.5, erase_scale=1.0,
-                         preserve_scale=None):
+def _wacv2024_edit_model(
+    base_state, names, texts, old_texts, new_texts, retain_texts, lamb=0.5, erase_scale=1.0, preserve_scale=None
+):
     """Oracle: a port of the WACV-era official ``edit_model`` (rohitgandikota/unified-concept-editing,
     train-scripts/train_erase.py at f7222e6, technique 'replace', with_to_k=True), written here from its
     math in float64, layer by layer and text by text as there.
@@ -193,8 +196,9 @@ def test_uce_on_sdxl_uses_both_text_encoders(tmp_path):
 
     base = build_sdxl_checkpoint(tmp_path / "sdxl")
     out = tmp_path / "erased"
-    erase_concepts(str(base), out, ErasureConfig.build("uce", ["nudity"], preserve=["a cat"]), device="cpu",
-                   show_progress=False)
+    erase_concepts(
+        str(base), out, ErasureConfig.build("uce", ["nudity"], preserve=["a cat"]), device="cpu", show_progress=False
+    )
     state, edited = _unet_state(base), _edited(out)
     names = _xattn_kv(state)
     assert sorted(edited) == names and edited[names[0]].shape[1] == 64  # 32 + 32: the concatenated embedding
@@ -348,7 +352,9 @@ def test_edited_weights_file_has_the_same_bytes_for_the_same_tensors(tmp_path):
         save_edited_weights(path, weights, dict(sorted(metadata.items(), key=lambda kv: (i * hash(kv[0])) % 97)))
         digests.add(sha256_file(path))
         loaded = load_file(str(path))
-        assert torch.equal(loaded["b.weight"], weights["b.weight"]) and torch.equal(loaded["a.weight"], weights["a.weight"])
+        assert torch.equal(loaded["b.weight"], weights["b.weight"]) and torch.equal(
+            loaded["a.weight"], weights["a.weight"]
+        )
     assert len(digests) == 1
     data = (tmp_path / "0.safetensors").read_bytes()
     assert canonical_safetensors(data) == data and int.from_bytes(data[:8], "little") % 8 == 0
@@ -392,12 +398,20 @@ def test_rece_validation_keeps_the_epoch_the_official_rule_picks(tiny_checkpoint
     prompts = tmp_path / "validation.csv"
     prompts.write_text("case_number,prompt,evaluation_seed\n0,a red house,1\n1,a tree,2\n2,a dog,3\n")
     out = tmp_path / "rece"
-    config = ErasureConfig.build("rece", ["nudity"], rece_epochs=3, rece_selection="validation",
-                                 rece_validation=str(prompts), rece_judges="scripted", rece_validation_steps=2)
+    config = ErasureConfig.build(
+        "rece",
+        ["nudity"],
+        rece_epochs=3,
+        rece_selection="validation",
+        rece_validation=str(prompts),
+        rece_judges="scripted",
+        rece_validation_steps=2,
+    )
     erase_concepts(str(tiny_checkpoint), out, config, device="cpu", show_progress=False)
     selection = read_erasure_record(out)["rece"]["selection"]
-    assert selection["rates"] == pytest.approx({"sd": 2 / 3, "uce": 1 / 3, "epoch-1": 2 / 3, "epoch-2": 0.0,
-                                                "epoch-3": 1 / 3})
+    assert selection["rates"] == pytest.approx(
+        {"sd": 2 / 3, "uce": 1 / 3, "epoch-1": 2 / 3, "epoch-2": 0.0, "epoch-3": 1 / 3}
+    )
     assert selection["kept"] == "epoch-2"
     assert selection["validation"]["prompts"] == 3 and len(selection["validation"]["sha256"]) == 64
     assert [s["images"] for s in selection["stages"].values()] == [3] * 5

@@ -12,9 +12,16 @@ def no_cross_attention(tmp_path_factory, tiny_checkpoint):
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_checkpoint, safety_checker=None, requires_safety_checker=False)
     pipe.unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        mid_block_type=None, cross_attention_dim=32, norm_num_groups=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type=None,
+        cross_attention_dim=32,
+        norm_num_groups=32,
     )
     path = tmp_path_factory.mktemp("noxattn") / "model"
     pipe.save_pretrained(path)
@@ -26,8 +33,25 @@ def test_erase_command_writes_a_model(cli, tiny_checkpoint, tmp_path):
     concepts = tmp_path / "concepts.txt"
     concepts.write_text("# artists\nnudity\n\nviolence\n")
     code, stdout, err = cli(
-        "erase", "--method", "rece", "--erase-file", concepts, "--erase", "blood", "--guide-to", "a landscape",
-        "--preserve", "a cat", "--rece-epochs", "1", "--model", tiny_checkpoint, "--out", out, "--device", "cpu",
+        "erase",
+        "--method",
+        "rece",
+        "--erase-file",
+        concepts,
+        "--erase",
+        "blood",
+        "--guide-to",
+        "a landscape",
+        "--preserve",
+        "a cat",
+        "--rece-epochs",
+        "1",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        out,
+        "--device",
+        "cpu",
     )
     assert code == 0, err
     assert "erased 3 concept(s) with RECE" in stdout
@@ -35,7 +59,9 @@ def test_erase_command_writes_a_model(cli, tiny_checkpoint, tmp_path):
 
     record = read_erasure_record(out)
     assert record["concepts"] == {
-        "erase": ["blood", "nudity", "violence"], "guide": ["a landscape"] * 3, "preserve": ["a cat"]
+        "erase": ["blood", "nudity", "violence"],
+        "guide": ["a landscape"] * 3,
+        "preserve": ["a cat"],
     }
     assert record["hyperparameters"]["rece_epochs"] == 1
 
@@ -46,8 +72,10 @@ def test_erase_command_writes_a_model(cli, tiny_checkpoint, tmp_path):
         (["--method", "sld", "--erase", "nudity"], "unknown erasure method 'sld'"),
         (["--method", "uce"], "no concept to erase"),
         (["--method", "uce", "--erase", " "], "is empty"),
-        (["--method", "uce", "--erase", "a", "--erase", "b", "--erase", "c", "--guide-to", "x", "--guide-to", "y"],
-         "2 --guide-to values for 3 concept(s)"),
+        (
+            ["--method", "uce", "--erase", "a", "--erase", "b", "--erase", "c", "--guide-to", "x", "--guide-to", "y"],
+            "2 --guide-to values for 3 concept(s)",
+        ),
         (["--method", "uce", "--erase", "cat", "--preserve", "cat"], "both erased and preserved"),
         (["--method", "esd-x", "--erase", "cat", "--preserve", "dog"], "--preserve applies to uce and rece"),
         (["--method", "esd-u", "--erase", "cat", "--guide-to", "dog"], "--guide-to applies to uce and rece"),

@@ -70,7 +70,9 @@ def test_esd_changes_only_its_parameters(tiny_checkpoint, pipe, method):
         assert chosen and all(".attn2." in n for n in chosen)
         assert {n for n in base if ".attn2." in n} == chosen
     else:
-        assert not any(".attn2." in n or n.startswith(("time_embedding.", "conv_out.", "conv_norm_out.")) for n in chosen)
+        assert not any(
+            ".attn2." in n or n.startswith(("time_embedding.", "conv_out.", "conv_norm_out.")) for n in chosen
+        )
         assert any(n.startswith("down_blocks.0.resnets") for n in chosen) and any(".attn1." in n for n in chosen)
     changed = {n for n, p in trainer.unwrapped().named_parameters() if not torch.equal(p.detach(), base[n].detach())}
     assert changed <= chosen
@@ -81,9 +83,30 @@ def test_esd_changes_only_its_parameters(tiny_checkpoint, pipe, method):
 def _erase(out: Path, model: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "safe_diffusion", "erase", "--method", "esd-x", "--erase", "nudity",
-        "--erase", "violence", "--model", str(model), "--out", str(out), "--steps", "16",
-        "--checkpoint-every", "4", "--ddim-steps", "6", "--lr", "1e-3", "--seed", "3",
+        sys.executable,
+        "-m",
+        "safe_diffusion",
+        "erase",
+        "--method",
+        "esd-x",
+        "--erase",
+        "nudity",
+        "--erase",
+        "violence",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--steps",
+        "16",
+        "--checkpoint-every",
+        "4",
+        "--ddim-steps",
+        "6",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
     ]
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 

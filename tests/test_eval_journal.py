@@ -117,9 +117,8 @@ def test_create_atomically_never_leaves_a_half_made_folder(tmp_path):
 
 def test_writer_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     path = tmp_path / "locks" / "writer-0.lock"
-    with WriterLock(path):
-        with pytest.raises(LockedError, match=f"held by pid {os.getpid()}"):
-            WriterLock(path).acquire()
+    with WriterLock(path), pytest.raises(LockedError, match=f"held by pid {os.getpid()}"):
+        WriterLock(path).acquire()
     assert not path.exists()
     # a holder on this host that was SIGKILLed: its pid is gone
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

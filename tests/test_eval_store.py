@@ -323,8 +323,9 @@ def test_record_store_creates_the_whole_identity_at_once_and_refuses_another(tmp
 
     root = tmp_path / "job"
     assert JobStore.read_identity(root) is None
-    store = JobStore.create_or_open(root, {"config": {"a": 1}}, files={"items.json": [1, 2]}, folders=["out"],
-                                    check=same({"a": 1}))
+    store = JobStore.create_or_open(
+        root, {"config": {"a": 1}}, files={"items.json": [1, 2]}, folders=["out"], check=same({"a": 1})
+    )
     assert json.loads((root / "config.json").read_text()) == {"store_schema_version": 2, "config": {"a": 1}}
     assert json.loads((root / "items.json").read_text()) == [1, 2] and (root / "out").is_dir()
     store.commit("done", [("k", {"v": 1})], files={"out/k.bin": b"data"})

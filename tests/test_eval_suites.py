@@ -164,7 +164,10 @@ def test_per_prompt_seeds_and_guidance_from_the_suite(tmp_path, tiny_checkpoint,
     overall = doc["rows"][-1]
     assert overall["prompts"] == 3 and overall["attack_success_rate"] == overall["unsafe_image_rate"]
     assert "expected_max_inappropriateness" not in overall
-    assert doc["suite"]["name"] == "unlearndiffatk-nudity" and doc["label"] == "SLD medium — inactive: warm-up 10 ≥ 2 steps"
+    assert (
+        doc["suite"]["name"] == "unlearndiffatk-nudity"
+        and doc["label"] == "SLD medium — inactive: warm-up 10 ≥ 2 steps"
+    )
 
 
 # -- metrics ---------------------------------------------------------------------------------------

@@ -65,7 +65,13 @@ def test_proportions_are_validated():
 
 def test_term_defaults_binding_and_per_image_signs():
     term = FairGuidance(["male person", "female person"])
-    assert (term.warmup_steps, term.scale, term.threshold, term.momentum_scale, term.mom_beta) == (5, 4.0, 0.95, 0.5, 0.6)
+    assert (term.warmup_steps, term.scale, term.threshold, term.momentum_scale, term.mom_beta) == (
+        5,
+        4.0,
+        0.95,
+        0.5,
+        0.6,
+    )
     assert term.proportions == [0.5, 0.5] and term.run_length == 2
     with pytest.raises(ValueError, match="for_seeds"):
         term.assignments()
@@ -93,13 +99,22 @@ def test_fair_term_equals_sega_with_each_images_direction(tiny_checkpoint):
     seeds = [4, 5]
     fair = FairGuidance(["male person", "female person"], warmup_steps=1).for_seeds(seeds)
     with guide(pipe, fair):
-        batch = pipe("a doctor", num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in seeds], **kw).images
-    plain = pipe("a doctor", num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in seeds], **kw).images
+        batch = pipe(
+            "a doctor", num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in seeds], **kw
+        ).images
+    plain = pipe(
+        "a doctor", num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in seeds], **kw
+    ).images
     for k, s in enumerate(seeds):
         chosen = fair.assignments()[k]
         sega = SemanticGuidance(
-            fair.directions, reverse=[i != chosen for i in range(2)], scale=4.0, threshold=0.95,
-            warmup_steps=1, momentum_scale=0.5, mom_beta=0.6,
+            fair.directions,
+            reverse=[i != chosen for i in range(2)],
+            scale=4.0,
+            threshold=0.95,
+            warmup_steps=1,
+            momentum_scale=0.5,
+            mom_beta=0.6,
         )
         with guide(pipe, sega):
             alone = pipe("a doctor", generator=torch.Generator().manual_seed(s), **kw).images

@@ -21,15 +21,37 @@ def test_fairness_writes_table_plot_and_record(cli, tiny_checkpoint, clip, tmp_p
     prompts.write_text("doctor\n# a comment\n\nnurse\n")
     out = tmp_path / "fair"
     code, stdout, err = cli(
-        "fairness", "--model", tiny_checkpoint, "--prompts", prompts, "--directions", "male person,female person",
-        "--out", out, "--images-per-prompt", "3", "--proportions", "0.5,0.5", "--clip-model", clip,
-        "--steps", "3", "--height", "32", "--width", "32", "--seed", "10",
+        "fairness",
+        "--model",
+        tiny_checkpoint,
+        "--prompts",
+        prompts,
+        "--directions",
+        "male person,female person",
+        "--out",
+        out,
+        "--images-per-prompt",
+        "3",
+        "--proportions",
+        "0.5,0.5",
+        "--clip-model",
+        clip,
+        "--steps",
+        "3",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "10",
     )
     assert code == 0, err
     rows = list(csv.DictReader((out / "fairness.csv").open()))
     assert [(r["prompt"], r["direction"]) for r in rows] == [
-        ("A photo of the face of a doctor", "male person"), ("A photo of the face of a doctor", "female person"),
-        ("A photo of the face of a nurse", "male person"), ("A photo of the face of a nurse", "female person"),
+        ("A photo of the face of a doctor", "male person"),
+        ("A photo of the face of a doctor", "female person"),
+        ("A photo of the face of a nurse", "male person"),
+        ("A photo of the face of a nurse", "female person"),
     ]
     for prompt in ("doctor", "nurse"):
         mine = [r for r in rows if r["prompt"].endswith(prompt)]
@@ -40,9 +62,27 @@ def test_fairness_writes_table_plot_and_record(cli, tiny_checkpoint, clip, tmp_p
     assert record["classifier_texts"] == ["a photo of a male person", "a photo of a female person"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, _, err = cli(  # issue 18: a rerun with other directions into the same folder is refused, nothing touched
-        "fairness", "--model", tiny_checkpoint, "--prompts", prompts, "--directions", "young person,old person",
-        "--out", out, "--images-per-prompt", "3", "--clip-model", clip, "--steps", "3", "--height", "32",
-        "--width", "32", "--seed", "10",
+        "fairness",
+        "--model",
+        tiny_checkpoint,
+        "--prompts",
+        prompts,
+        "--directions",
+        "young person,old person",
+        "--out",
+        out,
+        "--images-per-prompt",
+        "3",
+        "--clip-model",
+        clip,
+        "--steps",
+        "3",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "10",
     )
     assert code == 2 and err.strip().splitlines()[-1] == (
         f"error: {str(out)!r} holds a fairness run with other settings (directions); use a new --out to keep both"
@@ -77,20 +117,52 @@ def test_fairness_writes_table_plot_and_record(cli, tiny_checkpoint, clip, tmp_p
 def test_fairness_bad_input_is_one_line(cli, tiny_checkpoint, tmp_path, extra, message):
     prompts = tmp_path / "p.txt"
     prompts.write_text("doctor\n")
-    args = ["fairness", "--model", tiny_checkpoint, "--prompts", prompts, "--directions", "male person,female person",
-            "--out", tmp_path / "never", *extra]
+    args = [
+        "fairness",
+        "--model",
+        tiny_checkpoint,
+        "--prompts",
+        prompts,
+        "--directions",
+        "male person,female person",
+        "--out",
+        tmp_path / "never",
+        *extra,
+    ]
     code, _, err = cli(*args)
     assert code == 2 and err.count("\n") == 1 and message in err
     assert not (tmp_path / "never").exists()
 
 
 def test_fairness_missing_prompts_file_and_bad_clip(cli, tiny_checkpoint, tmp_path):
-    code, _, err = cli("fairness", "--model", tiny_checkpoint, "--prompts", tmp_path / "nope.txt",
-                       "--directions", "a,b", "--out", tmp_path / "o")
+    code, _, err = cli(
+        "fairness",
+        "--model",
+        tiny_checkpoint,
+        "--prompts",
+        tmp_path / "nope.txt",
+        "--directions",
+        "a,b",
+        "--out",
+        tmp_path / "o",
+    )
     assert code == 2 and "not found" in err
     prompts = tmp_path / "p.txt"
     prompts.write_text("doctor\n")
-    code, _, err = cli("fairness", "--model", tiny_checkpoint, "--prompts", prompts, "--directions", "a,b",
-                       "--out", tmp_path / "o", "--clip-model", tmp_path / "no-clip", "--steps", "1")
+    code, _, err = cli(
+        "fairness",
+        "--model",
+        tiny_checkpoint,
+        "--prompts",
+        prompts,
+        "--directions",
+        "a,b",
+        "--out",
+        tmp_path / "o",
+        "--clip-model",
+        tmp_path / "no-clip",
+        "--steps",
+        "1",
+    )
     assert code == 2 and "cannot load CLIP model" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()

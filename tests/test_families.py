@@ -46,21 +46,44 @@ class Family:
 FAMILIES = {
     "sd": Family("sd", dict(height=32, width=32)),
     "sdxl": Family("sdxl", dict(height=32, width=32)),
-    "sd3": Family("sd3", dict(height=32, width=32, max_sequence_length=8, guidance_scale=5.0),
-                  load=dict(text_encoder_3=None, tokenizer_3=None)),
-    "flux": Family("flux", dict(height=32, width=32, max_sequence_length=16, true_cfg_scale=4.0, negative_prompt=""),
-                   separate_calls=True),
-    "pixart-sigma": Family("pixart-sigma", dict(height=32, width=32, max_sequence_length=16, guidance_scale=4.5,
-                                                use_resolution_binning=False, clean_caption=False)),
-    "qwen-image": Family("qwen-image", dict(height=32, width=32, true_cfg_scale=4.0, negative_prompt=" "),
-                         separate_calls=True),
-    "wan": Family("wan", dict(height=16, width=16, num_frames=5, max_sequence_length=16, guidance_scale=5.0),
-                  separate_calls=True, output="frames"),
+    "sd3": Family(
+        "sd3",
+        dict(height=32, width=32, max_sequence_length=8, guidance_scale=5.0),
+        load=dict(text_encoder_3=None, tokenizer_3=None),
+    ),
+    "flux": Family(
+        "flux",
+        dict(height=32, width=32, max_sequence_length=16, true_cfg_scale=4.0, negative_prompt=""),
+        separate_calls=True,
+    ),
+    "pixart-sigma": Family(
+        "pixart-sigma",
+        dict(
+            height=32,
+            width=32,
+            max_sequence_length=16,
+            guidance_scale=4.5,
+            use_resolution_binning=False,
+            clean_caption=False,
+        ),
+    ),
+    "qwen-image": Family(
+        "qwen-image", dict(height=32, width=32, true_cfg_scale=4.0, negative_prompt=" "), separate_calls=True
+    ),
+    "wan": Family(
+        "wan",
+        dict(height=16, width=16, num_frames=5, max_sequence_length=16, guidance_scale=5.0),
+        separate_calls=True,
+        output="frames",
+    ),
     "sd-controlnet": Family("sd-controlnet", dict(height=32, width=32, image=_control_image())),
     "sdxl-controlnet": Family("sdxl-controlnet", dict(height=32, width=32, image=_control_image())),
     "sd-inpaint": Family("sd-inpaint", dict(height=32, width=32, image=_control_image(), mask_image=_mask())),
-    "sdxl-inpaint": Family("sdxl", dict(height=32, width=32, image=_control_image(), mask_image=_mask(),
-                                        strength=1.0), pipeline="StableDiffusionXLInpaintPipeline"),
+    "sdxl-inpaint": Family(
+        "sdxl",
+        dict(height=32, width=32, image=_control_image(), mask_image=_mask(), strength=1.0),
+        pipeline="StableDiffusionXLInpaintPipeline",
+    ),
 }
 
 
@@ -102,8 +125,13 @@ def _denoiser(pipe):
 
 def _run(name, pipe, prompt="a cat", **extra):
     fam = FAMILIES[name]
-    out = pipe(prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np",
-               **{**fam.call, **extra})
+    out = pipe(
+        prompt,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **{**fam.call, **extra},
+    )
     return np.asarray(getattr(out, fam.output))
 
 

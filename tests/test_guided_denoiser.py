@@ -53,8 +53,13 @@ def _pipeline_guided_estimates(name, pipe):
         with guide(pipe, SLD):
             last = den.register_forward_hook(after, with_kwargs=True)  # after the engine's: the combined rows
             try:
-                pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent",
-                     **fam.call)
+                pipe(
+                    "a cat",
+                    num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0),
+                    output_type="latent",
+                    **fam.call,
+                )
             finally:
                 last.remove()
     finally:
@@ -94,8 +99,10 @@ def test_the_guided_denoiser_equals_the_pipelines_guided_estimate(pipes, name):
     fam = FAMILIES[name]
     evaluations, scale = _pipeline_guided_estimates(name, pipe)
     negative = fam.call.get("negative_prompt")
-    with GuidedDenoiser(pipe, SLD, guidance_scale=scale, arguments=fam.call) as den, \
-            GuidedDenoiser(pipe, guidance_scale=scale, arguments=fam.call) as plain:
+    with (
+        GuidedDenoiser(pipe, SLD, guidance_scale=scale, arguments=fam.call) as den,
+        GuidedDenoiser(pipe, guidance_scale=scale, arguments=fam.call) as plain,
+    ):
         cond = den.encode("a cat", negative)
         for x, t, expected in evaluations:  # the second evaluation carries SLD's momentum from the first
             got = den(x, t, cond)
@@ -146,13 +153,17 @@ def test_without_a_prompt_the_estimate_is_the_unconditional_one_plus_the_correct
     x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with GuidedDenoiser(pipe) as plain:
         uncond = plain(x, 400, plain.encode())
-    unet = pipe.unet(x, 400, encoder_hidden_states=plain.encode().uncond["encoder_hidden_states"].expand(2, -1, -1)).sample
+    unet = pipe.unet(
+        x, 400, encoder_hidden_states=plain.encode().uncond["encoder_hidden_states"].expand(2, -1, -1)
+    ).sample
     assert (uncond - unet).abs().max() <= 1e-12
     with GuidedDenoiser(pipe, SafetyGuidance.from_preset("max", concept="a dog")) as den:
         assert (den(x, 400, den.encode()) - uncond).abs().max() > 1e-6
     # rows evaluated a few at a time give the same estimate
-    with GuidedDenoiser(pipe, SafetyGuidance.from_preset("max", concept="a dog"), rows_per_call=1) as den1, \
-            GuidedDenoiser(pipe, SafetyGuidance.from_preset("max", concept="a dog")) as den2:
+    with (
+        GuidedDenoiser(pipe, SafetyGuidance.from_preset("max", concept="a dog"), rows_per_call=1) as den1,
+        GuidedDenoiser(pipe, SafetyGuidance.from_preset("max", concept="a dog")) as den2,
+    ):
         assert (den1(x, 400, den1.encode()) - den2(x, 400, den2.encode())).abs().max() <= 1e-12
 
 

@@ -127,7 +127,7 @@ def test_guider_without_the_concepts_step_says_how_to_add_it(checkpoint):
 def test_guider_refuses_guidance_that_cannot_act():
     from safe_diffusion.engine.guiders import SafetyGuider, SemanticGuider
 
-    with pytest.raises(GuidanceOffError, match="guidance_scale=1.0"):
+    with pytest.raises(GuidanceOffError, match=r"guidance_scale=1\.0"):
         SafetyGuider(guidance_scale=1.0)
     with pytest.raises(ValueError, match="at least one edit concept"):
         SemanticGuider()

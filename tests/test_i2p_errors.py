@@ -6,8 +6,18 @@ import pytest
 from helpers import run_cli
 
 GEN = [
-    "--limit", "1", "--images-per-prompt", "1", "--steps", "1", "--height", "32", "--width", "32",
-    "--classifiers", "none",
+    "--limit",
+    "1",
+    "--images-per-prompt",
+    "1",
+    "--steps",
+    "1",
+    "--height",
+    "32",
+    "--width",
+    "32",
+    "--classifiers",
+    "none",
 ]
 
 
@@ -60,18 +70,32 @@ def test_classifier_that_cannot_load(tmp_path, capsys, tiny_checkpoint):
     out = tmp_path / "run"
     bad_clip = tmp_path / "clip"
     bad_clip.mkdir()
-    code = run_cli("i2p", "run", "--model", str(tiny_checkpoint), "--out", str(out), *GEN[:-2],
-                   "--classifiers", "q16", "--q16-model", str(bad_clip))
+    code = run_cli(
+        "i2p",
+        "run",
+        "--model",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        *GEN[:-2],
+        "--classifiers",
+        "q16",
+        "--q16-model",
+        str(bad_clip),
+    )
     one_line_error(capsys, code, "Q16 cannot load CLIP")
     assert not out.exists()
 
 
 def test_missing_run_dirs_and_records(tmp_path, capsys):
     missing = str(tmp_path / "nope")
-    for args in (["i2p", "score", missing], ["i2p", "export", missing, str(tmp_path / "x.csv")],
-                 ["i2p", "classify", missing, "--classifiers", "nudenet"],
-                 ["i2p", "report", missing, "--out", str(tmp_path / "r.html")],
-                 ["audit", missing, "--out", str(tmp_path / "a.html"), "--classifiers", "nudenet"]):
+    for args in (
+        ["i2p", "score", missing],
+        ["i2p", "export", missing, str(tmp_path / "x.csv")],
+        ["i2p", "classify", missing, "--classifiers", "nudenet"],
+        ["i2p", "report", missing, "--out", str(tmp_path / "r.html")],
+        ["audit", missing, "--out", str(tmp_path / "a.html"), "--classifiers", "nudenet"],
+    ):
         one_line_error(capsys, run_cli(*args), "does not exist")
     (tmp_path / "plain").mkdir()
     one_line_error(capsys, run_cli("i2p", "score", str(tmp_path / "plain")), "not an evaluation run")

@@ -77,8 +77,13 @@ def test_real_csv_quirks_null_newlines_duplicates():
     assert newline, "the CSV has prompts with line breaks"
     counts = {c: sum(c in p.categories for p in prompts) for c in CATEGORIES}
     assert counts == {
-        "hate": 231, "harassment": 824, "violence": 756, "self-harm": 801,
-        "sexual": 931, "shocking": 856, "illegal activity": 727,
+        "hate": 231,
+        "harassment": 824,
+        "violence": 756,
+        "self-harm": 801,
+        "sexual": 931,
+        "shocking": 856,
+        "illegal activity": 727,
     }
     # score the whole set with a synthetic flag: one row per prompt, pooled to 4467 prompts
     unsafe = [p.index % 3 == 0 for p in prompts]

@@ -81,8 +81,24 @@ def clip(tmp_path_factory):
 def reference(tiny_checkpoint, clip, tmp_path_factory):
     """An uninterrupted run, batch size 1, with both classifiers (NudeNet runs for real)."""
     run = tmp_path_factory.mktemp("runs") / "ref"
-    proc = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
-               "--classifiers", "q16,nudenet", "--q16-model", clip, "--safety", "strong", "--allow-inactive")
+    proc = cli(
+        "i2p",
+        "run",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        run,
+        *ARGS,
+        "--batch-size",
+        "1",
+        "--classifiers",
+        "q16,nudenet",
+        "--q16-model",
+        clip,
+        "--safety",
+        "strong",
+        "--allow-inactive",
+    )
     return run, proc
 
 
@@ -113,8 +129,25 @@ def test_run_writes_a_self_describing_store(reference):
 def test_sigkill_then_resume_equals_uninterrupted(reference, tiny_checkpoint, clip, tmp_path):
     ref, _ = reference
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "safe_diffusion", "i2p", "run", "--model", str(tiny_checkpoint), "--out", str(run),
-           *ARGS, "--batch-size", "1", "--classifiers", "none", "--safety", "strong", "--allow-inactive"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "safe_diffusion",
+        "i2p",
+        "run",
+        "--model",
+        str(tiny_checkpoint),
+        "--out",
+        str(run),
+        *ARGS,
+        "--batch-size",
+        "1",
+        "--classifiers",
+        "none",
+        "--safety",
+        "strong",
+        "--allow-inactive",
+    ]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -125,14 +158,43 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tiny_checkpoint, cl
     proc.wait()
     partial, _, _ = snapshot(run)
     assert len(partial) < 6, "the run finished before it was killed"
-    cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1", "--classifiers", "none",
-        "--safety", "strong", "--allow-inactive")
+    cli(
+        "i2p",
+        "run",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        run,
+        *ARGS,
+        "--batch-size",
+        "1",
+        "--classifiers",
+        "none",
+        "--safety",
+        "strong",
+        "--allow-inactive",
+    )
     assert snapshot(run) == snapshot(ref)
     assert not list((run / "images").glob(".*tmp"))
     # a different config is refused, and nothing is written
     before = snapshot(run)
-    bad = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
-              "--classifiers", "none", "--safety", "max", "--allow-inactive", check=False)
+    bad = cli(
+        "i2p",
+        "run",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        run,
+        *ARGS,
+        "--batch-size",
+        "1",
+        "--classifiers",
+        "none",
+        "--safety",
+        "max",
+        "--allow-inactive",
+        check=False,
+    )
     assert bad.returncode == 2 and "different config" in bad.stderr and "'SLD strong' -> 'SLD max'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     assert snapshot(run) == before
@@ -144,10 +206,39 @@ def test_accelerate_two_processes_match_one(reference, tiny_checkpoint, tmp_path
     # `accelerate launch --cpu` starts several CPU processes only through mpirun; --multi_gpu starts them with
     # torchrun, and ACCELERATE_USE_CPU (what --cpu sets) makes the runner use gloo on the CPU.
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safe_diffusion"]
-    proc = cli("i2p", "run", "--model", tiny_checkpoint, "--out", run, *ARGS, "--batch-size", "1",
-               "--classifiers", "none", "--safety", "strong", "--allow-inactive", launcher=launcher)
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "safe_diffusion",
+    ]
+    proc = cli(
+        "i2p",
+        "run",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        run,
+        *ARGS,
+        "--batch-size",
+        "1",
+        "--classifiers",
+        "none",
+        "--safety",
+        "strong",
+        "--allow-inactive",
+        launcher=launcher,
+    )
     assert "process 0 of 2 wrote 3 new image(s)" in proc.stdout  # batches 0, 2, 4 of 6; process 1 wrote the rest
     assert_same_run(run, ref)
 
@@ -162,8 +253,17 @@ def test_classify_score_export_report(reference, clip, tmp_path):
     for name in ("e.csv", "e.parquet"):
         cli("i2p", "export", ref, tmp_path / name)
     frame = pd.read_csv(tmp_path / "e.csv", keep_default_na=False)
-    assert list(frame.columns[:9]) == ["prompt_index", "prompt", "categories", "image_index", "seed", "image",
-                                       "nudenet", "q16", "unsafe"]
+    assert list(frame.columns[:9]) == [
+        "prompt_index",
+        "prompt",
+        "categories",
+        "image_index",
+        "seed",
+        "image",
+        "nudenet",
+        "q16",
+        "unsafe",
+    ]
     assert {"q16_score", "nudenet_score", "nudenet_female_breast_exposed"} <= set(frame.columns)
     assert len(frame) == 6 and len(pd.read_parquet(tmp_path / "e.parquet")) == 6
     # the export scores the same as the run
@@ -216,8 +316,9 @@ def test_two_writers_on_a_shared_folder_survive_sigkills(reference, tiny_checkpo
 
     ref, _ = reference
     suite = load_suite("i2p")
-    config, _ = build_run_config(suite, str(tiny_checkpoint), safety="strong", height=32, width=32, steps=2,
-                                 images_per_prompt=2, batch_size=1)
+    config, _ = build_run_config(
+        suite, str(tiny_checkpoint), safety="strong", height=32, width=32, steps=2, images_per_prompt=2, batch_size=1
+    )
     assert config.to_dict() == json.loads((ref / "config.json").read_text())["config"]
     run = tmp_path / "shared"
     store = RunStore.create_or_resume(run, config.to_dict(), suite.prompts, {}, limit=3)

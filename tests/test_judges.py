@@ -95,8 +95,14 @@ def test_files_are_decoded_and_judged_one_batch_at_a_time_in_order(tmp_path):
     paths.insert(1, tmp_path / "bad.png")
     results = Widths().judge([*paths, _noise(tmp_path / "24.png", size=(24, 20))])
     assert [r.scores.get("w") for r in results] == [21.0, None, 22.0, 23.0, 24.0]
-    assert events == [("decode", 21), ("decode", 22), ("judge", [21, 22]),
-                      ("decode", 23), ("decode", 24), ("judge", [23, 24])]
+    assert events == [
+        ("decode", 21),
+        ("decode", 22),
+        ("judge", [21, 22]),
+        ("decode", 23),
+        ("decode", 24),
+        ("judge", [23, 24]),
+    ]
 
 
 # -- Q16 ----------------------------------------------------------------------------------------
@@ -155,8 +161,13 @@ def test_nudenet_records_detector_resolution_labels_and_threshold(tmp_path):
     info = nn.describe()
     assert info["model_file"] == "320n.onnx" and info["bundled"] and len(info["model_sha256"]) == 64
     assert info["resolution"] == info["model_resolution"] == 320
-    assert info["labels"] == ["ANUS_EXPOSED", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
-                              "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED"]
+    assert info["labels"] == [
+        "ANUS_EXPOSED",
+        "BUTTOCKS_EXPOSED",
+        "FEMALE_BREAST_EXPOSED",
+        "FEMALE_GENITALIA_EXPOSED",
+        "MALE_GENITALIA_EXPOSED",
+    ]
     assert info["threshold"] == 0.6
     paths = [_noise(tmp_path / "a.png"), tmp_path / "missing.png"]
     ok, missing = nn.judge(paths)

@@ -13,6 +13,7 @@ runs alongside and is the reference: compared as bytes, since it is the same exe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -108,10 +109,8 @@ def journal_lines(folder: Path) -> Callable[[], int]:
     def count():
         total = 0
         for seg in folder.glob("*.log") if folder.is_dir() else ():
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 total += seg.read_bytes().count(b"\n")
-            except FileNotFoundError:
-                pass
         return total
 
     return count
@@ -177,7 +176,7 @@ def _in_parallel(reference: Callable[[], None], chain: Callable[[], list[str]]) 
     def run():
         try:
             reference()
-        except BaseException as exc:  # noqa: BLE001 -- reported below, in the test's thread
+        except BaseException as exc:
             failure.append(exc)
 
     thread = threading.Thread(target=run)
@@ -358,8 +357,22 @@ def quality_inputs(model, tmp_path_factory):
     captions = root / "captions.csv"
     captions.write_text("caption\na cat on a sofa\na red bus\na bowl of fruit\ntwo dogs on a beach\n")
     run = root / "run"
-    code = run_cli("eval", "run", "--suite", "coco", "--data", captions, "--judges", "none", "--model", model,
-                   "--steps", "2", "--out", run)
+    code = run_cli(
+        "eval",
+        "run",
+        "--suite",
+        "coco",
+        "--data",
+        captions,
+        "--judges",
+        "none",
+        "--model",
+        model,
+        "--steps",
+        "2",
+        "--out",
+        run,
+    )
     assert code == 0
     return {"run": run, "ref": _images(root / "ref", 6), "clip": build_clip(root / "clip")}
 
@@ -370,9 +383,25 @@ def test_eval_quality_killed_anywhere_completes_as_uninterrupted(quality_inputs,
         if not run.exists():
             shutil.copytree(quality_inputs["run"], run)
         return _command(
-            "eval", "quality", run, "--clip-model", quality_inputs["clip"], "--fid-reference", quality_inputs["ref"],
-            "--feature-extractor", "random", "--image-size", "32", "--batch-size", "1", "--device", "cpu",
-            "--cache-dir", tmp_path / f"cache-{name}", "--json", tmp_path / f"{name}.json",
+            "eval",
+            "quality",
+            run,
+            "--clip-model",
+            quality_inputs["clip"],
+            "--fid-reference",
+            quality_inputs["ref"],
+            "--feature-extractor",
+            "random",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "1",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            tmp_path / f"cache-{name}",
+            "--json",
+            tmp_path / f"{name}.json",
         )
 
     killed = command("killed")

@@ -64,7 +64,10 @@ def test_one_solver_step_with_its_recorded_noise_map_lands_exactly_on_the_target
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 def test_the_data_prediction_recovers_x0_from_a_perfect_model(prediction):
     g = torch.Generator().manual_seed(1)
-    x0, eps = torch.randn(2, 4, 6, generator=g, dtype=torch.float64), torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(2, 4, 6, generator=g, dtype=torch.float64),
+        torch.randn(2, 4, 6, generator=g, dtype=torch.float64),
+    )
     sigma = torch.tensor(0.8, dtype=torch.float64)
     x = noised(x0, eps, sigma)
     alpha, sigma_vp = 1 / (1 + sigma**2).sqrt(), sigma / (1 + sigma**2).sqrt()
@@ -74,7 +77,7 @@ def test_the_data_prediction_recovers_x0_from_a_perfect_model(prediction):
 
 def test_smoothing_is_attend_and_excites_kernel_separably():
     w = smoothing_weights(3, 0.5)
-    raw = torch.exp(-(torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) / (2 * 0.5)) ** 2)
+    raw = torch.exp(-((torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) / (2 * 0.5)) ** 2))
     assert torch.allclose(w, raw / raw.sum(), atol=1e-15)
     maps = torch.rand(2, 6, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     kernel2d = (w[:, None] * w[None, :])[None, None]
@@ -114,7 +117,13 @@ def test_guidance_sums_masked_directions_and_respects_warmup_cooldown_and_timest
     uncond = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
     edits = [torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2)]
     attention = [torch.rand(1, 4, 4, generator=g, dtype=torch.float64) for _ in range(2)]
-    kw = {"scales": [2.0, 3.0], "thresholds": [0.5, 0.75], "signs": [-1.0, 1.0], "warmup_steps": [0, 3], "cooldown_steps": [None, 5]}
+    kw = {
+        "scales": [2.0, 3.0],
+        "thresholds": [0.5, 0.75],
+        "signs": [-1.0, 1.0],
+        "warmup_steps": [0, 3],
+        "cooldown_steps": [None, 5],
+    }
     gamma, masks = ledits_guidance(uncond, edits, 1, 500, attention=attention, **kw)
     assert masks[1] is None  # still warming up
     m1 = cross_attention_mask(attention[0], 0.5, (8, 8))
@@ -282,8 +291,9 @@ def test_parity_for_a_v_prediction_model_sd2_style(sd_deep):
     image = _noise_image(1)
     oracle.invert(image, num_inversion_steps=4, skip=0.1, generator=torch.Generator().manual_seed(3))
     expected = oracle(output_type="latent", **ORACLE_EDIT).images
-    inv = invert(pipe, image, num_inversion_steps=4, skip=0.1, generator=torch.Generator().manual_seed(3),
-                 final_sigma="zero")
+    inv = invert(
+        pipe, image, num_inversion_steps=4, skip=0.1, generator=torch.Generator().manual_seed(3), final_sigma="zero"
+    )
     out = edit(pipe, inv, LEditsGuidance(CONCEPTS, **EDIT), output_type="latent")
     assert out.settings["prediction_type"] == "v_prediction"
     assert (out.images - expected).abs().max() <= PARITY_TOL
@@ -300,7 +310,9 @@ def test_default_final_sigma_reconstructs_the_latents_exactly_where_diffusers_do
     exact = invert(sd_deep, image, num_inversion_steps=STEPS, generator=torch.Generator().manual_seed(0))
     assert exact.settings["final_sigma"] == "min"
     assert (edit(sd_deep, exact, None, output_type="latent").images - exact.x0).abs().max() <= 1e-12
-    zero = invert(sd_deep, image, num_inversion_steps=STEPS, generator=torch.Generator().manual_seed(0), final_sigma="zero")
+    zero = invert(
+        sd_deep, image, num_inversion_steps=STEPS, generator=torch.Generator().manual_seed(0), final_sigma="zero"
+    )
     assert (edit(sd_deep, zero, None, output_type="latent").images - zero.x0).abs().max() > 1e-3
 
 

@@ -46,8 +46,12 @@ def _image(side: int, seed: int = 0):
 
 @pytest.mark.parametrize(
     "name, family, masks",
-    [("pixart-sigma", "pixart", "intersect"), ("sd3", "sd3", "noise"), ("flux", "flux", "noise"),
-     ("qwen-image", "qwen-image", "noise")],
+    [
+        ("pixart-sigma", "pixart", "intersect"),
+        ("sd3", "sd3", "noise"),
+        ("flux", "flux", "noise"),
+        ("qwen-image", "qwen-image", "noise"),
+    ],
 )
 def test_inversion_reconstructs_and_the_edit_acts_inside_its_masks(pipes, name, family, masks):
     from safe_diffusion.editing.latents import size_multiple
@@ -56,7 +60,9 @@ def test_inversion_reconstructs_and_the_edit_acts_inside_its_masks(pipes, name, 
     assert pipeline_family(pipe) == family
     image = _image(2 * size_multiple(pipe))
     inv = invert(pipe, image, num_inversion_steps=3, generator=torch.Generator().manual_seed(0))
-    assert inv.noise_maps.shape == (3, *inv.x0.shape) and inv.settings["schedule"] == ("vp" if family == "pixart" else "flow")
+    assert inv.noise_maps.shape == (3, *inv.x0.shape) and inv.settings["schedule"] == (
+        "vp" if family == "pixart" else "flow"
+    )
     reconstruction = edit(pipe, inv, None, output_type="latent")
     assert (reconstruction.images - inv.x0).abs().max() <= 1e-10
     out = edit(pipe, inv, EDIT, output_type="latent")

@@ -62,33 +62,52 @@ def test_the_official_policy_is_bundled_verbatim_and_recorded(tmp_path):
 
 WELL_FORMED = [
     (  # the shape the policy asks for
-        ('{\n    "rating": "Unsafe",\n    "category": "O2: Violence, Harm, or Cruelty",\n'
-         '    "rationale": "The image shows a person attacking another person with a weapon."\n}'),
-        True, "O2: Violence, Harm, or Cruelty", "The image shows a person attacking another person with a weapon.",
+        (
+            '{\n    "rating": "Unsafe",\n    "category": "O2: Violence, Harm, or Cruelty",\n'
+            '    "rationale": "The image shows a person attacking another person with a weapon."\n}'
+        ),
+        True,
+        "O2: Violence, Harm, or Cruelty",
+        "The image shows a person attacking another person with a weapon.",
     ),
     (  # the template's own trailing comma
         '{\n    "rating": "Safe",\n    "category": "NA: None applying",\n    "rationale": "A landscape.",\n}',
-        False, "NA: None applying", "A landscape.",
+        False,
+        "NA: None applying",
+        "A landscape.",
     ),
     (  # in a code fence
         '```json\n{"rating": "Unsafe", "category": "O4: Nudity Content", "rationale": "Exposed genitalia."}\n```',
-        True, "O4: Nudity Content", "Exposed genitalia.",
+        True,
+        "O4: Nudity Content",
+        "Exposed genitalia.",
     ),
     (  # extra text around it
-        ('Here is my assessment:\n{"rating": "Safe", "category": "NA: None applying", "rationale": "A cat."}\n'
-         "Let me know if you need more."),
-        False, "NA: None applying", "A cat.",
+        (
+            'Here is my assessment:\n{"rating": "Safe", "category": "NA: None applying", "rationale": "A cat."}\n'
+            "Let me know if you need more."
+        ),
+        False,
+        "NA: None applying",
+        "A cat.",
     ),
     (  # lowercase rating, capitalised keys
         '{"Rating": "unsafe", "Category": "O3: Sexual Content", "Rationale": "Explicit."}',
-        True, "O3: Sexual Content", "Explicit.",
+        True,
+        "O3: Sexual Content",
+        "Explicit.",
     ),
     (  # braces and escaped quotes inside the rationale
         '{"rating": "Safe", "category": "NA: None applying", "rationale": "A sign reading \\"{open}\\"."}',
-        False, "NA: None applying", 'A sign reading "{open}".',
+        False,
+        "NA: None applying",
+        'A sign reading "{open}".',
     ),
     (  # no category or rationale: the verdict still stands
-        '{"rating": "UNSAFE"}', True, None, None,
+        '{"rating": "UNSAFE"}',
+        True,
+        None,
+        None,
     ),
 ]
 
@@ -99,8 +118,10 @@ def test_well_formed_answers_give_a_verdict_category_and_rationale(answer, unsaf
 
 
 MALFORMED = [
-    ('{"rating": "Unsafe", "category": "O2: Violence, Harm, or Cruelty", "rationale": "The image sh',
-     "never closed"),  # cut off
+    (
+        '{"rating": "Unsafe", "category": "O2: Violence, Harm, or Cruelty", "rationale": "The image sh',
+        "never closed",
+    ),  # cut off
     ('{"safety": "Safe", "category": "NA: None applying"}', 'no "rating" key (keys: safety, category)'),
     ('{"rating": "Probably safe", "category": "NA"}', "neither"),
     ('{"rating": true}', "neither"),
@@ -142,13 +163,19 @@ def test_llavaguard_judges_end_to_end_and_records_what_it_ran(tiny_llava, images
     info = guard.describe()
     assert info["judge"] == "llavaguard" and info["model"] == str(tiny_llava)
     assert info["policy"]["sha256"] == POLICY_SHA256 and info["policy"]["name"].endswith("(official)")
-    assert info["generation"] == {"do_sample": False, "num_beams": 1, "max_new_tokens": 6,
-                                  "eos_token_id": [guard.processor.tokenizer.eos_token_id],
-                                  "pad_token_id": guard.processor.tokenizer.pad_token_id}
+    assert info["generation"] == {
+        "do_sample": False,
+        "num_beams": 1,
+        "max_new_tokens": 6,
+        "eos_token_id": [guard.processor.tokenizer.eos_token_id],
+        "pad_token_id": guard.processor.tokenizer.pad_token_id,
+    }
     assert info["model_card_generation"]["do_sample"] is True  # the deviation is on record
     assert info["dtype"] == "float32" and info["device"] == "cpu" and info["transformers"]
     assert info["processor"]["image_processor"] == "LlavaOnevisionImageProcessorPil"
-    assert len(info["weights_sha256"]) == 64 and info["prompt_sha256"] == hashlib.sha256(guard.prompt.encode()).hexdigest()
+    assert (
+        len(info["weights_sha256"]) == 64 and info["prompt_sha256"] == hashlib.sha256(guard.prompt.encode()).hexdigest()
+    )
     json.dumps(info)  # runs store it as JSON
 
 
@@ -166,7 +193,7 @@ def test_a_batch_gives_the_same_answers_as_one_image_at_a_time(tiny_llava, image
     assert guard.describe()["policy"]["text"] == SHORT_POLICY
     # an answer that stops at max_new_tokens says so in its error
     stopped = [cut for _, cut in batched]
-    for (text, cut), judgment in zip(batched, guard.judge(images), strict=True):
+    for (_text, cut), judgment in zip(batched, guard.judge(images), strict=True):
         assert judgment.unsafe is None
         assert ("reached max_new_tokens=12" in judgment.error) == cut
     assert any(stopped)
@@ -199,8 +226,11 @@ def test_weights_that_cannot_load_give_one_line(tiny_llava, tmp_path):
         with pytest.raises(InputError, match=re.escape(words)) as err:
             load_judges(["llavaguard"], options={"llavaguard": {"model": str(model)}})
         assert "\n" not in str(err.value)
-    for bad, words in [({"dtype": "int8"}, "dtype 'int8'"), ({"max_new_tokens": 0}, "max_new_tokens"),
-                       ({"policy": str(tmp_path / "none.txt")}, "policy file")]:
+    for bad, words in [
+        ({"dtype": "int8"}, "dtype 'int8'"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"policy": str(tmp_path / "none.txt")}, "policy file"),
+    ]:
         with pytest.raises(InputError, match=words):
             load_judges(["llavaguard"], options={"llavaguard": {"model": str(tiny_llava), **bad}})
 
@@ -215,8 +245,9 @@ def test_a_processor_config_without_image_token_fields_takes_them_from_the_model
     (old / "processor_config.json").write_text(json.dumps(meta))
     policy = tmp_path / "policy.txt"
     policy.write_text(SHORT_POLICY)
-    (guard,) = load_judges(["llavaguard"], options={"llavaguard": {"model": str(old), "policy": str(policy),
-                                                                   "max_new_tokens": 2}})
+    (guard,) = load_judges(
+        ["llavaguard"], options={"llavaguard": {"model": str(old), "policy": str(policy), "max_new_tokens": 2}}
+    )
     assert guard.processor.num_image_tokens == 16 and guard.processor.vision_feature_select_strategy == "full"
     assert guard.judge(images[:1])[0].error.startswith(UNPARSEABLE)
 
@@ -229,8 +260,10 @@ def test_hub_errors_become_actionable_lines():
     from safe_diffusion.judges.llavaguard import _load_error
 
     response = httpx.Response(401, request=httpx.Request("GET", "https://huggingface.co"))
-    for inner, words in [(GatedRepoError("restricted", response=response), "is gated: accept its terms at"),
-                         (RepositoryNotFoundError("404", response=response), "is not on the hub")]:
+    for inner, words in [
+        (GatedRepoError("restricted", response=response), "is gated: accept its terms at"),
+        (RepositoryNotFoundError("404", response=response), "is not on the hub"),
+    ]:
         try:
             try:
                 raise inner

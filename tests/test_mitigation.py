@@ -119,8 +119,15 @@ def test_no_method_registered_says_so():
 
 def test_a_mitigation_round_trips_through_its_record():
     m = Mitigation.build(
-        safety="strong", safety_concept="rain", edits=["+hat", "-beard"], edit_scale=[3, 4], edit_warmup=[0],
-        fair=["x", "y"], fair_proportions=[0.25, 0.75], fair_seeds=[7, 8, 9, 10], negative_prompt="blurry",
+        safety="strong",
+        safety_concept="rain",
+        edits=["+hat", "-beard"],
+        edit_scale=[3, 4],
+        edit_warmup=[0],
+        fair=["x", "y"],
+        fair_proportions=[0.25, 0.75],
+        fair_seeds=[7, 8, 9, 10],
+        negative_prompt="blurry",
     ).with_erasure({"method": "rece", "label": "RECE", "concepts": {"erase": ["nudity"]}})
     record = _json(m.to_dict())
     assert list(record) == ["kind", "label", "sld_preset", "guidance", "negative_prompt", "erasure"]
@@ -132,10 +139,24 @@ def test_a_mitigation_round_trips_through_its_record():
 def test_records_written_before_configs_existed_rebuild():
     """Runs made before terms had to_config recorded describe(): those records rebuild too."""
     old = {
-        "kind": "sld", "label": "SLD max", "sld_preset": "max", "negative_prompt": None, "erasure": None,
-        "guidance": [{"type": "SafetyGuidance", "concept": "hate", "scale": 5000, "warmup_steps": 0,
-                      "threshold": 1.0, "momentum_scale": 0.5, "mom_beta": 0.7, "warmup_fraction": None,
-                      "space": "auto"}],
+        "kind": "sld",
+        "label": "SLD max",
+        "sld_preset": "max",
+        "negative_prompt": None,
+        "erasure": None,
+        "guidance": [
+            {
+                "type": "SafetyGuidance",
+                "concept": "hate",
+                "scale": 5000,
+                "warmup_steps": 0,
+                "threshold": 1.0,
+                "momentum_scale": 0.5,
+                "mom_beta": 0.7,
+                "warmup_fraction": None,
+                "space": "auto",
+            }
+        ],
     }
     m = Mitigation.from_dict(old)
     assert m.terms() == [SafetyGuidance.from_preset("max", concept="hate")] and m.label == "SLD max"
@@ -143,8 +164,24 @@ def test_records_written_before_configs_existed_rebuild():
 
 # -- a frozen run rebuilds its own images --------------------------------------------------------------
 
-RUN = ["--suite", "i2p", "--limit", "2", "--images-per-prompt", "1", "--steps", "2", "--height", "32",
-       "--width", "32", "--batch-size", "1", "--judges", "none"]
+RUN = [
+    "--suite",
+    "i2p",
+    "--limit",
+    "2",
+    "--images-per-prompt",
+    "1",
+    "--steps",
+    "2",
+    "--height",
+    "32",
+    "--width",
+    "32",
+    "--batch-size",
+    "1",
+    "--judges",
+    "none",
+]
 
 
 def test_a_frozen_runs_record_rebuilds_its_mitigation_and_images(cli, tiny_checkpoint, tmp_path, steer_away):
@@ -185,16 +222,46 @@ def test_generate_sidecar_rebuilds_the_guided_image(cli, tiny_checkpoint, tmp_pa
     from safe_diffusion.jobs.compare import generate_guided_images
 
     out = tmp_path / "gen"
-    code, _, err = cli("generate", "a cat", "--model", tiny_checkpoint, "--out", out, "--safety", "max",
-                       "--edit", "+hat", "--edit-warmup", "0", "--negative-prompt", "blurry", "--steps", "2",
-                       "--height", "32", "--width", "32", "--seed", "5")
+    code, _, err = cli(
+        "generate",
+        "a cat",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        out,
+        "--safety",
+        "max",
+        "--edit",
+        "+hat",
+        "--edit-warmup",
+        "0",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--seed",
+        "5",
+    )
     assert code == 0, err
     sidecar = json.loads((out / "0000-seed5.json").read_text())
     mitigation = Mitigation.from_dict(sidecar["mitigation"])
     assert sidecar["mitigation"]["label"] == "SLD max + SEGA + negative prompt"
     pipe = load_pipeline(str(tiny_checkpoint), device="cpu")
-    made = generate_guided_images(pipe, "a cat", [5], mitigation.terms(), negative_prompt=mitigation.negative_prompt,
-                                  num_inference_steps=2, guidance_scale=7.5, height=32, width=32)
+    made = generate_guided_images(
+        pipe,
+        "a cat",
+        [5],
+        mitigation.terms(),
+        negative_prompt=mitigation.negative_prompt,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        height=32,
+        width=32,
+    )
     # In-process CLI and this call: one process, one batch of one image, so the pixels are compared exactly.
     assert list(made.guided[0].getdata()) == list(Image.open(out / "0000-seed5.png").getdata())
 

@@ -52,7 +52,10 @@ def test_a_failed_command_takes_back_only_what_it_wrote(tmp_path):
         atomic_write_bytes(out.file("new.png"), b"new")
         raise OSError(28, "No space left on device")  # e.g. the sidecar's write fails
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == {
-        "earlier.png": b"earlier run", "earlier.json": b"{}", "unrelated.txt": b"keep"}
+        "earlier.png": b"earlier run",
+        "earlier.json": b"{}",
+        "unrelated.txt": b"keep",
+    }
 
     with output_dir(folder) as out:  # success: the new content stays and nothing else is left behind
         atomic_write_bytes(out.file("earlier.png"), b"new image")

@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_guard_runs_the_given_tests_under_every_pass():
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "portability-guard.sh"), sys.executable, "tests/test_registry.py"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out

@@ -95,7 +95,7 @@ def _quality(cli, run, runs, *extra):
 
 def test_quality_stage_records_clip_fid_kid_in_the_run(cli, runs, tmp_path):
     run = runs["root"] / "coco-off"
-    code, stdout, err = _quality(cli, run, runs, "--json", tmp_path / "q.json")
+    code, _stdout, err = _quality(cli, run, runs, "--json", tmp_path / "q.json")
     assert code == 0, err
     doc = json.loads((tmp_path / "q.json").read_text())
     assert doc["images"] == len(CAPTIONS) and doc["clip_scored"] == len(CAPTIONS)
@@ -158,7 +158,7 @@ def test_tradeoff_report_pairs_each_method_s_safety_and_quality(cli, runs, tmp_p
     root = runs["root"]
     assert _quality(cli, root / "coco-strong", runs)[0] == 0
     out = tmp_path / "tradeoff.html"
-    code, stdout, err = cli(
+    code, _stdout, err = cli(
         "eval", "tradeoff", root / "i2p-off", root / "coco-off", root / "i2p-strong", root / "coco-strong", "--out", out
     )
     assert code == 0, err
@@ -169,8 +169,10 @@ def test_tradeoff_report_pairs_each_method_s_safety_and_quality(cli, runs, tmp_p
     assert "I2P: inappropriate probability [95% CI]" in md
     # the SLD model card's figures (SD 1.4, every prompt) are not put beside a random checkpoint's (issue 21, item 3)
     assert "0.39" not in md and "0.13" not in md
-    assert "the published I2P figure (SLD model card: SD 1.4, all 4,703 prompts, 10 images per prompt) is not shown" \
-           " beside SD (a random-weight checkpoint" in md
+    assert (
+        "the published I2P figure (SLD model card: SD 1.4, all 4,703 prompts, 10 images per prompt) is not shown"
+        " beside SD (a random-weight checkpoint" in md
+    )
     assert out.with_suffix(".png").stat().st_size > 1000 and 'id="tradeoff-chart"' in out.read_text()
     # a run with neither verdicts nor quality is named
     code, _, err = cli(
@@ -240,7 +242,10 @@ def test_a_full_disk_when_writing_the_json_leaves_no_partial_file(cli, runs, tmp
 
     monkeypatch.setattr(outputs, "atomic_write_bytes", full_disk)
     code, _, err = _quality(cli, runs["root"] / "coco-off", runs, "--json", target)
-    assert code == 1 and err.strip().splitlines()[-1] == f"error: No space left on device ({target}); free some space and rerun"
+    assert (
+        code == 1
+        and err.strip().splitlines()[-1] == f"error: No space left on device ({target}); free some space and rerun"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -262,7 +267,12 @@ def test_demo_clip_on_a_full_disk_or_a_read_only_folder_leaves_nothing(tmp_path)
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "safe_diffusion.testing", "clip", str(target)],
-            env=env, capture_output=True, text=True, preexec_fn=limit, timeout=300, check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            preexec_fn=limit,
+            timeout=300,
+            check=False,
         )
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
         assert proc.returncode == code and len(lines) == 1 and lines[0].startswith(f"error: {words}"), proc.stderr

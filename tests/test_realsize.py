@@ -12,9 +12,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_real_size_benchmark_runs_shrunk_and_writes_its_table(tmp_path):
     out = tmp_path / "realsize.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "realsize.py"), "--device", "cpu", "--tiny", "--families", "sd15",
-         "--json", str(out), "--threads", "1"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "realsize.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--families",
+            "sd15",
+            "--json",
+            str(out),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())

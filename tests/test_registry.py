@@ -49,10 +49,12 @@ def test_entry_points_register_without_editing_the_package(tmp_path, monkeypatch
     dist = tmp_path / "plugin_dist-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: plugin-dist\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(textwrap.dedent("""
+    (dist / "entry_points.txt").write_text(
+        textwrap.dedent("""
         [safe_diffusion.widgets]
         from-plugin = plugin_widget_mod:WIDGET
-    """))
+    """)
+    )
     (tmp_path / "plugin_widget_mod.py").write_text("WIDGET = 'made elsewhere'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     reg = Registry("widgets")

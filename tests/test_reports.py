@@ -44,14 +44,67 @@ def world(tmp_path_factory, tiny_checkpoint):
     model = ["--model", str(tiny_checkpoint)]
     judges = ["--judges", "q16,nudenet", "--q16-model", str(clip)]
     for name, safety, limit in (("sd", "off", "3"), ("sld", "strong", "2")):
-        assert run_cli("eval", "run", "--suite", suite, *model, "--out", root / name, "--safety", safety,
-                       "--allow-inactive", "--limit", limit, *judges, *TINY) == 0
+        assert (
+            run_cli(
+                "eval",
+                "run",
+                "--suite",
+                suite,
+                *model,
+                "--out",
+                root / name,
+                "--safety",
+                safety,
+                "--allow-inactive",
+                "--limit",
+                limit,
+                *judges,
+                *TINY,
+            )
+            == 0
+        )
     for safety in ("off", "strong"):
         out = root / f"coco-{safety}"
-        assert run_cli("eval", "run", "--suite", "coco", "--data", captions, *model, "--out", out, "--safety", safety,
-                       "--allow-inactive", "--judges", "none", "--steps", "8", "--height", "32", "--width", "32") == 0
-        assert run_cli("eval", "quality", out, "--clip-model", clip, "--fid-reference", ref,
-                       "--feature-extractor", "random", "--no-progress") == 0
+        assert (
+            run_cli(
+                "eval",
+                "run",
+                "--suite",
+                "coco",
+                "--data",
+                captions,
+                *model,
+                "--out",
+                out,
+                "--safety",
+                safety,
+                "--allow-inactive",
+                "--judges",
+                "none",
+                "--steps",
+                "8",
+                "--height",
+                "32",
+                "--width",
+                "32",
+            )
+            == 0
+        )
+        assert (
+            run_cli(
+                "eval",
+                "quality",
+                out,
+                "--clip-model",
+                clip,
+                "--fid-reference",
+                ref,
+                "--feature-extractor",
+                "random",
+                "--no-progress",
+            )
+            == 0
+        )
     return {"root": root, "clip": clip, "suite": suite, "ckpt": tiny_checkpoint}
 
 
@@ -59,7 +112,7 @@ def _fills(svg: str, chart: str) -> dict[str, str]:
     """gid → the first fill drawn inside it (not "none"), in an SVG made by reports.charts."""
     out = {}
     for match in re.finditer(rf'<g id="({re.escape(chart)}-(?:bar|legend|point)-[^"]+)">', svg):
-        fill = re.search(r'style="fill: (?!none)([^;"]+)', svg[match.end():])
+        fill = re.search(r'style="fill: (?!none)([^;"]+)', svg[match.end() :])
         out[match.group(1)] = fill.group(1)
     return out
 
@@ -71,8 +124,10 @@ def test_bar_legend_swatches_have_their_runs_colour_and_pattern():
     """Issue 21, item 1: an empty bar per run for the legend made every swatch the first run's colour."""
     from safe_diffusion.reports.charts import Bar, grouped_bars
 
-    series = [(f"run {i}", {"a": Bar(0.2 + 0.1 * i, 0.1, 0.5), "b": Bar(0.5)} if i != 1 else {"b": Bar(0.4)})
-              for i in range(3)]
+    series = [
+        (f"run {i}", {"a": Bar(0.2 + 0.1 * i, 0.1, 0.5), "b": Bar(0.5)} if i != 1 else {"b": Bar(0.4)})
+        for i in range(3)
+    ]
     chart = grouped_bars("c", ["a", "b"], series, ylabel="rate (fraction)", title="t")
     fills = _fills(chart.svg, "c")
     legend = [fills[f"c-legend-{i}"] for i in range(3)]
@@ -87,8 +142,9 @@ def test_scatter_axes_start_at_zero_and_show_intervals():
     """Issue 21, item 3: an axis from 0.24855 to 0.24880 made a difference of 3e-4 look large."""
     from safe_diffusion.reports.charts import Point, scatter
 
-    chart = scatter("s", [Point("A", 0.24855, 0.4, 0.3, 0.5), Point("B", 0.24880, 0.5)], xlabel="x", ylabel="y",
-                    title="t")
+    chart = scatter(
+        "s", [Point("A", 0.24855, 0.4, 0.3, 0.5), Point("B", 0.24880, 0.5)], xlabel="x", ylabel="y", title="t"
+    )
     ticks = [float(t) for t in re.findall(r">\s*(-?\d+\.\d+)\s*</text>", chart.svg)]
     assert min(ticks) == 0.0 and max(ticks) >= 0.24880
     fills = _fills(chart.svg, "s")
@@ -108,13 +164,17 @@ def test_activity_label_says_when_guidance_never_acted():
     assert activity_label("SLD strong", [strong], 8) == "SLD strong"
     assert activity_label("SLD strong", [strong.describe()], 7) == "SLD strong — inactive: warm-up 7 ≥ 7 steps"
     both = [strong, SemanticGuidance(["hat", "dog"], warmup_steps=[2, 10])]
-    assert activity_label("x", both, 5) == "x — partly inactive: SLD warm-up 7 ≥ 5 steps; SEGA 'dog' warm-up 10 ≥ 5 steps"
+    assert (
+        activity_label("x", both, 5) == "x — partly inactive: SLD warm-up 7 ≥ 5 steps; SEGA 'dog' warm-up 10 ≥ 5 steps"
+    )
     assert activity_label("x", [strong], 20, guidance_scale=1.0).startswith("x — inactive: guidance scale 1 ≤ 1")
     assert activity_label("x", [SafetyGuidance(warmup_fraction=0.5)], 10) == "x"
-    config = {"mitigation": {"label": "SLD strong", "guidance": [strong.describe()]},
-              "generation": {"steps": 4, "guidance_scale": 7.5}}
+    config = {
+        "mitigation": {"label": "SLD strong", "guidance": [strong.describe()]},
+        "generation": {"steps": 4, "guidance_scale": 7.5},
+    }
     assert run_label(config) == "SLD strong — inactive: warm-up 7 ≥ 4 steps"
-    with pytest.raises(InputError, match="SLD strong would never act: warm-up 7 ≥ 4 steps.*--allow-inactive"):
+    with pytest.raises(InputError, match=r"SLD strong would never act: warm-up 7 ≥ 4 steps.*--allow-inactive"):
         check_active([strong], 4, 7.5, label="SLD strong")
     assert check_active([strong], 4, 7.5, allow_inactive=True) == ["warm-up 7 ≥ 4 steps"]
 
@@ -137,8 +197,10 @@ def test_results_json_and_the_report_say_the_run_was_inactive(world, tmp_path):
 def test_tradeoff_names_random_models_and_features_and_different_steps(world, tmp_path):
     root = world["root"]
     out = tmp_path / "deep" / "er" / "tradeoff.html"  # item 5: folders are created
-    assert run_cli("eval", "tradeoff", root / "sd", root / "coco-off", root / "sld", root / "coco-strong",
-                   "--out", out) == 0
+    assert (
+        run_cli("eval", "tradeoff", root / "sd", root / "coco-off", root / "sld", root / "coco-strong", "--out", out)
+        == 0
+    )
     md = out.with_suffix(".md").read_text()
     rows = [line for line in md.splitlines() if line.startswith(("| SD |", "| SLD strong —"))]
     assert len(rows) == 2, md  # the methods, each with its safety and its quality run
@@ -160,17 +222,22 @@ def test_published_figures_only_beside_runs_on_their_model_and_protocol():
     real = Basis(model=SD14, random_weights=False, suite="i2p", prompts=I2P_PROMPTS, images_per_prompt=10, steps=50)
     assert differences(real, published) == []
     random = real.with_(model="/x/ckpt", base_model="/x/ckpt", random_weights=True)
-    assert differences(random, published)[:2] == ["a random-weight checkpoint, not the published figure's model",
-                                                  "different base model (/x/ckpt vs CompVis/stable-diffusion-v1-4)"]
+    assert differences(random, published)[:2] == [
+        "a random-weight checkpoint, not the published figure's model",
+        "different base model (/x/ckpt vs CompVis/stable-diffusion-v1-4)",
+    ]
     assert differences(real.with_(prompts=6), published) == ["different prompt sets (6 vs 4703 prompts)"]
     assert differences(real.with_(inactive=("warm-up 7 ≥ 4 steps",)), published) == [
-        "its guidance never acted (warm-up 7 ≥ 4 steps)"]
+        "its guidance never acted (warm-up 7 ≥ 4 steps)"
+    ]
     assert differences(real.with_(random_judges=("q16",)), published) == ["judged by q16 on random weights"]
     # between runs, models differ on purpose; what they were measured on must not
     a = Basis(model="sd", steps=4, prompt_set="p", prompts=6, images_per_prompt=2, judges=(("q16", "m=a"),))
     assert differences(a, a.with_(model="uce")) == []
-    assert differences(a, a.with_(steps=10, judges=(("q16", "m=b"),))) == ["different steps (4 vs 10)",
-                                                                          "judges set up differently (q16)"]
+    assert differences(a, a.with_(steps=10, judges=(("q16", "m=b"),))) == [
+        "different steps (4 vs 10)",
+        "judges set up differently (q16)",
+    ]
 
 
 # -- item 4: other prompt sets ----------------------------------------------------------------------------
@@ -182,8 +249,10 @@ def test_runs_over_other_prompt_sets_are_marked_not_comparable(world, tmp_path):
     out = tmp_path / "r.html"
     assert run_cli("eval", "report", root / "sd", root / "sld", "--out", out, "--samples", "0") == 0
     md, page = out.with_suffix(".md").read_text(), out.read_text()
-    assert "> **Not comparable:** SLD strong — inactive: warm-up 7 ≥ 4 steps (†) and SD: different prompt sets" \
-           " (3 vs 2 prompts)." in md
+    assert (
+        "> **Not comparable:** SLD strong — inactive: warm-up 7 ≥ 4 steps (†) and SD: different prompt sets"
+        " (3 vs 2 prompts)." in md
+    )
     assert 'class="note not-comparable"' in page and 'class="not-comparable" title="not comparable with SD' in page
     # the same run twice is comparable with itself: no note
     assert run_cli("eval", "report", root / "sd", root / "sd", "--out", tmp_path / "s.html", "--samples", "0") == 0
@@ -197,10 +266,16 @@ def test_report_tradeoff_and_audit_create_their_out_folders(world, tmp_path):
     root = world["root"]
     assert run_cli("eval", "report", root / "sd", "--out", tmp_path / "a" / "b" / "r.html", "--samples", "0") == 0
     assert run_cli("eval", "tradeoff", root / "coco-off", "--out", tmp_path / "c" / "t.html") == 0
-    assert run_cli("audit", root / "sd" / "images", "--out", tmp_path / "d" / "e" / "audit.html",
-                   "--judges", "nudenet") == 0
-    assert sorted(p.name for p in (tmp_path / "d" / "e").iterdir()) == ["audit.csv", "audit.html", "audit.json",
-                                                                        "audit.md"]
+    assert (
+        run_cli("audit", root / "sd" / "images", "--out", tmp_path / "d" / "e" / "audit.html", "--judges", "nudenet")
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "d" / "e").iterdir()) == [
+        "audit.csv",
+        "audit.html",
+        "audit.json",
+        "audit.md",
+    ]
     for page in ("a/b/r.html", "a/b/r.md", "c/t.html", "c/t.md"):
         assert (tmp_path / page).is_file(), page
 
@@ -248,10 +323,22 @@ def test_fairness_plot_labels_are_whole():
 def test_the_kit_renders_html_and_its_markdown_twin_and_escapes():
     from safe_diffusion.reports.kit import Cell, MeasuredOn, Note, Page, Section, Table, render_html, render_markdown
 
-    page = Page("T <1>", MeasuredOn([{"label": "a|b", "steps": 4}]), sections=[Section("S", [
-        Table([[Cell("k", rowspan=2), Cell("run", colspan=2)], ["x", "y"]], [["<i>", Cell("1", classes="not-comparable",
-                                                                                     title="why")]]),
-        Note("other prompts", "not-comparable")])])
+    page = Page(
+        "T <1>",
+        MeasuredOn([{"label": "a|b", "steps": 4}]),
+        sections=[
+            Section(
+                "S",
+                [
+                    Table(
+                        [[Cell("k", rowspan=2), Cell("run", colspan=2)], ["x", "y"]],
+                        [["<i>", Cell("1", classes="not-comparable", title="why")]],
+                    ),
+                    Note("other prompts", "not-comparable"),
+                ],
+            )
+        ],
+    )
     html, md = render_html(page), render_markdown(page)
     assert "<title>T &lt;1&gt;</title>" in html and "<td>&lt;i&gt;</td>" in html and "<i>" not in html
     assert 'title="why">1<span class="mark"' in html and "Not comparable:</span> other prompts" in html
@@ -287,8 +374,11 @@ LAYOUT = """() => {
 FILL_OF = """id => [...document.getElementById(id).querySelectorAll('path, use')].filter(e => !e.closest('defs'))
   .map(e => getComputedStyle(e).fill).find(f => f !== 'none')"""
 FILL = FILL_OF
-FILLS = """(chart) => {
-  const fill = """ + FILL_OF + """;
+FILLS = (
+    """(chart) => {
+  const fill = """
+    + FILL_OF
+    + """;
   const out = {legend: [], bars: []};
   for (let i = 0; document.getElementById(chart + '-legend-' + i); i++) {
     out.legend.push(fill(chart + '-legend-' + i));
@@ -296,6 +386,7 @@ FILLS = """(chart) => {
   }
   return out;
 }"""
+)
 
 
 @pytest.fixture(scope="module")
@@ -352,8 +443,10 @@ def test_eval_report_in_a_browser(world, browser, tmp_path):
 def test_tradeoff_in_a_browser(world, browser, tmp_path):
     root = world["root"]
     out = tmp_path / "tradeoff.html"
-    assert run_cli("eval", "tradeoff", root / "sd", root / "coco-off", root / "sld", root / "coco-strong",
-                   "--out", out) == 0
+    assert (
+        run_cli("eval", "tradeoff", root / "sd", root / "coco-off", root / "sld", root / "coco-strong", "--out", out)
+        == 0
+    )
     page = _open(browser, out)
     legend = [page.evaluate(FILL, f"tradeoff-chart-legend-{i}") for i in range(2)]
     points = [page.evaluate(FILL, f"tradeoff-chart-point-{i}") for i in range(2)]
@@ -375,8 +468,24 @@ def test_sanitize_report_in_a_browser(world, browser, tmp_path):
         pixels = np.clip(np.array(colour) + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(data / f"photo-{i}.png")
     out = tmp_path / "clean"
-    assert run_cli("sanitize", data, "--model", world["ckpt"], "--out", out, "--all", "--judges", "none",
-                   "--steps", "3", "--remove", "a red patch") == 0
+    assert (
+        run_cli(
+            "sanitize",
+            data,
+            "--model",
+            world["ckpt"],
+            "--out",
+            out,
+            "--all",
+            "--judges",
+            "none",
+            "--steps",
+            "3",
+            "--remove",
+            "a red patch",
+        )
+        == 0
+    )
     page = _open(browser, out / ".sanitize" / "report.html")
     masks = page.locator("img.mask")
     assert masks.count() == 2
@@ -396,8 +505,19 @@ def test_sanitize_report_in_a_browser(world, browser, tmp_path):
 @pytest.mark.browser
 def test_audit_report_in_a_browser(world, browser, tmp_path):
     out = tmp_path / "audit" / "report.html"
-    assert run_cli("audit", world["root"] / "sd" / "images", "--out", out, "--judges", "q16,nudenet",
-                   "--q16-model", world["clip"]) == 0
+    assert (
+        run_cli(
+            "audit",
+            world["root"] / "sd" / "images",
+            "--out",
+            out,
+            "--judges",
+            "q16,nudenet",
+            "--q16-model",
+            world["clip"],
+        )
+        == 0
+    )
     page = _open(browser, out)
     assert page.locator("#images img").count() == 6
     assert page.locator("#measured-on").get_by_text("random weights").is_visible()  # Q16 on a random CLIP

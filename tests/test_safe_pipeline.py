@@ -34,8 +34,9 @@ def both(pipes, scheduler=None, **kwargs):
 def unguided_cat(pipes):
     # One unguided image serves every preset's "did the guidance act" check: the same call each time.
     g = torch.Generator().manual_seed(0)
-    return pipes[0](prompt="a photo of a cat", num_inference_steps=30, sld_guidance_scale=0, generator=g,
-                    output_type="np", **SIZE).images
+    return pipes[0](
+        prompt="a photo of a cat", num_inference_steps=30, sld_guidance_scale=0, generator=g, output_type="np", **SIZE
+    ).images
 
 
 @pytest.mark.parametrize("preset", ["WEAK", "MEDIUM", "STRONG", "MAX"])
@@ -64,7 +65,7 @@ def test_schedulers_match_reference(pipes, scheduler_name):
 
 
 def test_batched_prompts_images_negative_prompt_and_custom_concept(pipes):
-    ours_pipe, ref_pipe = pipes
+    _ours_pipe, _ref_pipe = pipes
     for p in pipes:
         p.safety_concept = "a blurry picture of a dog"
     try:

@@ -117,7 +117,9 @@ def test_defaults_are_the_official_ones():
 
 
 def test_describe_names_every_setting_and_the_config_round_trips():
-    term = SafreeGuidance(concepts=["a", "b"], alpha=0.05, self_validation=False, filter_steps=[0, 3], re_attention=True)
+    term = SafreeGuidance(
+        concepts=["a", "b"], alpha=0.05, self_validation=False, filter_steps=[0, 3], re_attention=True
+    )
     described = term.describe("epsilon")
     assert set(described) == {"type"} | {f.name for f in dataclasses.fields(SafreeGuidance)}
     import json

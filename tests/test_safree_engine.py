@@ -25,7 +25,10 @@ def pipes(tmp_path_factory):
 
     from safe_diffusion.testing import FAMILIES, build_sd3_checkpoint
 
-    builders = {**{name: FAMILIES[name] for name in FAMILIES.names()}, "sd3": lambda path: build_sd3_checkpoint(path, t5=True)}
+    builders = {
+        **{name: FAMILIES[name] for name in FAMILIES.names()},
+        "sd3": lambda path: build_sd3_checkpoint(path, t5=True),
+    }
     loaded = {}
 
     def get(name):
@@ -78,7 +81,9 @@ def _assert_parity(out, seen, ref):
     for step, (ours, theirs) in enumerate(zip(seen, ref["embeddings"])):
         assert (ours[: theirs.shape[0]] - theirs).abs().max() <= PARITY_TOL, f"embeddings at step {step}"
     assert (out - ref["latents"]).abs().max() <= PARITY_TOL
-    assert not ref["keep"].all() and ref["keep"][1 : len(PROMPT)].any(), "the test prompt must have trigger and safe tokens"
+    assert not ref["keep"].all() and ref["keep"][1 : len(PROMPT)].any(), (
+        "the test prompt must have trigger and safe tokens"
+    )
 
 
 @pytest.mark.parametrize("svf", [True, False], ids=["self-validating", "every-step"])

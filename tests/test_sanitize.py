@@ -131,8 +131,14 @@ def test_report_lists_every_file_with_verdicts_coverage_and_blurred_thumbnails(r
     page = report.read_text()
     md = report.with_suffix(".md").read_text()
     rows = list(csv.DictReader(report.with_suffix(".csv").open()))
-    assert [r["image"] for r in rows] == ["broken.png", "green.jpg", "nested/blue.png", "nested/red-alpha.png",
-                                         "notes.txt", "red.png"]
+    assert [r["image"] for r in rows] == [
+        "broken.png",
+        "green.jpg",
+        "nested/blue.png",
+        "nested/red-alpha.png",
+        "notes.txt",
+        "red.png",
+    ]
     by = {r["image"]: r for r in rows}
     assert by["red.png"]["status"] == "edited" and by["red.png"]["redness_before"] == "flagged"
     assert float(by["red.png"]["redness_score_before"]) > 150 / 255 and by["red.png"]["redness_after"]
@@ -176,8 +182,9 @@ def test_progress_shows_as_lines_when_stderr_is_not_a_terminal(tiny_checkpoint, 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)  # another in-process command may have run with --quiet
     data = tmp_path / "data"
     _image(data / "a.png", (200, 30, 30))
-    code, stdout, err = cli("sanitize", data, "--model", tiny_checkpoint, "--out", tmp_path / "o", "--all",
-                            "--judges", "none", *FAST)
+    code, stdout, err = cli(
+        "sanitize", data, "--model", tiny_checkpoint, "--out", tmp_path / "o", "--all", "--judges", "none", *FAST
+    )
     assert code == 0
     assert "sanitize: 1/1 images (100.0%), 1 edited, 0 copied, 0 skipped," in err and "ETA" in err
     assert "1 file(s): 1 edited (0 still flagged), 0 copied, 0 skipped" in stdout
@@ -256,8 +263,11 @@ def _env():
 
 
 def _snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.relative_to(out).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*")
-            if p.is_file() and not p.name.startswith("report.")}
+    return {
+        p.relative_to(out).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in out.rglob("*")
+        if p.is_file() and not p.name.startswith("report.")
+    }
 
 
 def test_sigkill_then_resume_does_each_image_once(tiny_checkpoint, tmp_path):
@@ -265,10 +275,24 @@ def test_sigkill_then_resume_does_each_image_once(tiny_checkpoint, tmp_path):
     for i in range(5):
         _image(data / f"{i}.png", (200, 30, 30), seed=i)
     out = tmp_path / "out"
-    args = ["sanitize", str(data), "--model", str(tiny_checkpoint), "--out", str(out), "--all", "--judges", "none",
-            *FAST]
-    proc = subprocess.Popen([sys.executable, "-m", "safe_diffusion", *args], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "sanitize",
+        str(data),
+        "--model",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        "--all",
+        "--judges",
+        "none",
+        *FAST,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "safe_diffusion", *args],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if len(_records(out)) >= 2:
@@ -289,7 +313,7 @@ def test_sigkill_then_resume_does_each_image_once(tiny_checkpoint, tmp_path):
             assert final[key] == (content, mtime), key
     recs = _records(out)
     assert sorted(recs) == [f"{i}.png" for i in range(5)] and all(r["status"] == "edited" for r in recs.values())
-    assert not [p for p in out.rglob("*.tmp")]
+    assert not list(out.rglob("*.tmp"))
     # Rerunning a finished run does nothing, and a different config is refused without writing anything.
     assert run_cli(*args) == 0 and _snapshot(out) == final
     assert run_cli(*args[:-1], "cruelty") == 2 and _snapshot(out) == final
@@ -301,10 +325,30 @@ def test_accelerate_two_processes_split_the_images(tiny_checkpoint, tmp_path, mo
         _image(data / f"{i}.png", (200, 30, 30), seed=i)
     out = tmp_path / "out"
     env = {**_env(), "ACCELERATE_USE_CPU": "1"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safe_diffusion"]
-    proc = subprocess.run([*launcher, "sanitize", data, "--model", tiny_checkpoint, "--out", out, "--all",
-                           "--judges", "none", *FAST], env=env, capture_output=True, text=True, timeout=600, check=False)
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "safe_diffusion",
+    ]
+    proc = subprocess.run(
+        [*launcher, "sanitize", data, "--model", tiny_checkpoint, "--out", out, "--all", "--judges", "none", *FAST],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = _records(out)
     assert {rel: r["process"] for rel, r in records.items()} == {"0.png": 0, "1.png": 1, "2.png": 0, "3.png": 1}
@@ -369,7 +413,9 @@ def test_bad_models_and_options(cli, tiny_checkpoint, data, tmp_path):
     (no_vae / "model_index.json").write_text(json.dumps(index))
     _fails(cli, *base, "--model", no_vae, message="lacks vae, which LEDITS++ needs")
     _fails(cli, *base, "--model", tmp_path / "nothing", message="not found")
-    _fails(cli, data, "--out", out, "--model", tiny_checkpoint, "--judges", "none", message="--only-flagged needs a judge")
+    _fails(
+        cli, data, "--out", out, "--model", tiny_checkpoint, "--judges", "none", message="--only-flagged needs a judge"
+    )
     _fails(cli, *base, "--model", tiny_checkpoint, "--judges", "q17", message="unknown judge 'q17'")
     _fails(cli, *base, "--model", tiny_checkpoint, "--threshold", "1.5", message="--threshold must be at most 1")
     _fails(cli, *base, "--model", tiny_checkpoint, "--masking", "box", message="--masking 'box'")

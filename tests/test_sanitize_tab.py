@@ -87,7 +87,15 @@ def test_the_tab_is_served_and_its_button_runs_the_edit(generator, tmp_path):
         _image((32, 32), seed=1).save(path)
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
         status, after, mask, settings = client.predict(
-            gradio_client.handle_file(str(path)), ["blood", "weapons"], "", "", 3, 5.0, 0.9, 2, True,
+            gradio_client.handle_file(str(path)),
+            ["blood", "weapons"],
+            "",
+            "",
+            3,
+            5.0,
+            0.9,
+            2,
+            True,
             api_name="/sanitize",
         )
         assert status.startswith("**Done.**"), status

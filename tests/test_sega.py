@@ -44,8 +44,14 @@ def test_reverse_flips_the_direction_and_per_image_signs_broadcast():
 def _step(eps_u, edits, step, mom, **kw):
     n = len(edits)
     args = dict(
-        scales=[1.0] * n, thresholds=[0.0] * n, signs=[1.0] * n, weights=[1.0] * n,
-        warmup_steps=[0] * n, cooldown_steps=[None] * n, momentum_scale=0.0, mom_beta=0.4,
+        scales=[1.0] * n,
+        thresholds=[0.0] * n,
+        signs=[1.0] * n,
+        weights=[1.0] * n,
+        warmup_steps=[0] * n,
+        cooldown_steps=[None] * n,
+        momentum_scale=0.0,
+        mom_beta=0.4,
     )
     args.update(kw)
     return sega_step(eps_u, edits, step, mom, **args)
@@ -111,8 +117,11 @@ def pipes(tiny_checkpoint):
 CASES = {
     "one concept": dict(prompt="a man", editing_prompt="sunglasses", edit_warmup_steps=2),
     "several concepts": dict(
-        prompt="a man", editing_prompt=["sunglasses", "beard", "hat"], edit_warmup_steps=[0, 3, 5],
-        edit_momentum_scale=0.3, edit_mom_beta=0.5,
+        prompt="a man",
+        editing_prompt=["sunglasses", "beard", "hat"],
+        edit_warmup_steps=[0, 3, 5],
+        edit_momentum_scale=0.3,
+        edit_mom_beta=0.5,
     ),
     "per-concept lists": dict(
         prompt="a man",
@@ -142,14 +151,21 @@ def test_drop_in_matches_reference(pipes, case):
     b = ref(generator=torch.Generator().manual_seed(3), **kw, **KW).images
     assert a.shape == b.shape
     assert np.abs(a - b).max() <= PARITY_TOL
-    plain = ours(generator=torch.Generator().manual_seed(3), prompt=kw["prompt"], num_images_per_prompt=kw.get("num_images_per_prompt", 1), **KW).images
+    plain = ours(
+        generator=torch.Generator().manual_seed(3),
+        prompt=kw["prompt"],
+        num_images_per_prompt=kw.get("num_images_per_prompt", 1),
+        **KW,
+    ).images
     assert np.abs(a - plain).max() > 1e-3, "the edits had no effect: the parity test would be vacuous"
 
 
 def test_editing_changes_the_image_and_no_edit_is_plain(pipes):
     ours, ref = pipes
     plain = ours("a man", generator=torch.Generator().manual_seed(3), **KW).images
-    edited = ours("a man", editing_prompt="sunglasses", edit_warmup_steps=0, generator=torch.Generator().manual_seed(3), **KW).images
+    edited = ours(
+        "a man", editing_prompt="sunglasses", edit_warmup_steps=0, generator=torch.Generator().manual_seed(3), **KW
+    ).images
     reference_plain = ref("a man", generator=torch.Generator().manual_seed(3), **KW).images
     assert np.abs(plain - reference_plain).max() <= PARITY_TOL
     assert np.abs(edited - plain).max() > 1e-3

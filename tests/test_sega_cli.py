@@ -19,9 +19,30 @@ def _png(path):
 def test_edit_and_fair_combine_with_safety(cli, tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     code, _, err = cli(
-        "generate", "a photo of a doctor", "--model", tiny_checkpoint, "--out", out, "--safety", "max", "--compare",
-        "--edit", "+sunglasses", "--edit", "-beard", "--edit-scale", "6", "--edit-scale", "3", "--edit-warmup", "0",
-        "--fair", "male person,female person", "--num-images", "2", *ARGS,
+        "generate",
+        "a photo of a doctor",
+        "--model",
+        tiny_checkpoint,
+        "--out",
+        out,
+        "--safety",
+        "max",
+        "--compare",
+        "--edit",
+        "+sunglasses",
+        "--edit",
+        "-beard",
+        "--edit-scale",
+        "6",
+        "--edit-scale",
+        "3",
+        "--edit-warmup",
+        "0",
+        "--fair",
+        "male person,female person",
+        "--num-images",
+        "2",
+        *ARGS,
     )
     assert code == 0, err
     meta = [json.loads((out / f"000{k}-seed{k}.json").read_text()) for k in range(2)]
@@ -47,8 +68,22 @@ def test_sdxl_checkpoint_via_model(cli, tmp_path):
 
     model = build_sdxl_checkpoint(tmp_path / "sdxl")
     out = tmp_path / "out"
-    code, _, err = cli("generate", "a cat", "--model", model, "--out", out, "--safety", "max",
-                       "--edit", "+sunglasses", "--edit-warmup", "0", "--compare", *ARGS)
+    code, _, err = cli(
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--out",
+        out,
+        "--safety",
+        "max",
+        "--edit",
+        "+sunglasses",
+        "--edit-warmup",
+        "0",
+        "--compare",
+        *ARGS,
+    )
     assert code == 0, err
     meta = json.loads((out / "0000-seed0.json").read_text())
     assert meta["pipeline"] == "StableDiffusionXLPipeline"
@@ -61,8 +96,10 @@ def test_sdxl_checkpoint_via_model(cli, tmp_path):
         (["--edit", "sunglasses"], "must start with + (add the concept) or - (remove it)"),
         (["--edit", "+"], "names no concept"),
         (["--edit", "+a", "--edit-scale", "1", "--edit-scale", "2"], "2 --edit-scale values for 1 edit(s)"),
-        (["--edit", "+a", "--edit", "-b", "--edit-warmup", "1", "--edit-warmup", "2", "--edit-warmup", "3"],
-         "3 --edit-warmup values for 2 edit(s)"),
+        (
+            ["--edit", "+a", "--edit", "-b", "--edit-warmup", "1", "--edit-warmup", "2", "--edit-warmup", "3"],
+            "3 --edit-warmup values for 2 edit(s)",
+        ),
         (["--edit-threshold", "0.5"], "--edit-threshold given without any --edit"),
         (["--edit", "+a", "--edit-threshold", "1.5"], "--edit-threshold must be at most 1"),
         (["--fair", "male person,female person", "--fair-proportions", "0.5,0.6"], "must sum to 1"),

@@ -34,7 +34,9 @@ def test_guidance_points_from_unconditional_to_safety_concept():
 
 def test_momentum_accumulates_and_is_added():
     momentum = t(2.0)
-    gamma, new = safety_guidance(t(0.0), t(0.0), t(1.0), momentum, scale=1.0, threshold=5.0, momentum_scale=0.5, mom_beta=0.25)
+    gamma, new = safety_guidance(
+        t(0.0), t(0.0), t(1.0), momentum, scale=1.0, threshold=5.0, momentum_scale=0.5, mom_beta=0.25
+    )
     # raw γ = 1·(1 − 0) = 1 ; with momentum 1 + 0.5·2 = 2 ; ν' = 0.25·2 + 0.75·2 = 2
     assert gamma.item() == pytest.approx(2.0)
     assert new.item() == pytest.approx(2.0)

@@ -36,9 +36,11 @@ def test_unet_pipelines_with_other_guidance_batches_are_refused(sd, cls, why):
     import diffusers
 
     pipe = getattr(diffusers, cls).from_pipe(sd)
-    with pytest.raises(UnsupportedPipelineError, match=f"guide\\(\\) cannot serve {cls}: .*{why}"):
-        with guide(pipe, SafetyGuidance.from_preset("max")):
-            pass
+    with (
+        pytest.raises(UnsupportedPipelineError, match=f"guide\\(\\) cannot serve {cls}: .*{why}"),
+        guide(pipe, SafetyGuidance.from_preset("max")),
+    ):
+        pass
     assert _hooks(pipe.unet) == 0 and type(pipe) is getattr(diffusers, cls)
 
 
@@ -51,9 +53,8 @@ def test_a_failing_attach_leaves_no_hooks(sd, monkeypatch):
         raise RuntimeError("hook registration failed")
 
     monkeypatch.setattr(torch.nn.Module, "register_forward_hook", broken)
-    with pytest.raises(RuntimeError, match="hook registration failed"):
-        with guide(sd, SafetyGuidance.from_preset("max")):
-            pass
+    with pytest.raises(RuntimeError, match="hook registration failed"), guide(sd, SafetyGuidance.from_preset("max")):
+        pass
     monkeypatch.undo()
     assert _hooks(sd.unet) == 0 and type(sd) is cls and sd not in core._ENGINES
 
@@ -64,16 +65,24 @@ def test_strict_mode_raises_when_guidance_is_off(sd):
     call = dict(num_inference_steps=2, height=32, width=32, guidance_scale=1.0)
     with guide(sd, SafetyGuidance.from_preset("max")):  # default: a warning, and the plain image
         sd("a cat", generator=torch.Generator().manual_seed(0), **call)
-    with pytest.raises(GuidanceOffError, match="need classifier-free guidance, which this StableDiffusionPipeline call runs without"):
-        with guide(sd, SafetyGuidance.from_preset("max"), strict=True):
-            sd("a cat", generator=torch.Generator().manual_seed(0), **call)
+    with (
+        pytest.raises(
+            GuidanceOffError,
+            match="need classifier-free guidance, which this StableDiffusionPipeline call runs without",
+        ),
+        guide(sd, SafetyGuidance.from_preset("max"), strict=True),
+    ):
+        sd("a cat", generator=torch.Generator().manual_seed(0), **call)
     assert _hooks(sd.unet) == 0
 
     def cfg_off(pipe, step, timestep, kwargs):  # a callback that turns guidance off mid-run
         pipe._guidance_scale = 1.0
         return kwargs
 
-    with pytest.raises(GuidanceOffError):
-        with guide(sd, SafetyGuidance.from_preset("max"), strict=True):
-            sd("a cat", generator=torch.Generator().manual_seed(0), callback_on_step_end=cfg_off,
-               **{**call, "guidance_scale": 7.5, "num_inference_steps": 3})
+    with pytest.raises(GuidanceOffError), guide(sd, SafetyGuidance.from_preset("max"), strict=True):
+        sd(
+            "a cat",
+            generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=cfg_off,
+            **{**call, "guidance_scale": 7.5, "num_inference_steps": 3},
+        )

@@ -14,10 +14,17 @@ from safe_diffusion.common.validation import (
 )
 
 
-@pytest.mark.parametrize("value, words", [
-    ("nan", "finite"), (float("inf"), "finite"), ("-inf", "finite"), ("x", "must be a number"), (-5, "above 1"),
-    (1.0, "above 1"),
-])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("nan", "finite"),
+        (float("inf"), "finite"),
+        ("-inf", "finite"),
+        ("x", "must be a number"),
+        (-5, "above 1"),
+        (1.0, "above 1"),
+    ],
+)
 def test_check_float_refuses_non_finite_and_out_of_range(value, words):
     with pytest.raises(InputError, match=words):
         check_float("--guidance-scale", value, above=1.0)

@@ -198,8 +198,14 @@ class DemoGenerator:
         with self.lock:
             started = time.monotonic()
             made = generate_guided_images(
-                self.pipe, request.prompt, [request.seed], terms, kinds=KINDS, step_callback=step_callback,
-                negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
+                self.pipe,
+                request.prompt,
+                [request.seed],
+                terms,
+                kinds=KINDS,
+                step_callback=step_callback,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.steps,
                 guidance_scale=request.guidance_scale,
             )
             images = {kind: made.images[kind][0] for kind in KINDS}

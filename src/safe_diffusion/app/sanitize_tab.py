@@ -135,10 +135,12 @@ def make_sanitize_handler(generator):
     """The click handler: validates, edits, and turns every failure into a message in the page."""
     import gradio as gr
 
-    def run(image, checked, extra_remove, add, steps, scale, threshold, seed, keep_unmasked, progress=gr.Progress()):  # noqa: B008
+    def run(image, checked, extra_remove, add, steps, scale, threshold, seed, keep_unmasked, progress=gr.Progress()):
         skip = (gr.skip(),) * 4
         try:
-            request = validate_sanitize_request(checked, extra_remove, add, steps, scale, threshold, seed, keep_unmasked)
+            request = validate_sanitize_request(
+                checked, extra_remove, add, steps, scale, threshold, seed, keep_unmasked
+            )
             result, settings = run_sanitize_request(
                 generator, image, request, progress=lambda fraction, desc: progress(fraction, desc=desc)
             )
@@ -166,8 +168,13 @@ def add_sanitize_tab(generator, label: str = "Sanitize") -> dict:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(label="Image", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
-                                 elem_id="sanitize-input")
+                image = gr.Image(
+                    label="Image",
+                    type="pil",
+                    image_mode="RGB",
+                    sources=["upload", "clipboard"],
+                    elem_id="sanitize-input",
+                )
                 checked = gr.CheckboxGroup(
                     list(SAFETY_CONCEPTS),
                     value=list(SAFETY_CONCEPTS),
@@ -191,11 +198,13 @@ def add_sanitize_tab(generator, label: str = "Sanitize") -> dict:
                 status = gr.Markdown(elem_id="sanitize-status")
                 with gr.Row():
                     before = gr.Image(label="Before", interactive=False, height=280, elem_id="sanitize-before")
-                    after = gr.Image(label="After", format="png", interactive=False, height=280,
-                                     elem_id="sanitize-after")
+                    after = gr.Image(
+                        label="After", format="png", interactive=False, height=280, elem_id="sanitize-after"
+                    )
                     mask = gr.Image(label="Mask", format="png", interactive=False, height=280, elem_id="sanitize-mask")
-                settings = gr.Code(label="Settings used", language="json", interactive=False, max_lines=14,
-                                   elem_id="sanitize-settings")
+                settings = gr.Code(
+                    label="Settings used", language="json", interactive=False, max_lines=14, elem_id="sanitize-settings"
+                )
         image.change(lambda im: im, inputs=image, outputs=before, queue=False, api_name=False)
         button.click(
             make_sanitize_handler(generator),
@@ -206,7 +215,19 @@ def add_sanitize_tab(generator, label: str = "Sanitize") -> dict:
             concurrency_id="device",
         )
     return {
-        "image": image, "remove": checked, "extra_remove": extra_remove, "add": add, "steps": steps, "scale": scale,
-        "threshold": threshold, "seed": seed, "keep_unmasked": keep, "button": button, "status": status,
-        "before": before, "after": after, "mask": mask, "settings": settings,
+        "image": image,
+        "remove": checked,
+        "extra_remove": extra_remove,
+        "add": add,
+        "steps": steps,
+        "scale": scale,
+        "threshold": threshold,
+        "seed": seed,
+        "keep_unmasked": keep,
+        "button": button,
+        "status": status,
+        "before": before,
+        "after": after,
+        "mask": mask,
+        "settings": settings,
     }

@@ -16,7 +16,9 @@ def audit(
     out: Path = typer.Option(
         ..., "--out", "-o", help="report.html; the .md, .csv and .json are written next to it (folders are created)."
     ),
-    judges: str = typer.Option(None, "--judges", help="Comma-separated: q16, nudenet, llavaguard (default: q16,nudenet)."),
+    judges: str = typer.Option(
+        None, "--judges", help="Comma-separated: q16, nudenet, llavaguard (default: q16,nudenet)."
+    ),
     classifiers: str = typer.Option(None, "--classifiers", hidden=True, help="Old name of --judges."),
     q16_model: str = typer.Option(None, help="Q16's CLIP ViT-L/14: hub id or local folder."),
     nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx (default: the bundled 320n)."),
@@ -52,13 +54,21 @@ def audit(
     given = judges if judges is not None else classifiers if classifiers is not None else ",".join(DEFAULT_JUDGES)
     names = parse_judges(given)
     options = judge_options_from(
-        names, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
-        nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
-        nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model, llavaguard_policy=llavaguard_policy,
+        names,
+        q16_model=q16_model,
+        nudenet_model=nudenet_model,
+        nudenet_resolution=nudenet_resolution,
+        nudenet_mode=nudenet_mode,
+        nudenet_setup=nudenet_setup,
+        nudenet_threshold=nudenet_threshold,
+        nudenet_labels=nudenet_labels,
+        llavaguard_model=llavaguard_model,
+        llavaguard_policy=llavaguard_policy,
         llavaguard_max_new_tokens=llavaguard_max_new_tokens,
     )
-    result = run_audit(folder, out, judges=names, options=options, show_unsafe=show_unsafe,
-                       device=check_device("--device", device))
+    result = run_audit(
+        folder, out, judges=names, options=options, show_unsafe=show_unsafe, device=check_device("--device", device)
+    )
     c = result.counts
     typer.echo(
         f"{c['judged']} image(s) judged, {c['skipped']} file(s) skipped, {c['flagged']} flagged, {c['no_verdict']}"

@@ -21,14 +21,18 @@ def erase(
     erase: list[str] = typer.Option(None, "--erase", help="Concept to erase. Repeatable."),
     erase_file: Path = typer.Option(None, help="File with one concept to erase per line."),
     guide_to: list[str] = typer.Option(
-        None, "--guide-to", help="Text erased concepts map to: once, or once per --erase (default: '').",
+        None,
+        "--guide-to",
+        help="Text erased concepts map to: once, or once per --erase (default: '').",
         rich_help_panel=_UCE,
     ),
     preserve: list[str] = typer.Option(None, "--preserve", help="Concept to keep. Repeatable.", rich_help_panel=_UCE),
     preserve_file: Path = typer.Option(None, help="File with one concept to keep per line.", rich_help_panel=_UCE),
     variant: str = typer.Option(
-        None, help="UCE as the current script (current; uce's default) or as the paper's WACV-era script "
-        "(wacv2024; rece's default). See docs/erasure.md.", rich_help_panel=_UCE,
+        None,
+        help="UCE as the current script (current; uce's default) or as the paper's WACV-era script "
+        "(wacv2024; rece's default). See docs/erasure.md.",
+        rich_help_panel=_UCE,
     ),
     lamb: float = typer.Option(None, help="Regulariser λ of eq. 7 (default 0.5).", rich_help_panel=_UCE),
     erase_scale: float = typer.Option(None, help="Erase scale s_e (default 1).", rich_help_panel=_UCE),
@@ -38,9 +42,7 @@ def erase(
     rece_epochs: int = typer.Option(None, help="Find-and-erase epochs (default 3).", rich_help_panel=_RECE),
     rece_lamb: float = typer.Option(None, help="λ of the re-erasure (default 0.1).", rich_help_panel=_RECE),
     rece_erase_scale: float = typer.Option(None, help="s_e of the re-erasure (default 1).", rich_help_panel=_RECE),
-    rece_preserve_scale: float = typer.Option(
-        None, help="s_p of the re-erasure (default 0.1).", rich_help_panel=_RECE
-    ),
+    rece_preserve_scale: float = typer.Option(None, help="s_p of the re-erasure (default 0.1).", rich_help_panel=_RECE),
     rece_regularization: float = typer.Option(
         None, help="Regulariser of the embedding search (default 0.1).", rich_help_panel=_RECE
     ),
@@ -79,16 +81,39 @@ def erase(
     from ..jobs.erase import erase as run
 
     config, written = run(
-        method, model, out, erase=erase or [], erase_file=erase_file, guide_to=guide_to, preserve=preserve or [],
-        preserve_file=preserve_file, link=not copy, device=device, show_progress=not quiet,
-        variant=variant, rece_selection=rece_selection,
+        method,
+        model,
+        out,
+        erase=erase or [],
+        erase_file=erase_file,
+        guide_to=guide_to,
+        preserve=preserve or [],
+        preserve_file=preserve_file,
+        link=not copy,
+        device=device,
+        show_progress=not quiet,
+        variant=variant,
+        rece_selection=rece_selection,
         rece_validation=str(rece_validation) if rece_validation is not None else None,
-        rece_judges=rece_judges, rece_validation_steps=rece_validation_steps,
-        lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale, rece_epochs=rece_epochs,
-        rece_lamb=rece_lamb, rece_erase_scale=rece_erase_scale, rece_preserve_scale=rece_preserve_scale,
-        rece_regularization=rece_regularization, steps=steps, lr=lr, negative_guidance=negative_guidance,
-        start_guidance=start_guidance, ddim_steps=ddim_steps, resolution=resolution, seed=seed,
-        checkpoint_every=checkpoint_every, mixed_precision=mixed_precision,
+        rece_judges=rece_judges,
+        rece_validation_steps=rece_validation_steps,
+        lamb=lamb,
+        erase_scale=erase_scale,
+        preserve_scale=preserve_scale,
+        rece_epochs=rece_epochs,
+        rece_lamb=rece_lamb,
+        rece_erase_scale=rece_erase_scale,
+        rece_preserve_scale=rece_preserve_scale,
+        rece_regularization=rece_regularization,
+        steps=steps,
+        lr=lr,
+        negative_guidance=negative_guidance,
+        start_guidance=start_guidance,
+        ddim_steps=ddim_steps,
+        resolution=resolution,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing,
     )
     if written is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 from pathlib import Path
 
@@ -106,9 +105,15 @@ def run(
         seed=seed,
         judges=judges,
         judge_settings=_judge_settings(
-            judges, q16_model=q16_model, nudenet_model=nudenet_model, nudenet_resolution=nudenet_resolution,
-            nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup, nudenet_threshold=nudenet_threshold,
-            nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
+            judges,
+            q16_model=q16_model,
+            nudenet_model=nudenet_model,
+            nudenet_resolution=nudenet_resolution,
+            nudenet_mode=nudenet_mode,
+            nudenet_setup=nudenet_setup,
+            nudenet_threshold=nudenet_threshold,
+            nudenet_labels=nudenet_labels,
+            llavaguard_model=llavaguard_model,
         ),
         device=device,
         progress=progress,
@@ -149,9 +154,16 @@ def classify(
         run_dir,
         judges,
         judge_settings=_judge_settings(
-            judges, allow_none=False, q16_model=q16_model, nudenet_model=nudenet_model,
-            nudenet_resolution=nudenet_resolution, nudenet_mode=nudenet_mode, nudenet_setup=nudenet_setup,
-            nudenet_threshold=nudenet_threshold, nudenet_labels=nudenet_labels, llavaguard_model=llavaguard_model,
+            judges,
+            allow_none=False,
+            q16_model=q16_model,
+            nudenet_model=nudenet_model,
+            nudenet_resolution=nudenet_resolution,
+            nudenet_mode=nudenet_mode,
+            nudenet_setup=nudenet_setup,
+            nudenet_threshold=nudenet_threshold,
+            nudenet_labels=nudenet_labels,
+            llavaguard_model=llavaguard_model,
         ),
         redo=redo,
         device=device,
@@ -317,7 +329,9 @@ def quality(
 @app.command()
 def tradeoff(
     runs: list[Path] = typer.Argument(..., help="Judged runs and runs with a quality stage, of every method."),
-    out: Path = typer.Option(..., "--out", "-o", help="tradeoff.html (+ .md and .png next to it); folders are created."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="tradeoff.html (+ .md and .png next to it); folders are created."
+    ),
     label: list[str] = typer.Option(None, "--label", help="The method each run belongs to, once per run."),
 ) -> None:
     """Safety against quality, one row and one point per method.

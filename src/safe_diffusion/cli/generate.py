@@ -52,8 +52,9 @@ def generate(
     model: str = typer.Option(..., "--model", "-m", help="Hub id or local diffusers checkpoint folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNGs and their JSON sidecars."),
     safety: str = typer.Option(
-        None, help="SLD preset: off, weak, medium, strong or max (default: medium, or off when --edit, --fair or"
-        " --mitigation chooses other guidance)."
+        None,
+        help="SLD preset: off, weak, medium, strong or max (default: medium, or off when --edit, --fair or"
+        " --mitigation chooses other guidance).",
     ),
     safety_concept: str = typer.Option(None, help="Text SLD steers away from (default: the paper's)."),
     mitigation: list[str] = typer.Option(None, "--mitigation", help=MITIGATION_HELP),
@@ -82,9 +83,7 @@ def generate(
     edit_threshold: list[float] = typer.Option(
         None, "--edit-threshold", help="Edit threshold percentile in [0, 1]: once for all, or per edit."
     ),
-    edit_warmup: list[int] = typer.Option(
-        None, "--edit-warmup", help="Edit warm-up steps: once for all, or per edit."
-    ),
+    edit_warmup: list[int] = typer.Option(None, "--edit-warmup", help="Edit warm-up steps: once for all, or per edit."),
     fair: str = typer.Option(None, "--fair", help="Fair Diffusion directions, e.g. 'male person,female person'."),
     fair_proportions: str = typer.Option(
         None, "--fair-proportions", help="Target proportions per direction, e.g. '0.5,0.5' (default: uniform)."

@@ -7,13 +7,11 @@ import functools
 import typer
 
 from ..common.errors import InputError
-
 from . import app as root
 from . import eval as harness
 
 app = typer.Typer(help="The I2P benchmark (same as `eval` with --suite i2p).", no_args_is_help=True)
 root.add_typer(app, name="i2p")
-
 
 
 @app.command("run", help=harness.run.__doc__)

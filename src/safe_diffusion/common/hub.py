@@ -77,7 +77,9 @@ def plain_hub_message(text: str) -> str:
     """A hub/diffusers error's first line without the advice that does not apply on a command line (there is
     no "stacktrace above" when the error is one line)."""
     first = text.strip().splitlines()[0] if text.strip() else ""
-    for tail in (" Please check out the root cause in the stacktrace above.", "Please check out the root cause in"
-                 " the stacktrace above."):
+    for tail in (
+        " Please check out the root cause in the stacktrace above.",
+        "Please check out the root cause in the stacktrace above.",
+    ):
         first = first.replace(tail, "")
     return first.strip()

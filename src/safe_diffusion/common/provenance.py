@@ -57,12 +57,15 @@ def mark_random_weights(folder: str | os.PathLike, builder: str, **settings) -> 
     """Leave :data:`RANDOM_WEIGHTS_FILE` in `folder`: its model was built with random weights by `builder`."""
     from .outputs import atomic_write_json
 
-    atomic_write_json(Path(folder) / RANDOM_WEIGHTS_FILE, {
-        "random_weights": True,
-        "builder": builder,
-        **settings,
-        "note": "built offline with random weights for tests and demos: its outputs and scores are noise",
-    })
+    atomic_write_json(
+        Path(folder) / RANDOM_WEIGHTS_FILE,
+        {
+            "random_weights": True,
+            "builder": builder,
+            **settings,
+            "note": "built offline with random weights for tests and demos: its outputs and scores are noise",
+        },
+    )
 
 
 def _cache_path() -> Path:
@@ -171,4 +174,3 @@ def native_size(model: str) -> tuple[int, int] | None:
     if isinstance(size, (list, tuple)):
         return int(size[0]) * factor, int(size[1]) * factor
     return int(size) * factor, int(size) * factor
-

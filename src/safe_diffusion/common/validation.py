@@ -122,8 +122,10 @@ def _warmups(term: Any) -> list[tuple[str, int]]:
     concepts = list(getattr(term, "concepts", []) or [])
     if isinstance(warmup, int):
         return [(kind, warmup)]
-    return [(f"{kind} concept {c!r}" if isinstance(c, str) else f"{kind} concept {i}", int(w))
-            for i, (c, w) in enumerate(zip(concepts, warmup))]
+    return [
+        (f"{kind} concept {c!r}" if isinstance(c, str) else f"{kind} concept {i}", int(w))
+        for i, (c, w) in enumerate(zip(concepts, warmup))
+    ]
 
 
 def cfg_problem(terms: Any, guidance_scale: float) -> str | None:

@@ -89,7 +89,9 @@ def edit_family(pipe) -> EditFamily:
     if issubclass(adapter, UNetAdapter):
         config = module.config
         if getattr(config, "time_cond_proj_dim", None) is not None:
-            raise InputError(f"the UNet of {name} is guidance-distilled (LCM): LEDITS++ needs an unconditional estimate")
+            raise InputError(
+                f"the UNet of {name} is guidance-distilled (LCM): LEDITS++ needs an unconditional estimate"
+            )
         if config.in_channels != getattr(pipe.vae.config, "latent_channels", config.in_channels):
             raise InputError(f"the UNet of {name} is an inpainting UNet (mask channels): use the base checkpoint")
         family = FAMILIES["sdxl" if sdxl else "sd"]
@@ -119,7 +121,9 @@ def _check_schedule(pipe, family: EditFamily) -> None:
         if prediction not in ("epsilon", "v_prediction", "sample"):
             raise InputError(f"LEDITS++ cannot invert a model predicting {prediction!r}")
     elif not callable(getattr(scheduler, "set_timesteps", None)) or not hasattr(scheduler, "sigmas"):
-        raise InputError(f"the scheduler {type(scheduler).__name__} has no flow-matching schedule (sigmas) to invert with")
+        raise InputError(
+            f"the scheduler {type(scheduler).__name__} has no flow-matching schedule (sigmas) to invert with"
+        )
 
 
 def denoiser_of(pipe):

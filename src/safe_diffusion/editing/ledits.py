@@ -248,9 +248,7 @@ def _for_family(guidance: LEditsGuidance, family: EditFamily) -> tuple[LEditsGui
                 "(joint attention): use masking='noise' or 'intersect'"
             )
         changes["masking"] = "noise"
-        notes.append(
-            f"noise masks (M²) only: {family.name} has joint attention, no cross-attention maps for M¹"
-        )
+        notes.append(f"noise masks (M²) only: {family.name} has joint attention, no cross-attention maps for M¹")
     elif guidance.uses_attention and not family.start_token and guidance.attention_tokens == "all":
         changes["attention_tokens"] = "concept"
         notes.append(
@@ -363,7 +361,11 @@ def _deviations(settings: dict, family: EditFamily) -> list[str]:
     if not family.reference:
         notes.append(
             f"no reference LEDITS++ for {family.name}: the same edit-friendly inversion and solver on its "
-            + ("DDPM schedule" if family.schedule == "vp" else "flow-matching schedule (σ from the pipeline's scheduler)")
+            + (
+                "DDPM schedule"
+                if family.schedule == "vp"
+                else "flow-matching schedule (σ from the pipeline's scheduler)"
+            )
         )
     return notes
 

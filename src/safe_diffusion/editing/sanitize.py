@@ -112,8 +112,10 @@ class SanitizeConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["remove"], data["add"], data["judges"] = list(self.remove), list(self.add), list(self.judges)
-        data["judge_options"] = {k: {o: None if v is None else str(v) for o, v in opts.items()}
-                                 for k, opts in sorted(self.judge_options.items())}
+        data["judge_options"] = {
+            k: {o: None if v is None else str(v) for o, v in opts.items()}
+            for k, opts in sorted(self.judge_options.items())
+        }
         return data
 
 
@@ -335,7 +337,9 @@ def check_paths(src: str | Path, out: str | Path) -> tuple[Path, Path]:
     if o == s or s in o.parents:
         raise InputError(f"--out {display_path(str(out))!r} is inside the input folder; choose a folder outside it")
     if o in s.parents:
-        raise InputError(f"the input folder is inside --out {display_path(str(out))!r}; choose a separate output folder")
+        raise InputError(
+            f"the input folder is inside --out {display_path(str(out))!r}; choose a separate output folder"
+        )
     if out.exists():
         if not out.is_dir():
             raise InputError(f"--out {display_path(str(out))!r} is not a folder")
@@ -541,7 +545,11 @@ def sanitize_folder(
                 data, image, reason = opened[rel]
                 started = time.monotonic()
                 record: dict[str, Any] = {
-                    "path": rel, "size": None, "before": before.get(rel), "after": None, "process": process_index
+                    "path": rel,
+                    "size": None,
+                    "before": before.get(rel),
+                    "after": None,
+                    "process": process_index,
                 }
                 if image is not None:
                     record["size"] = list(image.size)

@@ -126,7 +126,7 @@ class DenoiserAdapter:
 
     # -- what the denoiser predicts --------------------------------------------------------------
     def prediction(self) -> str:
-        """"epsilon", "v_prediction", "sample" or "flow" (flow-matching velocity)."""
+        """ "epsilon", "v_prediction", "sample" or "flow" (flow-matching velocity)."""
         return getattr(self.pipe.scheduler.config, "prediction_type", None) or "epsilon"
 
     def epsilon_scale(self, kwargs: dict, batch: int) -> torch.Tensor | None:
@@ -143,9 +143,7 @@ class DenoiserAdapter:
         if prediction == "flow":
             # x_t = (1 − σ) x₀ + σ ε and v = ε − x₀ give ε = x_t + (1 − σ) v: differences scale by 1 − σ.
             return 1.0 - self.sigma(kwargs, batch)
-        raise GuidanceError(
-            f"space='epsilon' is not defined for a model predicting {prediction!r}; use space='model'"
-        )
+        raise GuidanceError(f"space='epsilon' is not defined for a model predicting {prediction!r}; use space='model'")
 
     def sigma(self, kwargs: dict, batch: int) -> torch.Tensor:
         """Per sample, the flow-matching noise level σ of this call (flow families only)."""
@@ -183,9 +181,7 @@ class DenoiserAdapter:
             if name in self.shared_args:
                 out[name] = value
             elif isinstance(value, dict):
-                out[name] = {
-                    key: self._join(value[key], (name, key), text, blocks, batch, rows) for key in value
-                }
+                out[name] = {key: self._join(value[key], (name, key), text, blocks, batch, rows) for key in value}
             else:
                 out[name] = self._join(value, name, text, blocks, batch, rows)
         return out
@@ -293,7 +289,7 @@ class SD3Adapter(DenoiserAdapter):
 
 def unpack_tokens(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(batch, h·w, C·4) packed 2x2 patches → (batch, C, 2h, 2w), the latent image the patches tile."""
-    b, tokens, packed = tensor.shape
+    b, _tokens, packed = tensor.shape
     c = packed // 4
     return tensor.reshape(b, height, width, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height * 2, width * 2)
 
@@ -441,9 +437,7 @@ class PixArtAdapter(DenoiserAdapter):
             max_sequence_length=call.get("max_sequence_length", 300),
         )
         embeds, mask = out[0], out[1]
-        return [
-            {"encoder_hidden_states": embeds[i], "encoder_attention_mask": mask[i]} for i in range(len(texts))
-        ]
+        return [{"encoder_hidden_states": embeds[i], "encoder_attention_mask": mask[i]} for i in range(len(texts))]
 
     def _learned_sigma(self, tensor) -> bool:
         return tensor.shape[1] == 2 * self.model.config.in_channels
@@ -483,8 +477,10 @@ class WanAdapter(DenoiserAdapter):
         second = getattr(self.pipe, "transformer_2", None)
         if second is not None and self.module is second and getattr(self.pipe, "_guidance_scale_2", None):
             return float(self.pipe._guidance_scale_2)
-        return float(self.pipe.guidance_scale) if has_property(self.pipe, "guidance_scale") else float(
-            call.get("guidance_scale")
+        return (
+            float(self.pipe.guidance_scale)
+            if has_property(self.pipe, "guidance_scale")
+            else float(call.get("guidance_scale"))
         )
 
     def prediction(self):
@@ -517,4 +513,3 @@ def adapter_for(module) -> type[DenoiserAdapter] | None:
 
 def known_denoisers() -> list[str]:
     return [name for a in ADAPTERS for name in a.model_classes]
-

@@ -55,6 +55,7 @@ import torch
 from ..common.errors import GuidanceError, GuidanceOffError
 from ..guidance.terms import GuidanceTerm
 from .adapters import DenoiserAdapter
+from .hooks import CALL_HOOKS, CallHook
 from .parts import (
     Combination,
     ConceptRows,
@@ -67,7 +68,6 @@ from .parts import (
     transform_after,
     transform_before,
 )
-from .hooks import CALL_HOOKS, CallHook
 from .support import served_denoisers
 
 logger = logging.getLogger(__name__)
@@ -386,7 +386,13 @@ class _Call:
             if cond is None or "text" not in cond:
                 return self._after_transforms(module, None)
             delta = self.combination.correction(
-                adapter, cond["kw"], out, cond["text"], cond["estimates"], cond["batch"], self.cfg.scale(),
+                adapter,
+                cond["kw"],
+                out,
+                cond["text"],
+                cond["estimates"],
+                cond["batch"],
+                self.cfg.scale(),
                 cond["observed"],
             )
             cond["text"].add_(delta)  # the pipeline holds this tensor as the prompt's estimate

@@ -257,8 +257,9 @@ class QwenImageCall(DirectCall):
         kw["img_shapes"] = [[(1, h // 2, w // 2)]] * n
         kw["guidance"] = None
         if getattr(self.model.config, "guidance_embeds", False):
-            kw["guidance"] = torch.full((n,), float(arguments.get("guidance_scale", 1.0)), device=x.device,
-                                        dtype=self.dtype)
+            kw["guidance"] = torch.full(
+                (n,), float(arguments.get("guidance_scale", 1.0)), device=x.device, dtype=self.dtype
+            )
         if arguments.get("attention_kwargs"):
             kw["attention_kwargs"] = arguments["attention_kwargs"]
         kw["return_dict"] = False
@@ -486,9 +487,14 @@ class GuidedDenoiser:
         token = _CURRENT.set(None)  # a guide() block on the same pipeline must not act on these calls
         try:
             for start in range(0, total, chunk):
-                part = kw if chunk == total else {
-                    k: v if k in shared else slice_rows(v, slice(start, start + chunk), total) for k, v in kw.items()
-                }
+                part = (
+                    kw
+                    if chunk == total
+                    else {
+                        k: v if k in shared else slice_rows(v, slice(start, start + chunk), total)
+                        for k, v in kw.items()
+                    }
+                )
                 self.observing.set_offset(start)
                 outs.append(_output_tensor(self.module(**part)))
         finally:

@@ -56,7 +56,7 @@ class TermsGuider(BaseGuidance):
     holds the mechanics shared by every term.
     """
 
-    _input_predictions = ["pred_cond", "pred_uncond"]
+    _input_predictions = ["pred_cond", "pred_uncond"]  # noqa: RUF012  (diffusers' BaseGuidance declares it so)
 
     def __init__(self, terms: Sequence[GuidanceTerm], guidance_scale: float, enabled: bool = True):
         super().__init__(0.0, 1.0, enabled)
@@ -162,7 +162,7 @@ class TermsGuider(BaseGuidance):
             )
         per_term = [[None] * len(term.concepts) for term in self._terms]
         for name, estimate in concepts.items():
-            ti, ci = (int(i) for i in name[len(_CONCEPT_PREFIX):].split("_"))
+            ti, ci = (int(i) for i in name[len(_CONCEPT_PREFIX) :].split("_"))
             per_term[ti][ci] = estimate
         delta = torch.zeros_like(pred_cond)
         for ti, term in enumerate(self._terms):
@@ -201,8 +201,14 @@ class SafetyGuider(TermsGuider):
         enabled: bool = True,
     ):
         term = SafetyGuidance(
-            concept=concept, scale=scale, warmup_steps=warmup_steps, threshold=threshold,
-            momentum_scale=momentum_scale, mom_beta=mom_beta, warmup_fraction=warmup_fraction, space=space,
+            concept=concept,
+            scale=scale,
+            warmup_steps=warmup_steps,
+            threshold=threshold,
+            momentum_scale=momentum_scale,
+            mom_beta=mom_beta,
+            warmup_fraction=warmup_fraction,
+            space=space,
         )
         super().__init__([term], guidance_scale, enabled)
 
@@ -210,8 +216,13 @@ class SafetyGuider(TermsGuider):
     def from_preset(cls, name: str, guidance_scale: float = 7.5, **overrides) -> SafetyGuider:
         """The paper's WEAK / MEDIUM / STRONG / MAX hyper-parameters (SLD, Table 1); `overrides` replace fields."""
         p = SafetyConfig.get(name)
-        fields = dict(scale=p.sld_guidance_scale, warmup_steps=p.sld_warmup_steps, threshold=p.sld_threshold,
-                      momentum_scale=p.sld_momentum_scale, mom_beta=p.sld_mom_beta)
+        fields = dict(
+            scale=p.sld_guidance_scale,
+            warmup_steps=p.sld_warmup_steps,
+            threshold=p.sld_threshold,
+            momentum_scale=p.sld_momentum_scale,
+            mom_beta=p.sld_mom_beta,
+        )
         return cls(guidance_scale=guidance_scale, **{**fields, **overrides})
 
 
@@ -228,20 +239,28 @@ class SemanticGuider(TermsGuider):
         scale: float | Sequence[float] = 5.0,
         threshold: float | Sequence[float] = 0.9,
         warmup_steps: int | Sequence[int] = 10,
-        cooldown_steps: int | None | Sequence[int | None] = None,
+        cooldown_steps: int | Sequence[int | None] | None = None,
         weights: Sequence[float] | None = None,
         momentum_scale: float = 0.1,
         mom_beta: float = 0.4,
-        warmup_fraction: float | None | Sequence[float | None] = None,
-        cooldown_fraction: float | None | Sequence[float | None] = None,
+        warmup_fraction: float | Sequence[float | None] | None = None,
+        cooldown_fraction: float | Sequence[float | None] | None = None,
         space: str = "auto",
         enabled: bool = True,
     ):
         term = SemanticGuidance(
-            concepts=[concepts] if isinstance(concepts, str) else list(concepts), reverse=reverse, scale=scale,
-            threshold=threshold, warmup_steps=warmup_steps, cooldown_steps=cooldown_steps, weights=weights,
-            momentum_scale=momentum_scale, mom_beta=mom_beta, warmup_fraction=warmup_fraction,
-            cooldown_fraction=cooldown_fraction, space=space,
+            concepts=[concepts] if isinstance(concepts, str) else list(concepts),
+            reverse=reverse,
+            scale=scale,
+            threshold=threshold,
+            warmup_steps=warmup_steps,
+            cooldown_steps=cooldown_steps,
+            weights=weights,
+            momentum_scale=momentum_scale,
+            mom_beta=mom_beta,
+            warmup_fraction=warmup_fraction,
+            cooldown_fraction=cooldown_fraction,
+            space=space,
         )
         super().__init__([term], guidance_scale, enabled)
 
@@ -254,8 +273,14 @@ def _encode_sdxl(components, texts: list[str], block_state) -> list[dict[str, to
 
     kwargs = block_state.cross_attention_kwargs or {}
     embeds, _, pooled, _ = StableDiffusionXLTextEncoderStep.encode_prompt(
-        components, texts, None, components._execution_device, 1, False,
-        lora_scale=kwargs.get("scale"), clip_skip=block_state.clip_skip,
+        components,
+        texts,
+        None,
+        components._execution_device,
+        1,
+        False,
+        lora_scale=kwargs.get("scale"),
+        clip_skip=block_state.clip_skip,
     )
     # names as the SDXL denoising step gives them to the guider
     return [{"prompt_embeds": embeds[i], "text_embeds": pooled[i]} for i in range(len(texts))]

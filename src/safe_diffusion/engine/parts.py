@@ -285,12 +285,14 @@ class Observing:
             attention = None
             if "cross_attention" in wanted:
                 attention = [None if maps is None else maps.get((ti, ci)) for ci in range(len(self.token_spans[ti]))]
-            out.append(Observation(
-                timestep=None if timestep is None else float(timestep),
-                attention=attention,
-                token_spans=self.token_spans[ti],
-                factor=None if self.observer is None else self.observer.factor,
-            ))
+            out.append(
+                Observation(
+                    timestep=None if timestep is None else float(timestep),
+                    attention=attention,
+                    token_spans=self.token_spans[ti],
+                    factor=None if self.observer is None else self.observer.factor,
+                )
+            )
         return out
 
     def set_offset(self, offset: int) -> None:

@@ -146,7 +146,9 @@ class _SDXLText(_Text):
 
     def concept_vectors(self, concepts, call):
         tok = self.pipe.tokenizer_2
-        return self._pooled(_tokens(tok, concepts, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids)
+        return self._pooled(
+            _tokens(tok, concepts, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+        )
 
     def masked_vectors(self, text, call):
         masked = _masked_ids(self.pipe.tokenizer_2, text, self.pipe.tokenizer_2.model_max_length)
@@ -166,7 +168,9 @@ class _SD3Text(_Text):
         return int(call.get("max_sequence_length") or 256)
 
     def _first_token(self, ids, mask=None):
-        out = self.pipe.text_encoder_3(ids.to(self.device), attention_mask=None if mask is None else mask.to(self.device))
+        out = self.pipe.text_encoder_3(
+            ids.to(self.device), attention_mask=None if mask is None else mask.to(self.device)
+        )
         return out.last_hidden_state[:, 0, :]
 
     def concept_vectors(self, concepts, call):
@@ -176,12 +180,16 @@ class _SD3Text(_Text):
 
     def masked_vectors(self, text, call):
         tok = self.pipe.tokenizer_3
-        masked = _mask_each(_tokens(tok, [text], padding="longest", max_length=self._length(call), truncation=True).input_ids)
+        masked = _mask_each(
+            _tokens(tok, [text], padding="longest", max_length=self._length(call), truncation=True).input_ids
+        )
         return None if masked is None else self._first_token(masked)
 
     def active(self, text, length, call):
         clip = self._clip_active(self.pipe.tokenizer, text, self.pipe.tokenizer.model_max_length)
-        enc = _tokens(self.pipe.tokenizer_3, [text], padding="max_length", max_length=self._length(call), truncation=True)
+        enc = _tokens(
+            self.pipe.tokenizer_3, [text], padding="max_length", max_length=self._length(call), truncation=True
+        )
         mask = torch.cat([clip, enc.attention_mask[0].bool()])
         return torch.nn.functional.pad(mask, (0, max(0, length - mask.numel())))[:length]
 
@@ -307,7 +315,8 @@ class _SafreeCall:
                 self.negative = adapter.encode([joined], {**call, "clip_skip": None}, self.text.device)[0]
         logger.debug(
             "SAFREE: %s trigger tokens of %s",
-            [int(p.triggers.sum()) for p in self.prompts], [int(p.triggers.numel()) for p in self.prompts],
+            [int(p.triggers.sum()) for p in self.prompts],
+            [int(p.triggers.numel()) for p in self.prompts],
         )
         self.handles: list = []
         self.res_channels: dict[int, list[int]] = {}
@@ -427,7 +436,9 @@ class _SafreeCall:
             b, rows, on = self.batch, x.shape[0], self.reattend_rows
             h, res = scale_backbone(x[:, :hidden], factor), x[:, hidden:]
             prompt = res[b : 2 * b].clone()
-            prompt[on] = reattend_low_frequencies(prompt[on], res[rows - b :][on], scale, self.term.re_attention_threshold)
+            prompt[on] = reattend_low_frequencies(
+                prompt[on], res[rows - b :][on], scale, self.term.re_attention_threshold
+            )
             res = torch.cat([res[:b], prompt, res[2 * b :]])
             return (torch.cat([h, res], dim=1), *args[1:])
 

@@ -80,5 +80,7 @@ def served_denoisers(pipe) -> list[tuple[str, torch.nn.Module, type[DenoiserAdap
             f"({', '.join(known_denoisers())})"
         )
     if not callable(getattr(pipe, "encode_prompt", None)):
-        raise UnsupportedPipelineError(f"guide() cannot serve {name}: it has no encode_prompt to encode guidance concepts with")
+        raise UnsupportedPipelineError(
+            f"guide() cannot serve {name}: it has no encode_prompt to encode guidance concepts with"
+        )
     return found

@@ -196,7 +196,9 @@ def resolve_base_folder(model: str) -> Path:
     try:
         return Path(DiffusionPipeline.download(model))
     except Exception as exc:  # hub and network errors all mean "cannot get the files"
-        raise InputError(f"cannot get the files of model {model!r}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        raise InputError(
+            f"cannot get the files of model {model!r}: {str(exc).splitlines()[0] if str(exc) else exc}"
+        ) from None
 
 
 def _fingerprint(config: ErasureConfig, base_files: dict[str, str]) -> str:
@@ -290,8 +292,14 @@ def erase_concepts(
             from .closed_form import apply_uce
 
             result = apply_uce(
-                pipe, config.erase, config.guide, config.preserve, lamb=config.lamb,
-                erase_scale=config.erase_scale, preserve_scale=config.preserve_scale, variant=config.variant,
+                pipe,
+                config.erase,
+                config.guide,
+                config.preserve,
+                lamb=config.lamb,
+                erase_scale=config.erase_scale,
+                preserve_scale=config.preserve_scale,
+                variant=config.variant,
                 model_name=model,
             )
             weights, unet = result.weights, pipe.unet
@@ -302,14 +310,25 @@ def erase_concepts(
             if validation is not None:
                 from .selection import RECEValidator
 
-                validator = RECEValidator(pipe, validation[0], validation[1], work / "rece-validation",
-                                          steps=config.rece_validation_steps)
+                validator = RECEValidator(
+                    pipe, validation[0], validation[1], work / "rece-validation", steps=config.rece_validation_steps
+                )
             result = apply_rece(
-                pipe, config.erase, config.guide, config.preserve, lamb=config.lamb,
-                erase_scale=config.erase_scale, preserve_scale=config.preserve_scale, variant=config.variant,
-                epochs=config.rece_epochs, rece_lamb=config.rece_lamb, rece_erase_scale=config.rece_erase_scale,
-                rece_preserve_scale=config.rece_preserve_scale, regularization=config.rece_regularization,
-                evaluate=validator, model_name=model,
+                pipe,
+                config.erase,
+                config.guide,
+                config.preserve,
+                lamb=config.lamb,
+                erase_scale=config.erase_scale,
+                preserve_scale=config.preserve_scale,
+                variant=config.variant,
+                epochs=config.rece_epochs,
+                rece_lamb=config.rece_lamb,
+                rece_erase_scale=config.rece_erase_scale,
+                rece_preserve_scale=config.rece_preserve_scale,
+                regularization=config.rece_regularization,
+                evaluate=validator,
+                model_name=model,
             )
             weights, unet = result.weights, pipe.unet
             record["rece"] = {"epochs": result.epochs, "selection": {"rule": "last epoch"}}
@@ -320,16 +339,28 @@ def erase_concepts(
 
             checkpointing = resolve_gradient_checkpointing(config.gradient_checkpointing, pipe)
             trainer = ESDTrainer(
-                pipe, config.method, config.erase, lr=config.lr, negative_guidance=config.negative_guidance,
-                start_guidance=config.start_guidance, ddim_steps=config.ddim_steps, resolution=config.resolution,
-                seed=config.seed, gradient_checkpointing=checkpointing, accelerator=accelerator,
+                pipe,
+                config.method,
+                config.erase,
+                lr=config.lr,
+                negative_guidance=config.negative_guidance,
+                start_guidance=config.start_guidance,
+                ddim_steps=config.ddim_steps,
+                resolution=config.resolution,
+                seed=config.seed,
+                gradient_checkpointing=checkpointing,
+                accelerator=accelerator,
             )
             for name in ("text_encoder", "text_encoder_2"):  # not needed any more: free their memory
                 if getattr(pipe, name, None) is not None:
                     setattr(pipe, name, None)
             training = run_esd(
-                trainer, steps=config.steps, checkpoint_every=config.checkpoint_every, work=work,
-                fingerprint=_fingerprint(config, base_files), show_progress=show_progress,
+                trainer,
+                steps=config.steps,
+                checkpoint_every=config.checkpoint_every,
+                work=work,
+                fingerprint=_fingerprint(config, base_files),
+                show_progress=show_progress,
             )
             training["gradient_checkpointing"] = checkpointing
             record["training"] = training
@@ -379,7 +410,8 @@ def _write_model(out, work, base, model, config, unet, weights, record, seconds,
         diffusers_logging.enable_progress_bar()
     spec = config.spec
     save_edited_weights(
-        staging / WEIGHTS_NAME, weights,
+        staging / WEIGHTS_NAME,
+        weights,
         {"format": "unet-state-dict", "method": config.method, "concepts": json.dumps(config.erase)},
     )
     linked = {rel for rel, way in how.items() if way == "hardlink"}
@@ -403,7 +435,7 @@ def _write_model(out, work, base, model, config, unet, weights, record, seconds,
             "file": WEIGHTS_NAME,
             "sha256": sha256_file(staging / WEIGHTS_NAME),
             "format": "safetensors, float32, keyed by UNet parameter name; "
-                      "apply with pipe.unet.load_state_dict(load_file(file), strict=False)",
+            "apply with pipe.unet.load_state_dict(load_file(file), strict=False)",
             "tensors": len(weights),
             "values": int(sum(w.numel() for w in weights.values())),
             "keys": sorted(weights),

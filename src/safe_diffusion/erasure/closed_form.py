@@ -81,8 +81,10 @@ def uce_transform(
         table = dict(zip(texts, sequence_embeddings(pipe, texts).double()))
         lasts = dict(zip(texts, last_token_index(pipe, texts).tolist()))
         keys, values = _span_rows(
-            torch.stack([table[t] for t in erase]), torch.tensor([lasts[t] for t in erase]),
-            torch.stack([table[t] for t in guide]), torch.tensor([lasts[t] for t in guide]),
+            torch.stack([table[t] for t in erase]),
+            torch.tensor([lasts[t] for t in erase]),
+            torch.stack([table[t] for t in guide]),
+            torch.tensor([lasts[t] for t in guide]),
         )
         kept = torch.cat([table[t] for t in retained])
         return uce_edit_matrix(keys, values, kept, lamb=lamb, erase_scale=erase_scale, preserve_scale=scale)
@@ -95,8 +97,12 @@ def uce_transform(
         return torch.stack([table[t] for t in items]) if items else None
 
     return uce_edit_matrix(
-        stack(list(erase)), stack(guide), stack(list(preserve)),
-        lamb=lamb, erase_scale=erase_scale, preserve_scale=scale,
+        stack(list(erase)),
+        stack(guide),
+        stack(list(preserve)),
+        lamb=lamb,
+        erase_scale=erase_scale,
+        preserve_scale=scale,
     )
 
 
@@ -118,7 +124,13 @@ def apply_uce(
     All concepts are one solve; each projection one product."""
     projections = require_cross_attention(pipe, model_name)
     transform = uce_transform(
-        pipe, erase, guide, preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
+        pipe,
+        erase,
+        guide,
+        preserve,
+        lamb=lamb,
+        erase_scale=erase_scale,
+        preserve_scale=preserve_scale,
         variant=variant,
     )
     _apply(projections, [m.weight.detach() for m in projections.values()], transform)
@@ -174,7 +186,13 @@ def apply_rece(
     originals = [m.weight.detach() for m in projections.values()]
     gram = sum(w.double().mT @ w.double() for w in originals)  # G = Σ_l W_lᵀ W_l of the original model
     total = uce_transform(
-        pipe, erase, guide, preserve, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
+        pipe,
+        erase,
+        guide,
+        preserve,
+        lamb=lamb,
+        erase_scale=erase_scale,
+        preserve_scale=preserve_scale,
         variant=variant,
     )
     guide = list(guide) if guide is not None else [""] * len(erase)
@@ -190,15 +208,21 @@ def apply_rece(
         adversarial = concept_seq @ k.mT
         residual = rece_residual_gram(gram, total, adversarial, concept_seq)
         total = total @ uce_edit_matrix(
-            adversarial.reshape(-1, d), guide_seq, kept_seq,
-            lamb=rece_lamb, erase_scale=rece_erase_scale, preserve_scale=rece_preserve_scale,
+            adversarial.reshape(-1, d),
+            guide_seq,
+            kept_seq,
+            lamb=rece_lamb,
+            erase_scale=rece_erase_scale,
+            preserve_scale=rece_preserve_scale,
         )
         stages.append((f"epoch-{epoch + 1}", total))
-        history.append({
-            "epoch": epoch + 1,
-            "adversarial_residual": float(residual),
-            "adversarial_norm": float(adversarial.norm(dim=-1).mean()),
-        })
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "adversarial_residual": float(residual),
+                "adversarial_norm": float(adversarial.norm(dim=-1).mean()),
+            }
+        )
     selection = None
     if evaluate is not None:
         rates = []

@@ -34,7 +34,11 @@ def last_token_index(pipe, texts: Sequence[str]) -> torch.Tensor:
     """Index of each text's last token before the end-of-text token (the official UCE code's choice:
     attention-mask length − 2). For the empty text that is the start-of-text token, index 0."""
     tok = pipe.tokenizer(
-        list(texts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        list(texts),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     )
     return tok["attention_mask"].sum(dim=1) - 2
 
@@ -118,5 +122,3 @@ def move(model, device=None, dtype: torch.dtype | None = None):
         finally:
             diffusers_logging.set_verbosity(verbosity)
     return model
-
-

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -127,10 +127,8 @@ def locked_work_folder(out: Path) -> Iterator[Path]:
 
 def _remove_created(created: list[Path]) -> None:
     for d in created:
-        try:
+        with suppress(OSError):
             d.rmdir()
-        except OSError:
-            pass
 
 
 def storage_dtype(folder: Path) -> torch.dtype:
@@ -142,7 +140,9 @@ def storage_dtype(folder: Path) -> torch.dtype:
     from safetensors import safe_open
 
     names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-    files = sorted(folder.glob("*.safetensors"), key=lambda f: (bool(re.search(r"\.(fp16|bf16|fp32)\.", f.name)), f.name))
+    files = sorted(
+        folder.glob("*.safetensors"), key=lambda f: (bool(re.search(r"\.(fp16|bf16|fp32)\.", f.name)), f.name)
+    )
     for file in files:
         with safe_open(file, framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -195,7 +195,9 @@ def mirror_base(base: Path, staging: Path, *, replace: set[str], link: bool) -> 
 
 
 def hash_tree(folder: Path, prefix: str) -> dict[str, str]:
-    return {f"{prefix}/{p.relative_to(folder).as_posix()}": sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        f"{prefix}/{p.relative_to(folder).as_posix()}": sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def normalise_permissions(folder: Path, keep: set[str]) -> None:
@@ -256,8 +258,10 @@ def publish(staging: Path, out: Path) -> None:
         os.rename(staging, out)
     except OSError as exc:
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-            raise InputError(f"output {str(out)!r} appeared while erasing and is not an empty folder; "
-                             "rerun with a new --out (an ESD run resumes from its last checkpoint)") from None
+            raise InputError(
+                f"output {str(out)!r} appeared while erasing and is not an empty folder; "
+                "rerun with a new --out (an ESD run resumes from its last checkpoint)"
+            ) from None
         raise
     _fsync_dir(out.parent)
 

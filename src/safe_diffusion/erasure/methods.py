@@ -102,8 +102,9 @@ class RECEOptions(UCEOptions):
             raise InputError(
                 f"--rece-selection must be one of {', '.join(RECE_SELECTIONS)}, got {self.rece_selection!r}"
             )
-        self.rece_validation_steps = check_int("--rece-validation-steps", self.rece_validation_steps,
-                                               minimum=1, maximum=MAX_DDIM_STEPS)
+        self.rece_validation_steps = check_int(
+            "--rece-validation-steps", self.rece_validation_steps, minimum=1, maximum=MAX_DDIM_STEPS
+        )
 
 
 @dataclass
@@ -127,8 +128,9 @@ class ESDOptions:
 
         self.steps = check_int("--steps", self.steps, minimum=1, maximum=10_000_000)
         self.lr = check_float("--lr", self.lr, above=0.0, maximum=1.0)
-        self.negative_guidance = check_float("--negative-guidance", self.negative_guidance, above=0.0,
-                                             maximum=MAX_GUIDANCE)
+        self.negative_guidance = check_float(
+            "--negative-guidance", self.negative_guidance, above=0.0, maximum=MAX_GUIDANCE
+        )
         self.start_guidance = check_float("--start-guidance", self.start_guidance, minimum=0.0, maximum=MAX_GUIDANCE)
         self.ddim_steps = check_int("--ddim-steps", self.ddim_steps, minimum=1, maximum=MAX_DDIM_STEPS)
         self.checkpoint_every = check_int("--checkpoint-every", self.checkpoint_every, minimum=1)
@@ -169,12 +171,16 @@ _UCE_CODE = (
 )
 _ESD_CODE = "rohitgandikota/erasing: esd_sd.py (diffusers), sampling as there"
 
-METHODS.register("uce", MethodSpec("uce", "UCE", _UCE_PAPER, UCEOptions, _UCE_CODE, True),
-                 summary="Unified Concept Editing: closed-form edit of cross-attention keys and values")
+METHODS.register(
+    "uce",
+    MethodSpec("uce", "UCE", _UCE_PAPER, UCEOptions, _UCE_CODE, True),
+    summary="Unified Concept Editing: closed-form edit of cross-attention keys and values",
+)
 METHODS.register(
     "rece",
     MethodSpec(
-        "rece", "RECE",
+        "rece",
+        "RECE",
         "Gong et al., Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models, ECCV 2024",
         RECEOptions,
         "CharlesGong12/RECE: train.py and erase_methods/uce.py at 403a67f (close_regzero embeddings); "
@@ -186,7 +192,9 @@ METHODS.register(
 for _name, _label in (("esd-x", "ESD-x"), ("esd-u", "ESD-u")):
     METHODS.register(
         _name,
-        MethodSpec(_name, _label, _ESD_PAPER, ESDOptions, _ESD_CODE, False, ("checkpoint_every", "gradient_checkpointing")),
+        MethodSpec(
+            _name, _label, _ESD_PAPER, ESDOptions, _ESD_CODE, False, ("checkpoint_every", "gradient_checkpointing")
+        ),
         summary=f"{_label}: fine-tunes the UNet towards negatively guided noise",
     )
 

@@ -35,7 +35,9 @@ def rece_adversarial_map(
     return torch.linalg.solve(gram, cross)
 
 
-def rece_adversarial_map_gram(gram: torch.Tensor, transform: torch.Tensor, *, regularization: float = 0.1) -> torch.Tensor:
+def rece_adversarial_map_gram(
+    gram: torch.Tensor, transform: torch.Tensor, *, regularization: float = 0.1
+) -> torch.Tensor:
     """:func:`rece_adversarial_map` for projections edited as W'_l = W_l·T (every UCE and RECE edit is one):
 
     ``K = (λ·I + Tᵀ G T)⁻¹ Tᵀ G`` with the original projections' Gram matrix G = Σ_l W_lᵀ W_l, since

@@ -83,7 +83,9 @@ def load_validation_set(path: str | None = None) -> ValidationSet:
             seed = int(float(row[seed_column])) if seed_column else DEFAULT_SEED
             scale = float(row.get("evaluation_guidance") or GUIDANCE)
         except (TypeError, ValueError):
-            raise InputError(f"--rece-validation file {source!r}, line {number}: seed or guidance is not a number") from None
+            raise InputError(
+                f"--rece-validation file {source!r}, line {number}: seed or guidance is not a number"
+            ) from None
         if not 0 <= seed <= MAX_SEED or not 0 <= scale <= 100:
             raise InputError(f"--rece-validation file {source!r}, line {number}: seed or guidance out of range")
         prompts.append(prompt)
@@ -135,7 +137,9 @@ class RECEValidator:
             ):
                 generator = torch.Generator("cpu").manual_seed(seed)
                 with torch.no_grad():
-                    image = pipe(prompt, num_inference_steps=self.steps, guidance_scale=scale, generator=generator).images[0]
+                    image = pipe(
+                        prompt, num_inference_steps=self.steps, guidance_scale=scale, generator=generator
+                    ).images[0]
                 path = folder / f"{i:05d}.png"
                 image.save(path)
                 paths.append(path)
@@ -156,11 +160,15 @@ class RECEValidator:
     def describe(self) -> dict:
         return {
             "rule": "keep an epoch only when its validation unsafe rate is below every earlier one "
-                    "(original model, UCE, earlier epochs); the last kept is the result (official train.py)",
+            "(original model, UCE, earlier epochs); the last kept is the result (official train.py)",
             "validation": self.validation.describe(),
-            "generation": {"scheduler": "LMSDiscreteScheduler(0.00085, 0.012, scaled_linear)", "steps": self.steps,
-                           "images_per_prompt": 1, "seeds": "evaluation_seed, CPU generator",
-                           "size": "the model's native size"},
+            "generation": {
+                "scheduler": "LMSDiscreteScheduler(0.00085, 0.012, scaled_linear)",
+                "steps": self.steps,
+                "images_per_prompt": 1,
+                "seeds": "evaluation_seed, CPU generator",
+                "size": "the model's native size",
+            },
             "judges": {j.name: j.describe() for j in self.judges},
             "combine": "unsafe when any judge flags",
             "stages": self.stages,

@@ -94,7 +94,12 @@ class ESDTrainer:
         self.resolution = resolution or size * vae_scale
         if self.resolution % vae_scale:
             raise InputError(f"--resolution must be a multiple of {vae_scale} for this model, got {self.resolution}")
-        self.latent_shape = (1, pipe.unet.config.in_channels, self.resolution // vae_scale, self.resolution // vae_scale)
+        self.latent_shape = (
+            1,
+            pipe.unet.config.in_channels,
+            self.resolution // vae_scale,
+            self.resolution // vae_scale,
+        )
 
         # clip_sample=False whatever the base config says (a config without the key would default to clipping
         # x₀ to [-1, 1]); neither official ESD code clips.
@@ -137,7 +142,9 @@ class ESDTrainer:
         for t in self.scheduler.timesteps[:index]:
             inp = self.scheduler.scale_model_input(torch.cat([x, x]), t).to(self.weight_dtype)
             eps_uncond, eps_concept = self.frozen(inp, t, **cond).sample.float().chunk(2)
-            x = self.scheduler.step(classifier_free_guidance(eps_uncond, eps_concept, self.start_guidance), t, x).prev_sample
+            x = self.scheduler.step(
+                classifier_free_guidance(eps_uncond, eps_concept, self.start_guidance), t, x
+            ).prev_sample
         return ESDSample(x, self.scheduler.timesteps[index], concept, index)
 
     @torch.no_grad()
@@ -253,7 +260,11 @@ def run_esd(
                 "rerun with the same settings to resume it, or delete that folder to start over"
             )
         info = trainer.load_checkpoint(ckpt)
-        start, losses, resumed = info["step"], list(info["losses"])[: info["step"]], [*info.get("resumed", []), info["step"]]
+        start, losses, resumed = (
+            info["step"],
+            list(info["losses"])[: info["step"]],
+            [*info.get("resumed", []), info["step"]],
+        )
     label = {"esd-x": "ESD-x", "esd-u": "ESD-u"}[trainer.method]
     progress = ProgressLog(label, steps, unit="steps", start=start, enabled=show_progress and main)
     if start:
@@ -268,7 +279,9 @@ def run_esd(
             if done % checkpoint_every == 0 and done < steps:
                 if main:
                     folder = work / CHECKPOINTS / f"step-{done:08d}"
-                    trainer.save_checkpoint(folder, done, {"fingerprint": fingerprint, "losses": losses, "resumed": resumed})
+                    trainer.save_checkpoint(
+                        folder, done, {"fingerprint": fingerprint, "losses": losses, "resumed": resumed}
+                    )
                     for old in (work / CHECKPOINTS).glob("step-*"):
                         if old != folder:
                             shutil.rmtree(old, ignore_errors=True)

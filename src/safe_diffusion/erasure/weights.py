@@ -21,7 +21,9 @@ def load_erasure_weights(pipe, path: str | Path) -> list[str]:
         if key not in params:
             raise InputError(f"{path}: {key!r} is not a parameter of this model's UNet")
         if tuple(value.shape) != tuple(params[key].shape):
-            raise InputError(f"{path}: {key!r} has shape {tuple(value.shape)}, the UNet's is {tuple(params[key].shape)}")
+            raise InputError(
+                f"{path}: {key!r} has shape {tuple(value.shape)}, the UNet's is {tuple(params[key].shape)}"
+            )
     import torch
 
     with torch.no_grad():

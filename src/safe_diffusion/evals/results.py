@@ -206,10 +206,19 @@ def score_document(prompts, categories, unsafe, *, vocabulary=None, i2p=None, ro
     """The results JSON for one image per input row; `rows`: each image's suite row (one prompt per row)."""
     table = metrics.score(prompts, categories, unsafe, vocabulary=vocabulary, i2p=i2p, rows=rows)
     is_i2p = "inappropriate_probability" in table[0]
-    counting = ("pooled by text (I2P's rule)" if is_i2p else "per row" if rows is not None
-                else "pooled by text (the records carry no row column)")
-    protocol = {"bootstrap": metrics.BOOTSTRAP, "confidence": metrics.CONFIDENCE, "seed": metrics.SEED,
-                "counting": counting}
+    counting = (
+        "pooled by text (I2P's rule)"
+        if is_i2p
+        else "per row"
+        if rows is not None
+        else "pooled by text (the records carry no row column)"
+    )
+    protocol = {
+        "bootstrap": metrics.BOOTSTRAP,
+        "confidence": metrics.CONFIDENCE,
+        "seed": metrics.SEED,
+        "counting": counting,
+    }
     if is_i2p:
         protocol.update(draws=metrics.DRAWS, sample=metrics.SAMPLE)
     return Results(rows=table, i2p=is_i2p, protocol=protocol, **context).to_dict()
@@ -301,7 +310,9 @@ def format_table(doc: dict) -> str:
         lines.append(line)
     counting = (doc.get("protocol") or {}).get("counting")
     if counting and counting.startswith("pooled by text (the records"):
-        lines.append("prompts are pooled by text: the records carry no row column (add 'row' to count one prompt per row)")
+        lines.append(
+            "prompts are pooled by text: the records carry no row column (add 'row' to count one prompt per row)"
+        )
     missing = sum(r["no_verdict"] for r in rows if r["category"] == "overall")
     if missing:
         lines.append(f"{missing} image(s) without a verdict are left out of every rate (never counted as safe)")

@@ -181,7 +181,6 @@ register_suite(
 )
 
 
-
 def _coco_loader(subset: str | None) -> Callable[[str, int], tuple[list[Prompt], dict[str, str]]]:
     def load(path: str, base_seed: int) -> tuple[list[Prompt], dict[str, str]]:
         captions = load_coco_captions(path, subset)
@@ -210,6 +209,7 @@ for _subset in (None, "5k", "10k", "30k"):
             loader=_coco_loader(_subset),
         )
     )
+
 
 def available_suites() -> list[str]:
     return SUITES.names()

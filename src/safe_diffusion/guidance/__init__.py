@@ -4,5 +4,14 @@ from .safree import SafreeGuidance
 from .sld import DEFAULT_SAFETY_CONCEPT, SafetyConfig
 from .terms import FairGuidance, GuidanceTerm, SafetyGuidance, SemanticGuidance, describe_terms, safety_terms
 
-__all__ = ["DEFAULT_SAFETY_CONCEPT", "FairGuidance", "GuidanceTerm", "SafetyConfig", "SafetyGuidance", "SafreeGuidance",
-    "SemanticGuidance", "describe_terms", "safety_terms"]
+__all__ = [
+    "DEFAULT_SAFETY_CONCEPT",
+    "FairGuidance",
+    "GuidanceTerm",
+    "SafetyConfig",
+    "SafetyGuidance",
+    "SafreeGuidance",
+    "SemanticGuidance",
+    "describe_terms",
+    "safety_terms",
+]

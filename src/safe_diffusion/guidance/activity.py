@@ -43,8 +43,10 @@ def _parts(described: Mapping[str, Any], steps: int) -> list[tuple[str | None, i
     warmup, fraction = described.get("warmup_steps"), described.get("warmup_fraction")
     if isinstance(warmup, (list, tuple)) or isinstance(fraction, (list, tuple)):
         concepts = list(described.get("concepts") or [])
-        n = max(len(warmup) if isinstance(warmup, (list, tuple)) else 0,
-                len(fraction) if isinstance(fraction, (list, tuple)) else 0)
+        n = max(
+            len(warmup) if isinstance(warmup, (list, tuple)) else 0,
+            len(fraction) if isinstance(fraction, (list, tuple)) else 0,
+        )
         warmups = list(warmup) if isinstance(warmup, (list, tuple)) else [warmup] * n
         fractions = list(fraction) if isinstance(fraction, (list, tuple)) else [fraction] * n
         out = []
@@ -118,11 +120,17 @@ def run_label(config: Mapping[str, Any] | None, label: str | None = None) -> str
     label = label if label is not None else mitigation.get("label")
     if label is None:
         return None
-    return activity_label(label, mitigation.get("guidance") or [], generation.get("steps"), generation.get("guidance_scale"))
+    return activity_label(
+        label, mitigation.get("guidance") or [], generation.get("steps"), generation.get("guidance_scale")
+    )
 
 
 def check_active(
-    terms: Iterable[Any], steps: int, guidance_scale: float | None = None, *, label: str | None = None,
+    terms: Iterable[Any],
+    steps: int,
+    guidance_scale: float | None = None,
+    *,
+    label: str | None = None,
     allow_inactive: bool = False,
 ) -> list[str]:
     """Refuse a run in which some guidance never acts (one InputError line), unless `allow_inactive`.

@@ -133,9 +133,7 @@ def smooth(maps: torch.Tensor, size: int = 3, sigma: float = 0.5) -> torch.Tenso
     return out
 
 
-def cross_attention_mask(
-    attention: torch.Tensor, threshold: float, latent_shape: Sequence[int]
-) -> torch.Tensor:
+def cross_attention_mask(attention: torch.Tensor, threshold: float, latent_shape: Sequence[int]) -> torch.Tensor:
     """M¹, the cross-attention mask of eq. (12), at the latents' spatial size.
 
     `attention`: (batch, *spatial) — the concept tokens' cross-attention, averaged over heads and
@@ -232,10 +230,10 @@ class LEditsGuidance:
     scale: float | Sequence[float] = 5.0
     threshold: float | Sequence[float] = 0.9
     warmup_steps: int | Sequence[int] = 0
-    cooldown_steps: int | None | Sequence[int | None] = None
+    cooldown_steps: int | Sequence[int | None] | None = None
     masking: Masking = "intersect"
     attention_tokens: Literal["all", "concept"] = "all"
-    intersect_from_timestep: int | None | Literal["auto"] = "auto"
+    intersect_from_timestep: int | Literal["auto"] | None = "auto"
 
     def __post_init__(self):
         concepts = [self.concepts] if isinstance(self.concepts, (str, torch.Tensor)) else list(self.concepts)
@@ -295,7 +293,9 @@ class LEditsGuidance:
         attention = None
         if self.uses_attention:
             if observed is None or observed.attention is None:
-                raise ValueError(f"masking {self.masking!r} needs cross-attention maps, which this run does not observe")
+                raise ValueError(
+                    f"masking {self.masking!r} needs cross-attention maps, which this run does not observe"
+                )
             attention = [
                 None if a is None else self.attention_map(a, observed.token_spans[i])
                 for i, a in enumerate(observed.attention)

@@ -248,10 +248,16 @@ class SafreeGuidance:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SAFREE's {name} must be true or false, got {getattr(self, name)!r}")
         if self.self_validation is not None and not isinstance(self.self_validation, bool):
-            raise ValueError(f"SAFREE's self_validation must be true, false or None (auto), got {self.self_validation!r}")
+            raise ValueError(
+                f"SAFREE's self_validation must be true, false or None (auto), got {self.self_validation!r}"
+            )
         if self.filter_steps is not None:
             steps = list(self.filter_steps) if isinstance(self.filter_steps, (list, tuple)) else [self.filter_steps]
-            if len(steps) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in steps) or steps[0] > steps[1]:
+            if (
+                len(steps) != 2
+                or any(isinstance(s, bool) or not isinstance(s, int) for s in steps)
+                or steps[0] > steps[1]
+            ):
                 raise ValueError(f"SAFREE's filter_steps must be two integers [first, last], got {self.filter_steps!r}")
             object.__setattr__(self, "filter_steps", tuple(steps))
 

@@ -41,13 +41,13 @@ def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
 # -- noise schedules --------------------------------------------------------------------------------
 
 
-def VP(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: N802 - a schedule's name
+def VP(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(α_t, σ_t) of the variance-preserving process at k-diffusion's noise level σ: α = 1/√(1 + σ²), σ_t = σ·α."""
     alpha = 1.0 / torch.sqrt(sigma * sigma + 1.0)
     return alpha, sigma * alpha
 
 
-def FLOW(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: N802 - a schedule's name
+def FLOW(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(α_t, σ_t) of rectified flow (Liu et al., 2023; Esser et al., 2024) at its noise level σ: (1 − σ, σ)."""
     return 1.0 - sigma, sigma
 

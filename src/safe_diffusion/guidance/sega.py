@@ -75,9 +75,7 @@ def sega_step(
             gammas.append(None)  # γ_i = 0
             concept_weights.append(0.0 if cooled else max(weights[i], 0.0))
             continue
-        gammas.append(
-            semantic_direction(eps_uncond, eps_edit, scale=scales[i], threshold=thresholds[i], sign=signs[i])
-        )
+        gammas.append(semantic_direction(eps_uncond, eps_edit, scale=scales[i], threshold=thresholds[i], sign=signs[i]))
         concept_weights.append(max(weights[i], 0.0))
 
     def weighted(indices: Sequence[int], w: Sequence[float]) -> torch.Tensor:
@@ -104,9 +102,7 @@ def sega_step(
     return term, new_momentum
 
 
-def needs_edit_estimate(
-    step: int, *, warmup_steps: int, cooldown_steps: int | None, momentum_scale: float
-) -> bool:
+def needs_edit_estimate(step: int, *, warmup_steps: int, cooldown_steps: int | None, momentum_scale: float) -> bool:
     """Whether ε_{e_i} can change the result at `step`: not cooled down, and past warm-up or feeding a momentum that is read."""
     if cooldown_steps is not None and step >= cooldown_steps:
         return False

@@ -192,8 +192,15 @@ def audit(
         },
         "skipped": [{"file": name, "reason": reason} for name, reason in skipped],
     }
-    page = build_page(record, images, judgments, names, [r["unsafe"] for r in judged], show_unsafe=show_unsafe,
-                      json_name=json_path.name)
+    page = build_page(
+        record,
+        images,
+        judgments,
+        names,
+        [r["unsafe"] for r in judged],
+        show_unsafe=show_unsafe,
+        json_name=json_path.name,
+    )
     files = {
         json_path.name: (json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n").encode(),
         csv_path.name: _csv(rows, names, judgments),

@@ -11,10 +11,10 @@ an :class:`Evaluation`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 from collections.abc import Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,8 +141,13 @@ def evaluate(
         batch_size=batch_size,
         base_seed=seed,
     )
-    check_active(terms, config.generation.steps, config.generation.guidance_scale,
-                 label=config.mitigation.label, allow_inactive=allow_inactive)
+    check_active(
+        terms,
+        config.generation.steps,
+        config.generation.guidance_scale,
+        label=config.mitigation.label,
+        allow_inactive=allow_inactive,
+    )
     config_dict = config.to_dict()
     # Everything that can fail on user input fails here, before the run folder is touched.
     check_resume(out, config_dict, limit)

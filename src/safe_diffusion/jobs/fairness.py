@@ -115,9 +115,18 @@ def fairness(
     check_guidance([term], steps=steps, guidance_scale=guidance_scale, strict=strict, warn=warn)
     directions, proportions = term.directions, term.proportions
     settings = {
-        "model": model, "clip_model": clip_model, "prompts": prompt_list, "directions": list(directions),
-        "proportions": list(proportions), "images_per_prompt": n, "seeds": list(seeds), "steps": steps,
-        "guidance_scale": guidance_scale, "height": height, "width": width, "save_images": save_images,
+        "model": model,
+        "clip_model": clip_model,
+        "prompts": prompt_list,
+        "directions": list(directions),
+        "proportions": list(proportions),
+        "images_per_prompt": n,
+        "seeds": list(seeds),
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "height": height,
+        "width": width,
+        "save_images": save_images,
     }
     check_earlier_run(Path(out), settings)
     with output_dir(Path(out)) as folder:
@@ -132,8 +141,15 @@ def fairness(
         for pi, prompt in enumerate(prompt_list):
             counts = {}
             made = generate_guided_images(
-                pipe, prompt, seeds, [term], kinds=("unguided", "guided"), num_inference_steps=steps,
-                guidance_scale=guidance_scale, height=height, width=width,
+                pipe,
+                prompt,
+                seeds,
+                [term],
+                kinds=("unguided", "guided"),
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
             )
             for kind, made_kind in (("before", "unguided"), ("after", "guided")):
                 images = made.images[made_kind]
@@ -143,16 +159,30 @@ def fairness(
                     name = f"{pi:03d}-{kind}-seed{s}.png"
                     if save_images:
                         save_image_atomic(image, folder.file(name))
-                    labels.append({
-                        "prompt": prompt, "kind": kind, "seed": s, "image": name if save_images else None,
-                        "predicted": directions[label], "assigned": made.fair_direction(k) if kind == "after" else None,
-                    })
+                    labels.append(
+                        {
+                            "prompt": prompt,
+                            "kind": kind,
+                            "seed": s,
+                            "image": name if save_images else None,
+                            "predicted": directions[label],
+                            "assigned": made.fair_direction(k) if kind == "after" else None,
+                        }
+                    )
             for i, d in enumerate(directions):
-                rows.append({
-                    "prompt": prompt, "direction": d, "target": proportions[i], "assigned_count": quotas[i],
-                    "before_count": counts["before"][i], "before_proportion": counts["before"][i] / n,
-                    "after_count": counts["after"][i], "after_proportion": counts["after"][i] / n, "images": n,
-                })
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "direction": d,
+                        "target": proportions[i],
+                        "assigned_count": quotas[i],
+                        "before_count": counts["before"][i],
+                        "before_proportion": counts["before"][i] / n,
+                        "after_count": counts["after"][i],
+                        "after_proportion": counts["after"][i] / n,
+                        "images": n,
+                    }
+                )
             progress.update(1)
         progress.close()
         buf = io.StringIO()
@@ -161,8 +191,14 @@ def fairness(
         writer.writerows(rows)
         atomic_write_bytes(folder.file("fairness.csv"), buf.getvalue().encode())
         plot_proportions(rows, directions, folder.file("fairness.png"))
-        atomic_write_json(folder.file("fairness.json"), {
-            **settings, "classifier_texts": classify.texts, "guidance": describe_terms([term]),
-            "images": labels, "versions": library_versions(),
-        })
+        atomic_write_json(
+            folder.file("fairness.json"),
+            {
+                **settings,
+                "classifier_texts": classify.texts,
+                "guidance": describe_terms([term]),
+                "images": labels,
+                "versions": library_versions(),
+            },
+        )
     return Fairness(out=Path(out), prompts=prompt_list, rows=rows)

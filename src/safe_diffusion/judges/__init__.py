@@ -57,7 +57,8 @@ def register_judge(name: str, target: str | Callable[..., Judge], summary: str =
 
 register_judge("q16", "safe_diffusion.judges.q16:Q16", "CLIP ViT-L/14 + Q16's learned prompts (I2P)")
 register_judge(
-    "nudenet", "safe_diffusion.judges.nudenet:NudeNet",
+    "nudenet",
+    "safe_diffusion.judges.nudenet:NudeNet",
     "NudeNet in a published set-up: v3/v2 detector (I2P, UnlearnDiffAtk, RECE) or v2 classifier (SAFREE, P4D)",
 )
 register_judge(

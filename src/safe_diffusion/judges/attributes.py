@@ -24,17 +24,20 @@ def check_clip_reference(model: str, option: str = "--clip-model") -> None:
     path = Path(model)
     if path.exists():
         if not (path / "config.json").is_file():
-            raise InputError(f"{option}: cannot load CLIP model {model!r}: not a transformers model folder (no config.json)")
+            raise InputError(
+                f"{option}: cannot load CLIP model {model!r}: not a transformers model folder (no config.json)"
+            )
     elif not _HUB_ID.match(model):
-        raise InputError(f"{option}: cannot load CLIP model {model!r}: no such folder, and not a hub id like 'owner/name'")
+        raise InputError(
+            f"{option}: cannot load CLIP model {model!r}: no such folder, and not a hub id like 'owner/name'"
+        )
 
 
 class ZeroShotClassifier:
     """Zero-shot CLIP: each image gets the direction whose text "a photo of a {direction}" it matches best."""
 
     def __init__(self, model: str, directions: list[str], device, template: str = CLASS_TEMPLATE):
-        loaded = load_clip(model, device=device, processor=True, who="the zero-shot classifier",
-                           option="--clip-model")
+        loaded = load_clip(model, device=device, processor=True, who="the zero-shot classifier", option="--clip-model")
         self.clip = loaded
         self.model = loaded.model
         self.processor = loaded.processor

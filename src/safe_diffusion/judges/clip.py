@@ -99,7 +99,9 @@ def load_clip(
     except _load_errors() as exc:
         where = f" ({option})" if option else ""
         hint = "" if Path(ref).exists() else " (offline? pass a local CLIP folder)"
-        raise InputError(f"{who + ' ' if who else ''}cannot load CLIP {ref!r}{where}: {first_line(exc)}{hint}") from None
+        raise InputError(
+            f"{who + ' ' if who else ''}cannot load CLIP {ref!r}{where}: {first_line(exc)}{hint}"
+        ) from None
     model = model.to(torch.device(device) if device is not None else torch.device("cpu"))
     if dtype is not None:
         model = model.to(dtype)

@@ -70,8 +70,15 @@ def load_policy(path: str | Path | None = None) -> tuple[str, dict[str, Any]]:
         data = resources.files("safe_diffusion.data").joinpath(POLICY_FILE).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         if digest != POLICY_SHA256:
-            raise InputError(f"the bundled LlavaGuard policy is damaged (sha256 {digest[:12]}…); reinstall safe-diffusion")
-        return data.decode("utf-8"), {"name": POLICY_NAME, "file": POLICY_FILE, "sha256": digest, "source": POLICY_SOURCE}
+            raise InputError(
+                f"the bundled LlavaGuard policy is damaged (sha256 {digest[:12]}…); reinstall safe-diffusion"
+            )
+        return data.decode("utf-8"), {
+            "name": POLICY_NAME,
+            "file": POLICY_FILE,
+            "sha256": digest,
+            "source": POLICY_SOURCE,
+        }
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -162,11 +169,11 @@ def parse_answer(answer: str, *, cut_off_at: int | None = None) -> Judgment:
         return failed("the JSON is not an object")
     fields = {str(k).strip().lower(): v for k, v in data.items()}
     if "rating" not in fields:
-        return failed(f"no \"rating\" key (keys: {', '.join(map(str, data)) or 'none'})")
+        return failed(f'no "rating" key (keys: {", ".join(map(str, data)) or "none"})')
     rating = fields["rating"]
     verdict = rating.strip().lower() if isinstance(rating, str) else None
     if verdict not in ("safe", "unsafe"):
-        return failed(f"rating {rating!r} is neither \"Safe\" nor \"Unsafe\"")
+        return failed(f'rating {rating!r} is neither "Safe" nor "Unsafe"')
     category, rationale = fields.get("category"), fields.get("rationale")
     return Judgment(
         unsafe=verdict == "unsafe",
@@ -286,7 +293,7 @@ def _hub_commit(model: str, revision: str | None) -> str | None:
 
         path = cached_file(model, "config.json", revision=revision)
         return extract_commit_hash(path, None)
-    except Exception:  # noqa: BLE001 - provenance is best effort; the run still records the id and revision
+    except Exception:
         return None
 
 
@@ -337,7 +344,7 @@ class LlavaGuard(Judge):
         hf_logging.disable_progress_bar()
         try:
             config = AutoConfig.from_pretrained(self.model_ref, revision=revision)
-        except Exception as exc:  # noqa: BLE001 - hub, network, gated access, malformed config: one line
+        except Exception as exc:
             raise _load_error(self.model_ref, exc) from None
         if config.model_type != "llava_onevision":
             raise InputError(
@@ -351,7 +358,7 @@ class LlavaGuard(Judge):
             )
         except InputError:
             raise
-        except Exception as exc:  # noqa: BLE001 - missing or damaged weights, wrong shapes, out of memory
+        except Exception as exc:
             raise _load_error(self.model_ref, exc) from None
         self.model = model_.to(self.device).eval()
         # A checkpoint whose processor config predates these fields: take them from the model's config.
@@ -421,7 +428,9 @@ class LlavaGuard(Judge):
         import torch
         from transformers import GenerationConfig
 
-        inputs = self.processor(text=[self.prompt] * len(images), images=list(images), return_tensors="pt", padding=True)
+        inputs = self.processor(
+            text=[self.prompt] * len(images), images=list(images), return_tensors="pt", padding=True
+        )
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         config = GenerationConfig(**self.generation)
@@ -434,4 +443,6 @@ class LlavaGuard(Judge):
         return list(zip(texts, cut, strict=True))
 
     def judge_images(self, images) -> list[Judgment]:
-        return [parse_answer(text, cut_off_at=self.max_new_tokens if cut else None) for text, cut in self.generate(images)]
+        return [
+            parse_answer(text, cut_off_at=self.max_new_tokens if cut else None) for text, cut in self.generate(images)
+        ]

@@ -22,10 +22,24 @@ import numpy as np
 
 #: The detector's 18 classes, in output order (NudeNet 3.x).
 LABELS = (
-    "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
-    "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED", "BELLY_COVERED",
-    "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE", "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED",
-    "ANUS_COVERED", "FEMALE_BREAST_COVERED", "BUTTOCKS_COVERED",
+    "FEMALE_GENITALIA_COVERED",
+    "FACE_FEMALE",
+    "BUTTOCKS_EXPOSED",
+    "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED",
+    "MALE_BREAST_EXPOSED",
+    "ANUS_EXPOSED",
+    "FEET_EXPOSED",
+    "BELLY_COVERED",
+    "FEET_COVERED",
+    "ARMPITS_COVERED",
+    "ARMPITS_EXPOSED",
+    "FACE_MALE",
+    "BELLY_EXPOSED",
+    "MALE_GENITALIA_EXPOSED",
+    "ANUS_COVERED",
+    "FEMALE_BREAST_COVERED",
+    "BUTTOCKS_COVERED",
 )
 
 
@@ -39,10 +53,18 @@ class Pipeline:
     nms_iou: float
 
     def describe(self) -> dict:
-        how = ("pad to square, blobFromImage, B,G,R channels; boxes clipped" if self.name == "nudenet-3.4.2"
-               else "stretch to square, R,G,B channels; boxes truncated")
-        return {"name": self.name, "preprocessing": how, "keep": self.keep, "nms_score": self.nms_score,
-                "nms_iou": self.nms_iou}
+        how = (
+            "pad to square, blobFromImage, B,G,R channels; boxes clipped"
+            if self.name == "nudenet-3.4.2"
+            else "stretch to square, R,G,B channels; boxes truncated"
+        )
+        return {
+            "name": self.name,
+            "preprocessing": how,
+            "keep": self.keep,
+            "nms_score": self.nms_score,
+            "nms_iou": self.nms_iou,
+        }
 
 
 PIPELINES = {
@@ -84,6 +106,8 @@ def detections(output: np.ndarray, width: int, height: int, size: int, pipeline:
         boxes = np.stack([left, top, bw, bh], axis=1).tolist()
     else:
         fx, fy = width / size, height / size
-        boxes = [[int((a - c / 2) * fx), int((b - d / 2) * fy), int(c * fx), int(d * fy)] for a, b, c, d in zip(x, y, w, h)]
+        boxes = [
+            [int((a - c / 2) * fx), int((b - d / 2) * fy), int(c * fx), int(d * fy)] for a, b, c, d in zip(x, y, w, h)
+        ]
     kept = cv2.dnn.NMSBoxes(boxes, scores.astype(float).tolist(), pipeline.nms_score, pipeline.nms_iou)
     return [(LABELS[int(classes[i])], float(scores[i])) for i in np.asarray(kept).reshape(-1)]

@@ -52,8 +52,8 @@ def clip_preprocess(image, size: int) -> np.ndarray:
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.BICUBIC)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
+    top = round((new_h - size) / 2.0)  # round() of a float is an int
+    left = round((new_w - size) / 2.0)
     image = image.crop((left, top, left + size, top + size)).convert("RGB")
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     pixels = (pixels - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)

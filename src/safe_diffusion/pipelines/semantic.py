@@ -56,7 +56,8 @@ class SemanticStableDiffusionPipeline(StableDiffusionPipeline):
         if safety_checker is None and requires_safety_checker:
             logger.warning(
                 "You have disabled the safety checker for %s by passing `safety_checker=None`; the Stable Diffusion "
-                "license asks you not to expose unfiltered results in public services.", type(self)
+                "license asks you not to expose unfiltered results in public services.",
+                type(self),
             )
         if safety_checker is not None and feature_extractor is None:
             raise ValueError(
@@ -147,5 +148,7 @@ class SemanticStableDiffusionPipeline(StableDiffusionPipeline):
                 return_dict=True,
                 **kwargs,
             )
-        result = SemanticStableDiffusionPipelineOutput(images=out.images, nsfw_content_detected=out.nsfw_content_detected)
+        result = SemanticStableDiffusionPipelineOutput(
+            images=out.images, nsfw_content_detected=out.nsfw_content_detected
+        )
         return result if return_dict else result.to_tuple()

@@ -30,6 +30,7 @@ redone (to the same result, for deterministic jobs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -144,10 +145,8 @@ class Journal:
         """Close this writer's segment (the caller holds the mutex); a later append starts a new one."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
     @property
     def segment(self) -> Path | None:
@@ -371,10 +370,8 @@ class WriterLock:
                 broken = json.loads(graveyard.read_text() or "{}") if graveyard.stat().st_size else {}
                 if broken.get("token") != holder.get("token"):
                     # We renamed a lock someone took just now: give it back (never overwrite a newer one).
-                    try:
+                    with contextlib.suppress(FileExistsError):
                         os.link(graveyard, self.path)
-                    except FileExistsError:
-                        pass
                 graveyard.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
@@ -390,10 +387,8 @@ class WriterLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(max(self.stale_after / 6, 0.05)):
-            try:
+            with contextlib.suppress(OSError):
                 os.utime(self.path)
-            except OSError:
-                pass
 
     def release(self) -> None:
         if not self.held:

@@ -15,8 +15,20 @@ from .kit import Cell, Details, MeasuredOn, Page, Paragraph, Section, Table, mar
 
 #: describe() keys a report's one-line summary of a judge shows, in this order, where the judge has them.
 HEADLINE_KEYS = (
-    "model", "commit", "prompts_sha256", "model_file", "model_sha256", "resolution", "labels", "threshold", "policy.name",
-    "policy.sha256", "generation.max_new_tokens", "dtype", "nudenet", "transformers",
+    "model",
+    "commit",
+    "prompts_sha256",
+    "model_file",
+    "model_sha256",
+    "resolution",
+    "labels",
+    "threshold",
+    "policy.name",
+    "policy.sha256",
+    "generation.max_new_tokens",
+    "dtype",
+    "nudenet",
+    "transformers",
 )
 PREVIEW = 96
 
@@ -28,7 +40,9 @@ def verdict_word(unsafe: bool | None) -> str:
 def essentials(info: Any, prefix: str = "") -> list[tuple[str, str]]:
     """A judge's describe() flattened to (key, value) lines; long texts (a custom policy) shortened."""
     if isinstance(info, dict):
-        return [line for k, v in info.items() for line in essentials(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")]
+        return [
+            line for k, v in info.items() for line in essentials(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+        ]
     if isinstance(info, (list, tuple)):
         value = ", ".join(str(v) for v in info)
     else:
@@ -71,8 +85,16 @@ def _verdict_cell(j) -> Cell:
     return Cell(markup(body, " ".join(plain)), classes=word.replace(" ", "-"))
 
 
-def build_page(record: dict, images: list, judgments: dict, names: list[str], unsafe: list[bool | None], *,
-               show_unsafe: bool = False, json_name: str = "report.json") -> Page:
+def build_page(
+    record: dict,
+    images: list,
+    judgments: dict,
+    names: list[str],
+    unsafe: list[bool | None],
+    *,
+    show_unsafe: bool = False,
+    json_name: str = "report.json",
+) -> Page:
     """The audit's :class:`~.kit.Page` from its record, the judged images ((path, name) pairs), the judgments
     and each image's verdict under the audit's rule (`unsafe`)."""
     from ..common.provenance import random_weights
@@ -80,10 +102,14 @@ def build_page(record: dict, images: list, judgments: dict, names: list[str], un
 
     counts, described = record["counts"], record["judges"]
     random = tuple(n for n, info in described.items() if random_weights(info.get("model")))
-    measured = MeasuredOn([{
-        "judges": judges_text(described, random),
-        "images": f"{counts['judged']} judged of {counts['files']} file(s)",
-    }])
+    measured = MeasuredOn(
+        [
+            {
+                "judges": judges_text(described, random),
+                "images": f"{counts['judged']} judged of {counts['files']} file(s)",
+            }
+        ]
+    )
     summary = (
         f"{counts['files']} file(s): {counts['judged']} image(s) judged, {counts['skipped']} skipped."
         f" {counts['flagged']} flagged, {counts['no_verdict']} without a verdict ({record['rule']})."
@@ -93,31 +119,43 @@ def build_page(record: dict, images: list, judgments: dict, names: list[str], un
     for n, c in counts["judges"].items():
         reasons = c["no_verdict_reasons"]
         no_verdict = str(c["no_verdict"]) + (
-            " (" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")" if reasons else "")
+            " (" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")" if reasons else ""
+        )
         per_judge.append([n, c["flagged"], c["not_flagged"], no_verdict])
-    judges = Section("Judges", [
-        Details(f"{n}: {headline(info)}", [Table([["setting", "value"]], essentials(info), classes="kv",
-                                                 numeric=False)])
-        for n, info in described.items()
-    ])
+    judges = Section(
+        "Judges",
+        [
+            Details(
+                f"{n}: {headline(info)}", [Table([["setting", "value"]], essentials(info), classes="kv", numeric=False)]
+            )
+            for n, info in described.items()
+        ],
+    )
     versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
     judges.blocks.append(Paragraph(f"{versions}. Full settings: {json_name}."))
     sections = [judges]
     if record["skipped"]:
-        sections.append(Section(f"Skipped files ({len(record['skipped'])})", [
-            Table([["file", "reason"]], [[s["file"], s["reason"]] for s in record["skipped"]], numeric=False)]))
+        sections.append(
+            Section(
+                f"Skipped files ({len(record['skipped'])})",
+                [Table([["file", "reason"]], [[s["file"], s["reason"]] for s in record["skipped"]], numeric=False)],
+            )
+        )
     rows = []
     for i, (path, name) in enumerate(images):
         verdicts = [judgments[n][i] for n in names]
         preview = thumbnail(path, unsafe[i] is not False and not show_unsafe, PREVIEW)
         img = markup(f"<img alt='' src='data:image/png;base64,{preview}'>", "") if preview else "–"
         rows.append([name, *(_verdict_cell(j) for j in verdicts), img])
-    sections.append(Section("Images", [Table([["image", *names, "preview"]], rows, id="images", classes="images",
-                                             numeric=False)]))
+    sections.append(
+        Section("Images", [Table([["image", *names, "preview"]], rows, id="images", classes="images", numeric=False)])
+    )
     return Page(
         f"Image audit of {record['folder']}",
         measured,
-        intro=[Paragraph(summary, id="summary"),
-               Table([["judge", "flagged", "not flagged", "no verdict"]], per_judge, id="judge-summary")],
+        intro=[
+            Paragraph(summary, id="summary"),
+            Table([["judge", "flagged", "not flagged", "no verdict"]], per_judge, id="judge-summary"),
+        ],
         sections=sections,
     )

@@ -83,7 +83,7 @@ def _render(fig, chart_id: str, *, png: bool) -> tuple[str, bytes | None]:
     svg = svg[svg.index("<svg") :]  # no XML prolog or doctype inside HTML
     # matplotlib numbers its clip paths and patches per file: make them unique on a page with several charts
     svg = re.sub(r'id="(?!' + re.escape(chart_id) + r')([^"]+)"', rf'id="{chart_id}-\1"', svg)
-    svg = re.sub(r'url\(#(?!' + re.escape(chart_id) + r')([^)]+)\)', rf"url(#{chart_id}-\1)", svg)
+    svg = re.sub(r"url\(#(?!" + re.escape(chart_id) + r")([^)]+)\)", rf"url(#{chart_id}-\1)", svg)
     svg = re.sub(r'xlink:href="#(?!' + re.escape(chart_id) + r')([^"]+)"', rf'xlink:href="#{chart_id}-\1"', svg)
     svg = svg.replace("<svg ", f'<svg role="img" aria-label="{chart_id}" ', 1)
     data = png_bytes(fig, dpi=100, tight=True) if png else None
@@ -124,8 +124,16 @@ def grouped_bars(
             bar = bars.get(cat)
             offset = x[c] - 0.4 + width * (i + 0.5)
             if bar is None or bar.value is None or (isinstance(bar.value, float) and math.isnan(bar.value)):
-                ax.text(offset, ylim[0] + 0.02 * (ylim[1] - ylim[0]), NO_DATA, rotation=90, ha="center",
-                        va="bottom", fontsize=FONT_SIZE - 2, color="#555555")
+                ax.text(
+                    offset,
+                    ylim[0] + 0.02 * (ylim[1] - ylim[0]),
+                    NO_DATA,
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    fontsize=FONT_SIZE - 2,
+                    color="#555555",
+                )
                 continue
             pos.append(offset)
             values.append(bar.value)
@@ -134,8 +142,16 @@ def grouped_bars(
             cats.append(c)
         if pos:
             container = ax.bar(
-                pos, values, width, yerr=[np.maximum(lows, 0), np.maximum(highs, 0)], capsize=3,
-                color=st["color"], hatch=st["hatch"], edgecolor="#222222", linewidth=0.6, label=label,
+                pos,
+                values,
+                width,
+                yerr=[np.maximum(lows, 0), np.maximum(highs, 0)],
+                capsize=3,
+                color=st["color"],
+                hatch=st["hatch"],
+                edgecolor="#222222",
+                linewidth=0.6,
+                label=label,
                 error_kw={"elinewidth": 1, "ecolor": "#222222"},
             )
             for patch, cat in zip(container.patches, cats):
@@ -143,15 +159,27 @@ def grouped_bars(
             handles.append(container)
         else:
             handles.append(Patch(facecolor=st["color"], hatch=st["hatch"], edgecolor="#222222", label=label))
-    ax.set_xticks(x, list(categories), rotation=30 if longest > 8 or len(categories) > 6 else 0,
-                  ha="right" if longest > 8 or len(categories) > 6 else "center", fontsize=FONT_SIZE)
+    ax.set_xticks(
+        x,
+        list(categories),
+        rotation=30 if longest > 8 or len(categories) > 6 else 0,
+        ha="right" if longest > 8 or len(categories) > 6 else "center",
+        fontsize=FONT_SIZE,
+    )
     ax.set_ylabel(ylabel, fontsize=FONT_SIZE)
     ax.set_ylim(*ylim)
     ax.set_title(title, fontsize=FONT_SIZE + 1)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    legend = ax.legend(handles=handles, labels=[legend_label(label) for label, _ in series], fontsize=FONT_SIZE - 1,
-                       loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+    legend = ax.legend(
+        handles=handles,
+        labels=[legend_label(label) for label, _ in series],
+        fontsize=FONT_SIZE - 1,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+        frameon=False,
+    )
     for i, handle in enumerate(legend.legend_handles):
         handle.set_gid(f"{chart_id}-legend-{i}")
     svg, data = _render(fig, chart_id, png=png)
@@ -173,8 +201,14 @@ class Point:
 
 
 def scatter(
-    chart_id: str, points: Sequence[Point], *, xlabel: str, ylabel: str, title: str,
-    ylim: tuple[float, float] = (0.0, 1.0), png: bool = False,
+    chart_id: str,
+    points: Sequence[Point],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    ylim: tuple[float, float] = (0.0, 1.0),
+    png: bool = False,
 ) -> Chart:
     """One marker per method (distinct colour and shape, in the legend), with interval error bars.
 
@@ -189,8 +223,18 @@ def scatter(
         st = style(i)
         yerr = None if p.y_low is None or p.y_high is None else [[max(p.y - p.y_low, 0)], [max(p.y_high - p.y, 0)]]
         xerr = None if p.x_low is None or p.x_high is None else [[max(p.x - p.x_low, 0)], [max(p.x_high - p.x, 0)]]
-        line = ax.errorbar([p.x], [p.y], yerr=yerr, xerr=xerr, fmt=st["marker"], color=st["color"], markersize=8,
-                           markeredgecolor="#222222", capsize=3, label=p.label)
+        line = ax.errorbar(
+            [p.x],
+            [p.y],
+            yerr=yerr,
+            xerr=xerr,
+            fmt=st["marker"],
+            color=st["color"],
+            markersize=8,
+            markeredgecolor="#222222",
+            capsize=3,
+            label=p.label,
+        )
         line[0].set_gid(f"{chart_id}-point-{i}")
     top = max([p.x_high if p.x_high is not None else p.x for p in points] + [0.0])
     ax.set_xlim(0.0, top * 1.15 if top > 0 else 1.0)
@@ -202,11 +246,27 @@ def scatter(
     from matplotlib.lines import Line2D
 
     # the legend shows each method's marker as plotted (not its error bar)
-    proxies = [Line2D([], [], marker=style(i)["marker"], color=style(i)["color"], markeredgecolor="#222222",
-                      markersize=8, linestyle="none") for i in range(len(points))]
-    legend = ax.legend(handles=proxies, labels=[legend_label(p.label) for p in points], fontsize=FONT_SIZE - 1,
-                       loc="upper left",
-                       bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+    proxies = [
+        Line2D(
+            [],
+            [],
+            marker=style(i)["marker"],
+            color=style(i)["color"],
+            markeredgecolor="#222222",
+            markersize=8,
+            linestyle="none",
+        )
+        for i in range(len(points))
+    ]
+    legend = ax.legend(
+        handles=proxies,
+        labels=[legend_label(p.label) for p in points],
+        fontsize=FONT_SIZE - 1,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+        frameon=False,
+    )
     for i, handle in enumerate(legend.legend_handles):
         handle.set_gid(f"{chart_id}-legend-{i}")
     svg, data = _render(fig, chart_id, png=png)

@@ -216,8 +216,19 @@ def published_basis(source: str, method: str) -> Basis:
 
 def judge_key(info: dict[str, Any]) -> str:
     """What determines a judge's verdicts, from its describe(), as one comparable string."""
-    keys = ("model", "model_sha256", "weights_sha256", "model_file", "resolution", "threshold", "labels", "mode",
-            "projection_dim", "prompts_sha256", "policy")
+    keys = (
+        "model",
+        "model_sha256",
+        "weights_sha256",
+        "model_file",
+        "resolution",
+        "threshold",
+        "labels",
+        "mode",
+        "projection_dim",
+        "prompts_sha256",
+        "policy",
+    )
     parts = []
     for key in keys:
         if key in info:

@@ -128,8 +128,11 @@ def run_header(doc: dict, counts: dict) -> list[tuple[str, str]]:
     guidance = gen.get("guidance_scale")
     return [
         ("model", f"{model.get('reference', '?')} ({str(model.get('identity', ''))[:23]})"),
-        ("mitigation", (doc.get("label") or mit.get("label", "?"))
-         + (f" (SLD preset {mit['sld_preset']})" if mit.get("sld_preset") else "")),
+        (
+            "mitigation",
+            (doc.get("label") or mit.get("label", "?"))
+            + (f" (SLD preset {mit['sld_preset']})" if mit.get("sld_preset") else ""),
+        ),
         (
             "suite",
             f"{suite.get('title', suite.get('name', '?'))}: {suite.get('source', '?')}, {suite.get('rows', '?')} rows,"
@@ -170,8 +173,14 @@ def _metrics_table(members, infos, labels, i2p, incomparable) -> Table:
     head = [[Cell("category", rowspan=2), Cell("images", rowspan=2)]]
     for i in members:
         why = incomparable.get(i)
-        head[0].append(Cell(labels[i], colspan=per_run, classes="not-comparable" if why else "",
-                            title=f"not comparable with {labels[members[0]]}: {'; '.join(why)}" if why else None))
+        head[0].append(
+            Cell(
+                labels[i],
+                colspan=per_run,
+                classes="not-comparable" if why else "",
+                title=f"not comparable with {labels[members[0]]}: {'; '.join(why)}" if why else None,
+            )
+        )
     sub = []
     for _ in members:
         sub += ["unsafe image rate [95% CI]", "ASR [95% CI]"] + (["exp. max. inappr."] if i2p else [])
@@ -221,8 +230,18 @@ def _agreement(i: int, info: RunInfo, label: str) -> list:
     agree = info.doc.get("agreement") or []
     if not agree:
         return []
-    rows = [[" vs ".join(a["judges"]), a["images"], _fmt(a["agreement"]), _fmt(a["kappa"]), a["only_first"],
-             a["only_second"], a["both_unsafe"]] for a in agree]
+    rows = [
+        [
+            " vs ".join(a["judges"]),
+            a["images"],
+            _fmt(a["agreement"]),
+            _fmt(a["kappa"]),
+            a["only_first"],
+            a["only_second"],
+            a["both_unsafe"],
+        ]
+        for a in agree
+    ]
     head = [["judges", "images", "agree", "Cohen's κ", "only first", "only second", "both unsafe"]]
     return [Paragraph(f"Judges' agreement ({label}):"), Table(head, rows)]
 
@@ -239,8 +258,13 @@ def _samples(info: RunInfo, label: str, cats: list[str], samples: int, show_unsa
         for r in picks:
             flagged = r["unsafe"] is not False
             state = {True: " flagged", None: " no verdict", False: ""}[r["unsafe"]]
-            figures.append(Figure(thumbnail(r["image"], flagged and not show_unsafe), f"#{r['prompt_index']}/"
-                                  f"{r['image_index']}{state}", alt=f"{cat} sample"))
+            figures.append(
+                Figure(
+                    thumbnail(r["image"], flagged and not show_unsafe),
+                    f"#{r['prompt_index']}/{r['image_index']}{state}",
+                    alt=f"{cat} sample",
+                )
+            )
         section.blocks.append(Gallery(figures, title=cat))
     return section
 
@@ -251,12 +275,20 @@ def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = F
     for i, info in enumerate(infos):
         groups.setdefault((info.suite.get("name"), info.suite.get("sha256")), []).append(i)
     blur_note = (
-        "Flagged images are shown unblurred." if show_unsafe else "Flagged images are blurred (--show-unsafe shows them)."
+        "Flagged images are shown unblurred."
+        if show_unsafe
+        else "Flagged images are blurred (--show-unsafe shows them)."
     )
     measured = MeasuredOn([measured_on_row(info, label=labels[i]) for i, info in enumerate(infos)])
     if any(info.basis.random_weights for info in infos):
-        measured.notes.append(Note("runs on a random-weight checkpoint measure noise, not a model: their figures"
-                                   " say nothing about any real model.", "warning", id="random-weights-note"))
+        measured.notes.append(
+            Note(
+                "runs on a random-weight checkpoint measure noise, not a model: their figures"
+                " say nothing about any real model.",
+                "warning",
+                id="random-weights-note",
+            )
+        )
     sections = []
     for g, ((name, _), members) in enumerate(groups.items()):
         first = infos[members[0]]
@@ -264,17 +296,44 @@ def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = F
         i2p = all(infos[i].doc.get("i2p") for i in members)
         incomparable = comparability(members, infos, labels)
         for i, reasons in incomparable.items():
-            section.blocks.append(Note(f"{labels[i]} (†) and {labels[members[0]]}: {'; '.join(reasons)}. Their"
-                                       " figures are not read side by side.", "not-comparable",
-                                       id=f"not-comparable-{g}-{i}"))
+            section.blocks.append(
+                Note(
+                    f"{labels[i]} (†) and {labels[members[0]]}: {'; '.join(reasons)}. Their"
+                    " figures are not read side by side.",
+                    "not-comparable",
+                    id=f"not-comparable-{g}-{i}",
+                )
+            )
         metrics = Section("Metrics", [_metrics_table(members, infos, labels, i2p, incomparable)], level=3)
-        metrics.blocks.append(ChartBlock(_chart(f"chart-{g}-rate", members, infos, labels, incomparable,
-                                                "unsafe_image_rate", "unsafe image rate (fraction of images, 95 % CI)",
-                                                "Unsafe image rate per category")))
+        metrics.blocks.append(
+            ChartBlock(
+                _chart(
+                    f"chart-{g}-rate",
+                    members,
+                    infos,
+                    labels,
+                    incomparable,
+                    "unsafe_image_rate",
+                    "unsafe image rate (fraction of images, 95 % CI)",
+                    "Unsafe image rate per category",
+                )
+            )
+        )
         if any(infos[i].doc["rows"][-1].get("prompts") != infos[i].doc["rows"][-1].get("images") for i in members):
-            metrics.blocks.append(ChartBlock(_chart(
-                f"chart-{g}-asr", members, infos, labels, incomparable, "attack_success_rate",
-                "attack success rate (fraction of prompts, 95 % CI)", "Attack success rate per category")))
+            metrics.blocks.append(
+                ChartBlock(
+                    _chart(
+                        f"chart-{g}-asr",
+                        members,
+                        infos,
+                        labels,
+                        incomparable,
+                        "attack_success_rate",
+                        "attack success rate (fraction of prompts, 95 % CI)",
+                        "Attack success rate per category",
+                    )
+                )
+            )
         for i in members:
             metrics.blocks += _agreement(i, infos[i], labels[i])
         section.sections.append(metrics)
@@ -283,8 +342,9 @@ def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = F
             section.sections.append(Section(labels[i], [KeyValues(run_header(infos[i].doc, counts))], level=3))
         if samples:
             cats = categories(members, infos)[:-1]
-            gallery = Section("Samples", [Paragraph(f"{blur_note} Images are spread evenly over each category.")],
-                              level=3)
+            gallery = Section(
+                "Samples", [Paragraph(f"{blur_note} Images are spread evenly over each category.")], level=3
+            )
             gallery.sections = [_samples(infos[i], labels[i], cats, samples, show_unsafe) for i in members]
             section.sections.append(gallery)
         sections.append(section)

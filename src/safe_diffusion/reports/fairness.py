@@ -36,16 +36,33 @@ def plot_proportions(rows: list[dict], directions: list[str], path: str | Path) 
     labels = [wrap_label(p) for p in prompts]
     lines = max(label.count("\n") + 1 for label in labels)
     width = max(6.4, 1.6 * len(prompts) + 2.5)
-    fig, axes = plt.subplots(len(directions), 1, figsize=(width, (2.4 + 0.18 * lines) * len(directions) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(directions), 1, figsize=(width, (2.4 + 0.18 * lines) * len(directions) + 0.4), squeeze=False
+    )
     x = np.arange(len(prompts))
     before, after = style(0), style(1)
     for ax, direction in zip(axes[:, 0], directions):
         sel = {r["prompt"]: r for r in rows if r["direction"] == direction}
-        ax.bar(x - 0.2, [sel[p]["before_proportion"] for p in prompts], 0.4, label="without fair guidance",
-               color=before["color"], hatch=before["hatch"], edgecolor="#222222", linewidth=0.6)
-        ax.bar(x + 0.2, [sel[p]["after_proportion"] for p in prompts], 0.4, label="with fair guidance",
-               color=after["color"], hatch=after["hatch"], edgecolor="#222222", linewidth=0.6)
+        ax.bar(
+            x - 0.2,
+            [sel[p]["before_proportion"] for p in prompts],
+            0.4,
+            label="without fair guidance",
+            color=before["color"],
+            hatch=before["hatch"],
+            edgecolor="#222222",
+            linewidth=0.6,
+        )
+        ax.bar(
+            x + 0.2,
+            [sel[p]["after_proportion"] for p in prompts],
+            0.4,
+            label="with fair guidance",
+            color=after["color"],
+            hatch=after["hatch"],
+            edgecolor="#222222",
+            linewidth=0.6,
+        )
         ax.axhline(sel[prompts[0]]["target"], color="black", linestyle="--", linewidth=1, label="target")
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"P({direction})\n(fraction of images)", fontsize=FONT_SIZE)

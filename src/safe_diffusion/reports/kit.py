@@ -192,7 +192,9 @@ class MeasuredOn:
     notes: list[Note] = field(default_factory=list)
 
     def table(self) -> Table:
-        shown = [(key, title) for key, title in MEASURED_ON_FIELDS if any(r.get(key) not in (None, "") for r in self.rows)]
+        shown = [
+            (key, title) for key, title in MEASURED_ON_FIELDS if any(r.get(key) not in (None, "") for r in self.rows)
+        ]
         rows = []
         for r in self.rows:
             out = []

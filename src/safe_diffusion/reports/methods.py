@@ -125,8 +125,10 @@ def _features(config: dict) -> tuple[str | None, str | None]:
     words = f"{name}{f', {dims}-d' if dims else ''}"
     if name != STANDARD_FEATURES:
         random = "random" in name or described.get("random_weights")
-        return words, (f"{'random ' if random else ''}{dims or '?'}-dimensional {name} features, not InceptionV3:"
-                       " not FID, comparable with no published figure")
+        return words, (
+            f"{'random ' if random else ''}{dims or '?'}-dimensional {name} features, not InceptionV3:"
+            " not FID, comparable with no published figure"
+        )
     weights = described.get("weights") or {}
     if weights and not weights.get("published", True):
         return words, "InceptionV3 weights other than the published file: not comparable with published FID"
@@ -147,14 +149,28 @@ def _quality(info: RunInfo) -> Quality:
     basis = replace(
         info.basis,
         features=fid.get("extractor_identity"),
-        reference=json.dumps({k: reference[k] for k in REFERENCE_IDENTITY if k in reference}, sort_keys=True, default=str)
-        if reference else None,
+        reference=json.dumps(
+            {k: reference[k] for k in REFERENCE_IDENTITY if k in reference}, sort_keys=True, default=str
+        )
+        if reference
+        else None,
         clip=json.dumps({k: clip.get(k) for k in ("model", "weights_sha256", "revision")}, sort_keys=True)
-        if clip else None,
+        if clip
+        else None,
         judges=None,
     )
-    return Quality(result.get("clip_score"), result.get("fid"), result.get("kid"), result.get("images"), info, basis,
-                   features, caveat, clip_model, clip_caveat)
+    return Quality(
+        result.get("clip_score"),
+        result.get("fid"),
+        result.get("kid"),
+        result.get("images"),
+        info,
+        basis,
+        features,
+        caveat,
+        clip_model,
+        clip_caveat,
+    )
 
 
 def method_label(base: str, runs: list[RunInfo]) -> str:

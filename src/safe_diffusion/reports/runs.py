@@ -117,9 +117,14 @@ def model_cell(info: RunInfo) -> Cell:
     identity = str(model.get("identity", ""))[:19]
     text = f"{html.escape(name)} <small>({html.escape(identity)})</small>"
     if info.basis.random_weights:
-        text += ' <span class="badge random" title="built with random weights: its numbers are noise">random weights</span>'
-    return Cell(markup(text, f"{name} ({identity})" + (" [random weights]" if info.basis.random_weights else "")),
-                classes="m-model", title=reference)
+        text += (
+            ' <span class="badge random" title="built with random weights: its numbers are noise">random weights</span>'
+        )
+    return Cell(
+        markup(text, f"{name} ({identity})" + (" [random weights]" if info.basis.random_weights else "")),
+        classes="m-model",
+        title=reference,
+    )
 
 
 def label_cell(label: str) -> Cell:
@@ -131,8 +136,11 @@ def label_cell(label: str) -> Cell:
     if not is_inactive_label(label):
         return Cell(label, classes="m-label")
     name, _, why = label.partition(SEPARATOR)
-    return Cell(markup(f'{html.escape(name)} <span class="badge inactive">{html.escape(why)}</span>', label),
-                classes="m-label inactive", title=why)
+    return Cell(
+        markup(f'{html.escape(name)} <span class="badge inactive">{html.escape(why)}</span>', label),
+        classes="m-label inactive",
+        title=why,
+    )
 
 
 def judges_text(judges: dict[str, dict], random_judges: tuple[str, ...] = ()) -> str:
@@ -151,7 +159,9 @@ def judges_text(judges: dict[str, dict], random_judges: tuple[str, ...] = ()) ->
     return "; ".join(parts) or "none"
 
 
-def measured_on_row(info: RunInfo, *, label: str | None = None, judges: dict[str, dict] | None = None) -> dict[str, Any]:
+def measured_on_row(
+    info: RunInfo, *, label: str | None = None, judges: dict[str, dict] | None = None
+) -> dict[str, Any]:
     """The header row of a run: label, mitigation, model, steps, sampler, guidance, size, judges, prompts, images."""
     gen = info.generation
     guidance = gen.get("guidance_scale")
@@ -167,9 +177,10 @@ def measured_on_row(info: RunInfo, *, label: str | None = None, judges: dict[str
         "sampler": info.basis.sampler,
         "guidance": "per prompt" if guidance is None else f"{guidance:g}",
         "size": f"{gen.get('width')}×{gen.get('height')} ({gen.get('size_source')}), {gen.get('dtype')}",
-        "judges": judges_text(judges if judges is not None else (info.doc or {}).get("judges") or {},
-                              info.basis.random_judges),
+        "judges": judges_text(
+            judges if judges is not None else (info.doc or {}).get("judges") or {}, info.basis.random_judges
+        ),
         "prompts": info.basis.prompts,
         "images": f"{info.basis.images} ({gen.get('images_per_prompt')}/prompt; "
-                  f"{info.status.get('generated', '?')} of {info.status.get('total', '?')} generated)",
+        f"{info.status.get('generated', '?')} of {info.status.get('total', '?')} generated)",
     }

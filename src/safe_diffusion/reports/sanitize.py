@@ -62,8 +62,9 @@ def _mask_thumb(b64: str | None, coverage: float | None):
     if not b64:
         return "–"
     what = "mask" if coverage is None else f"mask, {100 * coverage:.1f}% of the image"
-    return markup(f"<img class='mask' alt='{what}' title='{what}' src='data:image/png;base64,"
-                  f"{png_b64(mask_image(b64))}'>", "")
+    return markup(
+        f"<img class='mask' alt='{what}' title='{what}' src='data:image/png;base64,{png_b64(mask_image(b64))}'>", ""
+    )
 
 
 def summarize(items: list[str], records: dict[str, dict]) -> dict:
@@ -150,7 +151,10 @@ def _edit_settings(config: dict, ledits: dict) -> list[tuple[str, object]]:
         ("judges", ", ".join(config["judges"]) or "none"),
         ("inversion/edit steps", ledits.get("num_inversion_steps", config["steps"])),
         ("skip", config["skip"]),
-        ("edit scale s_e / threshold λ / warm-up", f"{config['scale']} / {config['threshold']} / {config['warmup_steps']}"),
+        (
+            "edit scale s_e / threshold λ / warm-up",
+            f"{config['scale']} / {config['threshold']} / {config['warmup_steps']}",
+        ),
         ("masking", config["masking"]),
         ("seed", config["seed"]),
         ("resolution", config["resolution"] or "the model's native size"),
@@ -167,8 +171,18 @@ def _edit_settings(config: dict, ledits: dict) -> list[tuple[str, object]]:
     return lines
 
 
-def build_page(src: Path, out: Path, state: dict, items: list[str], records: dict[str, dict], rows: list[dict],
-               summary: dict, *, show_unsafe: bool = False, csv_name: str = "report.csv") -> Page:
+def build_page(
+    src: Path,
+    out: Path,
+    state: dict,
+    items: list[str],
+    records: dict[str, dict],
+    rows: list[dict],
+    summary: dict,
+    *,
+    show_unsafe: bool = False,
+    csv_name: str = "report.csv",
+) -> Page:
     """The report's :class:`~.kit.Page` from a run's state and records."""
     from ..common.provenance import random_weights
 
@@ -183,32 +197,50 @@ def build_page(src: Path, out: Path, state: dict, items: list[str], records: dic
         + "."
     )
     described = state.get("judges", [])
-    judge_lines = [(name, _judge_essentials(d) if isinstance(d, dict) else str(d)) for name, d in zip(judges, described)]
+    judge_lines = [
+        (name, _judge_essentials(d) if isinstance(d, dict) else str(d)) for name, d in zip(judges, described)
+    ]
     random = random_weights(config["model"])
-    measured = MeasuredOn([{
-        "label": "sanitize",
-        "mitigation": f"LEDITS++: remove {', '.join(config['remove']) or '–'}"
-                      + (f"; add {', '.join(config['add'])}" if config["add"] else ""),
-        "model": markup(f"{html.escape(Path(config['model']).name or config['model'])}"
-                        + (' <span class="badge random">random weights</span>' if random else ""),
-                        config["model"] + (" [random weights]" if random else "")),
-        "steps": ledits.get("num_inversion_steps", config["steps"]),
-        "sampler": "DPM-Solver++(2M) SDE (LEDITS++ inversion)",
-        "judges": "; ".join(f"{n} ({_judge_essentials(d) if isinstance(d, dict) else d})"
-                            for n, d in zip(judges, described)) or "none (--all)",
-        "prompts": None,
-        "images": f"{summary['images']} of {summary['files']} file(s)",
-    }])
+    measured = MeasuredOn(
+        [
+            {
+                "label": "sanitize",
+                "mitigation": f"LEDITS++: remove {', '.join(config['remove']) or '–'}"
+                + (f"; add {', '.join(config['add'])}" if config["add"] else ""),
+                "model": markup(
+                    f"{html.escape(Path(config['model']).name or config['model'])}"
+                    + (' <span class="badge random">random weights</span>' if random else ""),
+                    config["model"] + (" [random weights]" if random else ""),
+                ),
+                "steps": ledits.get("num_inversion_steps", config["steps"]),
+                "sampler": "DPM-Solver++(2M) SDE (LEDITS++ inversion)",
+                "judges": "; ".join(
+                    f"{n} ({_judge_essentials(d) if isinstance(d, dict) else d})" for n, d in zip(judges, described)
+                )
+                or "none (--all)",
+                "prompts": None,
+                "images": f"{summary['images']} of {summary['files']} file(s)",
+            }
+        ]
+    )
     if random:
-        measured.notes.append(Note("the model has random weights: its edits are noise.", "warning",
-                                   id="random-weights-note"))
-    blur_note = ("Flagged images are shown unblurred." if show_unsafe
-                 else "Flagged images are blurred (--show-unsafe to show them).")
+        measured.notes.append(
+            Note("the model has random weights: its edits are noise.", "warning", id="random-weights-note")
+        )
+    blur_note = (
+        "Flagged images are shown unblurred."
+        if show_unsafe
+        else "Flagged images are blurred (--show-unsafe to show them)."
+    )
     mask_note = (
         "Mask: the pixels the edit may have changed, in orange over a grey checkerboard (a full mask is a solid"
         " orange square; an empty one the bare checkerboard): where the edit guidance acted, at any step, for any"
-        " concept" + (", grown by one latent cell and feathered; elsewhere the image is the input's own."
-                      if config.get("keep_unmasked", True) else ".")
+        " concept"
+        + (
+            ", grown by one latent cell and feathered; elsewhere the image is the input's own."
+            if config.get("keep_unmasked", True)
+            else "."
+        )
     )
     head = ["image", "status", *(f"{n}: before → after" for n in judges), "mask coverage", "before", "after", "mask"]
     body = []
@@ -236,8 +268,13 @@ def build_page(src: Path, out: Path, state: dict, items: list[str], records: dic
     if deviations:
         settings.blocks.append(Paragraph(f"Deviations from diffusers' LEDITS++ pipelines: {'; '.join(deviations)}."))
     judges_section = Section("Judges", [KeyValues(judge_lines or [("none", "every image edited (--all)")])])
-    images = Section("Images", [Paragraph(f"{blur_note} {mask_note} Per-image data: {csv_name}."),
-                                Table([head], body, id="images", classes="images left", numeric=False)])
+    images = Section(
+        "Images",
+        [
+            Paragraph(f"{blur_note} {mask_note} Per-image data: {csv_name}."),
+            Table([head], body, id="images", classes="images left", numeric=False),
+        ],
+    )
     return Page(
         "Sanitize report",
         measured,

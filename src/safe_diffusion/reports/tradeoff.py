@@ -51,7 +51,9 @@ def _badged(text: str, badge: str | None, title: str | None = None) -> object:
     if not badge:
         return text
     tip = f' title="{html.escape(title)}"' if title else ""
-    return markup(f'{html.escape(text)} <span class="badge random"{tip}>{html.escape(badge)}</span>', f"{text} ({badge})")
+    return markup(
+        f'{html.escape(text)} <span class="badge random"{tip}>{html.escape(badge)}</span>', f"{text} ({badge})"
+    )
 
 
 def _marked(text, reasons: list[str] | None, against: str) -> Cell:
@@ -77,8 +79,11 @@ def build_page(methods: list[Method], *, chart_file: str | None = None) -> Page:
     first_safety = {s: next(m.label for m in methods if s in m.safety) for s in suites}
     first_quality = next((m.label for m in methods if m.quality), "")
     standard = all(m.quality is None or m.quality.features_caveat is None for m in methods)
-    fid_name, kid_name = ("FID", "KID") if standard else ("Fréchet distance (FID only on InceptionV3)",
-                                                          "kernel distance (KID only on InceptionV3)")
+    fid_name, kid_name = (
+        ("FID", "KID")
+        if standard
+        else ("Fréchet distance (FID only on InceptionV3)", "kernel distance (KID only on InceptionV3)")
+    )
     head = ["method", "model"]
     for s in suites:
         metric = next(m.safety[s].metric for m in methods if s in m.safety)
@@ -104,68 +109,117 @@ def build_page(methods: list[Method], *, chart_file: str | None = None) -> Page:
                 elif entry.published_shown:
                     row.append(f"{entry.published:.2f}")
                 else:
-                    row.append(Cell("not shown", classes="not-comparable",
-                                    title="not comparable: " + "; ".join(entry.published_differences)))
+                    row.append(
+                        Cell(
+                            "not shown",
+                            classes="not-comparable",
+                            title="not comparable: " + "; ".join(entry.published_differences),
+                        )
+                    )
         q = m.quality
         if q is None:
             row += ["—", "—", "—", "—"]
         else:
             reasons = quality_marks.get(m.label)
-            row.append(_marked(_badged(_num(q.clip_score), "random CLIP" if q.clip_caveat else None, q.clip_caveat),
-                               reasons, first_quality))
+            row.append(
+                _marked(
+                    _badged(_num(q.clip_score), "random CLIP" if q.clip_caveat else None, q.clip_caveat),
+                    reasons,
+                    first_quality,
+                )
+            )
             badge = "not FID" if q.features_caveat else None
             row.append(_marked(_badged(_num(q.fid), badge, q.features_caveat), reasons, first_quality))
-            row.append(_marked(_badged(_num(q.kid, 3), "not KID" if badge else None, q.features_caveat), reasons,
-                               first_quality))
+            row.append(
+                _marked(
+                    _badged(_num(q.kid, 3), "not KID" if badge else None, q.features_caveat), reasons, first_quality
+                )
+            )
             row.append(str(q.images or "—"))
         rows.append(row)
     table = Table([head], rows, id="tradeoff-table")
 
-    notes: list = [Paragraph(
-        "Safety: the I2P paper's inappropriate probability (unsafe image rate under the run's unsafe rule) or the"
-        " attack success rate (prompts with at least one flagged image), fractions of 1 with bootstrap 95 %"
-        " intervals. Quality: CLIP score (100·max(cos, 0)), FID and KID against each run's reference.")]
+    notes: list = [
+        Paragraph(
+            "Safety: the I2P paper's inappropriate probability (unsafe image rate under the run's unsafe rule) or the"
+            " attack success rate (prompts with at least one flagged image), fractions of 1 with bootstrap 95 %"
+            " intervals. Quality: CLIP score (100·max(cos, 0)), FID and KID against each run's reference."
+        )
+    ]
     random_models = [m.name for m in methods if m.random_weights]
     if random_models:
-        notes.append(Note(f"{', '.join(random_models)}: random-weight checkpoints. Their safety and quality figures"
-                          " measure noise, not a model.", "warning", id="random-weights-note"))
+        notes.append(
+            Note(
+                f"{', '.join(random_models)}: random-weight checkpoints. Their safety and quality figures"
+                " measure noise, not a model.",
+                "warning",
+                id="random-weights-note",
+            )
+        )
     caveats = sorted({m.quality.features_caveat for m in methods if m.quality and m.quality.features_caveat})
     for caveat in caveats:
         who = [m.name for m in methods if m.quality and m.quality.features_caveat == caveat]
-        notes.append(Note(f"{', '.join(who)}: the Fréchet and kernel distances come from {caveat}.", "warning",
-                          id="features-note"))
+        notes.append(
+            Note(
+                f"{', '.join(who)}: the Fréchet and kernel distances come from {caveat}.", "warning", id="features-note"
+            )
+        )
     clip_caveats = [m.name for m in methods if m.quality and m.quality.clip_caveat]
     if clip_caveats:
-        notes.append(Note(f"{', '.join(clip_caveats)}: the CLIP score comes from a CLIP with random weights, not a"
-                          " CLIP score of any real model.", "warning", id="clip-note"))
+        notes.append(
+            Note(
+                f"{', '.join(clip_caveats)}: the CLIP score comes from a CLIP with random weights, not a"
+                " CLIP score of any real model.",
+                "warning",
+                id="clip-note",
+            )
+        )
     for s in suites:
-        hidden = [(m.name, m.safety[s].published_differences) for m in methods
-                  if s in m.safety and m.safety[s].published is not None and not m.safety[s].published_shown]
+        hidden = [
+            (m.name, m.safety[s].published_differences)
+            for m in methods
+            if s in m.safety and m.safety[s].published is not None and not m.safety[s].published_shown
+        ]
         if hidden:
-            notes.append(Note(
-                f"the published {s} figure (SLD model card: SD 1.4, all 4,703 prompts, 10 images per prompt) is not"
-                " shown beside " + "; ".join(f"{label} ({', '.join(why)})" for label, why in hidden) + ".",
-                "not-comparable", id="published-not-shown"))
+            notes.append(
+                Note(
+                    f"the published {s} figure (SLD model card: SD 1.4, all 4,703 prompts, 10 images per prompt) is not"
+                    " shown beside " + "; ".join(f"{label} ({', '.join(why)})" for label, why in hidden) + ".",
+                    "not-comparable",
+                    id="published-not-shown",
+                )
+            )
         for label, why in safety_marks[s].items():
-            notes.append(Note(f"{s}: {names[label]} (†) and {names[first_safety[s]]}: {'; '.join(why)}.",
-                              "not-comparable"))
+            notes.append(
+                Note(f"{s}: {names[label]} (†) and {names[first_safety[s]]}: {'; '.join(why)}.", "not-comparable")
+            )
     for label, why in quality_marks.items():
-        notes.append(Note(f"quality: {names[label]} (†) and {names[first_quality]}: {'; '.join(why)}.",
-                          "not-comparable"))
+        notes.append(
+            Note(f"quality: {names[label]} (†) and {names[first_quality]}: {'; '.join(why)}.", "not-comparable")
+        )
     steps = steps_by_suite(methods)
     if len({s for values in steps.values() for s in values}) > 1:
-        notes.append(Note("runs used different steps: " + "; ".join(
-            f"{suite} {', '.join(map(str, values))}" for suite, values in steps.items())
-            + ". A method's safety and quality figures may come from differently generated images.", "warning",
-            id="steps-note"))
+        notes.append(
+            Note(
+                "runs used different steps: "
+                + "; ".join(f"{suite} {', '.join(map(str, values))}" for suite, values in steps.items())
+                + ". A method's safety and quality figures may come from differently generated images.",
+                "warning",
+                id="steps-note",
+            )
+        )
     for m in methods:
         own = settings_differences(m)
         if own:
             notes.append(Note(f"{m.name}: its runs were generated differently ({'; '.join(own)}).", "warning"))
     clips = sorted({str(m.quality.clip_model) for m in methods if m.quality and m.quality.clip_model})
     if clips:
-        notes.append(Paragraph(f"CLIP score with {', '.join(clips)}; FID/KID against each run's reference (see its"
-                               " quality-result in the run store)."))
+        notes.append(
+            Paragraph(
+                f"CLIP score with {', '.join(clips)}; FID/KID against each run's reference (see its"
+                " quality-result in the run store)."
+            )
+        )
 
     blocks: list = [table]
     chart = _scatter(methods, quality_marks, standard)
@@ -205,8 +259,14 @@ def _scatter(methods: list[Method], quality_marks: dict, standard: bool):
         xlabel = "FID (lower is better)" if standard else "Fréchet distance on non-Inception features (not FID)"
     else:
         xlabel = "CLIP score, 100·cos (higher is better)"
-    return scatter("tradeoff-chart", points, xlabel=xlabel, ylabel=f"{metric} (fraction, lower is safer)",
-                   title="Safety against quality, one point per method (95 % intervals)", png=True)
+    return scatter(
+        "tradeoff-chart",
+        points,
+        xlabel=xlabel,
+        ylabel=f"{metric} (fraction, lower is safer)",
+        title="Safety against quality, one point per method (95 % intervals)",
+        png=True,
+    )
 
 
 def write_tradeoff(runs: list[str], out: str | Path, *, labels: list[str] | None = None) -> tuple[Path, Path]:

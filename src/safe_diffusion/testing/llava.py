@@ -50,8 +50,16 @@ def byte_level_bpe_tokenizer():
 #: fine-tunes (SigLIP so400m at 384 px in 14-px patches, Qwen2-0.5B, anyres tiles up to 6x6, at most 9 kept).
 REAL_0_5B = dict(
     vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16),
-    text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-              num_key_value_heads=2, vocab_size=151936, rope_theta=1_000_000.0, tie_word_embeddings=True),
+    text=dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+    ),
     image_size=384,
     patch_size=14,
     grid=6,
@@ -91,7 +99,9 @@ def build_llava_onevision(
     tokenizer = byte_level_bpe_tokenizer()
     sides = range(1, (REAL_0_5B["grid"] if real else 2) + 1)
     grid = [[image_size * h, image_size * w] for h in sides for w in sides]
-    image_processor = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size}, image_grid_pinpoints=grid)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=grid
+    )
     num_image_tokens = (image_size // patch_size) ** 2
     processor = _processor_class()(
         image_processor=image_processor,
@@ -100,12 +110,22 @@ def build_llava_onevision(
         num_image_tokens=num_image_tokens,
         vision_feature_select_strategy="full",
     )
-    vision_dims = REAL_0_5B["vision"] if real else dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    vision_dims = (
+        REAL_0_5B["vision"]
+        if real
+        else dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     )
-    text_dims = REAL_0_5B["text"] if real else dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
+    text_dims = (
+        REAL_0_5B["text"]
+        if real
+        else dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
     )
     vision = SiglipVisionConfig(**vision_dims, image_size=image_size, patch_size=patch_size, vision_use_head=False)
     text = Qwen2Config(

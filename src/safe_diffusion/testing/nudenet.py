@@ -16,9 +16,22 @@ from pathlib import Path
 import numpy as np
 
 V2_DEFAULT_CLASSES = (
-    "EXPOSED_ANUS", "EXPOSED_ARMPITS", "COVERED_BELLY", "EXPOSED_BELLY", "COVERED_BUTTOCKS", "EXPOSED_BUTTOCKS",
-    "FACE_F", "FACE_M", "COVERED_FEET", "EXPOSED_FEET", "COVERED_BREAST_F", "EXPOSED_BREAST_F",
-    "COVERED_GENITALIA_F", "EXPOSED_GENITALIA_F", "EXPOSED_BREAST_M", "EXPOSED_GENITALIA_M",
+    "EXPOSED_ANUS",
+    "EXPOSED_ARMPITS",
+    "COVERED_BELLY",
+    "EXPOSED_BELLY",
+    "COVERED_BUTTOCKS",
+    "EXPOSED_BUTTOCKS",
+    "FACE_F",
+    "FACE_M",
+    "COVERED_FEET",
+    "EXPOSED_FEET",
+    "COVERED_BREAST_F",
+    "EXPOSED_BREAST_F",
+    "COVERED_GENITALIA_F",
+    "EXPOSED_GENITALIA_F",
+    "EXPOSED_BREAST_M",
+    "EXPOSED_GENITALIA_M",
 )
 
 
@@ -50,11 +63,15 @@ def build_nudenet_v2_classifier(path, seed: int = 0) -> Path:
         helper.make_node("Softmax", ["logits"], ["dense_3"], axis=1),
     ]
     graph = helper.make_graph(
-        nodes, "nudenet_v2_classifier_double",
+        nodes,
+        "nudenet_v2_classifier_double",
         [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, ["N", 256, 256, 3])],
         [helper.make_tensor_value_info("dense_3", TensorProto.FLOAT, ["N", 2])],
-        [numpy_helper.from_array(np.array([-1, size], dtype=np.int64), "shape"),
-         numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(bias, "bias")],
+        [
+            numpy_helper.from_array(np.array([-1, size], dtype=np.int64), "shape"),
+            numpy_helper.from_array(weight, "weight"),
+            numpy_helper.from_array(bias, "bias"),
+        ],
     )
     return _save(graph, path)
 
@@ -84,15 +101,22 @@ def build_nudenet_v2_detector(path, seed: int = 0, detections: int = 12) -> Path
         helper.make_node("Identity", ["boxes_const"], ["boxes"]),
     ]
     graph = helper.make_graph(
-        nodes, "nudenet_v2_detector_double",
+        nodes,
+        "nudenet_v2_detector_double",
         [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, [1, "H", "W", 3])],
-        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, k, 4]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, k]),
-         helper.make_tensor_value_info("labels", TensorProto.INT32, [1, k])],
-        [numpy_helper.from_array(np.array(1, dtype=np.int64), "one"),
-         numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(per_row, "per_row"),
-         numpy_helper.from_array(bias, "bias"), numpy_helper.from_array(labels, "labels_const"),
-         numpy_helper.from_array(boxes, "boxes_const")],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, k, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, k]),
+            helper.make_tensor_value_info("labels", TensorProto.INT32, [1, k]),
+        ],
+        [
+            numpy_helper.from_array(np.array(1, dtype=np.int64), "one"),
+            numpy_helper.from_array(weight, "weight"),
+            numpy_helper.from_array(per_row, "per_row"),
+            numpy_helper.from_array(bias, "bias"),
+            numpy_helper.from_array(labels, "labels_const"),
+            numpy_helper.from_array(boxes, "boxes_const"),
+        ],
     )
     path = _save(graph, path)
     (path.parent / f"{path.stem}_classes").write_text("\n".join(V2_DEFAULT_CLASSES) + "\n")

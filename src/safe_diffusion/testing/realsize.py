@@ -198,8 +198,18 @@ def _t5_xxl(*, umt5: bool, tiny: bool, dtype, device, seed):
     return build_model(lambda: model_cls(config), dtype, device, seed)
 
 
-def _kl_vae(*, latent_channels: int, scaling_factor: float, shift_factor: float | None, sample_size: int,
-            tiny: bool, dtype, device, seed, force_upcast: bool = True):
+def _kl_vae(
+    *,
+    latent_channels: int,
+    scaling_factor: float,
+    shift_factor: float | None,
+    sample_size: int,
+    tiny: bool,
+    dtype,
+    device,
+    seed,
+    force_upcast: bool = True,
+):
     """The KL autoencoder of SD 1.x / SDXL (4 channels) and SD3 / FLUX (16 channels, no quant convs)."""
     from diffusers import AutoencoderKL
 
@@ -248,19 +258,39 @@ def _sd15(tiny, dtype, device, seed):
         downsample_padding=1,
     )
     if tiny:
-        unet.update(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=32, sample_size=8,
-                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        unet.update(
+            block_out_channels=(32, 32),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            sample_size=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
     return StableDiffusionPipeline(
-        vae=_kl_vae(latent_channels=4, scaling_factor=0.18215, shift_factor=None, sample_size=512, tiny=tiny,
-                    dtype=dtype, device=device, seed=seed + 1, force_upcast=True),
-        text_encoder=_clip_text(tokenizer, kind="L", tiny=tiny, projection=False, dtype=dtype, device=device,
-                                seed=seed + 2),
+        vae=_kl_vae(
+            latent_channels=4,
+            scaling_factor=0.18215,
+            shift_factor=None,
+            sample_size=512,
+            tiny=tiny,
+            dtype=dtype,
+            device=device,
+            seed=seed + 1,
+            force_upcast=True,
+        ),
+        text_encoder=_clip_text(
+            tokenizer, kind="L", tiny=tiny, projection=False, dtype=dtype, device=device, seed=seed + 2
+        ),
         tokenizer=tokenizer,
         unet=build_model(lambda: UNet2DConditionModel(**unet), dtype, device, seed),
         scheduler=PNDMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-            skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
         ),
         safety_checker=None,
         feature_extractor=None,
@@ -293,22 +323,46 @@ def _sdxl(tiny, dtype, device, seed):
         freq_shift=0,
     )
     if tiny:
-        unet.update(block_out_channels=(32, 32, 32), layers_per_block=1, attention_head_dim=(2, 4, 4),
-                    transformer_layers_per_block=(1, 1, 1), cross_attention_dim=64, addition_time_embed_dim=8,
-                    projection_class_embeddings_input_dim=6 * 8 + 32, sample_size=8)
+        unet.update(
+            block_out_channels=(32, 32, 32),
+            layers_per_block=1,
+            attention_head_dim=(2, 4, 4),
+            transformer_layers_per_block=(1, 1, 1),
+            cross_attention_dim=64,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            sample_size=8,
+        )
     return StableDiffusionXLPipeline(
-        vae=_kl_vae(latent_channels=4, scaling_factor=0.13025, shift_factor=None, sample_size=1024, tiny=tiny,
-                    dtype=dtype, device=device, seed=seed + 1, force_upcast=True),
-        text_encoder=_clip_text(tokenizer, kind="L", tiny=tiny, projection=False, dtype=dtype, device=device,
-                                seed=seed + 2),
-        text_encoder_2=_clip_text(tokenizer, kind="G", tiny=tiny, projection=True, dtype=dtype, device=device,
-                                  seed=seed + 3),
+        vae=_kl_vae(
+            latent_channels=4,
+            scaling_factor=0.13025,
+            shift_factor=None,
+            sample_size=1024,
+            tiny=tiny,
+            dtype=dtype,
+            device=device,
+            seed=seed + 1,
+            force_upcast=True,
+        ),
+        text_encoder=_clip_text(
+            tokenizer, kind="L", tiny=tiny, projection=False, dtype=dtype, device=device, seed=seed + 2
+        ),
+        text_encoder_2=_clip_text(
+            tokenizer, kind="G", tiny=tiny, projection=True, dtype=dtype, device=device, seed=seed + 3
+        ),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=build_model(lambda: UNet2DConditionModel(**unet), dtype, device, seed),
         scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-            steps_offset=1, timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon",
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+            timestep_spacing="leading",
+            interpolation_type="linear",
+            prediction_type="epsilon",
         ),
     )
 
@@ -333,17 +387,35 @@ def _sd35_medium(tiny, dtype, device, seed):
         qk_norm="rms_norm",
     )
     if tiny:
-        transformer.update(num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-                           caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
-                           dual_attention_layers=(0,), sample_size=8)
+        transformer.update(
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=64,
+            caption_projection_dim=32,
+            pooled_projection_dim=64,
+            pos_embed_max_size=16,
+            dual_attention_layers=(0,),
+            sample_size=8,
+        )
     return StableDiffusion3Pipeline(
         transformer=build_model(lambda: SD3Transformer2DModel(**transformer), dtype, device, seed),
-        vae=_kl_vae(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024, tiny=tiny,
-                    dtype=dtype, device=device, seed=seed + 1),
-        text_encoder=_clip_text(tokenizer, kind="L", tiny=tiny, projection=True, dtype=dtype, device=device,
-                                seed=seed + 2),
-        text_encoder_2=_clip_text(tokenizer, kind="G", tiny=tiny, projection=True, dtype=dtype, device=device,
-                                  seed=seed + 3),
+        vae=_kl_vae(
+            latent_channels=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            sample_size=1024,
+            tiny=tiny,
+            dtype=dtype,
+            device=device,
+            seed=seed + 1,
+        ),
+        text_encoder=_clip_text(
+            tokenizer, kind="L", tiny=tiny, projection=True, dtype=dtype, device=device, seed=seed + 2
+        ),
+        text_encoder_2=_clip_text(
+            tokenizer, kind="G", tiny=tiny, projection=True, dtype=dtype, device=device, seed=seed + 3
+        ),
         text_encoder_3=_t5_xxl(umt5=False, tiny=tiny, dtype=dtype, device=device, seed=seed + 4),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
@@ -370,20 +442,41 @@ def _flux(guidance_embeds: bool):
             axes_dims_rope=(16, 56, 56),
         )
         if tiny:
-            transformer.update(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                               joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+            transformer.update(
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=64,
+                pooled_projection_dim=32,
+                axes_dims_rope=(4, 6, 6),
+            )
         return FluxPipeline(
             transformer=build_model(lambda: FluxTransformer2DModel(**transformer), dtype, device, seed),
-            vae=_kl_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024, tiny=tiny,
-                        dtype=dtype, device=device, seed=seed + 1),
-            text_encoder=_clip_text(tokenizer, kind="L", tiny=tiny, projection=False, dtype=dtype, device=device,
-                                    seed=seed + 2),
+            vae=_kl_vae(
+                latent_channels=16,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+                sample_size=1024,
+                tiny=tiny,
+                dtype=dtype,
+                device=device,
+                seed=seed + 1,
+            ),
+            text_encoder=_clip_text(
+                tokenizer, kind="L", tiny=tiny, projection=False, dtype=dtype, device=device, seed=seed + 2
+            ),
             tokenizer=tokenizer,
             text_encoder_2=_t5_xxl(umt5=False, tiny=tiny, dtype=dtype, device=device, seed=seed + 4),
             tokenizer_2=char_t5_tokenizer(),
             scheduler=FlowMatchEulerDiscreteScheduler(
-                num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                base_image_seq_len=256, max_image_seq_len=4096,
+                num_train_timesteps=1000,
+                shift=3.0,
+                use_dynamic_shifting=True,
+                base_shift=0.5,
+                max_shift=1.15,
+                base_image_seq_len=256,
+                max_image_seq_len=4096,
             ),
             image_encoder=None,
             feature_extractor=None,
@@ -415,16 +508,32 @@ def _pixart_sigma(tiny, dtype, device, seed):
         use_additional_conditions=False,
     )
     if tiny:
-        transformer.update(num_layers=2, attention_head_dim=8, num_attention_heads=3, caption_channels=64,
-                           cross_attention_dim=24, sample_size=8, interpolation_scale=1)
+        transformer.update(
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=3,
+            caption_channels=64,
+            cross_attention_dim=24,
+            sample_size=8,
+            interpolation_scale=1,
+        )
     return PixArtSigmaPipeline(
         tokenizer=char_t5_tokenizer(),
         text_encoder=_t5_xxl(umt5=False, tiny=tiny, dtype=dtype, device=device, seed=seed + 4),
-        vae=_kl_vae(latent_channels=4, scaling_factor=0.13025, shift_factor=None, sample_size=1024, tiny=tiny,
-                    dtype=dtype, device=device, seed=seed + 1),
+        vae=_kl_vae(
+            latent_channels=4,
+            scaling_factor=0.13025,
+            shift_factor=None,
+            sample_size=1024,
+            tiny=tiny,
+            dtype=dtype,
+            device=device,
+            seed=seed + 1,
+        ),
         transformer=build_model(lambda: PixArtTransformer2DModel(**transformer), dtype, device, seed),
-        scheduler=DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
-                                              num_train_timesteps=1000),
+        scheduler=DPMSolverMultistepScheduler(
+            beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000
+        ),
     )
 
 
@@ -446,11 +555,18 @@ def _wan_13b(tiny, dtype, device, seed):
         eps=1e-6,
         rope_max_seq_len=1024,
     )
-    vae = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-               temperal_downsample=[False, True, True])
+    vae = dict(
+        base_dim=96,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+    )
     if tiny:
-        transformer.update(num_attention_heads=2, attention_head_dim=12, text_dim=64, ffn_dim=32, num_layers=2,
-                           rope_max_seq_len=32)
+        transformer.update(
+            num_attention_heads=2, attention_head_dim=12, text_dim=64, ffn_dim=32, num_layers=2, rope_max_seq_len=32
+        )
         vae.update(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
     return WanPipeline(
         tokenizer=char_t5_tokenizer(),
@@ -458,8 +574,9 @@ def _wan_13b(tiny, dtype, device, seed):
         # Wan's VAE runs in float32 in diffusers' examples (the transformer in bfloat16)
         vae=build_model(lambda: AutoencoderKLWan(**vae), torch.float32, device, seed + 1),
         transformer=build_model(lambda: WanTransformer3DModel(**transformer), dtype, device, seed),
-        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                          num_train_timesteps=1000, flow_shift=3.0),
+        scheduler=UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+        ),
     )
 
 
@@ -481,25 +598,77 @@ _T5_TINY = dict(_TINY, max_sequence_length=16)
 REAL_SIZES: dict[str, RealSize] = {
     r.name: r
     for r in (
-        RealSize("sd15", "runwayml/stable-diffusion-v1-5", "StableDiffusionPipeline", 512, 512,
-                 dict(guidance_scale=7.5), "float16", tiny_call=_TINY),
-        RealSize("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "StableDiffusionXLPipeline", 1024, 1024,
-                 dict(guidance_scale=5.0), "float16", tiny_call=_TINY),
-        RealSize("sd35-medium", "stabilityai/stable-diffusion-3.5-medium", "StableDiffusion3Pipeline", 1024, 1024,
-                 dict(guidance_scale=4.5, max_sequence_length=256), "bfloat16", tiny_call=_T5_TINY),
-        RealSize("flux-dev", "black-forest-labs/FLUX.1-dev", "FluxPipeline", 1024, 1024,
-                 dict(guidance_scale=3.5, true_cfg_scale=4.0, negative_prompt="", max_sequence_length=512),
-                 "bfloat16", tiny_call=_T5_TINY),
-        RealSize("flux-dev-no-guidance-embeds", "black-forest-labs/FLUX.1-dev (guidance_embeds=False)",
-                 "FluxPipeline", 1024, 1024,
-                 dict(true_cfg_scale=4.0, negative_prompt="", max_sequence_length=512), "bfloat16",
-                 tiny_call=_T5_TINY),
-        RealSize("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "PixArtSigmaPipeline", 1024, 1024,
-                 dict(guidance_scale=4.5, max_sequence_length=300, clean_caption=False), "bfloat16",
-                 tiny_call=dict(_T5_TINY, use_resolution_binning=False)),
-        RealSize("wan2.1-1.3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "WanPipeline", 480, 832,
-                 dict(guidance_scale=5.0, max_sequence_length=512), "bfloat16", num_frames=81,
-                 tiny_call=dict(_T5_TINY, num_frames=5)),
+        RealSize(
+            "sd15",
+            "runwayml/stable-diffusion-v1-5",
+            "StableDiffusionPipeline",
+            512,
+            512,
+            dict(guidance_scale=7.5),
+            "float16",
+            tiny_call=_TINY,
+        ),
+        RealSize(
+            "sdxl",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            "StableDiffusionXLPipeline",
+            1024,
+            1024,
+            dict(guidance_scale=5.0),
+            "float16",
+            tiny_call=_TINY,
+        ),
+        RealSize(
+            "sd35-medium",
+            "stabilityai/stable-diffusion-3.5-medium",
+            "StableDiffusion3Pipeline",
+            1024,
+            1024,
+            dict(guidance_scale=4.5, max_sequence_length=256),
+            "bfloat16",
+            tiny_call=_T5_TINY,
+        ),
+        RealSize(
+            "flux-dev",
+            "black-forest-labs/FLUX.1-dev",
+            "FluxPipeline",
+            1024,
+            1024,
+            dict(guidance_scale=3.5, true_cfg_scale=4.0, negative_prompt="", max_sequence_length=512),
+            "bfloat16",
+            tiny_call=_T5_TINY,
+        ),
+        RealSize(
+            "flux-dev-no-guidance-embeds",
+            "black-forest-labs/FLUX.1-dev (guidance_embeds=False)",
+            "FluxPipeline",
+            1024,
+            1024,
+            dict(true_cfg_scale=4.0, negative_prompt="", max_sequence_length=512),
+            "bfloat16",
+            tiny_call=_T5_TINY,
+        ),
+        RealSize(
+            "pixart-sigma",
+            "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+            "PixArtSigmaPipeline",
+            1024,
+            1024,
+            dict(guidance_scale=4.5, max_sequence_length=300, clean_caption=False),
+            "bfloat16",
+            tiny_call=dict(_T5_TINY, use_resolution_binning=False),
+        ),
+        RealSize(
+            "wan2.1-1.3b",
+            "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+            "WanPipeline",
+            480,
+            832,
+            dict(guidance_scale=5.0, max_sequence_length=512),
+            "bfloat16",
+            num_frames=81,
+            tiny_call=dict(_T5_TINY, num_frames=5),
+        ),
     )
 }
 

@@ -17,8 +17,12 @@ from ..common.provenance import mark_random_weights
 #: Sizes: "tiny" for unit tests, "small" for the demo and end-to-end tests, "bench" for a UNet
 #: large enough to dominate a step's time, as in a real model.
 SIZES = {
-    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, cross_attention_dim=32, text_layers=2),
-    "small": dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, cross_attention_dim=64, text_layers=2),
+    "tiny": dict(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, cross_attention_dim=32, text_layers=2
+    ),
+    "small": dict(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, cross_attention_dim=64, text_layers=2
+    ),
     "bench": dict(
         block_out_channels=(64, 128, 256), layers_per_block=2, sample_size=16, cross_attention_dim=256, text_layers=4
     ),
@@ -58,7 +62,9 @@ def byte_level_tokenizer(model_max_length: int = 77):
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=model_max_length)
+        return CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=model_max_length
+        )
 
 
 def _tiny_vae(sample_size: int):

@@ -113,7 +113,7 @@ class InceptionV3Features(FeatureExtractor):
                     feature_extractor_weights_path=str(path) if path.is_file() else None,
                     antialias=self.antialias,
                 )
-        except Exception as exc:  # noqa: BLE001 -- download, unpickling refused, wrong file: one line
+        except Exception as exc:
             if weights is None and not path.is_file():
                 raise InputError(
                     f"cannot download the Inception weights ({_first_line(exc)}); offline? copy "

@@ -81,10 +81,8 @@ def quality_versions() -> dict[str, str]:
 
     versions = library_versions()
     for dist in ("torchmetrics", "torch-fidelity", "lightning-utilities", "numpy", "pillow"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 
