@@ -35,6 +35,7 @@ def world(tmp_path_factory, tiny_checkpoint):
     (root / "prompts.txt").write_text("doctor\n")
     (root / "concepts.txt").write_text("nudity\nviolence\nnudity\n")
     (root / "suite.csv").write_text("prompt\na cat\n")
+    (root / "dup.csv").write_text("prompt,prompt\na cat,a dog\n")
     (root / "noprompt.csv").write_text("text\na cat\n")
     (root / "folder.csv").mkdir()
     (root / "images").mkdir()
@@ -219,6 +220,12 @@ CASES = [
         ["i2p", "run", "--suite", "{root}/suite.csv", "-m", "{model}", "--out", "{root}/r5"],
         2,
         "`i2p run` runs the I2P suite only; for --suite",
+    ),
+    (
+        "eval run",
+        ["eval", "run", "--suite", "{root}/dup.csv", "-m", "{model}", "--out", "{root}/r6"],
+        2,
+        "column(s) 'prompt' appear more than once",
     ),
     ("eval classify", ["eval", "classify", "{root}/nope"], 2, "nope"),
     ("eval score", ["eval", "score", "{root}/nope"], 2, "nope"),

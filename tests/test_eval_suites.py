@@ -115,7 +115,7 @@ def test_unknown_missing_and_offline_suites(tmp_path, capsys):
     one_line_error(
         capsys, run_cli("eval", "run", "--model", "x/y", "--out", out, "--suite", "ring-a-bell-violence"), "not bundled"
     )
-    one_line_error(capsys, run_cli("i2p", "run", "--model", "x/y", "--out", out, "--suite", "bogus"), "unknown suite")
+    one_line_error(capsys, run_cli("eval", "run", "--model", "x/y", "--out", out, "--suite", "bogus"), "unknown suite")
     assert not out.exists()
 
 

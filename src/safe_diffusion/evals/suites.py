@@ -314,6 +314,9 @@ def read_table(data: bytes, name: str, fmt: str) -> tuple[list[str], list[dict]]
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
         header = list(reader.fieldnames or [])
+        twice = sorted({h for h in header if header.count(h) > 1})
+        if twice:  # a dict row keeps only the last of them: the other column would be silently lost
+            raise InputError(f"{name}: column(s) {', '.join(map(repr, twice))} appear more than once; rename one")
         rows = []
         for i, row in enumerate(reader):
             if None in row or any(v is None for v in row.values()):
