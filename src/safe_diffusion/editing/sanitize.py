@@ -10,6 +10,10 @@ the ``safe-diffusion sanitize`` command runs:
   same relative path in OUT, in the input's format and size; the rest are copied byte for byte.
   Edited images are judged again. Unreadable, damaged or non-image files are skipped (not copied)
   and listed in the report.
+
+Over 500 lines because the job keeps its crash-safety and its sharding in one place (item order, resume,
+the per-process writer, the rollback of a failed write) next to the edit it protects; splitting them
+would spread one invariant over several files.
 * Resumable: ``OUT/.sanitize`` is the run's :class:`~safe_diffusion.records.store.RecordStore`. Its
   ``config.json`` (the settings, versions, judges and resolved LEDITS++ settings) is written in one
   atomic creation; resuming with other settings is refused. After an item's output file is complete,

@@ -7,7 +7,6 @@ The library, not the CLI, builds and validates the configuration (:class:`Erasur
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..common.errors import InputError
+from ..common.hashing import sha256_text
 from .methods import METHODS, ESDOptions, RECEOptions, UCEOptions, get_method
 
 
@@ -207,7 +207,7 @@ def _fingerprint(config: ErasureConfig, base_files: dict[str, str]) -> str:
     options = {k: v for k, v in dataclasses.asdict(config.options).items() if k not in config.spec.execution_only}
     settings = {**config.concepts(), "method": config.method, "options": options}
     blob = json.dumps({"config": settings, "base": base_files}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sha256_text(blob)
 
 
 def _already_erased(out: Path, model: str, config: ErasureConfig) -> bool:

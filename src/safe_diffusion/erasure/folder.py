@@ -12,7 +12,6 @@ link would not.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..common.errors import InputError
+from ..common.hashing import sha256_file
 from ..common.outputs import atomic_write_json, current_umask
 
 if TYPE_CHECKING:
@@ -31,14 +31,6 @@ RECORD_NAME = "erasure.json"
 WEIGHTS_NAME = "erasure_weights.safetensors"
 SCHEMA = "safe-diffusion/erasure"
 SCHEMA_VERSION = 1
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_erasure_record(model_path: str | os.PathLike) -> dict | None:

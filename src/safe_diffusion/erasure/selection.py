@@ -14,13 +14,13 @@ The validation prompts are inappropriate by design: they are never logged.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from ..common.errors import InputError
+from ..common.hashing import sha256_bytes
 
 BUNDLED = "rece_validation_inappropriate.csv"
 #: The official generation settings (RECE execs/generate_images.py).
@@ -91,7 +91,7 @@ def load_validation_set(path: str | None = None) -> ValidationSet:
         prompts.append(prompt)
         seeds.append(seed)
         guidance.append(scale)
-    return ValidationSet(prompts, seeds, guidance, source, hashlib.sha256(data).hexdigest())
+    return ValidationSet(prompts, seeds, guidance, source, sha256_bytes(data))
 
 
 def check_scheduler_dependencies() -> None:

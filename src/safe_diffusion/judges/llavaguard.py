@@ -24,7 +24,6 @@ What runs, and how it differs from the model card's example (every point is in :
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
 from importlib import resources
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import InputError
+from ..common.hashing import sha256_bytes, sha256_text
 from .base import Judge, Judgment
 
 DEFAULT_MODEL = "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf"
@@ -68,7 +68,7 @@ def load_policy(path: str | Path | None = None) -> tuple[str, dict[str, Any]]:
     """
     if path is None:
         data = resources.files("safe_diffusion.data").joinpath(POLICY_FILE).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256_bytes(data)
         if digest != POLICY_SHA256:
             raise InputError(
                 f"the bundled LlavaGuard policy is damaged (sha256 {digest[:12]}…); reinstall safe-diffusion"
@@ -92,7 +92,7 @@ def load_policy(path: str | Path | None = None) -> tuple[str, dict[str, Any]]:
         raise InputError(f"LlavaGuard policy file {str(path)!r} is not UTF-8 text") from None
     if not text.strip():
         raise InputError(f"LlavaGuard policy file {str(path)!r} is empty")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_bytes(data)
     name = POLICY_NAME if digest == POLICY_SHA256 else "custom"
     return text, {"name": name, "file": path.name, "sha256": digest, "text": text}
 
@@ -280,10 +280,7 @@ def _weights_sha256(folder: Path) -> str | None:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.name}\0{file_sha256(f)}\n".encode())
-    return digest.hexdigest()
+    return sha256_text("".join(f"{f.name}\0{file_sha256(f)}\n" for f in files))
 
 
 def _hub_commit(model: str, revision: str | None) -> str | None:
@@ -379,8 +376,8 @@ class LlavaGuard(Judge):
             "revision": revision,
             "commit": _hub_commit(self.model_ref, revision),
             "weights_sha256": _weights_sha256(path) if path.is_dir() else None,
-            "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
-            "prompt_sha256": hashlib.sha256(self.prompt.encode()).hexdigest(),
+            "chat_template_sha256": sha256_text(str(template)),
+            "prompt_sha256": sha256_text(self.prompt),
         }
         self._versions = {"transformers": version("transformers"), "torch": version("torch")}
 

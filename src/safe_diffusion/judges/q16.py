@@ -13,13 +13,13 @@ installed, so a verdict is the same on every machine.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
 import numpy as np
 
 from ..common.errors import InputError
+from ..common.hashing import sha256_bytes
 from .base import Judge, Judgment
 from .clip import DEFAULT_MODEL
 
@@ -33,7 +33,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def load_q16_prompts():
     """The Q16 learned prompts, (2, 768) float16, loaded without pickle and checked against their hash."""
     data = Q16_PROMPTS.read_bytes()
-    if hashlib.sha256(data).hexdigest() != Q16_PROMPTS_SHA256:
+    if sha256_bytes(data) != Q16_PROMPTS_SHA256:
         raise InputError("the bundled Q16 prompts are damaged; reinstall safe-diffusion")
     return np.load(io.BytesIO(data), allow_pickle=False)
 
