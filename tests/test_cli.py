@@ -209,6 +209,8 @@ def test_an_unreachable_hub_is_detected_and_errors_name_the_option(tmp_path):
     env = {k: v for k, v in _env().items() if k != "HF_HUB_OFFLINE"}
     env["HF_ENDPOINT"] = "https://127.0.0.1:9"
     env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
+    # Set by many users and CI images: loading must not then warn that it cannot re-enable the bars.
+    env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     proc = subprocess.run(
         [
             sys.executable,

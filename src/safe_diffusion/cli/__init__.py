@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     130 interrupted (Ctrl-C), 143 terminated (SIGTERM). ``--log-level debug`` shows tracebacks.
     """
     # transformers warns at import time about optional image back-ends; that is noise on a command line.
+    environment = dict(os.environ)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         with contextlib.suppress(ValueError):  # not the main thread
@@ -142,6 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if previous is not None:  # called in-process (tests, a user's script): leave Ctrl-C as it was
             signal.signal(signal.SIGINT, previous)
+        # ... and the environment: the variables a command sets for itself (offline mode, verbosity, no
+        # bars) would otherwise reach every process the caller starts afterwards.
+        for key in set(os.environ) - set(environment):
+            del os.environ[key]
+        for key, value in environment.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def _run(argv: list[str] | None) -> None:

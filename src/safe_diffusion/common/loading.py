@@ -6,6 +6,7 @@ import inspect
 import json
 import logging
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,13 +52,20 @@ def _quiet_loading():
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
-        diffusers_logging.enable_progress_bar()
-        transformers_logging.enable_progress_bar()
+        # Back to what it was, and silently: with HF_HUB_DISABLE_PROGRESS_BARS=1 set, re-enabling makes
+        # huggingface_hub warn on stderr, an extra line under a one-line error.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Cannot enable progress bars")
+            if was[0]:
+                diffusers_logging.enable_progress_bar()
+            if was[1]:
+                transformers_logging.enable_progress_bar()
 
 
 def load_pipeline(model: str, *, device=None, dtype=None):

@@ -9,14 +9,9 @@ appears complete or not at all (it is built next to DIR and renamed into place).
 
 from __future__ import annotations
 
-import os
-
-# A builder's output is one line: no transformers notices about optional back-ends, no shard-writing bars.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
 import argparse
 import errno
+import os
 import re
 import shutil
 import sys
@@ -93,10 +88,24 @@ def _clip(argv: list[str]) -> str:
     return f"wrote a random-weight CLIP to {args.path} (demos only: Q16 needs openai/clip-vit-large-patch14)"
 
 
+def _quiet() -> None:
+    """A builder's output is one line: no transformers notices about optional back-ends, no shard-writing
+    bars. Set through the libraries, not the environment: an imported ``main`` (tests, the app) must not
+    leave variables behind that every later subprocess inherits."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
+    disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Build what is asked; bad input is one ``error:`` line and exit 2, a failed write one line and exit 1."""
     from ..common.errors import InputError
 
+    _quiet()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "clip":
