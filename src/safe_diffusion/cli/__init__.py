@@ -111,6 +111,16 @@ def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _os_error_line(exc: OSError) -> str:
     reason = exc.strerror or str(exc) or type(exc).__name__
     where = f" ({exc.filename})" if exc.filename else ""
@@ -141,7 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _run(argv)
     finally:
-        if previous is not None:  # called in-process (tests, a user's script): leave Ctrl-C as it was
+        # Called in-process with arguments (tests, a user's script): leave Ctrl-C as it was. As the program
+        # itself (no arguments: the console script, python -m), a Ctrl-C once seen stays ignored until the
+        # process has exited: a late duplicate during interpreter shutdown, when CPython has put SIGINT back
+        # to the default action, would end it by the signal (-2) after it printed 'interrupted'.
+        if previous is not None and (argv is not None or signal.getsignal(signal.SIGINT) is _interrupt):
             signal.signal(signal.SIGINT, previous)
         # ... and the environment: the variables a command sets for itself (offline mode, verbosity, no
         # bars) would otherwise reach every process the caller starts afterwards.
@@ -187,6 +201,12 @@ def _run(argv: list[str] | None) -> None:
     except _usage_errors() as exc:
         typer.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code or 2)
+    except Exception as exc:
+        if not _caused_by_interrupt(exc):
+            raise
+        # Ctrl-C during a library's lazy import (diffusers re-raises it as RuntimeError "Failed to import").
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
     if code == 130:  # Typer turns Ctrl-C into a silent Exit(130) after the command's cleanup ran
         typer.echo("interrupted", err=True)
     if isinstance(code, int) and code:

@@ -97,7 +97,9 @@ def _quiet() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()  # "Writing model shards"
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     disable_progress_bars()
 
 
