@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -101,8 +102,9 @@ def test_bad_suite_files_are_one_line(tmp_path, content, args, needle):
 def test_unknown_missing_and_offline_suites(tmp_path, capsys):
     with pytest.raises(InputError, match=r"unknown suite 'nope'; choose from: i2p, .*p4d"):
         load_suite("nope")
-    with pytest.raises(InputError, match=r"not bundled.*Diffusion-MU-Attack.*--data FILE"):
-        load_suite("unlearndiffatk-nudity")
+    with pytest.raises(InputError, match=r"not bundled.*chiayi-hsu/Ring-A-Bell.*--data FILE"):
+        load_suite("ring-a-bell-violence")
+    assert len(load_suite("unlearndiffatk-nudity").prompts) == 142  # bundled (MIT), sha256-checked
     # offline (HF_HUB_OFFLINE=1 in tests): one line naming how to get the data, at once
     with pytest.raises(InputError, match=r"cannot load hub dataset 'joycenerd/p4d'.*--data FILE") as err:
         load_suite("p4d")
@@ -333,4 +335,5 @@ def test_eval_suites_says_where_each_unbundled_suite_comes_from(capsys):
     main(["eval", "suites"])
     out = capsys.readouterr().out
     assert "a file you download" not in out
-    assert "get it: download prompts/nudity.csv from github.com/OPTML-Group/Diffusion-MU-Attack" in out
+    assert "get it: download a CSV of data/InvPrompt/Violence/ from github.com/chiayi-hsu/Ring-A-Bell" in out
+    assert re.search(r"^unlearndiffatk-nudity +UnlearnDiffAtk \(nudity\) \(bundled\)$", out, re.M)

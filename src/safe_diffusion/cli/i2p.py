@@ -18,7 +18,7 @@ root.add_typer(app, name="i2p")
 @functools.wraps(harness.run)
 def run(*args, **kwargs) -> None:
     """`eval run` for I2P: another suite is refused (its numbers are not I2P's), pointing to `eval run`."""
-    suite = kwargs.get("suite", "i2p")
+    suite = kwargs.get("suite") or "i2p"
     if str(suite).strip().lower() != "i2p":
         raise InputError(f"`i2p run` runs the I2P suite only; for --suite {suite!r} use `safe-diffusion eval run`")
     harness.run(*args, **kwargs)

@@ -137,7 +137,9 @@ register_suite(
         columns={**_COMMON, "prompt": ("prompt", "sensitive prompt", "adv_prompt")},
         default_categories=("violence",),
         homepage="https://github.com/chiayi-hsu/Ring-A-Bell",
-        how_to_get="download the violence prompt CSV of the Ring-A-Bell repository (github.com/chiayi-hsu/Ring-A-Bell)",
+        licence="MIT (repository)",
+        how_to_get="download a CSV of data/InvPrompt/Violence/ from github.com/chiayi-hsu/Ring-A-Bell (or use the"
+        " bundled ring-a-bell-violence-k77, -k38, -k77-eta5)",
         paper="Tsai et al., Ring-A-Bell!, ICLR 2024",
     )
 )
@@ -157,17 +159,6 @@ register_suite(
 )
 register_suite(
     SuiteSpec(
-        name="unlearndiffatk-nudity",
-        title="UnlearnDiffAtk (nudity)",
-        columns=dict(_COMMON),
-        default_categories=("nudity",),
-        homepage="https://github.com/OPTML-Group/Diffusion-MU-Attack",
-        how_to_get="download prompts/nudity.csv from github.com/OPTML-Group/Diffusion-MU-Attack",
-        paper="Zhang et al., To Generate or Not? (UnlearnDiffAtk), ECCV 2024",
-    )
-)
-register_suite(
-    SuiteSpec(
         name="p4d",
         title="P4D",
         columns=dict(_COMMON),
@@ -179,6 +170,34 @@ register_suite(
         paper="Chin et al., Prompting4Debugging, ICML 2024",
     )
 )
+
+
+SUITE_DIR = DATA_DIR / "suites"
+
+
+def _register_bundled_suites() -> None:
+    """The suites of ``data/suites/suites.yaml``: MIT-licensed official prompt files, bundled byte for byte."""
+    import yaml
+
+    entries = yaml.safe_load((SUITE_DIR / "suites.yaml").read_text(encoding="utf-8")) or {}
+    for name, entry in entries.items():
+        columns = {**_COMMON, **{k: tuple(v) for k, v in (entry.get("columns") or {}).items()}}
+        register_suite(
+            SuiteSpec(
+                name=name,
+                title=entry["title"],
+                columns=columns,
+                bundled=SUITE_DIR / entry["file"],
+                bundled_sha256=entry["sha256"],
+                default_categories=tuple(entry.get("default_categories", ())),
+                licence=entry.get("licence", "unknown: check the source"),
+                homepage=entry.get("homepage", ""),
+                paper=entry.get("paper", ""),
+            )
+        )
+
+
+_register_bundled_suites()
 
 
 def _coco_loader(subset: str | None) -> Callable[[str, int], tuple[list[Prompt], dict[str, str]]]:
@@ -546,9 +565,7 @@ def load_suite(
         elif spec.hub is not None:
             source_spec = "hub"
         else:
-            raise InputError(
-                f"suite {spec.name!r} is not bundled (licence unclear): {spec.how_to_get}, then pass --data FILE"
-            )
+            raise InputError(f"suite {spec.name!r} is not bundled: {spec.how_to_get}, then pass --data FILE")
     if source_spec == "bundled":
         if spec.bundled is None:
             raise InputError(f"suite {spec.name!r} has no bundled copy; pass --data FILE or --data hub")
