@@ -49,7 +49,8 @@ def _print_results(doc: dict, run_dir: Path) -> None:
 def run(
     model: str = typer.Option(..., "--model", "-m", help="Hub id or local checkpoint folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (created, or resumed)."),
-    suite: str = typer.Option("i2p", "--suite", "-s", help=SUITE_HELP),
+    protocol: str = typer.Option(None, "--protocol", help="Run a published protocol (eval protocols) or a .yaml file."),
+    suite: str = typer.Option(None, "--suite", "-s", help=SUITE_HELP + " Default: i2p."),
     data: str = typer.Option(None, "--data", "--prompts", help="Rows of a named suite: FILE, hub or hub:ID."),
     columns: list[str] = typer.Option(None, "--columns", help="Column mapping, e.g. prompt=adv_prompt."),
     safety: str = typer.Option("off", help="SLD preset: off, weak, medium, strong, max."),
@@ -58,14 +59,17 @@ def run(
     categories: list[str] = typer.Option(None, help="Only prompts with these categories."),
     limit: int = typer.Option(None, help="Only the first N selected prompts."),
     images_per_prompt: int = typer.Option(None, help="Images per prompt (I2P: 10, else 1)."),
-    steps: int = typer.Option(50, help="Denoising steps (the protocol: 50)."),
+    steps: int = typer.Option(None, help="Denoising steps (default 50)."),
+    scheduler: str = typer.Option(None, help="Sampler: dpm-solver, lms, ddim, pndm, euler, model (the default)."),
     guidance_scale: float = typer.Option(None, help="CFG scale (default: the suite's, else 7.5)."),
     height: int = typer.Option(None, help="Image height (default: the model's native)."),
     width: int = typer.Option(None, help="Image width (default: the model's native)."),
-    dtype: str = typer.Option("float32", help="float32 (the protocol), float16 or bfloat16."),
+    dtype: str = typer.Option(None, help="float32 (the default), float16 or bfloat16."),
     batch_size: int = typer.Option(8, help="Images per UNet batch (spans prompts)."),
-    seed: int = typer.Option(0, help="Base seed for suites without seeds."),
-    judges: str = typer.Option(DEFAULT_JUDGES, "--judges", "--classifiers", help="Judges, e.g. q16,nudenet; none."),
+    seed: int = typer.Option(None, help="Base seed for suites without seeds (default 0)."),
+    judges: str = typer.Option(
+        None, "--judges", "--classifiers", help=f"Judges, e.g. q16,nudenet; none (default {DEFAULT_JUDGES})."
+    ),
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16 (hub id or folder)."),
     nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx."),
     nudenet_resolution: int = typer.Option(None, help="NudeNet input size (default: the file's)."),
@@ -80,45 +84,53 @@ def run(
         False, "--allow-inactive", help="Run guidance that can never act in --steps (its label says so)."
     ),
 ) -> None:
-    """Generate a suite's images and judge them; rerun to resume."""
+    """Generate a suite's images and judge them; rerun to resume. With --protocol, every setting the protocol
+    fixes is its value unless given here; a run that changes one records the deviation."""
+    from ..evals.protocols import describe_deviation, run_settings
     from ..evals.suites import parse_columns
     from ..guidance.mitigation import Mitigation
     from ..jobs.evaluate import evaluate
 
     chosen = Mitigation.build(safety=safety, methods=mitigation, negative_prompt=negative_prompt)
-    done = evaluate(
-        model,
-        out,
+    settings = run_settings(
+        protocol,
         suite=suite,
         data=data,
-        columns=parse_columns(columns),
-        categories=categories,
+        columns=parse_columns(columns) or None,
+        categories=categories or None,
         limit=limit,
-        mitigation=chosen,
         images_per_prompt=images_per_prompt,
         steps=steps,
+        scheduler=scheduler,
         guidance_scale=guidance_scale,
         height=height,
         width=width,
         dtype=dtype,
-        batch_size=batch_size,
         seed=seed,
         judges=judges,
-        judge_settings=_judge_settings(
-            judges,
-            q16_model=q16_model,
-            nudenet_model=nudenet_model,
-            nudenet_resolution=nudenet_resolution,
-            nudenet_mode=nudenet_mode,
-            nudenet_setup=nudenet_setup,
-            nudenet_threshold=nudenet_threshold,
-            nudenet_labels=nudenet_labels,
-            llavaguard_model=llavaguard_model,
-        ),
+        q16_model=q16_model,
+        nudenet_model=nudenet_model,
+        nudenet_resolution=nudenet_resolution,
+        nudenet_mode=nudenet_mode,
+        nudenet_setup=nudenet_setup,
+        nudenet_threshold=nudenet_threshold,
+        nudenet_labels=nudenet_labels,
+        llavaguard_model=llavaguard_model,
+    )
+    done = evaluate(
+        model,
+        out,
+        mitigation=chosen,
+        batch_size=batch_size,
         device=device,
         progress=progress,
         allow_inactive=allow_inactive,
+        **settings,
     )
+    record = done.config.protocol
+    if done.is_main_process and record and record.get("deviations"):
+        listed = "; ".join(describe_deviation(d) for d in record["deviations"])
+        typer.echo(f"deviates from protocol {record['name']}: {listed}", err=True)
     if done.is_main_process:
         typer.echo(
             f"process 0 of {done.num_processes} wrote {done.written} new image(s); run {out} has {done.done} of"
@@ -354,9 +366,41 @@ def list_suites() -> None:
         spec = get_suite_spec(name)
         where = "bundled" if spec.bundled else (f"hub {spec.hub}" if spec.hub else "a file you pass with --data")
         gated = ", gated" if spec.gated else ""
-        typer.echo(f"{name:<24}{spec.title} ({where}{gated})")
+        typer.echo(f"{name:<32}{spec.title} ({where}{gated})")
         if not spec.bundled and (spec.how_to_get or spec.homepage):
-            typer.echo(f"{'':<24}get it: {spec.how_to_get or spec.homepage}")
+            typer.echo(f"{'':<32}get it: {spec.how_to_get or spec.homepage}")
+
+
+@app.command("protocols")
+def list_protocols(
+    name: str = typer.Argument(None, help="Show one protocol's settings, their sources and its figures."),
+) -> None:
+    """The published protocols `eval run --protocol NAME` runs (docs/protocols.md)."""
+    from ..evals.protocols import available, get_protocol
+
+    if name is None:
+        for protocol in available():
+            figures = f", {len(protocol.references)} published figure(s)" if protocol.references else ""
+            typer.echo(f"{protocol.name:<32}{protocol.title}{figures}")
+        return
+    protocol = get_protocol(name)
+    typer.echo(f"{protocol.name} (version {protocol.version}): {protocol.title}")
+    if protocol.paper:
+        typer.echo(f"paper: {protocol.paper}")
+    typer.echo(f"counting: {protocol.counting}")
+    for key, value in protocol.settings().items():
+        source = protocol.sources.get(key) or protocol.sources.get(key.removesuffix("_scale")) or ""
+        shown = "each prompt's own" if key == "guidance_scale" and value is None else value
+        typer.echo(f"  {key:<20}{shown}" + (f"   [{source}]" if source else ""))
+    if protocol.suite.get("data"):
+        typer.echo(f"data: {protocol.suite['data']}")
+    for ref in protocol.references:
+        typer.echo(
+            f"published: {ref['method']} on {ref['base_model']}: {ref['metric']} {ref['value']:g}"
+            f" ({ref['paper']}, {ref.get('table', '')})"
+        )
+    if protocol.notes:
+        typer.echo(f"note: {protocol.notes}")
 
 
 @app.command("demo-clip", help="Deprecated: use `python -m safe_diffusion.testing clip PATH`.")

@@ -50,6 +50,12 @@ SEED_RULE = (
     "image k of a prompt: torch.Generator('cpu').manual_seed((seed + k * 0x9E3779B97F4A7C15) mod 2**63),"
     " seed = the suite's per-prompt seed (else base_seed + row)"
 )
+#: SAFREE's and Ring-A-Bell's rule: every prompt without a seed of its own uses the same seed.
+FIXED_SEED_RULE = (
+    "image k of a prompt: torch.Generator('cpu').manual_seed((seed + k * 0x9E3779B97F4A7C15) mod 2**63),"
+    " seed = the suite's per-prompt seed (else base_seed for every prompt)"
+)
+SEED_RULES = {"offset": SEED_RULE, "fixed": FIXED_SEED_RULE}
 MAX_BATCH = 1024
 MAX_IMAGES_PER_PROMPT = 10_000
 
@@ -76,6 +82,8 @@ class GenerationRecord:
     seed_rule: str = SEED_RULE
     base_seed: int = 0
     guidance_source: str = "given"  # given | suite
+    scheduler: str = "model"  # the sampler (common.schedulers): "model" is the checkpoint's own
+    scheduler_class: str | None = None  # the class it samples with
 
     def scale_of(self, prompt) -> float:
         """The classifier-free guidance scale of `prompt`'s images: the run's, else the prompt's own, else 7.5."""
@@ -92,21 +100,23 @@ class RunConfig:
     generation: GenerationRecord
     schema: str = CONFIG_SCHEMA
     schema_version: int = CONFIG_SCHEMA_VERSION
+    #: The protocol the run follows (evals.protocols: name, version, sha256) and every setting in which it
+    #: deviates from it; None: no protocol. Not part of the identity: the settings themselves are.
+    protocol: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready, as the run folder's config.json holds it."""
-        return json.loads(
-            json.dumps(
-                {
-                    "suite": self.suite,
-                    "model": dataclasses.asdict(self.model),
-                    "mitigation": self.mitigation.to_dict(),
-                    "generation": dataclasses.asdict(self.generation),
-                    "schema": self.schema,
-                    "schema_version": self.schema_version,
-                }
-            )
-        )
+        doc = {
+            "suite": self.suite,
+            "model": dataclasses.asdict(self.model),
+            "mitigation": self.mitigation.to_dict(),
+            "generation": dataclasses.asdict(self.generation),
+            "schema": self.schema,
+            "schema_version": self.schema_version,
+        }
+        if self.protocol is not None:
+            doc["protocol"] = self.protocol
+        return json.loads(json.dumps(doc))
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
@@ -122,6 +132,7 @@ class RunConfig:
             model=ModelRecord(**data["model"]),
             mitigation=_mitigation_type().from_dict(data["mitigation"]),
             generation=GenerationRecord(**data["generation"]),
+            protocol=data.get("protocol"),
         )
 
     def identity(self) -> dict:
@@ -154,6 +165,9 @@ def identity_of(config: dict) -> dict:
     }
     for key, value in config.get("generation", {}).items():
         flat[f"generation.{key}"] = value
+    # Runs made before the sampler was a setting sampled with the checkpoint's own.
+    flat.setdefault("generation.scheduler", "model")
+    flat.setdefault("generation.scheduler_class", config.get("model", {}).get("scheduler"))
     return flat
 
 
@@ -197,6 +211,9 @@ def build_run_config(
     images_per_prompt: int | None = None,
     batch_size: int = 8,
     base_seed: int = 0,
+    seed_rule: str = "offset",
+    scheduler: str | None = None,
+    protocol: dict | None = None,
 ) -> tuple[RunConfig, list]:
     """A :class:`RunConfig` and the guidance terms it stands for; loads no weights.
 
@@ -204,7 +221,10 @@ def build_run_config(
     SLD preset `safety` and `negative_prompt`. The model folder's erasure record joins it either way.
     `guidance_scale` None: the suite's per-prompt guidance when it has a guidance column, else 7.5.
     `height`/`width` None: the checkpoint's native size. `images_per_prompt` None: the suite's default
-    (I2P: 10, adversarial suites: 1).
+    (I2P: 10, adversarial suites: 1). `seed_rule`: ``offset`` (a prompt without a seed of its own uses
+    base_seed + its row) or ``fixed`` (base_seed itself; SAFREE's rule). `scheduler`: a sampler name
+    (:mod:`~safe_diffusion.common.schedulers`; None: the checkpoint's). `protocol`: the record of the protocol
+    the run follows (:func:`~safe_diffusion.evals.protocols.settings_for`), stored as given.
     """
     check_model_reference(model)
     steps = check_int("--steps", steps, minimum=1, maximum=10_000)
@@ -231,11 +251,16 @@ def build_run_config(
         guidance_source = "suite"
     else:
         guidance_scale, guidance_source = DEFAULT_GUIDANCE_SCALE, "given"
+    if seed_rule not in SEED_RULES:
+        raise InputError(f"seed rule {seed_rule!r}: choose one of {', '.join(SEED_RULES)}")
     identity = provenance.model_identity(model)
-    scheduler = None
+    checkpoint_scheduler = None
     index = provenance.read_config(model, "model_index.json") or {}
     if isinstance(index.get("scheduler"), list) and len(index["scheduler"]) == 2:
-        scheduler = index["scheduler"][1]
+        checkpoint_scheduler = index["scheduler"][1]
+    from ..common.schedulers import check_scheduler, scheduler_class_name
+
+    sampler = check_scheduler(scheduler, checkpoint_scheduler)
     if mitigation is None:
         mitigation = _mitigation_type().build(safety=safety, negative_prompt=negative_prompt)
     mitigation = mitigation.with_erasure(read_erasure_record(model))
@@ -264,7 +289,7 @@ def build_run_config(
             identity=identity["identity"],
             kind=identity["kind"],
             pipeline=index.get("_class_name"),
-            scheduler=scheduler,
+            scheduler=checkpoint_scheduler,
         ),
         mitigation=mitigation,
         generation=GenerationRecord(
@@ -278,7 +303,11 @@ def build_run_config(
             batch_size=batch_size,
             base_seed=base_seed,
             guidance_source=guidance_source,
+            seed_rule=SEED_RULES[seed_rule],
+            scheduler=sampler,
+            scheduler_class=scheduler_class_name(sampler, checkpoint_scheduler),
         ),
+        protocol=protocol,
     )
     return config, guidance_terms
 

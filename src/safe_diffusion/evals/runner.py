@@ -28,6 +28,7 @@ from ..common.errors import InputError
 from ..common.hashing import sha256_bytes
 from ..common.outputs import atomic_write_bytes
 from ..common.progress import ProgressLog
+from ..common.schedulers import apply_scheduler
 from ..engine import guide
 from .config import GenerationRecord, RunConfig
 from .store import RunStore, clean_temp_files, image_name
@@ -109,6 +110,7 @@ def generate(
     # diffusers warns with the prompt text when it truncates a prompt: suite prompts must not reach logs.
     logging.getLogger("diffusers.pipelines").setLevel(logging.ERROR)
     diffusers_logging.set_verbosity_error()
+    apply_scheduler(pipe, settings.scheduler)
     wanted = set(store.wanted_keys())
     batches = plan(store.prompts(), settings)[process_index::num_processes]
     mine = {(p.index, k) for b in batches for p, k in b} & wanted

@@ -99,6 +99,9 @@ def evaluate(
     dtype: str = "float32",
     batch_size: int = 8,
     seed: int = 0,
+    seed_rule: str = "offset",
+    scheduler: str | None = None,
+    protocol: Mapping[str, Any] | None = None,
     judges: str | Sequence[str] | None = DEFAULT_JUDGES,
     judge_settings: Mapping[str, Mapping[str, Any]] | None = None,
     device: str | None = None,
@@ -110,7 +113,10 @@ def evaluate(
     The mitigation is `mitigation` (:meth:`Mitigation.build`) or, without it, the SLD preset `safety` and
     `negative_prompt`. `judges`: names ("q16,nudenet", a list, or none), built with `judge_settings`
     (per judge name, its keyword arguments). `limit`: only the first N selected prompts (a resumed run may
-    only grow). A mitigation that could never act in `steps` steps (its warm-up never left, classifier-free
+    only grow). `seed_rule` and `scheduler`: see :func:`~safe_diffusion.evals.config.build_run_config`.
+    `protocol`: the record :func:`~safe_diffusion.evals.protocols.settings_for` returns with the settings it
+    resolved (``evaluate(model, out, **settings_for("safree-i2p", steps=25))``); a suite file whose sha256 is
+    not the protocol's is recorded as one more deviation. A mitigation that could never act in `steps` steps (its warm-up never left, classifier-free
     guidance off) is refused unless `allow_inactive`; the run's label then says it was inactive. Every bad
     input is one :class:`InputError` before the run folder is touched.
     """
@@ -121,6 +127,12 @@ def evaluate(
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is not a folder")
     loaded = suites.load_suite(suite, data=data, columns=dict(columns or {}), base_seed=seed)
+    if seed_rule == "fixed" and not loaded.has_seeds:
+        loaded = dataclasses.replace(loaded, prompts=[dataclasses.replace(p, seed=seed) for p in loaded.prompts])
+    if protocol is not None:
+        from ..evals.protocols import with_suite_check
+
+        protocol = with_suite_check(protocol, loaded)
     cats = suites.parse_category_filter(list(categories) if categories else None, loaded)
     chosen = suites.select(loaded.prompts, cats, None)
     if not chosen:
@@ -140,6 +152,9 @@ def evaluate(
         images_per_prompt=images_per_prompt,
         batch_size=batch_size,
         base_seed=seed,
+        seed_rule=seed_rule,
+        scheduler=scheduler,
+        protocol=dict(protocol) if protocol is not None else None,
     )
     check_active(
         terms,

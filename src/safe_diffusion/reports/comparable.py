@@ -54,6 +54,7 @@ class Basis:
     reference: str | None = None  # a quality figure's reference statistics: their identity
     clip: str | None = None  # a CLIP score's model
     protocol: str | None = None
+    deviations: tuple[str, ...] = ()  # how a run departs from the protocol it names ("steps: 50 → 4")
     published: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -185,6 +186,15 @@ def _quality(a: Basis, b: Basis) -> str | None:
 def _protocol(a: Basis, b: Basis) -> str | None:
     if _known(a.protocol, b.protocol) and a.protocol != b.protocol:
         return f"different protocols ({a.protocol} vs {b.protocol})"
+    return None
+
+
+@register_check
+def _deviations(a: Basis, b: Basis) -> str | None:
+    for x, y in ((a, b), (b, a)):
+        if x.deviations and y.published:
+            more = f" and {len(x.deviations) - 2} more" if len(x.deviations) > 2 else ""
+            return f"deviates from protocol {x.protocol} ({'; '.join(x.deviations[:2])}{more})"
     return None
 
 

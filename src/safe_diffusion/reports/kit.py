@@ -181,6 +181,7 @@ MEASURED_ON_FIELDS = (
     ("judges", "judges, metrics (model, threshold)"),
     ("prompts", "prompts"),
     ("images", "images"),
+    ("protocol", "protocol"),
 )
 
 

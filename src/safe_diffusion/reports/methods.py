@@ -91,9 +91,42 @@ def _safety(info: RunInfo) -> Safety:
         metric, value = "attack success rate", overall.get("attack_success_rate")
         low, high = overall.get("attack_success_rate_ci_low"), overall.get("attack_success_rate_ci_high")
     entry = Safety(info.suite_title, metric, value, low, high, overall.get("images"), info)
+    if info.config.get("protocol") and _attach_protocol_published(entry, info):
+        return entry
     if info.doc.get("i2p"):
         _attach_published(entry, info)
     return entry
+
+
+#: The metrics of a protocol's figures that an evaluation run measures (a post-attack ASR needs the attack).
+RUN_METRICS = {"inappropriate_probability", "attack_success_rate", "pre_attack_asr", "unsafe_image_rate"}
+
+
+def _attach_protocol_published(entry: Safety, info: RunInfo) -> bool:
+    """The figure the run's protocol publishes for this method, marked with why it is not comparable when it is
+    not; False when the protocol publishes nothing an evaluation run measures for this method (the I2P figures
+    of ``evals.references`` may still apply)."""
+    from ..evals.protocols import method_of, published_for
+
+    record = info.config["protocol"]
+    rows, reason = published_for(record, method_of(info.mitigation), info.basis.base_model)
+    rows = [r for r in rows if r["metric"] in RUN_METRICS and r.get("category", "overall") == "overall"]
+    if not rows:
+        return False
+    ref = rows[0]
+    entry.published = ref["value"]
+    entry.published_source = f"{record['name']}: {ref['paper']}"
+    published = Basis(
+        label=f"published ({record['name']})",
+        model=ref["base_model"],
+        base_model=ref["base_model"],
+        random_weights=False,
+        published=True,
+    )
+    entry.published_differences = ([reason] if reason else []) + [
+        d for d in differences(info.basis, published) if not d.startswith("deviates from protocol")
+    ]
+    return True
 
 
 def _attach_published(entry: Safety, info: RunInfo) -> None:

@@ -65,13 +65,16 @@ def basis_of(config: dict, records: list[dict], judges: dict[str, dict], label: 
     erasure = mit.get("erasure") or {}
     base = (erasure.get("base_model") or {}).get("reference") if erasure else None
     prompts = {(r["prompt_index"], r["prompt"]) for r in records}
+    protocol = config.get("protocol") or {}
+    from ..evals.protocols import describe_deviation
+
     return Basis(
         label=label,
         model=model.get("reference"),
         base_model=base or model.get("reference"),
         random_weights=random_weights(model.get("reference")),
         steps=gen.get("steps"),
-        sampler=model.get("scheduler"),
+        sampler=gen.get("scheduler_class") or model.get("scheduler"),
         guidance_scale=gen.get("guidance_scale"),
         suite=(config.get("suite") or {}).get("name"),
         prompt_set=prompt_fingerprint(prompts),
@@ -80,6 +83,8 @@ def basis_of(config: dict, records: list[dict], judges: dict[str, dict], label: 
         images=len(records),
         judges=tuple(sorted((n, judge_key(info)) for n, info in judges.items())) if judges else None,
         random_judges=_random_judges(judges),
+        protocol=protocol.get("name"),
+        deviations=tuple(describe_deviation(d) for d in protocol.get("deviations") or ()),
         inactive=tuple(inactive_parts(mit.get("guidance") or [], gen.get("steps"), gen.get("guidance_scale"))),
     )
 
@@ -183,4 +188,17 @@ def measured_on_row(
         "prompts": info.basis.prompts,
         "images": f"{info.basis.images} ({gen.get('images_per_prompt')}/prompt; "
         f"{info.status.get('generated', '?')} of {info.status.get('total', '?')} generated)",
+        "protocol": protocol_cell(info.config.get("protocol")),
     }
+
+
+def protocol_cell(record: dict | None) -> str | None:
+    """'safree-i2p v1' for a run that follows its protocol; with ', deviates: steps: 50 → 4' when it does not."""
+    if not record:
+        return None
+    text = f"{record.get('name')} v{record.get('version')}"
+    if record.get("deviations"):
+        from ..evals.protocols import describe_deviation
+
+        text += ", deviates: " + "; ".join(describe_deviation(d) for d in record["deviations"])
+    return text
