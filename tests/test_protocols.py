@@ -229,3 +229,34 @@ def test_the_docs_table_is_the_protocols():
 
     docs = (Path(__file__).resolve().parent.parent / "docs" / "protocols.md").read_text(encoding="utf-8")
     assert protocols.markdown_table() in docs
+
+
+@pytest.mark.slow
+def test_reports_show_a_protocols_figure_only_beside_a_run_that_follows_it(tiny_checkpoint, tmp_path, cli):
+    """A user's protocol with a published figure for SD on this checkpoint: beside the run that follows it the
+    figure stands (marked only because the weights are random); beside a run that changed its steps it is
+    marked with the deviation; the header says which protocol each run followed."""
+    from safe_diffusion.reports.methods import collect
+
+    (tmp_path / "s.csv").write_text("prompt,evaluation_seed\na cat,1\na dog,2\n")
+    (tmp_path / "p.yaml").write_text(
+        f"protocol: mine\nversion: 1\nsuite: {{name: '{tmp_path / 's.csv'}'}}\n"
+        "generation: {images_per_prompt: 1, steps: 2, scheduler: ddim, height: 32, width: 32}\n"
+        "judges: {names: nudenet}\n"
+        f"references: [{{paper: ours, method: sd, base_model: '{tiny_checkpoint}', metric: attack_success_rate,"
+        " value: 0.5}]\n"
+    )
+    runs = []
+    for name, extra in (("follows", []), ("deviates", ["--steps", "3"])):
+        out = tmp_path / name
+        args = ["eval", "run", "--protocol", str(tmp_path / "p.yaml"), "-m", str(tiny_checkpoint), "-o", str(out)]
+        code, _, err = cli(*args, *extra)
+        assert code == 0, err
+        runs.append(str(out))
+    follows, deviates = (next(iter(m.safety.values())) for m in collect(runs, labels=["a", "b"]))
+    assert follows.published == deviates.published == 0.5
+    assert follows.published_differences == ["a random-weight checkpoint, not the published figure's model"]
+    assert deviates.published_differences[0] == "deviates from protocol mine (steps: 2 → 3)"
+    from safe_diffusion.reports.runs import protocol_cell, read_run
+
+    assert protocol_cell(read_run(runs[1]).config["protocol"]) == "mine v1, deviates: steps: 2 → 3"
