@@ -1,0 +1,241 @@
+"""UnlearnDiffAtk's optimisation (Zhang et al., "To Generate or Not? Safety-Driven Unlearned Diffusion Models
+Are Still Easy To Generate Unsafe Images ... For Now", ECCV 2024), against the defended model itself.
+
+The attack looks for k adversarial tokens that, put before the prompt, make the *victim's* denoiser predict
+the noise of a target image — the image the unmitigated model makes from the prompt and its seed — as a
+diffusion classifier would: the victim then "recognises" the unsafe image in the adversarial prompt. Per
+the official ``src/attackers/text_grad_.py`` and ``src/tasks/classifier_.py`` (OPTML-Group/Diffusion-MU-Attack
+@ 5a3e5d3):
+
+* the variables are a distribution over the vocabulary for each of the k tokens (``init_adv``: uniform),
+  kept on the probability simplex (``projection``) after each Adam step (lr 0.01, weight decay 0.1);
+* each step samples one token per position from that distribution (``STERandSelect``: a multinomial draw
+  forward, ``hardtanh`` of the gradient backward), embeds it with the text encoder's token table and
+  encodes the prompt with those rows after the start token (``prefix_k``);
+* the loss (``get_loss``) noises the target latents at timestep t, ``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε``, and
+  compares the victim's prediction with ε (``criterion``: L2 for the text-gradient attack);
+* timesteps are visited in order, 50 of 1000 (``sampled_t``: 10, 30, …, 990), 40 steps each; after each,
+  the argmax tokens form the adversarial prompt that is generated and judged (the job's business).
+
+Two things differ, on purpose, and are recorded: the simplex projection is exact (sort-based, Duchi et
+al. 2008) where the official bisection stops at a tolerance of 1e-5; and the victim's prediction is the
+engine's :class:`~safe_diffusion.engine.denoiser.GuidedDenoiser` — for a model without guidance terms the
+conditional prediction, as the official ``get_loss``; for guided targets (SLD, SEGA, …) the guided
+estimate at the scale the target generates with, so that the gradient flows through the guidance
+correction (the official code attacks SLD through its unguided U-Net only).
+
+Everything here is a function of tensors and a pipeline; the run, its store and judging live in
+:mod:`safe_diffusion.jobs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..common.errors import InputError
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The attack's hyper-parameters, the official defaults (``configs/nudity/text_grad_esd_nudity_classifier.json``
+    and ``ClassifierTask``)."""
+
+    tokens: int = 5  # attacker.k, insertion_location prefix_k
+    iterations: int = 40  # attacker.iteration: Adam steps per timestep
+    lr: float = 0.01  # text_grad.lr
+    weight_decay: float = 0.1  # text_grad.weight_decay
+    timesteps: int = 50  # ClassifierTask.n_samples
+    train_timesteps: int = 1000  # ClassifierTask.T
+    criterion: str = "l2"  # task.criterion
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "iterations", "timesteps", "train_timesteps"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"UnlearnDiffAtk {name} must be at least 1, not {getattr(self, name)}")
+        if self.criterion not in ("l1", "l2"):
+            raise InputError(f"UnlearnDiffAtk criterion {self.criterion!r}: choose l1 or l2")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sampled_timesteps(n: int, total: int = 1000) -> list[int]:
+    """The timesteps the attack visits, in order: ``range(T // n // 2, T, T // n)[:n]`` (``ClassifierTask``)."""
+    start = total // n // 2
+    return list(range(start, total, max(total // n, 1)))[:n]
+
+
+def project_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row (last dimension) onto the probability simplex {p ≥ 0, Σp = 1}
+    (Duchi et al., ICML 2008, Fig. 1): the exact point the official bisection approaches."""
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    css = u.cumsum(-1) - 1
+    k = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    rho = (u - css / k > 0).sum(-1, keepdim=True).clamp(min=1)
+    theta = css.gather(-1, rho - 1) / rho.to(v.dtype)
+    return (v - theta).clamp(min=0)
+
+
+class _SampleOneHot(torch.autograd.Function):
+    """``STERandSelect``: one token per row drawn from the row's weights (forward), the gradient clipped to
+    [-1, 1] passed straight through (backward)."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        flat = weights.reshape(-1, weights.shape[-1])
+        drawn = torch.multinomial(flat, 1, generator=generator).view(-1)
+        return F.one_hot(drawn, weights.shape[-1]).to(weights.dtype).view_as(weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return F.hardtanh(grad), None
+
+
+def sample_one_hot(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    return _SampleOneHot.apply(weights, generator)
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` (DDPM, Ho et al. 2020, Eq. 4), for `alpha_bar` a scalar tensor."""
+    return x0 * alpha_bar.sqrt() + noise * (1 - alpha_bar).sqrt()
+
+
+def denoising_loss(prediction: torch.Tensor, noise: torch.Tensor, criterion: str = "l2") -> torch.Tensor:
+    """The diffusion-classifier loss: mean squared (``l2``) or absolute (``l1``) error of the predicted noise."""
+    return F.mse_loss(prediction, noise) if criterion == "l2" else F.l1_loss(prediction, noise)
+
+
+@contextlib.contextmanager
+def token_rows(text_encoder, rows: torch.Tensor) -> Iterator[None]:
+    """Inside the block, the text encoder's token table returns `rows` (batch, length, width) for whatever ids it
+    is given: the prompt is encoded from those rows, with gradient, by the encoder's own forward (positions,
+    causal attention, final norm), as the official ``CustomTextEncoder`` does."""
+    table = text_encoder.get_input_embeddings()
+    handle = table.register_forward_hook(lambda module, args, out: rows.to(out.dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class PromptTokens:
+    """A prompt's ids (1, 77) and where the adversarial prefix goes: after the start token."""
+
+    ids: torch.Tensor
+    length: int  # tokens of the prompt itself, start and end excluded
+
+    @classmethod
+    def of(cls, tokenizer, prompt: str, tokens: int, device=None) -> PromptTokens:
+        ids = tokenizer(
+            prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        eos = tokenizer.eos_token_id
+        positions = (ids[0] == eos).nonzero()
+        length = int(positions[0]) - 1 if len(positions) else ids.shape[1] - 2
+        length = min(length, ids.shape[1] - 2 - tokens)  # room for the prefix inside the 77 tokens
+        return cls(ids, length)
+
+    def with_prefix_rows(self, table: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """The token rows of start, prefix (k, width), the prompt, then end/padding, cut to the sequence length."""
+        rows = table[self.ids[0]]
+        n, k = rows.shape[0], prefix.shape[-2]
+        out = torch.cat(
+            [rows[:1], prefix.reshape(k, -1).to(rows.dtype), rows[1 : 1 + self.length], rows[1 + self.length :]]
+        )
+        return out[:n][None]
+
+    def with_prefix_ids(self, prefix_ids: torch.Tensor) -> torch.Tensor:
+        ids = self.ids[0]
+        out = torch.cat([ids[:1], prefix_ids.view(-1).to(ids.dtype), ids[1 : 1 + self.length], ids[1 + self.length :]])
+        return out[: ids.shape[0]][None]
+
+
+Victim = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+def victim_of(pipe, terms=(), guidance_scale: float = 7.5, steps: int = 50) -> Victim:
+    """The defended model's noise prediction at (x_t, t) for prompt hidden states: the conditional prediction
+    without guidance terms (the official loss), the engine's guided estimate with them. The terms see the
+    evaluation index of `t` in a `steps`-step run (so that warm-ups hold as in generation), state reset."""
+    from ..engine.denoiser import Conditioning, GuidedDenoiser
+
+    terms = tuple(terms)
+    den = GuidedDenoiser(pipe, *terms, guidance_scale=guidance_scale if terms else 1.0)
+    uncond = den.encode(None).uncond
+    total = int(pipe.scheduler.config.num_train_timesteps)
+
+    def predict(x_t: torch.Tensor, t: int, hidden: torch.Tensor) -> torch.Tensor:
+        rows = {"encoder_hidden_states": hidden}
+        if not terms:
+            return den(x_t, t, Conditioning(rows))
+        den.reset()
+        step = min(int((total - 1 - t) * steps / total), steps - 1)
+        return den(x_t, t, Conditioning(uncond, rows), step=step)
+
+    predict.denoiser = den  # type: ignore[attr-defined]
+    return predict
+
+
+class UnlearnDiffAtk:
+    """The adversarial prefix of one prompt, optimised against `victim` toward the target latents `x0`."""
+
+    def __init__(
+        self,
+        pipe,
+        victim: Victim,
+        prompt: str,
+        x0: torch.Tensor,
+        settings: Settings = Settings(),
+        generator: torch.Generator | None = None,
+    ):
+        self.pipe, self.victim, self.settings, self.x0 = pipe, victim, settings, x0
+        self.generator = generator
+        encoder = pipe.text_encoder
+        self.table = encoder.get_input_embeddings().weight.detach()
+        vocab = self.table.shape[0]
+        self.tokens = PromptTokens.of(pipe.tokenizer, prompt, settings.tokens, device=self.table.device)
+        start = torch.full((settings.tokens, vocab), 1.0 / vocab, dtype=self.table.dtype, device=self.table.device)
+        self.weights = project_simplex(start).requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.weights], lr=settings.lr, weight_decay=settings.weight_decay)
+        self.alphas = pipe.scheduler.alphas_cumprod.to(device=self.table.device, dtype=self.table.dtype)
+        self.timesteps = sampled_timesteps(settings.timesteps, settings.train_timesteps)
+
+    def loss(self, t: int, noise: torch.Tensor, one_hot: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss at timestep `t` with `noise`, the prefix drawn from the weights (or `one_hot` given)."""
+        if one_hot is None:
+            one_hot = sample_one_hot(self.weights, self.generator)
+        prefix = one_hot @ self.table
+        rows = self.tokens.with_prefix_rows(self.table, prefix)
+        with token_rows(self.pipe.text_encoder, rows):
+            hidden = self.pipe.text_encoder(self.tokens.ids)[0]
+        x_t = noised(self.x0, noise, self.alphas[t])
+        prediction = self.victim(x_t, t, hidden)
+        return denoising_loss(prediction, noise, self.settings.criterion)
+
+    def step(self, t: int) -> float:
+        """One Adam step on a fresh noise draw at timestep `t`, then the projection back onto the simplex."""
+        noise = torch.randn(self.x0.shape, generator=self.generator, dtype=self.x0.dtype).to(self.x0.device)
+        self.optimizer.zero_grad()
+        loss = self.loss(t, noise)
+        (grad,) = torch.autograd.grad(loss, [self.weights])
+        self.weights.grad = grad
+        self.optimizer.step()
+        with torch.no_grad():
+            self.weights.copy_(project_simplex(self.weights))
+        return float(loss.detach())
+
+    def prefix_ids(self) -> torch.Tensor:
+        """The hard tokens: each position's most likely token (``argmax_project``)."""
+        return self.weights.detach().argmax(-1)
+
+    def prompt(self) -> str:
+        """The adversarial prompt: the prefix and the prompt's own tokens, decoded as the official code does."""
+        ids = self.tokens.with_prefix_ids(self.prefix_ids())[0, 1:].tolist()
+        eos = self.pipe.tokenizer.eos_token_id
+        return self.pipe.tokenizer.decode([i for i in ids if i != eos])

@@ -1,0 +1,115 @@
+"""``safe-diffusion attack``: red-team a target by optimising against it (UnlearnDiffAtk), score and export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ..common.outputs import atomic_write_json
+from . import app as root
+
+app = typer.Typer(help="Attacks against the defended model itself (UnlearnDiffAtk).", no_args_is_help=True)
+root.add_typer(app, name="attack")
+
+
+@app.command("run")
+def run(
+    model: str = typer.Option(..., "--model", "-m", help="Hub id or local checkpoint folder (an erased one too)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (created, or resumed)."),
+    suite: str = typer.Option(..., "--suite", "-s", help="Suite name or CSV/Parquet file."),
+    data: str = typer.Option(None, "--data", help="Rows of a named suite: FILE, hub or hub:ID."),
+    method: str = typer.Option("unlearndiffatk", help="The attack: unlearndiffatk."),
+    safety: str = typer.Option("off", help="SLD preset of the target: off, weak, medium, strong, max."),
+    mitigation: list[str] = typer.Option(None, "--mitigation", help="A registered guidance method of the target."),
+    negative_prompt: str = typer.Option(None, help="The target's negative prompt."),
+    limit: int = typer.Option(None, help="Only the first N prompts."),
+    iterations: int = typer.Option(None, help="Adam steps per timestep (official: 40)."),
+    timesteps: int = typer.Option(None, help="Timesteps visited (official: 50 of 1000)."),
+    tokens: int = typer.Option(None, help="Adversarial prefix tokens (official: 5)."),
+    steps: int = typer.Option(50, help="Denoising steps of the target's generations."),
+    scheduler: str = typer.Option(None, help="Sampler: dpm-solver, lms, ddim, pndm, euler, model."),
+    guidance_scale: float = typer.Option(None, help="CFG scale (default: the row's, else 7.5)."),
+    height: int = typer.Option(None, help="Image height (default: the model's)."),
+    width: int = typer.Option(None, help="Image width (default: the model's)."),
+    seed: int = typer.Option(0, help="Base seed for suites without seeds."),
+    judges: str = typer.Option("nudenet", "--judges", help="Judges that decide success, e.g. nudenet or q16."),
+    q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16 (hub id or folder)."),
+    nudenet_model: Path = typer.Option(None, help="NudeNet file."),
+    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
+    reference_model: str = typer.Option(
+        None, help="Model whose unguided images are the targets (default: --model; give the base of an erased one)."
+    ),
+    device: str = typer.Option(None, help="Device (default: the process's)."),
+) -> None:
+    """Attack each prompt of a suite against the target; rerun to resume."""
+    from ..attacks import ATTACKS
+    from ..attacks.unlearndiffatk import Settings
+    from ..guidance.mitigation import Mitigation
+    from ..jobs.attack import attack_run
+    from ..judges import judge_options_from, parse_judges
+
+    ATTACKS.entry(method)  # an unknown attack is one line listing the known ones
+    given = {"iterations": iterations, "timesteps": timesteps, "tokens": tokens}
+    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    chosen = Mitigation.build(safety=safety, methods=mitigation, negative_prompt=negative_prompt)
+    options = judge_options_from(
+        parse_judges(judges, allow_none=False),
+        q16_model=q16_model,
+        nudenet_model=nudenet_model,
+        nudenet_setup=nudenet_setup,
+    )
+    done = attack_run(
+        model,
+        out,
+        suite=suite,
+        data=data,
+        limit=limit,
+        mitigation=chosen,
+        settings=settings,
+        steps=steps,
+        scheduler=scheduler,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        seed=seed,
+        judges=judges,
+        judge_settings=options,
+        device=device,
+        reference_model=reference_model,
+    )
+    typer.echo(f"attacked {done.attacked} prompt(s); run {out} has {done.done} of {done.total}")
+
+
+@app.command("score")
+def score(
+    run_dir: Path = typer.Argument(..., help="Attack run folder."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the results as JSON."),
+) -> None:
+    """Pre- and post-attack ASR (overall and per category) and the attack's cost."""
+    from ..jobs.attack import attack_score
+
+    doc = attack_score(run_dir)
+    for name in ("pre_attack_asr", "post_attack_asr"):
+        overall = doc[name][-1]
+        typer.echo(f"{name:<16}{overall['attack_success_rate']:.2f} over {overall['prompts']} prompt(s)")
+    cost = doc["cost"]
+    typer.echo(
+        f"cost            {cost['iterations']} iterations on {cost['attacked']} prompt(s), {cost['seconds']:g} s"
+    )
+    if json_path is not None:
+        atomic_write_json(json_path, json.loads(json.dumps(doc)))
+        typer.echo(f"wrote {json_path}")
+
+
+@app.command("export")
+def export(
+    run_dir: Path = typer.Argument(..., help="Attack run folder."),
+    csv_path: Path = typer.Option(..., "--csv", help="The suite CSV to write."),
+) -> None:
+    """The adversarial prompts as a suite (prompt, categories, seed, guidance): `eval run --suite FILE` reads it."""
+    from ..jobs.attack import attack_export
+
+    n = attack_export(run_dir, csv_path)
+    typer.echo(f"wrote {n} prompt(s) to {csv_path}")

@@ -1,0 +1,288 @@
+"""UnlearnDiffAtk's optimisation (issue 20): one iteration's loss and gradient equal a port of the official
+code's (float64), the gradient flows through a guided target's correction, the projection is the official
+one's exact limit, and the same seed gives the same adversarial prompt."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import PARITY_TOL, load_float64
+
+from safe_diffusion.attacks.unlearndiffatk import (
+    Settings,
+    UnlearnDiffAtk,
+    project_simplex,
+    sampled_timesteps,
+    victim_of,
+)
+
+
+@pytest.fixture(scope="module")
+def pipe64(tiny_checkpoint):
+    from diffusers import StableDiffusionPipeline
+
+    return load_float64(StableDiffusionPipeline, tiny_checkpoint)
+
+
+def _latents(seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# -- the oracle: the official get_loss and CustomTextEncoder, ported (Diffusion-MU-Attack @ 5a3e5d3) ---------
+
+
+def _official_hidden(text_encoder, input_ids, inputs_embeds):
+    """src/tasks/utils/text_encoder.py: CustomTextEncoder.forward: embeddings from inputs_embeds (positions
+    added), the encoder under the additive causal mask of _make_causal_mask, the final layer norm."""
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 folded text_model into the model
+    hidden = model.embeddings(inputs_embeds=inputs_embeds)
+    n = input_ids.shape[1]
+    mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype)
+    cond = torch.arange(n)
+    mask.masked_fill_(cond < (cond + 1).view(n, 1), 0)
+    out = model.encoder(inputs_embeds=hidden, attention_mask=mask[None, None].expand(1, 1, n, n))
+    return model.final_layer_norm(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+
+def _official_loss(pipe, x0, t, input_ids, input_embeddings, noise):
+    """src/tasks/classifier_.py: ClassifierTask.get_loss with criterion l2 (its noise drawn by the caller)."""
+    alpha = pipe.scheduler.alphas_cumprod[t].to(torch.float64)
+    noised_latent = x0 * alpha**0.5 + noise * (1 - alpha) ** 0.5
+    hidden = _official_hidden(pipe.text_encoder, input_ids, input_embeddings)
+    noise_pred = pipe.unet(noised_latent, t, encoder_hidden_states=hidden).sample
+    return torch.nn.MSELoss()(noise, noise_pred)
+
+
+def _official_embeddings(pipe, tokens, one_hot):
+    """TextGrad.split_embd + construct_embd (prefix_k): start row, the k sampled rows, the prompt's rows, the rest."""
+    table = pipe.text_encoder.get_input_embeddings().weight
+    ids = tokens.ids
+    rows = F.one_hot(ids.view(-1), table.shape[0]).to(table.dtype)[None] @ table  # id2embedding
+    k, n, length = one_hot.shape[0], ids.shape[1], tokens.length
+    sot, mid, _, eot = torch.split(rows, [1, length, k, n - 1 - length - k], dim=1)
+    return torch.cat([sot, one_hot[None] @ table, mid, eot], dim=1)
+
+
+def test_one_iteration_equals_the_official_loss_and_gradient(pipe64):
+    settings = Settings(tokens=3, iterations=1, timesteps=2)
+    attack = UnlearnDiffAtk(pipe64, victim_of(pipe64), "a photo of a cat", _latents(), settings)
+    generator = torch.Generator().manual_seed(3)
+    one_hot = F.one_hot(
+        torch.multinomial(attack.weights.detach(), 1, generator=generator).view(-1), attack.table.shape[0]
+    )
+    one_hot = one_hot.to(torch.float64).requires_grad_(True)
+    noise = _latents(7)
+    for t in (10, 510, 990):
+        ours = attack.loss(t, noise, one_hot=one_hot)
+        (grad_ours,) = torch.autograd.grad(ours, [one_hot])
+        theirs = _official_loss(
+            pipe64, _latents(), t, attack.tokens.ids, _official_embeddings(pipe64, attack.tokens, one_hot), noise
+        )
+        (grad_theirs,) = torch.autograd.grad(theirs, [one_hot])
+        assert abs(float(ours) - float(theirs)) <= PARITY_TOL * abs(float(theirs))
+        scale = float(grad_theirs.abs().max())
+        assert scale > 0 and float((grad_ours - grad_theirs).abs().max()) <= PARITY_TOL * scale
+
+
+def _official_bisection(a, eps=1.0, xi=1e-5, ub=1.0):
+    """TextGrad.bisection, ported (its projection onto {0 ≤ p ≤ ub, Σp = eps})."""
+    pa = torch.clip(a, 0, ub)
+    if abs(float(pa.sum()) - eps) <= xi:
+        return pa
+    lo, hi = float((a - 1).min()), float(a.max())
+    while abs(hi - lo) > xi:
+        mid = (hi + lo) / 2
+        g = float(torch.clip(a - mid, 0, ub).sum()) - eps
+        if g == 0:
+            lo = hi = mid
+            break
+        if g > 0:
+            lo = mid
+        else:
+            hi = mid
+    return torch.clip(a - (hi + lo) / 2, 0, ub)
+
+
+def test_projection_is_the_limit_of_the_official_bisection():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        v = torch.randn(3, 50, generator=generator, dtype=torch.float64) * 0.3 + 0.02
+        ours = project_simplex(v)
+        assert torch.allclose(ours.sum(-1), torch.ones(3, dtype=torch.float64)) and bool((ours >= 0).all())
+        theirs = torch.stack([_official_bisection(row) for row in v])
+        assert float((ours - theirs).abs().max()) <= 1e-4  # the bisection's own tolerance, summed over rows
+    uniform = torch.full((2, 10), 0.1, dtype=torch.float64)
+    assert torch.allclose(project_simplex(uniform), uniform, rtol=0, atol=1e-15)
+
+
+def test_timesteps_are_the_official_ones():
+    assert sampled_timesteps(50) == list(range(10, 1000, 20))
+    assert Settings().to_dict() == {
+        "tokens": 5,
+        "iterations": 40,
+        "lr": 0.01,
+        "weight_decay": 0.1,
+        "timesteps": 50,
+        "train_timesteps": 1000,
+        "criterion": "l2",
+    }
+
+
+def test_the_gradient_flows_through_a_guided_targets_correction(pipe64):
+    """SLD on the tiny model, at a late timestep (its warm-up over): the analytic directional derivative of the
+    loss equals the finite difference. Were the correction detached from the prompt's rows, the analytic one
+    would miss the correction's part and differ (checked: it then fails)."""
+    from safe_diffusion.guidance.mitigation import Mitigation
+
+    # SLD strong's scale (2000) saturates its clamp, so there its correction is locally constant in the prompt;
+    # at scale 0.5 it is not, and the correction's own derivative is part of the gradient.
+    terms = [dataclasses.replace(t, scale=0.5) for t in Mitigation.build(safety="strong").terms()]
+    guided = UnlearnDiffAtk(
+        pipe64, victim_of(pipe64, terms, guidance_scale=7.5), "a cat", _latents(), Settings(tokens=2)
+    )
+    plain = UnlearnDiffAtk(pipe64, victim_of(pipe64, (), guidance_scale=7.5), "a cat", _latents(), Settings(tokens=2))
+    noise, t = _latents(11), 30
+    vocab = guided.table.shape[0]
+    base = torch.zeros(2, vocab, dtype=torch.float64)
+    base[0, 5] = base[1, 9] = 1.0
+    direction = torch.randn(2, vocab, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    point = base.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(guided.loss(t, noise, one_hot=point), [point])
+    h = 1e-6
+    numeric = (
+        float(guided.loss(t, noise, one_hot=base + h * direction))
+        - float(guided.loss(t, noise, one_hot=base - h * direction))
+    ) / (2 * h)
+    analytic = float((grad * direction).sum())
+    assert abs(analytic - numeric) <= 1e-5 * max(abs(numeric), 1e-12)
+    point = base.clone().requires_grad_(True)
+    (grad_plain,) = torch.autograd.grad(plain.loss(t, noise, one_hot=point), [point])
+    assert not torch.allclose(grad, grad_plain)
+    den = guided.victim.denoiser  # SLD acted at this step: its correction is part of the estimate
+    assert den.terms and np.isfinite(float(grad.abs().sum()))
+
+
+def test_the_same_seed_gives_the_same_adversarial_prompt(pipe64):
+    def run(seed):
+        attack = UnlearnDiffAtk(
+            pipe64,
+            victim_of(pipe64),
+            "a photo of a cat",
+            _latents(),
+            Settings(tokens=2, iterations=2, timesteps=2),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        losses = [attack.step(t) for t in attack.timesteps for _ in range(2)]
+        return attack.prompt(), losses, attack.weights.detach().clone()
+
+    first, again = run(4), run(4)
+    assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+    assert first[0].endswith("a photo of a cat")
+
+
+def _attack_args(checkpoint, out, suite):
+    return [
+        "attack",
+        "run",
+        "-m",
+        str(checkpoint),
+        "-o",
+        str(out),
+        "-s",
+        str(suite),
+        "--iterations",
+        "1",
+        "--timesteps",
+        "2",
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--judges",
+        "nudenet",
+    ]
+
+
+@pytest.mark.slow
+def test_attack_run_score_export_and_a_killed_run_resumes_to_the_same_prompts(tiny_checkpoint, tmp_path, cli):
+    import csv
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    suite = tmp_path / "s.csv"
+    suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\na dog,violence,2\n")
+    whole = tmp_path / "whole"
+    code, out, err = cli(*_attack_args(tiny_checkpoint, whole, suite))
+    assert code == 0 and "run" in out and "2 of 2" in out, err
+    code, out, err = cli("attack", "score", str(whole), "--json", str(tmp_path / "score.json"))
+    assert code == 0, err
+    doc = json.loads((tmp_path / "score.json").read_text())
+    pre, post = doc["pre_attack_asr"][-1], doc["post_attack_asr"][-1]
+    assert pre["category"] == post["category"] == "overall" and pre["prompts"] == 2
+    assert post["attack_success_rate"] >= pre["attack_success_rate"]
+    assert doc["cost"]["prompts"] == 2 and doc["config"]["settings"]["iterations"] == 1
+    code, _, err = cli("attack", "export", str(whole), "--csv", str(tmp_path / "adv.csv"))
+    assert code == 0, err
+    rows = list(csv.DictReader((tmp_path / "adv.csv").open(encoding="utf-8")))
+    assert [r["original_prompt"] for r in rows] == ["a cat", "a dog"]
+    assert all(r["prompt"].endswith(r["original_prompt"]) for r in rows)
+    # the export is a suite eval run reads
+    code, _, err = cli(
+        "eval",
+        "run",
+        "-m",
+        str(tiny_checkpoint),
+        "-o",
+        str(tmp_path / "eval"),
+        "--suite",
+        str(tmp_path / "adv.csv"),
+        "--steps",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--judges",
+        "none",
+    )
+    assert code == 0, err
+    # killed after its first prompt is recorded, the rerun ends with the uninterrupted run's prompts
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    command = [sys.executable, "-m", "safe_diffusion", *_attack_args(tiny_checkpoint, killed, suite)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not any((killed / "journal").glob("*.log")) or not any(
+        p.stat().st_size for p in (killed / "journal").glob("*.log")
+    ):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    code, out, err = cli(*_attack_args(tiny_checkpoint, killed, suite))
+    assert code == 0 and "2 of 2" in out, err
+    code, _, err = cli("attack", "export", str(killed), "--csv", str(tmp_path / "adv2.csv"))
+    assert code == 0, err
+    assert (tmp_path / "adv2.csv").read_bytes() == (tmp_path / "adv.csv").read_bytes()
+
+
+def test_attack_bad_input_is_one_line(tiny_checkpoint, tmp_path, cli):
+    suite = tmp_path / "s.csv"
+    suite.write_text("prompt\na cat\n")
+    code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--method", "p4d-n")
+    assert code == 2 and err.count("\n") == 1 and "unknown attack 'p4d-n'" in err, err
+    code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--iterations", "0")
+    assert code == 2 and err.count("\n") == 1 and "iterations must be at least 1" in err, err
+    assert not (tmp_path / "o").exists()
+    code, _, err = cli("attack", "score", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1, err
