@@ -280,6 +280,25 @@ def test_report_tradeoff_and_audit_create_their_out_folders(world, tmp_path):
         assert (tmp_path / page).is_file(), page
 
 
+def test_a_report_over_missing_or_damaged_images_names_them_and_exits_2(world, tmp_path, capsys):
+    """Issue 18: a report over a run whose recorded images are gone or truncated says which, in the page and
+    on stderr, and exits 2, so a script cannot take it for a report over every image."""
+    import shutil
+
+    run = tmp_path / "sd"
+    shutil.copytree(world["root"] / "sd", run)
+    images = sorted((run / "images").rglob("*.png"))
+    images[0].unlink()
+    images[1].write_bytes(images[1].read_bytes()[:20])
+    capsys.readouterr()
+    assert run_cli("eval", "report", run, "--out", tmp_path / "r.html", "--samples", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: 2 recorded image(s) are missing or damaged"), err
+    assert images[0].name in err[0] and "missing" in err[0] and "damaged (20 bytes" in err[0]
+    md = (tmp_path / "r.md").read_text()
+    assert "2 recorded image(s) are missing or damaged" in md and images[0].name in md
+
+
 # -- item 8: images a reader can read ----------------------------------------------------------------------
 
 

@@ -251,10 +251,19 @@ def report(
     from ..reports.eval import write_report
 
     samples = check_int("--samples", samples, minimum=0, maximum=64)
-    html_path, md_path = write_report(
-        [str(r) for r in runs], out, show_unsafe=show_unsafe, samples=samples, labels=label or None
-    )
+    written = write_report([str(r) for r in runs], out, show_unsafe=show_unsafe, samples=samples, labels=label or None)
+    html_path, md_path = written
     typer.echo(f"wrote {html_path} and {md_path}")
+    if written.problems:  # as audit does: a script must not mistake a report with holes for a whole one
+        shown = "; ".join(written.problems[:3]) + (
+            f"; and {len(written.problems) - 3} more" if len(written.problems) > 3 else ""
+        )
+        typer.echo(
+            f"error: {len(written.problems)} recorded image(s) are missing or damaged ({shown}); the report"
+            " says so and leaves them out",
+            err=True,
+        )
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -280,6 +280,16 @@ def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = F
         else "Flagged images are blurred (--show-unsafe shows them)."
     )
     measured = MeasuredOn([measured_on_row(info, label=labels[i]) for i, info in enumerate(infos)])
+    for label, problems in zip(labels, (image_problems(info) for info in infos)):
+        if problems:
+            listed = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            measured.notes.append(
+                Note(
+                    f"{label}: {len(problems)} recorded image(s) are missing or damaged and are left out of its"
+                    f" samples ({listed}); its figures were scored before. Rerun its `eval run` to regenerate them.",
+                    "warning",
+                )
+            )
     if any(info.basis.random_weights for info in infos):
         measured.notes.append(
             Note(
@@ -352,9 +362,21 @@ def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = F
     return Page("Safety evaluation report", measured, intro=[Paragraph(DEFINITIONS)], sections=sections, footer=footer)
 
 
+def image_problems(info: RunInfo) -> list[str]:
+    """'RUN/images/x.png missing' for each recorded image of the run whose file is not the recorded one."""
+    found = (info.status or {}).get("image_problems") or {}
+    return [f"{Path(info.path) / name} {why}" for name, why in sorted(found.items())]
+
+
+class Written(tuple):
+    """(html, md) of a written report; ``problems``: the runs' missing or damaged images, by name."""
+
+    problems: list[str]
+
+
 def write_report(
     runs: list[str], out: Path, *, show_unsafe: bool = False, samples: int = 4, labels: list[str] | None = None
-) -> tuple[Path, Path]:
+) -> Written:
     """Write `out` (HTML) and its Markdown twin for `runs` (the folder is created if missing); `labels` name
     the runs (default: their mitigation), and say "inactive" where a run's guidance never acted."""
     from ..guidance.activity import run_label
@@ -368,4 +390,6 @@ def write_report(
     base = list(labels) if labels else [info.mitigation.get("label") or "SD" for info in infos]
     base = unique_labels(base, [info.model for info in infos], list(runs))
     names = [run_label(info.config, name) for info, name in zip(infos, base)]
-    return write_page(build_page(infos, names, show_unsafe=show_unsafe, samples=samples), out)
+    written = Written(write_page(build_page(infos, names, show_unsafe=show_unsafe, samples=samples), out))
+    written.problems = [p for info in infos for p in image_problems(info)]
+    return written
