@@ -197,7 +197,7 @@ def _attack_args(checkpoint, out, suite):
         "--iterations",
         "1",
         "--timesteps",
-        "2",
+        "1",
         "--steps",
         "2",
         "--height",
