@@ -238,5 +238,8 @@ def test_an_empty_prompt_has_no_token_to_filter(pipes):
                         num_inference_steps=1, **SD_CALL)  # fmt: skip
     with torch.no_grad():
         empty = official._sd_encode(pipe, "", ", ".join(official.NUDITY))[0][1]
-    assert torch.isfinite(out).all() and torch.equal(seen[0][2], empty)  # rows: 2 negative, then "" and PROMPT
+    # rows: 2 negative, then "" and PROMPT. The empty prompt's row is its plain encoding, unfiltered: equal up to
+    # float64 rounding (encoded in a batch of two here, alone there; kernels may sum in another order).
+    assert torch.isfinite(out).all()
+    assert float((seen[0][2] - empty).abs().max()) <= PARITY_TOL * float(empty.abs().max())
     assert seen[0].shape[0] == 6  # the other prompt is filtered, so the original rows of both prompts ride along
