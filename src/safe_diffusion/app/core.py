@@ -244,11 +244,9 @@ def warmup_note(request: DemoRequest) -> str | None:
     terms = guidance_terms(request)
     if not terms:
         return "safety is off and there are no edits, so both images are the same"
-    warmups = []
-    for term in terms:
-        w = getattr(term, "warmup_steps", 0)  # a method without a warm-up guides from the first step
-        warmups.extend(w if isinstance(w, list) else [w])
-    first = min(warmups)
+    from ..guidance.activity import first_active_step  # the one reading of warm-ups (fractions included)
+
+    first = first_active_step(terms, request.steps)
     if request.steps <= first:
         return f"guidance starts after a warm-up of {first} steps; with {request.steps} steps both images are the same"
     return None

@@ -113,21 +113,6 @@ def parse_signed_concept(text: Any, where: str) -> tuple[str, bool]:
     return concept, line[0] == "-"
 
 
-def _warmups(term: Any) -> list[tuple[str, int]]:
-    """(what, warm-up steps) for each part of a term that waits before it guides."""
-    warmup = getattr(term, "warmup_steps", None)
-    if warmup is None:
-        return []
-    kind = type(term).__name__
-    concepts = list(getattr(term, "concepts", []) or [])
-    if isinstance(warmup, int):
-        return [(kind, warmup)]
-    return [
-        (f"{kind} concept {c!r}" if isinstance(c, str) else f"{kind} concept {i}", int(w))
-        for i, (c, w) in enumerate(zip(concepts, warmup))
-    ]
-
-
 def cfg_problem(terms: Any, guidance_scale: float) -> str | None:
     """Why `terms` cannot act at all at this classifier-free guidance scale, or None.
 
@@ -141,23 +126,6 @@ def cfg_problem(terms: Any, guidance_scale: float) -> str | None:
         f"{names} act through classifier-free guidance, which --guidance-scale {guidance_scale:g} turns off "
         "(use a scale above 1)"
     )
-
-
-def warmup_problems(terms: Any, steps: int) -> list[str]:
-    """Per term (or SEGA concept) whose warm-up the run never leaves, why it would not apply.
-
-    A term applies from its warm-up step on (counted in denoiser calls, as the reference counts them),
-    so with `steps` at or below its warm-up it never applies.
-    """
-    problems = []
-    for term in list(terms or []):
-        for what, warmup in _warmups(term):
-            if steps <= warmup:
-                problems.append(
-                    f"{what} starts after a warm-up of {warmup} steps, but only {steps} steps run: it would not apply "
-                    f"(use --steps above {warmup})"
-                )
-    return problems
 
 
 def check_host(name: str, host: str, port: int = 0) -> str:

@@ -30,7 +30,6 @@ from ..common.validation import (
     check_float,
     check_image_side,
     check_int,
-    warmup_problems,
 )
 from ..erasure.folder import read_erasure_record
 
@@ -275,6 +274,8 @@ def build_run_config(
             ).replace("(use a scale above 1)", "(pass --guidance-scale above 1)")
     if problem:
         raise InputError(problem)
+    from ..guidance.activity import warmup_problems  # here: reading a config must not import torch
+
     for warning in warmup_problems(guidance_terms, steps):
         logger.warning("%s", warning)
     suite_record = {

@@ -6,7 +6,8 @@ guidance. A run of 4 steps with SLD strong (warm-up 7) is therefore an unguided 
 those of the base model, and a report that calls it "SLD strong" would put the published SLD figure
 beside a run of SD. :func:`inactive_parts` says which terms (or concepts) never acted and why;
 :func:`activity_label` puts that into the run's label ("SLD strong — inactive: warm-up 7 ≥ 4
-steps"); :func:`check_active` is the refusal ``eval run`` applies unless ``--allow-inactive``.
+steps"); :func:`check_active` is the refusal ``eval run`` applies unless ``--allow-inactive``;
+:func:`warmup_problems` is the warning before a run, :func:`first_active_step` the demo's note.
 
 Everything here takes terms as objects (anything with ``describe()``) or as their recorded
 ``describe()`` dicts, so a frozen run's record is read the same way as a live call.
@@ -58,6 +59,39 @@ def _parts(described: Mapping[str, Any], steps: int) -> list[tuple[str | None, i
         return out
     start = _warmup(warmup, fraction, steps)
     return [] if start is None else [(None, start)]
+
+
+def first_active_step(terms: Iterable[Any], steps: int) -> int:
+    """The first evaluation at which any part of `terms` acts (0 for a term without a warm-up)."""
+    starts = []
+    for term in terms or []:
+        parts = _parts(_described(term), int(steps))
+        starts.extend([start for _, start in parts] or [0])
+    return min(starts, default=0)
+
+
+def warmup_problems(terms: Iterable[Any], steps: int) -> list[str]:
+    """Per term (or SEGA concept) whose warm-up a run of `steps` denoiser evaluations never leaves, why it
+    would not apply (a warning before the run; :func:`inactive_parts` labels the run afterwards). A warm-up
+    given as a fraction of the run counts as the step it resolves to."""
+    problems = []
+    for term in terms or []:
+        described = _described(term)
+        kind = type(term).__name__ if not isinstance(term, Mapping) else str(described.get("type") or "term")
+        for name, start in _parts(described, int(steps)):
+            if int(steps) <= start:
+                what = (
+                    kind
+                    if name is None
+                    else f"{kind} {name}"
+                    if name.startswith("concept ")
+                    else f"{kind} concept {name!r}"
+                )
+                problems.append(
+                    f"{what} starts after a warm-up of {start} steps, but only {steps} steps run: it would not apply "
+                    f"(use --steps above {start})"
+                )
+    return problems
 
 
 def inactive_parts(terms: Iterable[Any], steps: int | None, guidance_scale: float | None = None) -> list[str]:

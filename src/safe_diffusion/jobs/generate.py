@@ -25,9 +25,8 @@ from ..common.validation import (
     check_int,
     check_seed,
     check_text,
-    warmup_problems,
 )
-from ..guidance.activity import activity_label
+from ..guidance.activity import activity_label, warmup_problems
 from ..guidance.mitigation import Mitigation
 from ..reports.images import side_by_side
 from .compare import generate_guided_images, pipeline_record
