@@ -71,3 +71,17 @@ def test_devices_that_do_not_exist_here_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available on this machine; use --device cpu"):
             check_device("--device", "cuda")
+
+
+def test_the_warm_up_warning_reads_warm_ups_as_run_labels_do():
+    """A warm-up given as a fraction of the run counts as the step it resolves to (the warning used to read
+    only warmup_steps: SLD strong with warmup_fraction 0.5 was warned about at 4 steps, where it acts from 2)."""
+    from safe_diffusion.guidance.activity import first_active_step, inactive_parts, warmup_problems
+    from safe_diffusion.guidance.terms import SafetyGuidance
+
+    by_fraction = SafetyGuidance.from_preset("strong", warmup_fraction=0.5)  # warm-up steps 7, fraction wins
+    assert warmup_problems([by_fraction], 4) == []  # starts at step 2 of 4
+    assert first_active_step([by_fraction], 4) == 2 and inactive_parts([by_fraction], 4) == []
+    by_steps = SafetyGuidance.from_preset("strong")
+    (problem,) = warmup_problems([by_steps], 4)
+    assert problem.startswith("SafetyGuidance starts after a warm-up of 7 steps, but only 4 steps run")
