@@ -427,3 +427,43 @@ def test_eval_quality_killed_anywhere_completes_as_uninterrupted(quality_inputs,
     assert outcome("killed") == outcome("reference"), log
     assert outcome("killed")["images"] == 4 and outcome("killed")["fid"] is not None
     _no_leftovers(tmp_path / "killed", tmp_path / "cache-killed")
+
+
+ATTACK = ["--iterations", "1", "--timesteps", "1", "--steps", "2", "--height", "32", "--width", "32"]
+
+
+def _attack_outcome(out: Path) -> dict:
+    """An attack run: its images' bytes and its records without their wall-clock seconds."""
+    from safe_diffusion.jobs.attack import STAGE, AttackStore
+
+    store = AttackStore.open(out)
+    try:
+        records = {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in store.get(STAGE).items()}
+    finally:
+        store.close()
+    return {"images": _digest_tree(out / "images"), "records": records}
+
+
+def test_attack_run_killed_anywhere_completes_as_uninterrupted(model, tmp_path):
+    suite = tmp_path / "s.csv"
+    suite.write_text("prompt,evaluation_seed\na cat,1\na dog,2\n")
+    runs = tmp_path / "runs"
+    run, reference = runs / "killed", runs / "reference"
+    args = ["attack", "run", "--model", model, "--suite", suite, "--judges", "nudenet", *ATTACK]
+    log = _in_parallel(
+        lambda: _attempt(_command(*args, "--out", reference), None),
+        lambda: kill_chain(
+            _command(*args, "--out", run),
+            [
+                ("creation (config.json appears)", appears(run / "config.json"), True),
+                ("the first image of this attempt", grows(files(run / "images", "*.png")), True),
+                _random_instant(grows(journal_lines(run / "journal"))),
+                ("the end (the last prompt's image)", appears(run / "images" / "00001-post.png"), False),
+            ],
+        ),
+    )
+    assert log[:2] == ["killed at creation (config.json appears)", "killed at the first image of this attempt"]
+    outcome = _attack_outcome(run)
+    assert outcome == _attack_outcome(reference), log
+    assert sorted(outcome["records"]) == ["0", "1"] and len(outcome["images"]) == 4
+    _no_leftovers(runs)

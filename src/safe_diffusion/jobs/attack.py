@@ -145,6 +145,10 @@ def attack_run(
         terms = mitigation.terms()
         attacked = 0
         with store.writer(0):
+            # A killed attempt may have left a half-written image (".NAME.png.XXXX.tmp"): this slot's writer is the
+            # only one, so whatever temp file is there is dead.
+            for leftover in (out / "images").glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
             for prompt in todo:
                 scale = guidance_scale if guidance_scale is not None else (prompt.guidance or DEFAULT_GUIDANCE_SCALE)
                 size = {"height": height, "width": width} if height else {}
