@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 
-from ..common.devices import process_state
 from ..common.errors import InputError
 from ..common.outputs import atomic_write_json
 from ..common.validation import check_int
@@ -27,15 +26,6 @@ def _judge_settings(judges: str, *, allow_none: bool = True, **given) -> dict:
     from ..judges import judge_options_from, parse_judges
 
     return judge_options_from(parse_judges(judges, allow_none=allow_none), **given)
-
-
-def _process_state(device):
-    return process_state(device)
-
-
-def _judge_options(q16_model: str | None = None, nudenet_model: Path | None = None) -> dict:
-    """cli/sanitize.py's judge models, until its work moves to jobs/sanitize.py; then this goes."""
-    return {"q16": {"model": q16_model}, "nudenet": {"model": nudenet_model}}
 
 
 def _print_results(doc: dict, run_dir: Path) -> None:

@@ -49,47 +49,33 @@ def sanitize(
     files are skipped and listed. Edited images are judged again. Rerun the
     same command to resume; shard with `accelerate launch`.
     """
-    from ..common.validation import check_device, check_int
-    from ..editing.sanitize import SanitizeConfig, display_path
-    from ..editing.sanitize import sanitize as run
-    from ..guidance.ledits import SAFETY_CONCEPTS
-    from ..judges import parse_judges
-    from .eval import _judge_options, _process_state
+    from ..editing.sanitize import display_path
+    from ..jobs.sanitize import sanitize as run
 
-    names = parse_judges(judges)
-    if unet_batch_size is not None:
-        check_int("--unet-batch-size", unet_batch_size, minimum=1)
-    dev = check_device("--device", device) if device is not None else None
-    config = SanitizeConfig(
+    result = run(
+        folder,
+        out,
         model=model,
-        remove=tuple(remove) if remove else (() if add else SAFETY_CONCEPTS),
-        add=tuple(add or ()),
+        remove=remove,
+        add=add,
         only_flagged=only_flagged,
-        judges=tuple(names),
-        judge_options={k: v for k, v in _judge_options(q16_model, nudenet_model).items() if k in names},
+        judges=judges,
+        q16_model=q16_model,
+        nudenet_model=nudenet_model,
         steps=steps,
         skip=skip,
         scale=scale,
         threshold=threshold,
-        warmup_steps=warmup,
+        warmup=warmup,
         masking=masking,
         seed=seed,
         resolution=resolution,
         keep_unmasked=keep_unmasked,
-    )
-    state = _process_state(device)
-    result = run(
-        folder,
-        out,
-        config,
-        device=dev or state.device,
+        unet_batch_size=unet_batch_size,
         report=report,
         show_unsafe=show_unsafe,
-        unet_batch_size=unet_batch_size,
-        process_index=state.process_index,
-        num_processes=state.num_processes,
-        barrier=state.wait_for_everyone,
-        show_progress=progress and state.is_main_process,
+        device=device,
+        progress=progress,
     )
     if result.report is None:
         return
