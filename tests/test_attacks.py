@@ -286,3 +286,17 @@ def test_attack_bad_input_is_one_line(tiny_checkpoint, tmp_path, cli):
     assert not (tmp_path / "o").exists()
     code, _, err = cli("attack", "score", str(tmp_path))
     assert code == 2 and err.count("\n") == 1, err
+
+
+def test_other_families_are_refused_in_one_line(tmp_path, cli):
+    import json
+
+    sdxl = tmp_path / "sdxl"  # refused from its model_index.json, before anything loads
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    suite = tmp_path / "s.csv"
+    suite.write_text("prompt\na cat\n")
+    code, _, err = cli(*_attack_args(sdxl, tmp_path / "o", suite))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "defined for SD 1.x/2.x (StableDiffusionPipeline)" in err and "StableDiffusionXLPipeline" in err
+    assert not (tmp_path / "o").exists()

@@ -31,6 +31,8 @@ from ..common.validation import check_int
 from ..records.store import RecordStore, StoreFormat
 
 STAGE = "attack"
+#: The pipelines the attack is defined for: the paper's setting (a CLIP text encoder, a U-Net with ε or v).
+ATTACKED_PIPELINES = ("StableDiffusionPipeline",)
 
 
 class AttackStore(RecordStore):
@@ -88,6 +90,8 @@ def attack_run(
     import torch
 
     from ..attacks.unlearndiffatk import Settings, UnlearnDiffAtk, victim_of
+    from ..common import provenance
+    from ..common.loading import check_model_reference
     from ..common.schedulers import apply_scheduler, check_scheduler
     from ..engine import guide
     from ..evals import suites
@@ -96,6 +100,13 @@ def attack_run(
     from ..judges import load_judges, parse_judges
 
     out = Path(out)
+    check_model_reference(model)
+    family = (provenance.read_config(model, "model_index.json") or {}).get("_class_name")
+    if family is not None and family not in ATTACKED_PIPELINES:
+        raise InputError(
+            f"attack unlearndiffatk is defined for SD 1.x/2.x ({', '.join(ATTACKED_PIPELINES)}); {model!r} is a"
+            f" {family}"
+        )
     settings = settings or Settings()
     steps = check_int("--steps", steps, minimum=1, maximum=10_000)
     names = parse_judges(",".join(judges) if not isinstance(judges, str) else judges, allow_none=False)
