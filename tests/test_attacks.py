@@ -286,6 +286,12 @@ def test_attack_bad_input_is_one_line(tiny_checkpoint, tmp_path, cli):
     assert not (tmp_path / "o").exists()
     code, _, err = cli("attack", "score", str(tmp_path))
     assert code == 2 and err.count("\n") == 1, err
+    broken = tmp_path / "broken"  # a checkpoint that does not load: one line, and the run folder is gone again
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    code, _, err = cli(*_attack_args(broken, tmp_path / "o", suite))
+    assert code == 2 and err.count("\n") == 1 and "cannot load model" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_other_families_are_refused_in_one_line(tmp_path, cli):

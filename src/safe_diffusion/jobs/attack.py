@@ -17,6 +17,7 @@ row shape; :func:`attack_export` writes the adversarial prompts as a suite that 
 from __future__ import annotations
 
 import io
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -139,20 +140,27 @@ def attack_run(
     selection = [{"index": p.index, "prompt": p.text, "seed": p.seed, "guidance": p.guidance} for p in prompts]
     identity = {"config": config, "selection": selection}
     dev = check_device("--device", device)
+    created = not out.exists()
     store = AttackStore.create_or_open(out, identity, files={}, folders=["images"], check=_same(identity))
     try:
         done = set(store.get(STAGE))
         todo = [p for p in prompts if str(p.index) not in done]
-        loaded_judges = load_judges(names, device=dev, options=judge_settings) if todo else []
-        pipe = load_pipeline(model, device=dev, dtype=torch.float32) if todo else None
-        reference = pipe
-        if pipe is not None:
-            apply_scheduler(pipe, scheduler)
-            pipe.set_progress_bar_config(disable=True)
-            if reference_model is not None and str(reference_model) != str(model):
-                reference = load_pipeline(reference_model, device=dev, dtype=torch.float32)
-                apply_scheduler(reference, scheduler)
-                reference.set_progress_bar_config(disable=True)
+        try:
+            loaded_judges = load_judges(names, device=dev, options=judge_settings) if todo else []
+            pipe = load_pipeline(model, device=dev, dtype=torch.float32) if todo else None
+            reference = pipe
+            if pipe is not None:
+                apply_scheduler(pipe, scheduler)
+                pipe.set_progress_bar_config(disable=True)
+                if reference_model is not None and str(reference_model) != str(model):
+                    reference = load_pipeline(reference_model, device=dev, dtype=torch.float32)
+                    apply_scheduler(reference, scheduler)
+                    reference.set_progress_bar_config(disable=True)
+        except BaseException:
+            if created and not done:  # this call made the folder and nothing is in it yet: no partial output
+                store.close()
+                shutil.rmtree(out, ignore_errors=True)
+            raise
         terms = mitigation.terms()
         attacked = 0
         with store.writer(0):
