@@ -89,8 +89,11 @@ def _pipeline_guided_estimates(name, pipe):
 def _tolerance(name) -> float:
     """Float64 rounding; Wan keeps some modules in float32 (``_keep_in_fp32_modules``), so its output depends on
     the batch's shape at float32 rounding (~1e-7: one row alone and the same row in a batch of two differ by
-    that), and the pipeline batches its rows differently (the prompt with the concepts, the negative alone)."""
-    return 1e-5 if name == "wan" else 1e-10
+    that), and the pipeline batches its rows differently (the prompt with the concepts, the negative alone).
+    SLD's scale min(|ε_p − ε_S|·s_S, 1) multiplies such a difference by its slope s_S (5000 for the max preset)
+    where it is not saturated: 1e-7 · 5000 = 5e-4 of |ε_S|, which the kernels of one CPU reach and another's
+    not (3.6e-5 measured under ATEN_CPU_CAPABILITY=avx2). A wrong estimate differs by orders more."""
+    return 1e-3 if name == "wan" else 1e-10
 
 
 @pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux", "pixart-sigma", "qwen-image", "wan"])
