@@ -352,9 +352,27 @@ class WriterLock:
     def acquire(self) -> None:
         """Take the lock, or raise :class:`LockedError` at once if a live process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The lock appears whole or not at all: written to a private file, then hard-linked into place (which
+        # fails, as O_EXCL would, when a lock exists). Created empty and then filled, a kill in between left an
+        # empty lock that only its age could break: the next run was refused for `stale_after` seconds.
+        draft = self.path.with_name(f".{self.path.name}.{self.token}.draft")
+        with open(draft, "w") as f:
+            json.dump(self._info(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            self._acquire(draft)
+        finally:
+            draft.unlink(missing_ok=True)
+        for old in self.path.parent.glob(f".{self.path.name}.*.draft"):  # a killed acquirer's drafts
+            with contextlib.suppress(OSError):
+                if time.time() - old.stat().st_mtime > self.stale_after:
+                    old.unlink()
+
+    def _acquire(self, draft: Path) -> None:
         for _ in range(5):
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.link(draft, self.path)
             except FileExistsError:
                 holder = self._read()
                 if holder is None:
@@ -374,10 +392,6 @@ class WriterLock:
                         os.link(graveyard, self.path)
                 graveyard.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._info(), f)
-                f.flush()
-                os.fsync(f.fileno())
             self.held = True
             self._stop.clear()
             self._thread = threading.Thread(target=self._heartbeat, name="writer-lock-heartbeat", daemon=True)
