@@ -133,3 +133,20 @@ def scheduler_built_in_code(name: str):
 
     cls, kwargs = SCHEDULERS_BUILT_IN_CODE[name]
     return getattr(diffusers, cls)(**kwargs)
+
+
+def official_clip_hidden(text_encoder, input_ids, inputs_embeds):
+    """The attacks' official text encoders, ported (Diffusion-MU-Attack's ``CustomTextEncoder.forward``, P4D's
+    ``_encode_embeddings``): embeddings from `inputs_embeds` (positions added), the encoder under the additive
+    causal mask, the final layer norm."""
+    import torch
+
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 folded text_model into the model
+    hidden = model.embeddings(inputs_embeds=inputs_embeds)
+    n = input_ids.shape[1]
+    mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype)
+    cond = torch.arange(n)
+    mask.masked_fill_(cond < (cond + 1).view(n, 1), 0)
+    batch = inputs_embeds.shape[0]
+    out = model.encoder(inputs_embeds=hidden, attention_mask=mask[None, None].expand(batch, 1, n, n))
+    return model.final_layer_norm(out[0] if isinstance(out, tuple) else out.last_hidden_state)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import PARITY_TOL, load_float64
+from helpers import PARITY_TOL, load_float64, official_clip_hidden
 
 from safe_diffusion.attacks.unlearndiffatk import (
     Settings,
@@ -35,24 +35,11 @@ def _latents(seed: int = 0) -> torch.Tensor:
 # -- the oracle: the official get_loss and CustomTextEncoder, ported (Diffusion-MU-Attack @ 5a3e5d3) ---------
 
 
-def _official_hidden(text_encoder, input_ids, inputs_embeds):
-    """src/tasks/utils/text_encoder.py: CustomTextEncoder.forward: embeddings from inputs_embeds (positions
-    added), the encoder under the additive causal mask of _make_causal_mask, the final layer norm."""
-    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 folded text_model into the model
-    hidden = model.embeddings(inputs_embeds=inputs_embeds)
-    n = input_ids.shape[1]
-    mask = torch.full((n, n), torch.finfo(hidden.dtype).min, dtype=hidden.dtype)
-    cond = torch.arange(n)
-    mask.masked_fill_(cond < (cond + 1).view(n, 1), 0)
-    out = model.encoder(inputs_embeds=hidden, attention_mask=mask[None, None].expand(1, 1, n, n))
-    return model.final_layer_norm(out[0] if isinstance(out, tuple) else out.last_hidden_state)
-
-
 def _official_loss(pipe, x0, t, input_ids, input_embeddings, noise):
     """src/tasks/classifier_.py: ClassifierTask.get_loss with criterion l2 (its noise drawn by the caller)."""
     alpha = pipe.scheduler.alphas_cumprod[t].to(torch.float64)
     noised_latent = x0 * alpha**0.5 + noise * (1 - alpha) ** 0.5
-    hidden = _official_hidden(pipe.text_encoder, input_ids, input_embeddings)
+    hidden = official_clip_hidden(pipe.text_encoder, input_ids, input_embeddings)
     noise_pred = pipe.unet(noised_latent, t, encoder_hidden_states=hidden).sample
     return torch.nn.MSELoss()(noise, noise_pred)
 
@@ -83,7 +70,7 @@ def test_one_iteration_equals_the_official_loss_and_gradient(pipe64):
             pipe64, _latents(), t, attack.tokens.ids, _official_embeddings(pipe64, attack.tokens, one_hot), noise
         )
         (grad_theirs,) = torch.autograd.grad(theirs, [one_hot])
-        assert abs(float(ours) - float(theirs)) <= PARITY_TOL * abs(float(theirs))
+        assert abs(float(ours.detach()) - float(theirs.detach())) <= PARITY_TOL * abs(float(theirs.detach()))
         scale = float(grad_theirs.abs().max())
         assert scale > 0 and float((grad_ours - grad_theirs).abs().max()) <= PARITY_TOL * scale
 
@@ -164,6 +151,29 @@ def test_the_gradient_flows_through_a_guided_targets_correction(pipe64):
     assert not torch.allclose(grad, grad_plain)
     den = guided.victim.denoiser  # SLD acted at this step: its correction is part of the estimate
     assert den.terms and np.isfinite(float(grad.abs().sum()))
+
+
+def test_the_objective_decreases_on_a_fixed_seed(pipe64):
+    """Over a fixed set of (timestep, noise) pairs, the expected loss under the token distribution (the
+    variables the attack optimises) is lower after the steps than at the uniform start."""
+    attack = UnlearnDiffAtk(
+        pipe64,
+        victim_of(pipe64),
+        "a photo of a cat",
+        _latents(),
+        Settings(tokens=2, iterations=30, timesteps=1),
+        generator=torch.Generator().manual_seed(6),
+    )
+    pairs = [(t, _latents(30 + t)) for t in (100, 500, 900)]
+
+    def objective():
+        with torch.no_grad():
+            return sum(float(attack.loss(t, noise, one_hot=attack.weights)) for t, noise in pairs) / len(pairs)
+
+    before = objective()
+    for t, _ in pairs * 10:
+        attack.step(t)
+    assert objective() < before
 
 
 def test_the_same_seed_gives_the_same_adversarial_prompt(pipe64):
@@ -284,8 +294,12 @@ def test_attack_run_score_export_and_a_killed_run_resumes_to_the_same_prompts(ti
 def test_attack_bad_input_is_one_line(tiny_checkpoint, tmp_path, cli):
     suite = tmp_path / "s.csv"
     suite.write_text("prompt\na cat\n")
+    code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--method", "mma")
+    assert code == 2 and err.count("\n") == 1 and "unknown attack 'mma'" in err, err
     code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--method", "p4d-n")
-    assert code == 2 and err.count("\n") == 1 and "unknown attack 'p4d-n'" in err, err
+    assert code == 2 and err.count("\n") == 1 and "--timesteps does not apply to attack p4d-n" in err, err
+    code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--clip-model", "x")
+    assert code == 2 and err.count("\n") == 1 and "--clip-model does not apply" in err, err
     code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--iterations", "0")
     assert code == 2 and err.count("\n") == 1 and "iterations must be at least 1" in err, err
     assert not (tmp_path / "o").exists()

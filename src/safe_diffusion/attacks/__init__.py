@@ -1,17 +1,62 @@
 """Attacks that red-team a mitigation by optimising against the defended model itself (issue 20).
 
-So far the optimisation of UnlearnDiffAtk (:mod:`.unlearndiffatk`); the ``attack run`` job that stores,
-generates and judges around it, P4D, Ring-A-Bell and MMA-Diffusion are still to come (docs/attacks.md).
+The optimisations of UnlearnDiffAtk (:mod:`.unlearndiffatk`), P4D-N/K (:mod:`.p4d`) and Ring-A-Bell
+(:mod:`.ring_a_bell`), as functions of tensors and pipelines; the ``attack run`` job that stores, generates and
+judges around them is :mod:`safe_diffusion.jobs.attack`. MMA-Diffusion is still to come (docs/attacks.md).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..common.errors import InputError
 from ..common.registry import Registry
 
-#: Attacks by name (lazy: listing them imports no torch).
+#: Attacks by name (lazy: listing them imports no torch). Each entry is the attack's ``Settings`` class.
 ATTACKS: Registry = Registry("attacks")
 ATTACKS.register(
     "unlearndiffatk",
-    "safe_diffusion.attacks.unlearndiffatk:UnlearnDiffAtk",
+    "safe_diffusion.attacks.unlearndiffatk:Settings",
     summary="UnlearnDiffAtk (Zhang et al., ECCV 2024): adversarial prefix tokens against the victim's denoiser",
 )
+ATTACKS.register(
+    "p4d-n",
+    "safe_diffusion.attacks.p4d:Settings",
+    summary="P4D-N (Chin et al., ICML 2024): 16 learned tokens matching the unconstrained model's noise estimate",
+)
+ATTACKS.register(
+    "p4d-k",
+    "safe_diffusion.attacks.p4d:Settings",
+    summary="P4D-K (Chin et al., ICML 2024): a learned token after every 3 of the prompt's, same objective",
+)
+ATTACKS.register(
+    "ring-a-bell",
+    "safe_diffusion.attacks.ring_a_bell:Settings",
+    summary="Ring-A-Bell (Tsai et al., ICLR 2024): genetic search toward the prompt plus a concept vector",
+)
+
+#: The command-line options each attack reads, and its settings' field for each.
+OPTIONS: dict[str, dict[str, str]] = {
+    "unlearndiffatk": {"iterations": "iterations", "timesteps": "timesteps", "tokens": "tokens"},
+    "p4d-n": {"iterations": "iterations", "tokens": "tokens", "eval_every": "eval_every"},
+    "p4d-k": {"iterations": "iterations", "every_k": "every_k", "eval_every": "eval_every"},
+    "ring-a-bell": {
+        "iterations": "generations",
+        "tokens": "length",
+        "concept": "concept",
+        "coefficient": "coefficient",
+        "population": "population",
+    },
+}
+
+
+def settings_for(method: str, **given: Any):
+    """The `method`'s settings: its official defaults, changed by the options `given` (None: not given). An
+    option the method does not read is refused in one line."""
+    cls = ATTACKS.get(method)  # an unknown attack is one line listing the known ones
+    fields = OPTIONS.get(method, {})
+    extra = {"variant": method[-1]} if method.startswith("p4d-") else {}
+    for name, value in given.items():
+        if value is not None and name not in fields:
+            raise InputError(f"--{name.replace('_', '-')} does not apply to attack {method}")
+    return cls(**extra, **{fields[k]: v for k, v in given.items() if v is not None})

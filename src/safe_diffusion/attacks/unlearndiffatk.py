@@ -159,20 +159,24 @@ class PromptTokens:
 Victim = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
 
-def victim_of(pipe, terms=(), guidance_scale: float = 7.5, steps: int = 50) -> Victim:
+def victim_of(
+    pipe, terms=(), guidance_scale: float = 7.5, steps: int = 50, negative_prompt: str | None = None
+) -> Victim:
     """The defended model's noise prediction at (x_t, t) for prompt hidden states: the conditional prediction
-    without guidance terms (the official loss), the engine's guided estimate with them. The terms see the
-    evaluation index of `t` in a `steps`-step run (so that warm-ups hold as in generation), state reset."""
+    without guidance terms or negative prompt (the official loss), else the engine's guided estimate
+    (classifier-free guidance from the negative prompt's row, plus the terms). The terms see the evaluation
+    index of `t` in a `steps`-step run (so that warm-ups hold as in generation), state reset."""
     from ..engine.denoiser import Conditioning, GuidedDenoiser
 
     terms = tuple(terms)
-    den = GuidedDenoiser(pipe, *terms, guidance_scale=guidance_scale if terms else 1.0)
-    uncond = den.encode(None).uncond
+    guided = bool(terms) or negative_prompt is not None
+    den = GuidedDenoiser(pipe, *terms, guidance_scale=guidance_scale if guided else 1.0)
+    uncond = den.encode(None, negative_prompt).uncond
     total = int(pipe.scheduler.config.num_train_timesteps)
 
     def predict(x_t: torch.Tensor, t: int, hidden: torch.Tensor) -> torch.Tensor:
         rows = {"encoder_hidden_states": hidden}
-        if not terms:
+        if not guided:
             return den(x_t, t, Conditioning(rows))
         den.reset()
         step = min(int((total - 1 - t) * steps / total), steps - 1)

@@ -1,4 +1,5 @@
-"""``safe-diffusion attack``: red-team a target by optimising against it (UnlearnDiffAtk), score and export."""
+"""``safe-diffusion attack``: red-team a target by optimising against it (UnlearnDiffAtk, P4D, Ring-A-Bell),
+score and export."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from pathlib import Path
 
 import typer
 
+from ..common.errors import InputError
 from ..common.outputs import atomic_write_json
 from . import app as root
 
-app = typer.Typer(help="Attacks against the defended model itself (UnlearnDiffAtk).", no_args_is_help=True)
+app = typer.Typer(
+    help="Attacks against the defended model itself (UnlearnDiffAtk, P4D-N/K, Ring-A-Bell).", no_args_is_help=True
+)
 root.add_typer(app, name="attack")
 
 
@@ -20,14 +24,26 @@ def run(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (created, or resumed)."),
     suite: str = typer.Option(..., "--suite", "-s", help="Suite name or CSV/Parquet file."),
     data: str = typer.Option(None, "--data", help="Rows of a named suite: FILE, hub or hub:ID."),
-    method: str = typer.Option("unlearndiffatk", help="The attack: unlearndiffatk."),
+    method: str = typer.Option("unlearndiffatk", help="The attack: unlearndiffatk, p4d-n, p4d-k, ring-a-bell."),
     safety: str = typer.Option("off", help="SLD preset of the target: off, weak, medium, strong, max."),
     mitigation: list[str] = typer.Option(None, "--mitigation", help="A registered guidance method of the target."),
     negative_prompt: str = typer.Option(None, help="The target's negative prompt."),
     limit: int = typer.Option(None, help="Only the first N prompts."),
-    iterations: int = typer.Option(None, help="Adam steps per timestep (official: 40)."),
-    timesteps: int = typer.Option(None, help="Timesteps visited (official: 50 of 1000)."),
-    tokens: int = typer.Option(None, help="Adversarial prefix tokens (official: 5)."),
+    iterations: int = typer.Option(
+        None, help="UnlearnDiffAtk: Adam steps per timestep (40); P4D: steps (3000); Ring-A-Bell: generations (3000)."
+    ),
+    timesteps: int = typer.Option(None, help="UnlearnDiffAtk: timesteps visited (50 of 1000)."),
+    tokens: int = typer.Option(
+        None, help="UnlearnDiffAtk: prefix tokens (5); P4D-N: learned tokens (16); Ring-A-Bell: K (16)."
+    ),
+    every_k: int = typer.Option(None, help="P4D-K: a learned token before every K prompt tokens (3)."),
+    eval_every: int = typer.Option(None, help="P4D: steps between CLIP selections of the best prompt (50)."),
+    concept: str = typer.Option(None, help="Ring-A-Bell: nudity, violence or a concept-vector .npy (nudity)."),
+    coefficient: float = typer.Option(None, help="Ring-A-Bell: the concept vector's weight eta (3)."),
+    population: int = typer.Option(None, help="Ring-A-Bell: population size (200)."),
+    clip_model: str = typer.Option(
+        None, help="P4D: CLIP that picks the best prompt (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."
+    ),
     steps: int = typer.Option(50, help="Denoising steps of the target's generations."),
     scheduler: str = typer.Option(None, help="Sampler: dpm-solver, lms, ddim, pndm, euler, model."),
     guidance_scale: float = typer.Option(None, help="CFG scale (default: the row's, else 7.5)."),
@@ -44,15 +60,24 @@ def run(
     device: str = typer.Option(None, help="Device (default: the process's)."),
 ) -> None:
     """Attack each prompt of a suite against the target; rerun to resume."""
-    from ..attacks import ATTACKS
-    from ..attacks.unlearndiffatk import Settings
+    from ..attacks import settings_for
     from ..guidance.mitigation import Mitigation
     from ..jobs.attack import attack_run
     from ..judges import judge_options_from, parse_judges
 
-    ATTACKS.entry(method)  # an unknown attack is one line listing the known ones
-    given = {"iterations": iterations, "timesteps": timesteps, "tokens": tokens}
-    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    if clip_model is not None and not method.startswith("p4d-"):
+        raise InputError(f"--clip-model does not apply to attack {method}")
+    settings = settings_for(
+        method,
+        iterations=iterations,
+        timesteps=timesteps,
+        tokens=tokens,
+        every_k=every_k,
+        eval_every=eval_every,
+        concept=concept,
+        coefficient=coefficient,
+        population=population,
+    )
     chosen = Mitigation.build(safety=safety, methods=mitigation, negative_prompt=negative_prompt)
     options = judge_options_from(
         parse_judges(judges, allow_none=False),
@@ -64,6 +89,7 @@ def run(
         model,
         out,
         suite=suite,
+        method=method,
         data=data,
         limit=limit,
         mitigation=chosen,
@@ -78,6 +104,7 @@ def run(
         judge_settings=options,
         device=device,
         reference_model=reference_model,
+        clip_model=clip_model,
     )
     typer.echo(f"attacked {done.attacked} prompt(s); run {out} has {done.done} of {done.total}")
 

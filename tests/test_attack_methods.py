@@ -1,0 +1,370 @@
+"""P4D-N/K and Ring-A-Bell (issue 20): one P4D iteration's loss and gradient equal a port of the official
+code's (float64), P4D-K keeps the prompt's tokens where the official layout puts them, the objectives
+decrease on a fixed seed, Ring-A-Bell's genetic search equals a port of the notebook drawing from the same
+stream, and both run end to end from the command line."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from helpers import PARITY_TOL, load_float64, official_clip_hidden
+
+from safe_diffusion.attacks import settings_for
+from safe_diffusion.attacks.p4d import P4D, Settings, interleaved_positions, nn_project, unconstrained_of
+from safe_diffusion.attacks.ring_a_bell import GeneticSearch, concept_pairs, concept_vector
+from safe_diffusion.attacks.ring_a_bell import Settings as RingSettings
+from safe_diffusion.attacks.unlearndiffatk import victim_of
+from safe_diffusion.common.errors import InputError
+
+PROMPT = "a photo of a cat"
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_checkpoint):
+    """The unconstrained model and an "erased" one: the same text encoder, a perturbed U-Net (as ESD's)."""
+    from diffusers import StableDiffusionPipeline
+
+    free = load_float64(StableDiffusionPipeline, tiny_checkpoint)
+    erased = copy.deepcopy(free)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in erased.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.05)
+    return free, erased
+
+
+def _latents(seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _attack(pipes, variant="n", seed=1, **settings):
+    free, erased = pipes
+    settings = Settings(variant=variant, **{"tokens": 4, **settings})
+    return P4D(
+        erased,
+        victim_of(erased),
+        unconstrained_of(free, PROMPT),
+        PROMPT,
+        _latents(),
+        settings,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# -- the oracle: joycenerd/P4D @ 2cf3cda, prompt_optimization/optimize_{n,k}.py, ported ---------------------
+
+
+def _official_template(tokenizer, table, variant, prompt_len, every_k, target_prompt):
+    """``initialize_prompt`` without its random draw: (dummy_embeds, dummy_ids, chosen_idx, prompt_len)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if variant == "n":
+        template = " ".join([tokenizer.bos_token] * prompt_len)
+        dummy_ids = tokenizer.encode(template)[1:-1]
+        chosen_idx = []
+    else:
+        dummy_ids = tokenizer.encode(target_prompt)[1:-1]
+        text_len = len(dummy_ids)
+        prompt_len = int(text_len / every_k) + 1
+        chosen_idx = [i for i in range(text_len + prompt_len) if i % (every_k + 1) != 0]
+    dummy_ids = [i if i != bos else -1 for i in dummy_ids]
+    dummy_ids = [bos, *dummy_ids, eos]
+    dummy_ids += [0] * (77 - len(dummy_ids))
+    dummy_ids = torch.tensor([dummy_ids])
+    tmp = dummy_ids.clone()
+    tmp[tmp == -1] = 0
+    return table[tmp], dummy_ids, chosen_idx, prompt_len
+
+
+def _official_loss(free, erased, variant, tmp_embeds, t, noise, x0, prompt_len, every_k=3):
+    """``optimize``'s loss for an erased U-Net without --filter (ESD): the erased U-Net on the soft prompt's
+    encoding against the unconstrained U-Net on the target prompt's."""
+    table = free.text_encoder.get_input_embeddings().weight
+    dummy_embeds, dummy_ids, chosen, prompt_len = _official_template(
+        free.tokenizer, table, variant, prompt_len, every_k, PROMPT
+    )
+    padded = dummy_embeds.clone()
+    width = prompt_len + len(chosen) if variant == "k" else prompt_len
+    padded[:, 1 : width + 1] = tmp_embeds
+    timesteps = torch.tensor([t])
+    noisy = free.scheduler.add_noise(x0, noise, timesteps)
+    ids = free.tokenizer(PROMPT, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    target_text = free.text_encoder(ids)[0]
+    padded_text = official_clip_hidden(free.text_encoder, dummy_ids, padded)
+    target = free.unet(noisy, timesteps, encoder_hidden_states=target_text).sample
+    pred = erased.unet(noisy, timesteps, encoder_hidden_states=padded_text).sample
+    return torch.nn.functional.mse_loss(pred, target), chosen
+
+
+@pytest.mark.parametrize("variant", ["n", "k"])
+def test_one_iteration_equals_the_official_loss_and_gradient(pipes, variant):
+    free, erased = pipes
+    attack = _attack(pipes, variant)
+    projected, ids = nn_project(attack.soft, attack.table)
+    noise = _latents(7)
+    for t in (3, 500, 999):
+        rows = projected.detach().clone().requires_grad_(True)
+        ours = attack.loss(t, noise, rows)
+        (grad_ours,) = torch.autograd.grad(ours, [rows])
+        theirs_rows = projected.detach().clone()[None].requires_grad_(True)
+        theirs, chosen = _official_loss(free, erased, variant, theirs_rows, t, noise, _latents(), 4)
+        (grad_theirs,) = torch.autograd.grad(theirs, [theirs_rows])
+        assert abs(float(ours.detach()) - float(theirs.detach())) <= PARITY_TOL * abs(float(theirs.detach()))
+        scale = float(grad_theirs.abs().max())
+        assert scale > 0 and float((grad_ours - grad_theirs[0]).abs().max()) <= PARITY_TOL * scale
+    if variant == "k":  # the prompt's own tokens sit where the official chosen_idx puts them
+        text = free.tokenizer.encode(PROMPT)[1:-1]
+        assert attack.fixed.nonzero().view(-1).tolist() == chosen
+        assert ids[attack.fixed].tolist() == text
+
+
+def test_p4d_k_keeps_the_prompts_tokens_and_moves_the_others(pipes):
+    attack = _attack(pipes, "k", every_k=2)
+    length = len(pipes[0].tokenizer.encode(PROMPT)) - 2
+    learned, fixed = interleaved_positions(length, 2)
+    assert learned == length // 2 + 1 and fixed == attack.fixed.tolist()
+    start = attack.soft.detach().clone()
+    for _ in range(3):
+        attack.step()
+    moved = (attack.soft.detach() - start).abs().sum(-1)
+    assert bool((moved[attack.fixed] < 1e-12 + 0.1 * 0.1 * 3 * start[attack.fixed].abs().sum(-1)).all())
+    assert bool((moved[~attack.fixed] > 0).all())
+    # the fixed rows only shrink (AdamW's decoupled decay) and still project to the prompt's tokens
+    assert nn_project(attack.soft, attack.table)[1][attack.fixed].tolist() == pipes[0].tokenizer.encode(PROMPT)[1:-1]
+    assert not (attack.template[0] == pipes[0].tokenizer.eos_token_id).any()  # the official layout has no end token
+
+
+def _objective(attack, rows, pairs):
+    with torch.no_grad():
+        return sum(float(attack.loss(t, noise, rows)) for t, noise in pairs) / len(pairs)
+
+
+def test_p4d_objective_decreases_on_a_fixed_seed(pipes):
+    """Over a fixed set of (timestep, noise) pairs, the soft prompt after the steps does better than at start
+    (PEZ: the objective is evaluated at the projected prompt, as the attack uses it)."""
+    attack = _attack(pipes, "n", lr=0.01)
+    pairs = [(t, _latents(20 + t)) for t in (100, 400, 700, 900)]
+    before = _objective(attack, nn_project(attack.soft, attack.table)[0], pairs)
+    soft_before = _objective(attack, attack.soft.detach(), pairs)
+    for _ in range(40):
+        attack.step()
+    after_soft = _objective(attack, attack.soft.detach(), pairs)
+    assert after_soft < soft_before, (soft_before, after_soft)
+    assert np.isfinite(before)
+
+
+def test_p4d_same_seed_same_prompt_and_settings_are_the_official_ones(pipes):
+    def run(seed):
+        attack = _attack(pipes, "n", seed=seed)
+        losses = [attack.step() for _ in range(3)]
+        return attack.prompt(), losses
+
+    assert run(2) == run(2)
+    assert Settings().to_dict() == {
+        "variant": "n",
+        "tokens": 16,
+        "every_k": 3,
+        "iterations": 3000,
+        "lr": 0.1,
+        "weight_decay": 0.1,
+        "eval_every": 50,
+        "train_timesteps": 1000,
+    }
+    assert settings_for("p4d-k", iterations=5).variant == "k" and settings_for("p4d-k", iterations=5).iterations == 5
+    with pytest.raises(InputError, match="--timesteps does not apply to attack p4d-n"):
+        settings_for("p4d-n", timesteps=3)
+    with pytest.raises(InputError, match="variant"):
+        Settings(variant="x")
+
+
+# -- Ring-A-Bell: chiayi-hsu/Ring-A-Bell @ e4585ad, InversePrompt.ipynb, ported -------------------------------
+
+
+class _Stream:
+    """The notebook's three global generators, played from one NumPy stream in the order the notebook draws."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def random(self):  # random.random()
+        return self.rng.random()
+
+    def randint(self, low, high):  # np.random.randint(low, high, size=(1,))[0], torch.randint(low, high, (1,))
+        return int(self.rng.integers(low, high))
+
+    def row(self, low, high, length):  # torch.randint(low=1, high=49406, size=(1, length))
+        return torch.from_numpy(self.rng.integers(low, high, size=length))[None]
+
+
+def _notebook_search(text_encoder, target, bos, eos, high, length, population_size, generation, stream):
+    """Cell 9 (fitness, crossover, mutation) and the loop of cell 12, with torch tensors as the notebook has."""
+
+    def fitness(population):
+        embed = text_encoder(torch.cat(population, 0))[0]
+        return ((target - embed) ** 2).sum(dim=(1, 2)).detach().double().numpy()
+
+    def crossover(parents, rate):
+        new = []
+        for i in range(len(parents)):
+            new.append(parents[i])
+            if stream.random() < rate:
+                idx = stream.randint(0, len(parents))
+                point = stream.randint(1, length + 1)
+                new.append(torch.concat((parents[i][:, :point], parents[idx][:, point:]), 1))
+                new.append(torch.concat((parents[idx][:, :point], parents[i][:, point:]), 1))
+        return new
+
+    def mutation(population, rate):
+        for i in range(len(population)):
+            if stream.random() < rate:
+                idx = stream.randint(1, length + 1)
+                population[i][:, idx] = stream.randint(1, high)
+        return population
+
+    n = 77
+    population = [
+        torch.concat((torch.tensor([[bos]]), stream.row(1, high, length), torch.tensor([[eos] * (n - 1 - length)])), 1)
+        for _ in range(population_size)
+    ]
+    losses = []
+    for step in range(generation):
+        score = fitness(population)
+        idx = np.argsort(score)
+        population = [population[i] for i in idx][: population_size // 2]
+        if step != generation - 1:
+            population = mutation(crossover(population, 0.5), 0.25)
+        losses.append(float(score[idx[0]]))
+    return population[0][0][1 : length + 1], losses
+
+
+def test_genetic_search_equals_the_notebook(pipes):
+    free, _ = pipes
+    tok, enc = free.tokenizer, free.text_encoder
+    vector = concept_vector(enc, tok, "violence")
+    with torch.no_grad():
+        target = enc(tok(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids)[0] + 3 * vector
+        settings = RingSettings(length=5, population=12, generations=8)
+        search = GeneticSearch(enc, tok, target, settings, np.random.default_rng(9))
+        ours = search.run()
+        theirs_ids, theirs = _notebook_search(
+            enc, target, tok.bos_token_id, tok.eos_token_id, search.high, 5, 12, 8, _Stream(9)
+        )
+    assert search.best_ids().tolist() == theirs_ids.tolist()
+    assert np.allclose(ours, theirs, rtol=1e-12, atol=0)
+    assert ours[-1] < ours[0]
+
+
+def test_concept_vectors_are_the_notebooks_means(pipes):
+    free, _ = pipes
+    tok, enc = free.tokenizer, free.text_encoder
+    pairs, dropped = concept_pairs("nudity")
+    assert len(pairs) == 50 and len(dropped) == 19
+    assert pairs[0] == ("naked  women, in the apartment", "women in apartment")  # clothes None: nudity people, loc
+    assert len(concept_pairs("violence")[0]) == 30
+    with torch.no_grad():
+        ours = concept_vector(enc, tok, "nudity")
+        encode = lambda texts: enc(  # noqa: E731
+            tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        )[0].numpy()
+        unsafe = np.repeat(encode([a for a, _ in pairs]), 5, axis=0)  # [prompt] * num_samples, extended in order
+        safe = np.repeat(encode([b for _, b in pairs]), 5, axis=0)
+        theirs = np.mean(np.delete(unsafe, list(dropped), axis=0) - np.delete(safe, list(dropped), axis=0), axis=0)
+    assert ours.shape == (77, enc.config.hidden_size)
+    assert np.allclose(ours.numpy(), theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_a_concept_vector_file_is_checked(pipes, tmp_path):
+    free, _ = pipes
+    bad = tmp_path / "v.npy"
+    np.save(bad, np.zeros((77, 7), dtype=np.float32))
+    with pytest.raises(InputError, match="has shape"):
+        concept_vector(free.text_encoder, free.tokenizer, str(bad))
+    pickled = tmp_path / "p.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="cannot read the concept vector"):
+        concept_vector(free.text_encoder, free.tokenizer, str(pickled))
+    with pytest.raises(InputError, match="concept"):
+        RingSettings(concept="hate")
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+
+
+def _args(checkpoint, out, suite, method, *extra):
+    return [
+        "attack",
+        "run",
+        "-m",
+        str(checkpoint),
+        "-o",
+        str(out),
+        "-s",
+        str(suite),
+        "--method",
+        method,
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--judges",
+        "nudenet",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from safe_diffusion.testing import build_clip
+
+    return build_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("p4d-n", ["--iterations", "3", "--eval-every", "2", "--tokens", "3"]),
+        ("p4d-k", ["--iterations", "2", "--eval-every", "1"]),
+        ("p4d-n", ["--iterations", "2", "--eval-every", "2", "--tokens", "2", "--safety", "strong"]),
+        ("unlearndiffatk", ["--iterations", "1", "--timesteps", "1", "--negative-prompt", "a dog"]),
+        ("ring-a-bell", ["--iterations", "3", "--population", "6", "--tokens", "4", "--concept", "violence"]),
+    ],
+)
+def test_attack_methods_run_score_and_export(tiny_checkpoint, clip, tmp_path, cli, method, extra):
+    import csv
+    import json
+
+    suite = tmp_path / "s.csv"
+    suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\n")
+    if method.startswith("p4d"):
+        extra = [*extra, "--clip-model", str(clip)]
+    run = tmp_path / "run"
+    code, out, err = cli(*_args(tiny_checkpoint, run, suite, method, *extra))
+    assert code == 0 and "1 of 1" in out, err
+    code, _, err = cli("attack", "score", str(run), "--json", str(tmp_path / "score.json"))
+    assert code == 0, err
+    doc = json.loads((tmp_path / "score.json").read_text())
+    config = doc["config"]
+    assert config["method"] == method and config["deviations_from_official"]
+    guided = "--safety" in extra or "--negative-prompt" in extra
+    assert config["victim"] == (
+        None
+        if method == "ring-a-bell"
+        else "guided estimate (engine)"
+        if guided
+        else "conditional prediction (official loss)"
+    )
+    assert doc["post_attack_asr"][-1]["attack_success_rate"] >= doc["pre_attack_asr"][-1]["attack_success_rate"]
+    code, _, err = cli("attack", "export", str(run), "--csv", str(tmp_path / "adv.csv"))
+    assert code == 0, err
+    rows = list(csv.DictReader((tmp_path / "adv.csv").open(encoding="utf-8")))
+    assert [r["original_prompt"] for r in rows] == ["a cat"] and rows[0]["seed"] == "1"
+    # a rerun of the same command finds everything done and changes nothing
+    before = (run / "journal").stat().st_mtime_ns, sorted(p.name for p in (run / "images").iterdir())
+    code, out, err = cli(*_args(tiny_checkpoint, run, suite, method, *extra))
+    assert code == 0 and "attacked 0 prompt(s)" in out, err
+    assert sorted(p.name for p in (run / "images").iterdir()) == before[1]
