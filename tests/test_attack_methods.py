@@ -332,6 +332,7 @@ def clip(tmp_path_factory):
         ("p4d-n", ["--iterations", "2", "--eval-every", "2", "--tokens", "2", "--safety", "strong"]),
         ("unlearndiffatk", ["--iterations", "1", "--timesteps", "1", "--negative-prompt", "a dog"]),
         ("ring-a-bell", ["--iterations", "3", "--population", "6", "--tokens", "4", "--concept", "violence"]),
+        ("mma", ["--iterations", "2", "--candidates", "8", "--tokens", "4"]),
     ],
 )
 def test_attack_methods_run_score_and_export(tiny_checkpoint, clip, tmp_path, cli, method, extra):
@@ -353,7 +354,7 @@ def test_attack_methods_run_score_and_export(tiny_checkpoint, clip, tmp_path, cl
     guided = "--safety" in extra or "--negative-prompt" in extra
     assert config["victim"] == (
         None
-        if method == "ring-a-bell"
+        if method in ("ring-a-bell", "mma")
         else "guided estimate (engine)"
         if guided
         else "conditional prediction (official loss)"
@@ -368,3 +369,74 @@ def test_attack_methods_run_score_and_export(tiny_checkpoint, clip, tmp_path, cl
     code, out, err = cli(*_args(tiny_checkpoint, run, suite, method, *extra))
     assert code == 0 and "attacked 0 prompt(s)" in out, err
     assert sorted(p.name for p in (run / "images").iterdir()) == before[1]
+
+
+# -- MMA-Diffusion (text): cure-lab/MMA-Diffusion @ d5701a5 is CC BY-NC-ND, so no port; independent checks -----
+
+
+@pytest.fixture(scope="module")
+def mma(pipes):
+    from safe_diffusion.attacks.mma import MMA
+    from safe_diffusion.attacks.mma import Settings as MmaSettings
+
+    free, _ = pipes
+    settings = MmaSettings(iterations=4, candidates=24, topk=8, tokens=6)
+    return lambda seed=0: MMA(free.text_encoder, free.tokenizer, PROMPT, settings, torch.Generator().manual_seed(seed))
+
+
+def test_mma_gradient_is_the_objectives_over_the_first_token_positions(pipes, mma):
+    """The gradient over the one-hot rows of positions 0..tokens-1 (the start token among them, as the official
+    code counts) equals the gradient of an independent forward: the encoder on hand-built rows, pooled at the
+    end token, 1 − cos with the target's pooled output."""
+    free, _ = pipes
+    search = mma()
+    ours = search.gradient(search.control)
+    ids = search._ids([search.control])
+    table = free.text_encoder.get_input_embeddings().weight.detach()
+    one_hot = torch.nn.functional.one_hot(ids[0, :6], table.shape[0]).to(table.dtype).requires_grad_(True)
+    rows = torch.cat([one_hot @ table, table[ids[0, 6:]]])[None]
+    hidden = official_clip_hidden(free.text_encoder, ids, rows)
+    end = int((ids[0] == free.tokenizer.eos_token_id).nonzero()[0])
+    loss = 1 - torch.nn.functional.cosine_similarity(hidden[:, end], search.target, dim=1, eps=1e-6)
+    (theirs,) = torch.autograd.grad(loss.mean(), [one_hot])
+    scale = float(theirs.abs().max())
+    assert ours.shape == (6, table.shape[0]) and scale > 0
+    assert float((ours - theirs).abs().max()) <= PARITY_TOL * scale
+
+
+def test_mma_candidates_change_one_token_never_to_a_banned_one(pipes, mma):
+    from safe_diffusion.attacks.mma import banned_tokens
+
+    free, _ = pipes
+    tok = free.tokenizer
+    search = mma(1)
+    # the tiny vocabulary has no token with a sensitive word in it: ban single letters instead
+    search.banned = banned_tokens(tok, ("a", "e", "o"))
+    banned = set(search.banned.tolist())
+    assert banned and all(any(w in t for w in "aeo") for t, i in tok.get_vocab().items() if i in banned)
+    assert all(any(w in t for w in ("nud", "sex")) for t in tok.convert_ids_to_tokens(banned_tokens(tok).tolist()))
+    grad = search.gradient(search.control)
+    cands = search.candidates(search.control, grad)
+    current = torch.tensor(tok.convert_tokens_to_ids(tok.tokenize(search.control)))
+    assert cands.shape == (24, len(current))
+    changed = (cands != current).sum(1)
+    assert bool((changed <= 1).all()) and not banned & set(cands[cands != current].tolist())
+    # each position's candidates come from that gradient row's top-k (the official row alignment)
+    normed = (grad / grad.norm(dim=-1, keepdim=True)).index_fill(1, search.banned, float("inf"))
+    top = (-normed).topk(8, dim=1).indices
+    for row in cands:
+        for p in (row != current).nonzero().view(-1).tolist():
+            assert int(row[p]) in top[p].tolist()
+
+
+def test_mma_best_loss_falls_and_the_same_seed_repeats(mma):
+    first, again = mma(3), mma(3)
+    losses = first.run()
+    assert losses == again.run() and first.best == again.best
+    assert first.best_loss <= min(losses) and first.best_loss < 1.0
+    start = mma(3)
+    with torch.no_grad():
+        from safe_diffusion.attacks.mma import cosine_loss, pooled
+
+        initial = float(cosine_loss(pooled(start.encoder, start._ids([start.control])), start.target))
+    assert first.best_loss < initial

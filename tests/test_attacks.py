@@ -294,8 +294,8 @@ def test_attack_run_score_export_and_a_killed_run_resumes_to_the_same_prompts(ti
 def test_attack_bad_input_is_one_line(tiny_checkpoint, tmp_path, cli):
     suite = tmp_path / "s.csv"
     suite.write_text("prompt\na cat\n")
-    code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--method", "mma")
-    assert code == 2 and err.count("\n") == 1 and "unknown attack 'mma'" in err, err
+    code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--method", "gcg")
+    assert code == 2 and err.count("\n") == 1 and "unknown attack 'gcg'" in err, err
     code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--method", "p4d-n")
     assert code == 2 and err.count("\n") == 1 and "--timesteps does not apply to attack p4d-n" in err, err
     code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--clip-model", "x")

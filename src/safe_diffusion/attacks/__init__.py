@@ -1,8 +1,8 @@
 """Attacks that red-team a mitigation by optimising against the defended model itself (issue 20).
 
 The optimisations of UnlearnDiffAtk (:mod:`.unlearndiffatk`), P4D-N/K (:mod:`.p4d`) and Ring-A-Bell
-(:mod:`.ring_a_bell`), as functions of tensors and pipelines; the ``attack run`` job that stores, generates and
-judges around them is :mod:`safe_diffusion.jobs.attack`. MMA-Diffusion is still to come (docs/attacks.md).
+(:mod:`.ring_a_bell`) and MMA-Diffusion's text attack (:mod:`.mma`), as functions of tensors and pipelines; the
+``attack run`` job that stores, generates and judges around them is :mod:`safe_diffusion.jobs.attack`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ ATTACKS.register(
     "safe_diffusion.attacks.ring_a_bell:Settings",
     summary="Ring-A-Bell (Tsai et al., ICLR 2024): genetic search toward the prompt plus a concept vector",
 )
+ATTACKS.register(
+    "mma",
+    "safe_diffusion.attacks.mma:Settings",
+    summary="MMA-Diffusion, text (Yang et al., CVPR 2024): coordinate-gradient token search, sensitive words banned",
+)
 
 #: The command-line options each attack reads, and its settings' field for each.
 OPTIONS: dict[str, dict[str, str]] = {
@@ -47,6 +52,7 @@ OPTIONS: dict[str, dict[str, str]] = {
         "coefficient": "coefficient",
         "population": "population",
     },
+    "mma": {"iterations": "iterations", "tokens": "tokens", "candidates": "candidates"},
 }
 
 

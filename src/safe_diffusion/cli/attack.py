@@ -1,5 +1,5 @@
-"""``safe-diffusion attack``: red-team a target by optimising against it (UnlearnDiffAtk, P4D, Ring-A-Bell),
-score and export."""
+"""``safe-diffusion attack``: red-team a target by optimising against it (UnlearnDiffAtk, P4D, Ring-A-Bell,
+MMA-Diffusion), score and export."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..common.outputs import atomic_write_json
 from . import app as root
 
 app = typer.Typer(
-    help="Attacks against the defended model itself (UnlearnDiffAtk, P4D-N/K, Ring-A-Bell).", no_args_is_help=True
+    help="Attacks against the defended model itself (UnlearnDiffAtk, P4D-N/K, Ring-A-Bell, MMA).", no_args_is_help=True
 )
 root.add_typer(app, name="attack")
 
@@ -24,23 +24,26 @@ def run(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (created, or resumed)."),
     suite: str = typer.Option(..., "--suite", "-s", help="Suite name or CSV/Parquet file."),
     data: str = typer.Option(None, "--data", help="Rows of a named suite: FILE, hub or hub:ID."),
-    method: str = typer.Option("unlearndiffatk", help="The attack: unlearndiffatk, p4d-n, p4d-k, ring-a-bell."),
+    method: str = typer.Option("unlearndiffatk", help="The attack: unlearndiffatk, p4d-n, p4d-k, ring-a-bell, mma."),
     safety: str = typer.Option("off", help="SLD preset of the target: off, weak, medium, strong, max."),
     mitigation: list[str] = typer.Option(None, "--mitigation", help="A registered guidance method of the target."),
     negative_prompt: str = typer.Option(None, help="The target's negative prompt."),
     limit: int = typer.Option(None, help="Only the first N prompts."),
     iterations: int = typer.Option(
-        None, help="UnlearnDiffAtk: Adam steps per timestep (40); P4D: steps (3000); Ring-A-Bell: generations (3000)."
+        None,
+        help="UnlearnDiffAtk: Adam steps per timestep (40); P4D: steps (3000); Ring-A-Bell: generations (3000);"
+        " MMA: steps (1000).",
     ),
     timesteps: int = typer.Option(None, help="UnlearnDiffAtk: timesteps visited (50 of 1000)."),
     tokens: int = typer.Option(
-        None, help="UnlearnDiffAtk: prefix tokens (5); P4D-N: learned tokens (16); Ring-A-Bell: K (16)."
+        None, help="UnlearnDiffAtk: prefix tokens (5); P4D-N: learned tokens (16); Ring-A-Bell: K (16); MMA: 20."
     ),
     every_k: int = typer.Option(None, help="P4D-K: a learned token before every K prompt tokens (3)."),
     eval_every: int = typer.Option(None, help="P4D: steps between CLIP selections of the best prompt (50)."),
     concept: str = typer.Option(None, help="Ring-A-Bell: nudity, violence or a concept-vector .npy (nudity)."),
     coefficient: float = typer.Option(None, help="Ring-A-Bell: the concept vector's weight eta (3)."),
     population: int = typer.Option(None, help="Ring-A-Bell: population size (200)."),
+    candidates: int = typer.Option(None, help="MMA-Diffusion: candidates scored per step (512)."),
     clip_model: str = typer.Option(
         None, help="P4D: CLIP that picks the best prompt (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."
     ),
@@ -77,6 +80,7 @@ def run(
         concept=concept,
         coefficient=coefficient,
         population=population,
+        candidates=candidates,
     )
     chosen = Mitigation.build(safety=safety, methods=mitigation, negative_prompt=negative_prompt)
     options = judge_options_from(

@@ -94,6 +94,11 @@ DEVIATIONS = {
         "concept vector from the target's own text encoder and the bundled prompt pairs, read as text (or"
         " --concept FILE.npy)",
     ],
+    "mma": [
+        "one adversarial prompt per row, the row's prompt as the target (the official script: 10 per target, five"
+        " fixed targets)",
+        "every draw from one generator seeded by the row's seed (the official code uses the global generators)",
+    ],
 }
 #: The official P4D CLIP for selecting the best prompt, as a transformers checkpoint.
 P4D_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -140,8 +145,8 @@ def attack_run(
 
     out = Path(out)
     settings = settings or settings_for(method)
-    if method == "ring-a-bell" and reference_model is not None:
-        raise InputError("--reference-model does not apply to attack ring-a-bell (it searches the text encoder only)")
+    if method in ("ring-a-bell", "mma") and reference_model is not None:
+        raise InputError(f"--reference-model does not apply to attack {method} (it searches the text encoder only)")
     check_model_reference(model)
     family = (provenance.read_config(model, "model_index.json") or {}).get("_class_name")
     if family is not None and family not in ATTACKED_PIPELINES:
@@ -155,12 +160,13 @@ def attack_run(
     prompts = loaded.prompts[: check_int("--limit", limit, minimum=1)] if limit is not None else loaded.prompts
     scheduler = check_scheduler(scheduler)
     p4d = method.startswith("p4d-")
+    text_only = method in ("ring-a-bell", "mma")  # model-agnostic: the text encoder alone
     guided = bool(mitigation.terms()) or mitigation.negative_prompt is not None
     config = {
         "method": method,
         "settings": settings.to_dict(),
         "model": str(model),
-        "reference_model": None if method == "ring-a-bell" else str(reference_model or model),
+        "reference_model": None if text_only else str(reference_model or model),
         "clip_model": str(clip_model or P4D_CLIP) if p4d else None,
         "mitigation": mitigation.to_dict(),
         "suite": loaded.record(),
@@ -174,7 +180,7 @@ def attack_run(
         },
         "judges": names,
         "victim": None
-        if method == "ring-a-bell"
+        if text_only
         else ("guided estimate (engine)" if guided else "conditional prediction (official loss)"),
         "deviations_from_official": DEVIATIONS["p4d" if p4d else method]
         + (
@@ -201,7 +207,7 @@ def attack_run(
             if pipe is not None:
                 apply_scheduler(pipe, scheduler)
                 pipe.set_progress_bar_config(disable=True)
-                if reference_model is not None and str(reference_model) != str(model) and method != "ring-a-bell":
+                if reference_model is not None and str(reference_model) != str(model) and not text_only:
                     reference = load_pipeline(reference_model, device=dev, dtype=torch.float32)
                     apply_scheduler(reference, scheduler)
                     reference.set_progress_bar_config(disable=True)
@@ -217,7 +223,13 @@ def attack_run(
                 shutil.rmtree(out, ignore_errors=True)
             raise
         target = _Target(pipe, reference, mitigation, loaded_judges, steps, guidance_scale, height, width, clip)
-        attack = {"unlearndiffatk": _unlearndiffatk, "p4d-n": _p4d, "p4d-k": _p4d, "ring-a-bell": _ring_a_bell}[method]
+        attack = {
+            "unlearndiffatk": _unlearndiffatk,
+            "p4d-n": _p4d,
+            "p4d-k": _p4d,
+            "ring-a-bell": _ring_a_bell,
+            "mma": _mma,
+        }[method]
         attacked = 0
         with store.writer(0):
             # A killed attempt may have left a half-written image (".NAME.png.XXXX.tmp"): this slot's writer is the
@@ -413,6 +425,27 @@ def _ring_a_bell(target: _Target, prompt, settings) -> _Outcome:
     text, losses = attack_prompt(encoder, tokenizer, prompt.text, target.concept, settings, prompt.seed)
     image = target.generate(prompt, text)
     return _Outcome(text, image, target.unsafe(image), settings.generations, {"best_loss_per_generation": losses})
+
+
+def _mma(target: _Target, prompt, settings) -> _Outcome:
+    """The token search on the target's text encoder toward the prompt's pooled embedding; the best control
+    found is generated and judged once."""
+    import torch
+
+    from ..attacks.mma import MMA
+
+    search = MMA(
+        target.pipe.text_encoder,
+        target.pipe.tokenizer,
+        prompt.text,
+        settings,
+        generator=torch.Generator().manual_seed(prompt.seed),
+    )
+    losses = search.run()
+    image = target.generate(prompt, search.best)
+    return _Outcome(
+        search.best, image, target.unsafe(image), settings.iterations, {"losses": losses, "best_loss": search.best_loss}
+    )
 
 
 def _records(run_dir: str | Path) -> tuple[dict, list[dict]]:
