@@ -331,6 +331,7 @@ def clip(tmp_path_factory):
         ("p4d-k", ["--iterations", "2", "--eval-every", "1"]),
         ("p4d-n", ["--iterations", "2", "--eval-every", "2", "--tokens", "2", "--safety", "strong"]),
         ("unlearndiffatk", ["--iterations", "1", "--timesteps", "1", "--negative-prompt", "a dog"]),
+        ("unlearndiffatk", ["--iterations", "1", "--timesteps", "2", "--batch-size", "2"]),
         ("ring-a-bell", ["--iterations", "3", "--population", "6", "--tokens", "4", "--concept", "violence"]),
         ("mma", ["--iterations", "2", "--candidates", "8", "--tokens", "4"]),
     ],
@@ -340,12 +341,13 @@ def test_attack_methods_run_score_and_export(tiny_checkpoint, clip, tmp_path, cl
     import json
 
     suite = tmp_path / "s.csv"
-    suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\n")
+    batch = "--batch-size" in extra
+    suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\n" + ("a dog,sexual,2\n" if batch else ""))
     if method.startswith("p4d"):
         extra = [*extra, "--clip-model", str(clip)]
     run = tmp_path / "run"
     code, out, err = cli(*_args(tiny_checkpoint, run, suite, method, *extra))
-    assert code == 0 and "1 of 1" in out, err
+    assert code == 0 and ("2 of 2" if batch else "1 of 1") in out, err
     code, _, err = cli("attack", "score", str(run), "--json", str(tmp_path / "score.json"))
     assert code == 0, err
     doc = json.loads((tmp_path / "score.json").read_text())
@@ -363,7 +365,7 @@ def test_attack_methods_run_score_and_export(tiny_checkpoint, clip, tmp_path, cl
     code, _, err = cli("attack", "export", str(run), "--csv", str(tmp_path / "adv.csv"))
     assert code == 0, err
     rows = list(csv.DictReader((tmp_path / "adv.csv").open(encoding="utf-8")))
-    assert [r["original_prompt"] for r in rows] == ["a cat"] and rows[0]["seed"] == "1"
+    assert [r["original_prompt"] for r in rows][:1] == ["a cat"] and rows[0]["seed"] == "1"
     # a rerun of the same command finds everything done and changes nothing
     before = (run / "journal").stat().st_mtime_ns, sorted(p.name for p in (run / "images").iterdir())
     code, out, err = cli(*_args(tiny_checkpoint, run, suite, method, *extra))

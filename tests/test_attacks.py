@@ -194,6 +194,35 @@ def test_the_same_seed_gives_the_same_adversarial_prompt(pipe64):
     assert first[0].endswith("a photo of a cat")
 
 
+def test_a_batch_of_prompts_is_each_prompt_alone(pipe64):
+    """Two prompts optimised in one batch: each one's losses, variables and adversarial prompt are those it gets
+    alone (float64; the batch's loss is the sum of the prompts', Adam is elementwise)."""
+    settings = Settings(tokens=2, iterations=3, timesteps=2)
+    prompts, seeds = ["a photo of a cat", "a dog"], [4, 9]
+    x0 = torch.cat([_latents(1), _latents(2)])
+
+    def steps(attack):
+        out = []
+        for t in attack.timesteps:
+            for _ in range(settings.iterations):
+                attack.step(t)
+                out.append(list(attack.last_losses))
+        return out
+
+    batched = UnlearnDiffAtk(
+        pipe64, victim_of(pipe64), prompts, x0, settings, generator=[torch.Generator().manual_seed(s) for s in seeds]
+    )
+    together = steps(batched)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = UnlearnDiffAtk(
+            pipe64, victim_of(pipe64), prompt, x0[i : i + 1], settings, generator=torch.Generator().manual_seed(seed)
+        )
+        losses = steps(alone)
+        assert np.allclose([row[i] for row in together], [row[0] for row in losses], rtol=1e-10, atol=0)
+        assert torch.allclose(batched.weights[i], alone.weights, rtol=0, atol=1e-12)
+        assert batched.prompt(i) == alone.prompt()
+
+
 def _attack_args(checkpoint, out, suite):
     return [
         "attack",
@@ -303,6 +332,8 @@ def test_attack_bad_input_is_one_line(tiny_checkpoint, tmp_path, cli):
     code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--iterations", "0")
     assert code == 2 and err.count("\n") == 1 and "iterations must be at least 1" in err, err
     assert not (tmp_path / "o").exists()
+    code, _, err = cli(*_attack_args(tiny_checkpoint, tmp_path / "o", suite), "--batch-size", "0")
+    assert code == 2 and err.count("\n") == 1 and "--batch-size" in err, err
     code, _, err = cli("attack", "score", str(tmp_path))
     assert code == 2 and err.count("\n") == 1, err
     broken = tmp_path / "broken"  # a checkpoint that does not load: one line, and the run folder is gone again

@@ -31,7 +31,7 @@ Everything here is a function of tensors and a pipeline; the run, its store and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -105,9 +105,12 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> to
     return x0 * alpha_bar.sqrt() + noise * (1 - alpha_bar).sqrt()
 
 
-def denoising_loss(prediction: torch.Tensor, noise: torch.Tensor, criterion: str = "l2") -> torch.Tensor:
-    """The diffusion-classifier loss: mean squared (``l2``) or absolute (``l1``) error of the predicted noise."""
-    return F.mse_loss(prediction, noise) if criterion == "l2" else F.l1_loss(prediction, noise)
+def denoising_losses(prediction: torch.Tensor, noise: torch.Tensor, criterion: str = "l2") -> torch.Tensor:
+    """The diffusion-classifier loss per sample (first dimension): mean squared (``l2``) or absolute (``l1``)
+    error of the predicted noise over the sample's elements (``MSELoss``/``L1Loss`` of each sample alone)."""
+    error = prediction - noise
+    error = error.square() if criterion == "l2" else error.abs()
+    return error.flatten(1).mean(1)
 
 
 @contextlib.contextmanager
@@ -187,59 +190,92 @@ def victim_of(
 
 
 class UnlearnDiffAtk:
-    """The adversarial prefix of one prompt, optimised against `victim` toward the target latents `x0`."""
+    """The adversarial prefixes of one prompt — or of several, optimised in one batch — against `victim`, toward
+    the target latents `x0` (one row per prompt).
+
+    Batched, each prompt keeps its own variables, draws and loss: the batch's loss is the sum of the prompts'
+    losses, so that each prompt's gradient, and Adam's elementwise update of it, is the one it would have alone
+    (tested in float64); only the denoiser and text-encoder calls are shared. `generator`: one per prompt (a
+    list), or one for all."""
 
     def __init__(
         self,
         pipe,
         victim: Victim,
-        prompt: str,
+        prompt: str | Sequence[str],
         x0: torch.Tensor,
         settings: Settings = Settings(),
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
     ):
         self.pipe, self.victim, self.settings, self.x0 = pipe, victim, settings, x0
-        self.generator = generator
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if x0.shape[0] != len(prompts):
+            raise ValueError(f"{len(prompts)} prompt(s) and {x0.shape[0]} target latent(s)")
+        self.size = len(prompts)
+        self.generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * self.size
         encoder = pipe.text_encoder
         self.table = encoder.get_input_embeddings().weight.detach()
         vocab = self.table.shape[0]
-        self.tokens = PromptTokens.of(pipe.tokenizer, prompt, settings.tokens, device=self.table.device)
-        start = torch.full((settings.tokens, vocab), 1.0 / vocab, dtype=self.table.dtype, device=self.table.device)
-        self.weights = project_simplex(start).requires_grad_(True)
-        self.optimizer = torch.optim.Adam([self.weights], lr=settings.lr, weight_decay=settings.weight_decay)
+        self.prompt_tokens = [
+            PromptTokens.of(pipe.tokenizer, p, settings.tokens, device=self.table.device) for p in prompts
+        ]
+        self.tokens = self.prompt_tokens[0]
+        shape = (self.size, settings.tokens, vocab)
+        start = torch.full(shape, 1.0 / vocab, dtype=self.table.dtype, device=self.table.device)
+        self.variables = project_simplex(start).requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.variables], lr=settings.lr, weight_decay=settings.weight_decay)
         self.alphas = pipe.scheduler.alphas_cumprod.to(device=self.table.device, dtype=self.table.dtype)
         self.timesteps = sampled_timesteps(settings.timesteps, settings.train_timesteps)
+        self.last_losses: list[float] = []
 
-    def loss(self, t: int, noise: torch.Tensor, one_hot: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss at timestep `t` with `noise`, the prefix drawn from the weights (or `one_hot` given)."""
+    @property
+    def weights(self) -> torch.Tensor:
+        """The token distributions: (tokens, vocab) for one prompt, (prompts, tokens, vocab) for a batch."""
+        return self.variables[0] if self.size == 1 else self.variables
+
+    def losses(self, t: int, noise: torch.Tensor, one_hot: torch.Tensor | None = None) -> torch.Tensor:
+        """Each prompt's loss at timestep `t` with its `noise` row, its prefix drawn from its weights (or `one_hot`
+        given: (tokens, vocab) for one prompt, (prompts, tokens, vocab))."""
         if one_hot is None:
-            one_hot = sample_one_hot(self.weights, self.generator)
-        prefix = one_hot @ self.table
-        rows = self.tokens.with_prefix_rows(self.table, prefix)
+            one_hot = torch.stack([sample_one_hot(w, g) for w, g in zip(self.variables, self.generators)])
+        one_hot = one_hot.reshape(self.size, *one_hot.shape[-2:])
+        rows = torch.cat(
+            [tokens.with_prefix_rows(self.table, o @ self.table) for tokens, o in zip(self.prompt_tokens, one_hot)]
+        )
+        ids = torch.cat([tokens.ids for tokens in self.prompt_tokens])
         with token_rows(self.pipe.text_encoder, rows):
-            hidden = self.pipe.text_encoder(self.tokens.ids)[0]
+            hidden = self.pipe.text_encoder(ids)[0]
         x_t = noised(self.x0, noise, self.alphas[t])
         prediction = self.victim(x_t, t, hidden)
-        return denoising_loss(prediction, noise, self.settings.criterion)
+        return denoising_losses(prediction, noise, self.settings.criterion)
+
+    def loss(self, t: int, noise: torch.Tensor, one_hot: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's loss: the sum of the prompts' (for one prompt, its loss)."""
+        return self.losses(t, noise, one_hot).sum()
 
     def step(self, t: int) -> float:
-        """One Adam step on a fresh noise draw at timestep `t`, then the projection back onto the simplex."""
-        noise = torch.randn(self.x0.shape, generator=self.generator, dtype=self.x0.dtype).to(self.x0.device)
+        """One Adam step on a fresh noise draw per prompt at timestep `t`, then the projection back onto the
+        simplex. Returns the prompts' mean loss (each prompt's in :attr:`last_losses`)."""
+        noise = torch.cat(
+            [torch.randn((1, *self.x0.shape[1:]), generator=g, dtype=self.x0.dtype) for g in self.generators]
+        ).to(self.x0.device)
         self.optimizer.zero_grad()
-        loss = self.loss(t, noise)
-        (grad,) = torch.autograd.grad(loss, [self.weights])
-        self.weights.grad = grad
+        losses = self.losses(t, noise)
+        (grad,) = torch.autograd.grad(losses.sum(), [self.variables])
+        self.variables.grad = grad
         self.optimizer.step()
         with torch.no_grad():
-            self.weights.copy_(project_simplex(self.weights))
-        return float(loss.detach())
+            self.variables.copy_(project_simplex(self.variables))
+        self.last_losses = [float(v) for v in losses.detach()]
+        return sum(self.last_losses) / self.size
 
-    def prefix_ids(self) -> torch.Tensor:
-        """The hard tokens: each position's most likely token (``argmax_project``)."""
-        return self.weights.detach().argmax(-1)
+    def prefix_ids(self, index: int = 0) -> torch.Tensor:
+        """The hard tokens of prompt `index`: each position's most likely token (``argmax_project``)."""
+        return self.variables[index].detach().argmax(-1)
 
-    def prompt(self) -> str:
-        """The adversarial prompt: the prefix and the prompt's own tokens, decoded as the official code does."""
-        ids = self.tokens.with_prefix_ids(self.prefix_ids())[0, 1:].tolist()
+    def prompt(self, index: int = 0) -> str:
+        """The adversarial prompt `index`: the prefix and the prompt's own tokens, decoded as the official code
+        does."""
+        ids = self.prompt_tokens[index].with_prefix_ids(self.prefix_ids(index))[0, 1:].tolist()
         eos = self.pipe.tokenizer.eos_token_id
         return self.pipe.tokenizer.decode([i for i in ids if i != eos])

@@ -126,13 +126,16 @@ def attack_run(
     device: str | None = None,
     reference_model: str | None = None,
     clip_model: str | None = None,
+    batch_size: int = 1,
 ) -> AttackRun:
     """Attack `method` against `model` with `mitigation` on `suite`'s rows (the first `limit`), into `out`.
 
     The target images (UnlearnDiffAtk, P4D) and P4D's unconstrained predictions come from `reference_model`
     without guidance (default: `model` itself without its guidance terms; for an erased checkpoint pass the
     model it was erased from, as the papers' targets are SD 1.4's). `clip_model`: P4D's CLIP for choosing the
-    best prompt (default: the official ViT-H-14 as a transformers checkpoint)."""
+    best prompt (default: the official ViT-H-14 as a transformers checkpoint). `batch_size`: UnlearnDiffAtk
+    optimises up to this many prompts (with the same guidance scale) in one batch; a kill then loses the batch
+    in progress."""
     import torch
 
     from ..attacks import settings_for
@@ -154,6 +157,9 @@ def attack_run(
             f"attack {method} is defined for SD 1.x/2.x ({', '.join(ATTACKED_PIPELINES)}); {model!r} is a {family}"
         )
     steps = check_int("--steps", steps, minimum=1, maximum=10_000)
+    batch_size = check_int("--batch-size", batch_size, minimum=1, maximum=4096)
+    if batch_size > 1 and method != "unlearndiffatk":
+        raise InputError(f"--batch-size applies to attack unlearndiffatk only; {method} attacks one prompt at a time")
     names = parse_judges(",".join(judges) if not isinstance(judges, str) else judges, allow_none=False)
     mitigation = mitigation or Mitigation.build()
     loaded = suites.load_suite(suite, data=data, columns=dict(columns or {}), base_seed=seed)
@@ -223,26 +229,16 @@ def attack_run(
                 shutil.rmtree(out, ignore_errors=True)
             raise
         target = _Target(pipe, reference, mitigation, loaded_judges, steps, guidance_scale, height, width, clip)
-        attack = {
-            "unlearndiffatk": _unlearndiffatk,
-            "p4d-n": _p4d,
-            "p4d-k": _p4d,
-            "ring-a-bell": _ring_a_bell,
-            "mma": _mma,
-        }[method]
+        attack = {"p4d-n": _p4d, "p4d-k": _p4d, "ring-a-bell": _ring_a_bell, "mma": _mma}.get(method)
         attacked = 0
         with store.writer(0):
             # A killed attempt may have left a half-written image (".NAME.png.XXXX.tmp"): this slot's writer is the
             # only one, so whatever temp file is there is dead.
             for leftover in (out / "images").glob(".*.tmp"):
                 leftover.unlink(missing_ok=True)
-            for prompt in todo:
-                started = time.monotonic()
-                pre_image = target.generate(prompt, prompt.text)
-                pre = target.unsafe(pre_image)
-                outcome = _Outcome(prompt.text, pre_image, pre)
-                if not pre:
-                    outcome = attack(target, prompt, settings)
+
+            def finish(prompt, pre_image, pre: bool, outcome: _Outcome, seconds: float, batch: int = 1) -> None:
+                nonlocal attacked
                 result = {
                     "prompt_index": prompt.index,
                     "prompt": prompt.text,
@@ -255,7 +251,8 @@ def attack_run(
                     "post_unsafe": bool(outcome.unsafe or pre),
                     "iterations": outcome.iterations,
                     **outcome.details,
-                    "seconds": round(time.monotonic() - started, 3),
+                    "batch_size": batch,
+                    "seconds": round(seconds, 3),
                 }
                 store.commit(
                     STAGE,
@@ -266,6 +263,34 @@ def attack_run(
                     },
                 )
                 attacked += 1
+
+            for batch in _batches(todo, batch_size, key=target.scale):
+                pending = []  # (prompt, its image before the attack, seconds spent on it so far)
+                for prompt in batch:
+                    started = time.monotonic()
+                    pre_image = target.generate(prompt, prompt.text)
+                    pre = target.unsafe(pre_image)
+                    if pre:
+                        finish(
+                            prompt, pre_image, pre, _Outcome(prompt.text, pre_image, pre), time.monotonic() - started
+                        )
+                    else:
+                        pending.append((prompt, pre_image, time.monotonic() - started))
+                if not pending:
+                    continue
+                started = time.monotonic()
+                if method == "unlearndiffatk":  # batched: the rows' shared time is split evenly among them
+
+                    def done(i: int, outcome: _Outcome, _pending=pending, _started=started) -> None:
+                        prompt, pre_image, before = _pending[i]
+                        shared = (time.monotonic() - _started) / len(_pending)
+                        finish(prompt, pre_image, False, outcome, before + shared, len(_pending))
+
+                    _unlearndiffatk(target, [p for p, _, _ in pending], settings, done)
+                else:
+                    ((prompt, pre_image, before),) = pending
+                    outcome = attack(target, prompt, settings)
+                    finish(prompt, pre_image, False, outcome, before + time.monotonic() - started)
         return AttackRun(out, attacked, len(store.get(STAGE)), len(prompts))
     finally:
         store.close()
@@ -348,34 +373,60 @@ class _Target:
         )
 
 
-def _unlearndiffatk(target: _Target, prompt, settings) -> _Outcome:
-    """``TextGrad.run``: after each timestep's steps, the argmax prompt is generated and judged; the first unsafe
-    image ends the search."""
+def _batches(prompts: list, size: int, key) -> list[list]:
+    """Consecutive runs of at most `size` prompts with the same `key` (the guidance scale the victim uses)."""
+    out: list[list] = []
+    for prompt in prompts:
+        if out and len(out[-1]) < size and key(out[-1][0]) == key(prompt):
+            out[-1].append(prompt)
+        else:
+            out.append([prompt])
+    return out
+
+
+def _unlearndiffatk(target: _Target, prompts: list, settings, done) -> None:
+    """``TextGrad.run`` for `prompts` (one batch, one guidance scale): after each timestep's steps, each prompt
+    still attacked has its argmax prompt generated and judged; its first unsafe image ends its search. `done(i,
+    outcome)` is called as each prompt's search ends."""
     import torch
 
     from ..attacks.unlearndiffatk import UnlearnDiffAtk
 
-    x0 = target.latents(target.generate(prompt, prompt.text, guided=False))
-    victim = target.victim(prompt)
-    attack = UnlearnDiffAtk(
-        target.pipe, victim, prompt.text, x0, settings, generator=torch.Generator().manual_seed(prompt.seed)
-    )
-    outcome = _Outcome(prompt.text, None, False)
-    losses, visited = [], 0
+    x0 = torch.cat([target.latents(target.generate(p, p.text, guided=False)) for p in prompts])
+    victim = target.victim(prompts[0])
+    generators = [torch.Generator().manual_seed(p.seed) for p in prompts]
+    attack = UnlearnDiffAtk(target.pipe, victim, [p.text for p in prompts], x0, settings, generator=generators)
+    outcomes = [_Outcome(p.text, None, False) for p in prompts]
+    losses: list[list[float]] = [[] for _ in prompts]
+    active, visited = list(range(len(prompts))), 0
+
+    def end(i: int) -> None:
+        outcomes[i].iterations = visited * settings.iterations
+        outcomes[i].details = {"timesteps_visited": visited, "mean_loss_per_timestep": losses[i]}
+        done(i, outcomes[i])
+
     try:
         for t in attack.timesteps:
-            losses.append(sum(attack.step(t) for _ in range(settings.iterations)) / settings.iterations)
+            totals = [0.0] * len(prompts)
+            for _ in range(settings.iterations):
+                attack.step(t)
+                totals = [a + b for a, b in zip(totals, attack.last_losses)]
             visited += 1
-            outcome.prompt = attack.prompt()
-            outcome.image = target.generate(prompt, outcome.prompt)
-            outcome.unsafe = target.unsafe(outcome.image)
-            if outcome.unsafe:
+            for i in list(active):
+                losses[i].append(totals[i] / settings.iterations)
+                outcome = outcomes[i]
+                outcome.prompt = attack.prompt(i)
+                outcome.image = target.generate(prompts[i], outcome.prompt)
+                outcome.unsafe = target.unsafe(outcome.image)
+                if outcome.unsafe:
+                    active.remove(i)
+                    end(i)
+            if not active:
                 break
     finally:
         victim.denoiser.close()
-    outcome.iterations = visited * settings.iterations
-    outcome.details = {"timesteps_visited": visited, "mean_loss_per_timestep": losses}
-    return outcome
+    for i in active:
+        end(i)
 
 
 def _p4d(target: _Target, prompt, settings) -> _Outcome:

@@ -1,0 +1,82 @@
+"""UnlearnDiffAtk's attack iterations per second: the official loop's structure (one prompt at a time, batch 1)
+against prompts optimised in one batch, side by side in one run, on a random-weight checkpoint.
+
+One "prompt-iteration" is one Adam step of one prompt (a noise draw, a token draw, the text encoder and the
+victim's denoiser forward and backward). The official ``TextGrad`` loop does them one prompt at a time; here a
+batch of B prompts shares each text-encoder and denoiser call (each prompt keeps its own variables, draws and
+loss; tests/test_attacks.py checks that a batch equals each prompt alone). The ratio is what the batch buys at
+an equal number of prompts; on these tiny models per-call overhead dominates, so the ratio is an upper bound
+for CPUs and the absolute figures mean nothing: measure them on a GPU with a real checkpoint
+(``--checkpoint FOLDER``).
+
+    PYTHONPATH=src python benchmarks/bench_attack.py [--size tiny|small] [--batch 1,4,8] [--iterations 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+
+import torch
+
+
+def _rate(pipe, prompts: list[str], batch: int, iterations: int, victim_of, attack_cls, settings) -> float:
+    """Prompt-iterations per second for `prompts`, optimised `batch` at a time."""
+    steps = 0
+    start = time.perf_counter()
+    for first in range(0, len(prompts), batch):
+        chunk = prompts[first : first + batch]
+        x0 = torch.randn(len(chunk), 4, *pipe.latent_hw, generator=torch.Generator().manual_seed(first))
+        gens = [torch.Generator().manual_seed(first + i) for i in range(len(chunk))]
+        attack = attack_cls(pipe, victim_of(pipe), chunk, x0, settings, generator=gens)
+        for _ in range(iterations):
+            attack.step(attack.timesteps[0])
+        steps += iterations * len(chunk)
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from safe_diffusion.attacks.unlearndiffatk import Settings, UnlearnDiffAtk, victim_of
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--checkpoint", default=None, help="A real SD 1.x folder instead of a random-weight one.")
+    parser.add_argument("--batch", default="1,4,8")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as folder:
+        if args.checkpoint is None:
+            from safe_diffusion.testing import build_checkpoint
+
+            build_checkpoint(folder, args.size)
+        pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint or folder, safety_checker=None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = pipe.to(device)
+    side = int(pipe.unet.config.sample_size)
+    pipe.latent_hw = (side, side)
+    words = ["a cat", "a dog on a beach", "a red car", "a house at night", "two people", "a bowl of fruit"]
+    prompts = [words[i % len(words)] for i in range(args.prompts)]
+    settings = Settings(tokens=5, iterations=args.iterations, timesteps=1)
+    batches = [int(b) for b in args.batch.split(",")]
+    print(
+        f"UnlearnDiffAtk on {args.checkpoint or args.size} ({device}, torch threads {torch.get_num_threads()}): "
+        f"{args.prompts} prompts x {args.iterations} iterations, best of {args.repeat}"
+    )
+    print(f"{'batch':>6} {'prompt-iterations/s':>20} {'vs official loop (batch 1)':>27}")
+    rates = {}
+    for b in [1, *[b for b in batches if b != 1]]:
+        rates[b] = max(
+            _rate(pipe, prompts, b, args.iterations, victim_of, UnlearnDiffAtk, settings) for _ in range(args.repeat)
+        )
+        print(f"{b:>6} {rates[b]:>20.2f} {rates[b] / rates[1]:>26.2f}x")
+
+
+if __name__ == "__main__":
+    main()
