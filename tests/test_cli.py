@@ -114,6 +114,30 @@ def test_a_stopped_command_says_so_and_leaves_nothing(tiny_checkpoint, tmp_path,
     assert not out.exists()  # the folder it created is gone with everything in it
 
 
+def test_a_ctrl_c_swallowed_by_a_finalizer_is_given_back():
+    """Python may run the SIGINT handler inside an object's __del__ (a library's, run by the garbage collector),
+    where the KeyboardInterrupt is printed as "Exception ignored" and dropped: the command must still stop."""
+    code = """
+import signal, sys, time
+from safe_diffusion import cli
+signal.signal(signal.SIGINT, cli._interrupt)
+sys.unraisablehook = cli._lost_interrupt_hook(sys.unraisablehook)
+class Finalized:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the finalizer
+try:
+    item = Finalized()
+    del item
+    for _ in range(200):
+        time.sleep(0.01)
+    print("ran on")
+except KeyboardInterrupt:
+    print("stopped")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env())
+    assert done.stdout.strip() == "stopped" and "Exception ignored" not in done.stderr, (done.stdout, done.stderr)
+
+
 def test_a_failing_write_is_one_line_and_keeps_the_earlier_run(tiny_checkpoint, tmp_path):
     import resource
 

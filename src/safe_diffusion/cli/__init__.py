@@ -9,6 +9,7 @@ import os
 import pkgutil
 import signal
 import sys
+import threading
 import warnings
 
 import typer
@@ -105,6 +106,51 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _lost_interrupt_hook(default):
+    """A ``sys.unraisablehook`` that gives back a Ctrl-C an object's ``__del__`` swallowed.
+
+    Python runs the SIGINT handler at the next bytecode, which may be inside a finalizer (``__del__`` of some
+    library object, run by the garbage collector); the KeyboardInterrupt raised there is printed as "Exception
+    ignored" and dropped, and the command would run on with Ctrl-C ignored. This hook re-arms the handler and
+    has SIGINT sent again 50 ms later from another thread, so that the handler runs in the command once the
+    finalizer has returned (were it to land in a finalizer again, this hook repeats)."""
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            try:
+                signal.signal(signal.SIGINT, _interrupt)
+            except ValueError:  # not the main thread: nothing to re-arm from here
+                default(unraisable)
+                return
+            resend = threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGINT))
+            resend.daemon = True
+            resend.start()
+            return
+        default(unraisable)
+
+    return hook
+
+
+def _exit_interrupted() -> None:
+    """End the program with status 130 once an interrupt has been handled (rollbacks run, "interrupted" said).
+
+    A plain ``sys.exit(130)`` is not enough: CPython flags a KeyboardInterrupt that ends code run through its
+    C API (``PyRun_String`` and kin: ``run_eval_code_obj`` in ``Python/pythonrun.c``, which extensions reach
+    through pybind11's ``exec`` or PyO3's ``py.run``) as *unhandled*, even when a caller handles it, and then
+    ends the process by SIGINT (-2) after our exit (seen with strace: ``SIG_DFL``, then ``kill(self, SIGINT)``,
+    about 1 time in 30 when Ctrl-C lands while a model loads). So the interpreter's own clean-up runs here —
+    atexit callbacks, the standard streams flushed — and the process ends with 130 at once."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(130)
+
+
 def _terminate(signum, frame) -> None:
     # SIGTERM (Slurm's time limit, `kill`, a service manager) unwinds like Ctrl-C, so every
     # `finally` and rollback runs: no partial outputs, no temp folders left behind.
@@ -148,8 +194,15 @@ def main(argv: list[str] | None = None) -> None:
             previous = None
     else:
         previous = None
+    unraisable = sys.unraisablehook
+    if previous is not None:
+        sys.unraisablehook = _lost_interrupt_hook(unraisable)
     try:
         _run(argv)
+    except SystemExit as exc:
+        if argv is None and exc.code == 130:
+            _exit_interrupted()
+        raise
     finally:
         # Called in-process with arguments (tests, a user's script): leave Ctrl-C as it was. As the program
         # itself (no arguments: the console script, python -m), a Ctrl-C once seen stays ignored until the
@@ -157,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         # to the default action, would end it by the signal (-2) after it printed 'interrupted'.
         if previous is not None and (argv is not None or signal.getsignal(signal.SIGINT) is _interrupt):
             signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = unraisable
         # ... and the environment: the variables a command sets for itself (offline mode, verbosity, no
         # bars) would otherwise reach every process the caller starts afterwards.
         for key in set(os.environ) - set(environment):
