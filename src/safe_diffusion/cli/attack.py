@@ -112,7 +112,8 @@ def run(
         clip_model=clip_model,
         batch_size=batch_size,
     )
-    typer.echo(f"attacked {done.attacked} prompt(s); run {out} has {done.done} of {done.total}")
+    who = f"process {done.process_index} of {done.num_processes} " if done.num_processes > 1 else ""
+    typer.echo(f"{who}attacked {done.attacked} prompt(s); run {out} has {done.done} of {done.total}")
 
 
 @app.command("score")

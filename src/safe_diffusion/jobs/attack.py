@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..common.devices import check_device
+from ..common.devices import check_device, process_state
 from ..common.errors import InputError
 from ..common.loading import load_pipeline
 from ..common.outputs import atomic_write_bytes, library_versions
@@ -52,9 +52,11 @@ class AttackStore(RecordStore):
 @dataclass
 class AttackRun:
     path: Path
-    attacked: int  # rows this call finished
+    attacked: int  # rows this process finished
     done: int
     total: int
+    process_index: int = 0
+    num_processes: int = 1
 
 
 def _png(image) -> bytes:
@@ -200,12 +202,16 @@ def attack_run(
     }
     selection = [{"index": p.index, "prompt": p.text, "seed": p.seed, "guidance": p.guidance} for p in prompts]
     identity = {"config": config, "selection": selection}
-    dev = check_device("--device", device)
+    dev = check_device("--device", device) if device is not None else None
+    state = process_state(dev)  # under `accelerate launch`, each process attacks every n-th row
+    dev = dev or state.device
     created = not out.exists()
-    store = AttackStore.create_or_open(out, identity, files={}, folders=["images"], check=_same(identity))
+    with state.main_process_first():
+        store = AttackStore.create_or_open(out, identity, files={}, folders=["images"], check=_same(identity))
     try:
         done = set(store.get(STAGE))
-        todo = [p for p in prompts if str(p.index) not in done]
+        mine = prompts[state.process_index :: state.num_processes]
+        todo = [p for p in mine if str(p.index) not in done]
         try:
             loaded_judges = load_judges(names, device=dev, options=judge_settings) if todo else []
             pipe = load_pipeline(model, device=dev, dtype=torch.float32) if todo else None
@@ -224,18 +230,19 @@ def attack_run(
                         clip_model or P4D_CLIP, device=dev, processor=True, who="P4D", option="--clip-model"
                     )
         except BaseException:
-            if created and not done:  # this call made the folder and nothing is in it yet: no partial output
+            if created and not done and state.num_processes == 1:  # this call made it, nothing is in it yet
                 store.close()
                 shutil.rmtree(out, ignore_errors=True)
             raise
         target = _Target(pipe, reference, mitigation, loaded_judges, steps, guidance_scale, height, width, clip)
         attack = {"p4d-n": _p4d, "p4d-k": _p4d, "ring-a-bell": _ring_a_bell, "mma": _mma}.get(method)
         attacked = 0
-        with store.writer(0):
-            # A killed attempt may have left a half-written image (".NAME.png.XXXX.tmp"): this slot's writer is the
-            # only one, so whatever temp file is there is dead.
-            for leftover in (out / "images").glob(".*.tmp"):
-                leftover.unlink(missing_ok=True)
+        with store.writer(state.process_index):
+            # A killed attempt may have left a half-written image (".NAME.png.XXXX.tmp") of this process's rows: this
+            # slot's writer is the only one that writes them, so such a temp file is dead.
+            for prompt in mine:
+                for leftover in (out / "images").glob(f".{prompt.index:05d}-*.tmp"):
+                    leftover.unlink(missing_ok=True)
 
             def finish(prompt, pre_image, pre: bool, outcome: _Outcome, seconds: float, batch: int = 1) -> None:
                 nonlocal attacked
@@ -291,7 +298,8 @@ def attack_run(
                     ((prompt, pre_image, before),) = pending
                     outcome = attack(target, prompt, settings)
                     finish(prompt, pre_image, False, outcome, before + time.monotonic() - started)
-        return AttackRun(out, attacked, len(store.get(STAGE)), len(prompts))
+        state.wait_for_everyone()
+        return AttackRun(out, attacked, len(store.get(STAGE)), len(prompts), state.process_index, state.num_processes)
     finally:
         store.close()
 
@@ -497,6 +505,18 @@ def _mma(target: _Target, prompt, settings) -> _Outcome:
     return _Outcome(
         search.best, image, target.unsafe(image), settings.iterations, {"losses": losses, "best_loss": search.best_loss}
     )
+
+
+def is_attack_run(path: str | Path) -> bool:
+    """Whether `path` holds an attack run (its identity names an attack and a prompt selection)."""
+    from ..attacks import ATTACKS
+
+    try:
+        doc = AttackStore.read_identity(path)
+    except InputError:
+        return False
+    config = (doc or {}).get("config")
+    return isinstance(config, dict) and "selection" in doc and config.get("method") in ATTACKS.names()
 
 
 def _records(run_dir: str | Path) -> tuple[dict, list[dict]]:

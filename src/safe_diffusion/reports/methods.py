@@ -63,6 +63,58 @@ class Quality:
 
 
 @dataclass
+class AttackFigure:
+    """One attack run of a method: pre- and post-attack ASR (``eval score``'s overall rows) and its settings."""
+
+    path: str
+    attack: str  # the attack's name (unlearndiffatk, p4d-n, ...)
+    suite: str  # the suite's title
+    pre: dict
+    post: dict
+    config: dict  # the attack run's config (settings, generation, judges, deviations)
+    cost: dict
+
+    random_weights: bool = False  # the attacked model was built with random weights
+
+    @property
+    def settings(self) -> str:
+        """The attack's settings and what it differentiates (its victim)."""
+        settings = ", ".join(f"{k} {v}" for k, v in (self.config.get("settings") or {}).items())
+        victim = self.config.get("victim")
+        return settings + (f"; victim: {victim}" if victim else "")
+
+    def measured_on_row(self, label: str) -> dict:
+        """The page header's row for this run (as :func:`~safe_diffusion.reports.runs.measured_on_row` for runs)."""
+        from .kit import Cell, markup
+        from .runs import label_cell
+
+        g = self.config.get("generation") or {}
+        mit = self.config.get("mitigation") or {}
+        model = str(self.config.get("model", "?"))
+        name = Path(model).name or model
+        badge = ' <span class="badge random">random weights</span>' if self.random_weights else ""
+        import html
+
+        size = f"{g.get('width')}×{g.get('height')}" if g.get("height") else "the model's"
+        return {
+            "label": label_cell(label),
+            "mitigation": mit.get("kind", "?") + (f", SLD preset {mit['sld_preset']}" if mit.get("sld_preset") else ""),
+            "model": Cell(
+                markup(html.escape(name) + badge, name + (" [random weights]" if self.random_weights else "")),
+                classes="m-model",
+                title=model,
+            ),
+            "steps": g.get("steps"),
+            "sampler": g.get("scheduler") or "the model's",
+            "guidance": "per prompt" if g.get("guidance_scale") is None else f"{g['guidance_scale']:g}",
+            "size": size,
+            "judges": ", ".join(self.config.get("judges") or []),
+            "prompts": self.post.get("prompts"),
+            "images": "1 per prompt before the attack, 1 after (attack run)",
+        }
+
+
+@dataclass
 class Method:
     """One row of the report."""
 
@@ -73,6 +125,7 @@ class Method:
     safety: dict[str, Safety] = field(default_factory=dict)  # suite title -> figure
     quality: Quality | None = None
     runs: list[RunInfo] = field(default_factory=list)
+    attacks: list[AttackFigure] = field(default_factory=list)
 
     @property
     def random_weights(self) -> bool:
@@ -221,8 +274,34 @@ def collect(runs: list[str], labels: list[str] | None = None) -> list[Method]:
     """Read every run (read-only) and group them into methods."""
     if labels is not None and len(labels) != len(runs):
         raise InputError(f"{len(labels)} --label value(s) for {len(runs)} run(s); give one per run, in order")
+    from ..jobs.attack import attack_score, is_attack_run
+
     methods: dict[tuple, Method] = {}
     for i, run in enumerate(runs):
+        if is_attack_run(run):  # an attack run: its pre- and post-attack ASR join the method it attacked
+            doc = attack_score(run)
+            config = doc["config"]
+            model = str(config.get("model", ""))
+            model = str(Path(model).resolve()) if Path(model).is_dir() else model
+            base = labels[i] if labels else ((config.get("mitigation") or {}).get("label") or "SD")
+            key = (base,) if labels else (base, model)
+            method = methods.setdefault(key, Method(base, model, config.get("mitigation") or {}, base))
+            suite = config.get("suite") or {}
+            from ..common.provenance import random_weights
+
+            method.attacks.append(
+                AttackFigure(
+                    str(run),
+                    str(config.get("method")),
+                    str(suite.get("title") or suite.get("name") or "?"),
+                    doc["pre_attack_asr"][-1],
+                    doc["post_attack_asr"][-1],
+                    config,
+                    doc["cost"],
+                    random_weights(model) if Path(model).is_dir() else False,
+                )
+            )
+            continue
         info = read_run(run)
         base = labels[i] if labels else (info.mitigation.get("label") or "SD")
         key = (base,) if labels else (base, info.model)

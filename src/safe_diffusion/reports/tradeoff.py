@@ -70,7 +70,67 @@ def _incomparable(entries: list[tuple[Method, object]]) -> dict[str, list[str]]:
     return {m.label: why for m, basis in entries[1:] if (why := differences(first_basis, basis))}
 
 
+def _attack_section(methods: list[Method]) -> Section | None:
+    """Pre- and post-attack ASR of every attack run, per method; a note where runs of one attack on one suite
+    were measured differently."""
+    entries = [(m, a) for m in methods for a in m.attacks]
+    if not entries:
+        return None
+    head = [
+        "method",
+        "model",
+        "attack",
+        "suite",
+        "pre-attack ASR [95% CI]",
+        "post-attack ASR [95% CI]",
+        "attack settings",
+    ]
+    rows = []
+    for m, a in entries:
+        rows.append(
+            [
+                label_cell(m.label),
+                Path(m.model).name or m.model,
+                a.attack,
+                a.suite,
+                _rate(a.pre.get("attack_success_rate"), a.pre.get("attack_success_rate_ci_low"),
+                      a.pre.get("attack_success_rate_ci_high")),
+                _rate(a.post.get("attack_success_rate"), a.post.get("attack_success_rate_ci_low"),
+                      a.post.get("attack_success_rate_ci_high")),
+                a.settings,
+            ]
+        )  # fmt: skip
+    blocks: list = [
+        Table([head], rows, id="attack-table"),
+        Paragraph(
+            "ASR: the share of prompts whose image a judge flags, before the attack and after it, on the attacked"
+            " target itself (`attack run`). After the attack, a prompt already unsafe before counts as a success"
+            " (UnlearnDiffAtk's definition), so the post-attack ASR is never below the pre-attack one. No published"
+            " figure is shown beside them: attack runs are not tied to a published protocol yet."
+        ),
+    ]
+    random = sorted({m.name for m, a in entries if a.random_weights})
+    if random:
+        blocks.append(
+            Note(f"{', '.join(random)}: attacked on random-weight checkpoints; these rates measure noise.", "warning")
+        )
+    groups: dict[tuple, list] = {}
+    for m, a in entries:
+        groups.setdefault((a.attack, a.suite), []).append((m, a))
+    for (attack, suite), members in groups.items():
+        keys = ("settings", "generation", "judges", "victim")
+        first = members[0][1].config
+        differ = sorted({k for _, a in members[1:] for k in keys if a.config.get(k) != first.get(k)})
+        if differ:
+            who = ", ".join(m.name for m, _ in members)
+            notes = f"{attack} on {suite}: {who} were attacked with other {', '.join(differ)}; compare with care."
+            blocks.append(Note(notes, "not-comparable"))
+    return Section("Under attack", blocks)
+
+
 def build_page(methods: list[Method], *, chart_file: str | None = None) -> Page:
+    attacked, everyone = _attack_section(methods), methods
+    methods = [m for m in methods if m.runs]  # a method seen only under attack has no row in the main table
     suites = list(dict.fromkeys(s for m in methods for s in m.safety))
     names = {m.label: m.name for m in methods}
     has_published = {s: any(m.safety.get(s) and m.safety[s].published_shown for m in methods) for s in suites}
@@ -146,7 +206,7 @@ def build_page(methods: list[Method], *, chart_file: str | None = None) -> Page:
             " intervals. Quality: CLIP score (100·max(cos, 0)), FID and KID against each run's reference."
         )
     ]
-    random_models = [m.name for m in methods if m.random_weights]
+    random_models = [m.name for m in everyone if m.random_weights or any(a.random_weights for a in m.attacks)]
     if random_models:
         notes.append(
             Note(
@@ -237,9 +297,18 @@ def build_page(methods: list[Method], *, chart_file: str | None = None) -> Page:
                 judged = "" if row["judges"] == "none" else f"{row['judges']}; "
                 row["judges"] = judged + "; ".join(p for p, ok in ((clip, q.clip_model), (features, q.features)) if ok)
             rows.append(row)
+    rows += [a.measured_on_row(f"{m.name} · {a.attack} · {a.suite}") for m in everyone for a in m.attacks]
     measured = MeasuredOn(rows)
     footer = [Paragraph("Runs: " + "; ".join(f"{m.label}: {', '.join(r.path for r in m.runs)}" for m in methods))]
-    return Page("Safety–quality trade-off", measured, sections=[Section("Methods", blocks + notes)], footer=footer)
+    footer = footer if methods else []
+    if attacked is not None:
+        footer.append(
+            Paragraph("Attack runs: " + "; ".join(f"{m.label}: {a.path}" for m in everyone for a in m.attacks))
+        )
+    sections = [Section("Methods", blocks + notes)] if methods else []
+    if attacked is not None:
+        sections.append(attacked)
+    return Page("Safety–quality trade-off", measured, sections=sections, footer=footer)
 
 
 def _scatter(methods: list[Method], quality_marks: dict, standard: bool):
