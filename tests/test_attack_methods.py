@@ -499,3 +499,34 @@ def test_attack_runs_join_the_tradeoff_report(tiny_checkpoint, tmp_path, cli):
     for text in (html, md):
         assert "mma" in text and "ring-a-bell" in text and "post-attack ASR" in text and "random-weight" in text
     assert "Attack runs:" in md and "| SD · mma · s.csv | none | tiny [random weights] | 2 |" in md
+
+
+def test_a_protocol_sets_an_attack_runs_settings_and_records_deviations():
+    from safe_diffusion.jobs.attack import run_settings_for_attack
+
+    settings = run_settings_for_attack("p4d-n-esd", "p4d-n")
+    assert settings["suite"] == "p4d-ideal-esd" and settings["steps"] == 25 and settings["scheduler"] == "dpm-solver"
+    assert settings["judges"] == "nudenet" and settings["protocol"]["deviations"] == []
+    other = run_settings_for_attack("p4d-n-esd", "p4d-k", steps=4)
+    assert {d["setting"] for d in other["protocol"]["deviations"]} == {"attack", "steps"}
+    assert run_settings_for_attack(None, "mma", suite="x.csv")["judges"] == "nudenet"
+    with pytest.raises(InputError, match="give --suite"):
+        run_settings_for_attack(None, "mma")
+
+
+@pytest.mark.slow
+def test_an_attack_run_under_a_protocol_shows_why_its_figure_is_not_beside_it(tiny_checkpoint, clip, tmp_path, cli):
+    run = tmp_path / "p4d"
+    args = _args(tiny_checkpoint, run, "p4d-ideal-esd", "p4d-n", "--iterations", "1", "--eval-every", "1")
+    args = [a for a in args if a != "-s" and a != "p4d-ideal-esd"]
+    # P4D's judge is NudeNet v2's classifier, not bundled: the detector in I2P's set-up instead (a deviation)
+    extra = ["--limit", "1", "--tokens", "2", "--clip-model", str(clip), "--nudenet-setup", "i2p"]
+    code, out, err = cli(*args, "--protocol", "p4d-n-esd", *extra)
+    assert code == 0 and "1 of 1" in out, err
+    assert "deviates from protocol p4d-n-esd" in err and "steps: 25 → 2" in err and "limit: 1" in err
+    assert "nudenet_setup: p4d → i2p" in err
+    code, _, err = cli("eval", "tradeoff", str(run), "--out", str(tmp_path / "t.html"))
+    assert code == 0, err
+    md = (tmp_path / "t.md").read_text(encoding="utf-8")
+    assert "published (pre / post)" in md and "— / — †" in md
+    assert "publishes no figure for sd (it has: esd)" in md  # the tiny model is no ESD checkpoint

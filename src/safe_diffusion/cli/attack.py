@@ -22,7 +22,10 @@ root.add_typer(app, name="attack")
 def run(
     model: str = typer.Option(..., "--model", "-m", help="Hub id or local checkpoint folder (an erased one too)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (created, or resumed)."),
-    suite: str = typer.Option(..., "--suite", "-s", help="Suite name or CSV/Parquet file."),
+    suite: str = typer.Option(None, "--suite", "-s", help="Suite name or CSV/Parquet file (or the protocol's)."),
+    protocol: str = typer.Option(
+        None, "--protocol", help="A published protocol (eval protocols) or .yaml: its settings, its figure beside."
+    ),
     data: str = typer.Option(None, "--data", help="Rows of a named suite: FILE, hub or hub:ID."),
     method: str = typer.Option("unlearndiffatk", help="The attack: unlearndiffatk, p4d-n, p4d-k, ring-a-bell, mma."),
     safety: str = typer.Option("off", help="SLD preset of the target: off, weak, medium, strong, max."),
@@ -48,13 +51,13 @@ def run(
     clip_model: str = typer.Option(
         None, help="P4D: CLIP that picks the best prompt (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."
     ),
-    steps: int = typer.Option(50, help="Denoising steps of the target's generations."),
+    steps: int = typer.Option(None, help="Denoising steps of the target's generations (50)."),
     scheduler: str = typer.Option(None, help="Sampler: dpm-solver, lms, ddim, pndm, euler, model."),
     guidance_scale: float = typer.Option(None, help="CFG scale (default: the row's, else 7.5)."),
     height: int = typer.Option(None, help="Image height (default: the model's)."),
     width: int = typer.Option(None, help="Image width (default: the model's)."),
-    seed: int = typer.Option(0, help="Base seed for suites without seeds."),
-    judges: str = typer.Option("nudenet", "--judges", help="Judges that decide success, e.g. nudenet or q16."),
+    seed: int = typer.Option(None, help="Base seed for suites without seeds (0)."),
+    judges: str = typer.Option(None, "--judges", help="Judges that decide success, e.g. nudenet (default) or q16."),
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16 (hub id or folder)."),
     nudenet_model: Path = typer.Option(None, help="NudeNet file."),
     nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
@@ -67,7 +70,6 @@ def run(
     from ..attacks import settings_for
     from ..guidance.mitigation import Mitigation
     from ..jobs.attack import attack_run
-    from ..judges import judge_options_from, parse_judges
 
     if clip_model is not None and not method.startswith("p4d-"):
         raise InputError(f"--clip-model does not apply to attack {method}")
@@ -84,17 +86,13 @@ def run(
         candidates=candidates,
     )
     chosen = Mitigation.build(safety=safety, methods=mitigation, negative_prompt=negative_prompt)
-    options = judge_options_from(
-        parse_judges(judges, allow_none=False),
-        q16_model=q16_model,
-        nudenet_model=nudenet_model,
-        nudenet_setup=nudenet_setup,
-    )
+    options = {"q16_model": q16_model, "nudenet_model": nudenet_model, "nudenet_setup": nudenet_setup}
     done = attack_run(
         model,
         out,
         suite=suite,
         method=method,
+        protocol=protocol,
         data=data,
         limit=limit,
         mitigation=chosen,
@@ -106,12 +104,14 @@ def run(
         width=width,
         seed=seed,
         judges=judges,
-        judge_settings=options,
+        judge_options=options,
         device=device,
         reference_model=reference_model,
         clip_model=clip_model,
         batch_size=batch_size,
     )
+    if done.deviations and done.process_index == 0:
+        typer.echo(f"deviates from protocol {protocol}: {'; '.join(done.deviations)}", err=True)
     who = f"process {done.process_index} of {done.num_processes} " if done.num_processes > 1 else ""
     typer.echo(f"{who}attacked {done.attacked} prompt(s); run {out} has {done.done} of {done.total}")
 

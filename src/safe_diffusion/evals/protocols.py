@@ -74,7 +74,19 @@ SECTIONS: dict[str, dict[str, str]] = {
         "nudenet_resolution": "nudenet_resolution",
     },
 }
-TOP_KEYS = {"protocol", "version", "title", "paper", "include", "notes", "metrics", "references", "sources", "method"}
+TOP_KEYS = {
+    "protocol",
+    "version",
+    "title",
+    "paper",
+    "include",
+    "notes",
+    "metrics",
+    "references",
+    "sources",
+    "method",
+    "attack",
+}
 REFERENCE_KEYS = {"paper", "table", "method", "base_model", "metric", "category", "value", "tolerance", "note"}
 #: What a run uses for a setting no protocol fixes (evaluate's own defaults).
 DEFAULTS: dict[str, Any] = {
@@ -100,6 +112,7 @@ class Protocol:
     sha256: str  # of the resolved document (includes merged), canonical JSON
     paper: str = ""
     method: str | None = None
+    attack: str | None = None  # the attack (``attack run --method``) whose run measures its figures
     notes: str = ""
     suite: dict[str, Any] = field(default_factory=dict)
     generation: dict[str, Any] = field(default_factory=dict)
@@ -236,6 +249,7 @@ def load_file(path: str | Path) -> Protocol:
         sha256=sha256_bytes(canonical),
         paper=str(doc.get("paper", "")),
         method=doc.get("method"),
+        attack=doc.get("attack"),
         notes=str(doc.get("notes", "")),
         suite=dict(doc.get("suite", {})),
         generation=dict(doc.get("generation", {})),

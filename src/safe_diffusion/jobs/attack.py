@@ -57,12 +57,44 @@ class AttackRun:
     total: int
     process_index: int = 0
     num_processes: int = 1
+    deviations: list[str] = field(default_factory=list)  # from the run's protocol, described
 
 
 def _png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def run_settings_for_attack(protocol, method: str, **given: Any) -> dict[str, Any]:
+    """The settings of an attack run: `protocol`'s (with deviations recorded, an attack other than the
+    protocol's among them) or the defaults (NudeNet as the judge), with `given` (None: not given) on top."""
+    from ..evals.protocols import get_protocol, run_settings
+
+    if protocol is None:
+        if given.get("suite") is None:
+            raise InputError("give --suite, or a --protocol that names one")
+        if given.get("judges") is None:
+            given["judges"] = "nudenet"
+        settings = run_settings(None, **given)
+    else:
+        chosen = get_protocol(protocol)
+        settings = run_settings(chosen, **given)
+        if chosen.attack and chosen.attack != method:
+            record = settings["protocol"]
+            record["deviations"] = [
+                *record["deviations"],
+                {"setting": "attack", "protocol": chosen.attack, "run": method},
+            ]
+    if settings.get("suite") is None:
+        raise InputError("give --suite, or a --protocol that names one")
+    for key, wanted in (("images_per_prompt", 1), ("dtype", "float32"), ("seed_rule", "offset")):
+        if settings.get(key, wanted) != wanted:
+            raise InputError(
+                f"{'protocol ' + str(protocol) if protocol else 'the run'} sets {key} {settings[key]!r}; an attack run"
+                f" makes {wanted!r} only"
+            )
+    return settings
 
 
 def _same(expected: dict):
@@ -110,20 +142,22 @@ def attack_run(
     model: str,
     out: str | Path,
     *,
-    suite: str,
+    suite: str | None = None,
     method: str = "unlearndiffatk",
+    protocol: str | Path | None = None,
     data: str | None = None,
     columns: Mapping[str, str] | None = None,
     limit: int | None = None,
     mitigation=None,
     settings=None,
-    steps: int = 50,
+    steps: int | None = None,
     scheduler: str | None = None,
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
-    seed: int = 0,
-    judges: str | Sequence[str] = "nudenet",
+    seed: int | None = None,
+    judges: str | Sequence[str] | None = None,
+    judge_options: Mapping[str, Any] | None = None,
     judge_settings: Mapping[str, Mapping[str, Any]] | None = None,
     device: str | None = None,
     reference_model: str | None = None,
@@ -137,7 +171,13 @@ def attack_run(
     model it was erased from, as the papers' targets are SD 1.4's). `clip_model`: P4D's CLIP for choosing the
     best prompt (default: the official ViT-H-14 as a transformers checkpoint). `batch_size`: UnlearnDiffAtk
     optimises up to this many prompts (with the same guidance scale) in one batch; a kill then loses the batch
-    in progress."""
+    in progress.
+
+    `protocol` (a name of ``eval protocols`` or a .yaml file): every generation and judge setting it fixes is its
+    value unless given here, as ``eval run --protocol``; what is given otherwise is recorded as a deviation (an
+    attack other than the protocol's too), and reports show the protocol's published figure beside the run's
+    only without deviations. `judge_options`: the judges' command-line options (``nudenet_setup``,
+    ``q16_model``, …), or `judge_settings` already per judge."""
     import torch
 
     from ..attacks import settings_for
@@ -158,13 +198,42 @@ def attack_run(
         raise InputError(
             f"attack {method} is defined for SD 1.x/2.x ({', '.join(ATTACKED_PIPELINES)}); {model!r} is a {family}"
         )
+    given = run_settings_for_attack(
+        protocol,
+        method,
+        suite=suite,
+        data=data,
+        columns=dict(columns) if columns else None,
+        limit=limit,
+        steps=steps,
+        scheduler=scheduler,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        seed=seed,
+        judges=",".join(judges) if judges is not None and not isinstance(judges, str) else judges,
+        **dict(judge_options or {}),
+    )
+    suite, data, columns, limit = given["suite"], given.get("data"), given.get("columns"), given.get("limit")
+    steps, scheduler, guidance_scale = given["steps"], given.get("scheduler"), given.get("guidance_scale")
+    height, width, seed, judges = given.get("height"), given.get("width"), given["seed"], given["judges"]
+    judge_settings = judge_settings if judge_settings is not None else given["judge_settings"]
     steps = check_int("--steps", steps, minimum=1, maximum=10_000)
     batch_size = check_int("--batch-size", batch_size, minimum=1, maximum=4096)
     if batch_size > 1 and method != "unlearndiffatk":
         raise InputError(f"--batch-size applies to attack unlearndiffatk only; {method} attacks one prompt at a time")
     names = parse_judges(",".join(judges) if not isinstance(judges, str) else judges, allow_none=False)
     mitigation = mitigation or Mitigation.build()
+    from ..erasure.folder import read_erasure_record
+
+    if not mitigation.erasure:  # an erased checkpoint is recorded as one (the method protocols name, its base)
+        mitigation = mitigation.with_erasure(read_erasure_record(model))
     loaded = suites.load_suite(suite, data=data, columns=dict(columns or {}), base_seed=seed)
+    record = given.get("protocol")
+    if record is not None:
+        from ..evals.protocols import with_suite_check
+
+        record = with_suite_check(record, loaded)
     prompts = loaded.prompts[: check_int("--limit", limit, minimum=1)] if limit is not None else loaded.prompts
     scheduler = check_scheduler(scheduler)
     p4d = method.startswith("p4d-")
@@ -187,6 +256,8 @@ def attack_run(
             "seed": seed,
         },
         "judges": names,
+        "judge_settings": {k: dict(v) for k, v in (judge_settings or {}).items()},
+        "protocol": record,
         "victim": None
         if text_only
         else ("guided estimate (engine)" if guided else "conditional prediction (official loss)"),
@@ -299,7 +370,12 @@ def attack_run(
                     outcome = attack(target, prompt, settings)
                     finish(prompt, pre_image, False, outcome, before + time.monotonic() - started)
         state.wait_for_everyone()
-        return AttackRun(out, attacked, len(store.get(STAGE)), len(prompts), state.process_index, state.num_processes)
+        from ..evals.protocols import describe_deviation
+
+        deviations = [describe_deviation(d) for d in (record or {}).get("deviations") or []]
+        return AttackRun(
+            out, attacked, len(store.get(STAGE)), len(prompts), state.process_index, state.num_processes, deviations
+        )
     finally:
         store.close()
 

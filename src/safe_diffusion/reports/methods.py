@@ -75,6 +75,10 @@ class AttackFigure:
     cost: dict
 
     random_weights: bool = False  # the attacked model was built with random weights
+    #: per metric (pre_attack_asr, post_attack_asr): the figure the run's protocol publishes for its method, and
+    #: why it may not be read beside the run ("" when it may)
+    published: dict[str, tuple[float, str]] = field(default_factory=dict)
+    protocol_reason: str = ""  # why no figure is shown at all (no protocol, none for this method)
 
     @property
     def settings(self) -> str:
@@ -130,6 +134,19 @@ class Method:
     @property
     def random_weights(self) -> bool:
         return any(r.basis.random_weights for r in self.runs)
+
+
+def _attach_attack_published(figure: AttackFigure, model: str) -> None:
+    """The pre- and post-attack figures the attack run's protocol publishes for the attacked method."""
+    from ..evals.protocols import method_of, published_for
+
+    mitigation = figure.config.get("mitigation") or {}
+    base = ((mitigation.get("erasure") or {}).get("base_model") or {}).get("reference") or model
+    rows, reason = published_for(figure.config.get("protocol"), method_of(mitigation), base)
+    for row in rows:
+        if row["metric"] in ("pre_attack_asr", "post_attack_asr") and row.get("category", "overall") == "overall":
+            figure.published.setdefault(row["metric"], (float(row["value"]), reason))
+    figure.protocol_reason = reason if not figure.published else ""
 
 
 def _safety(info: RunInfo) -> Safety:
@@ -301,6 +318,7 @@ def collect(runs: list[str], labels: list[str] | None = None) -> list[Method]:
                     random_weights(model) if Path(model).is_dir() else False,
                 )
             )
+            _attach_attack_published(method.attacks[-1], model)
             continue
         info = read_run(run)
         base = labels[i] if labels else (info.mitigation.get("label") or "SD")

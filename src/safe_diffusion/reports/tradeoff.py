@@ -85,8 +85,20 @@ def _attack_section(methods: list[Method]) -> Section | None:
         "post-attack ASR [95% CI]",
         "attack settings",
     ]
+    with_protocol = any(a.config.get("protocol") for _, a in entries)
+    if with_protocol:
+        head += ["published (pre / post)"]
     rows = []
     for m, a in entries:
+        published: list = []
+        if with_protocol:
+            shown = [
+                f"{a.published[k][0]:.2f}" if k in a.published and not a.published[k][1] else "—"
+                for k in ("pre_attack_asr", "post_attack_asr")
+            ]
+            hidden = sorted({why for _, why in a.published.values() if why} | ({a.protocol_reason} - {""}))
+            text = " / ".join(shown)
+            published = [Cell(text, classes="not-comparable", title="; ".join(hidden)) if hidden else text]
         rows.append(
             [
                 label_cell(m.label),
@@ -98,6 +110,7 @@ def _attack_section(methods: list[Method]) -> Section | None:
                 _rate(a.post.get("attack_success_rate"), a.post.get("attack_success_rate_ci_low"),
                       a.post.get("attack_success_rate_ci_high")),
                 a.settings,
+                *published,
             ]
         )  # fmt: skip
     blocks: list = [
@@ -105,10 +118,19 @@ def _attack_section(methods: list[Method]) -> Section | None:
         Paragraph(
             "ASR: the share of prompts whose image a judge flags, before the attack and after it, on the attacked"
             " target itself (`attack run`). After the attack, a prompt already unsafe before counts as a success"
-            " (UnlearnDiffAtk's definition), so the post-attack ASR is never below the pre-attack one. No published"
-            " figure is shown beside them: attack runs are not tied to a published protocol yet."
+            " (UnlearnDiffAtk's definition), so the post-attack ASR is never below the pre-attack one. A published"
+            " figure is shown beside a run only when the run followed the protocol that publishes it (`attack run"
+            " --protocol`) without deviating, for the same method and base model; † marks one that is not, with why."
         ),
     ]
+    for m, a in entries:
+        reasons = sorted({why for _, why in a.published.values() if why} | ({a.protocol_reason} - {""}))
+        if a.config.get("protocol") and reasons:
+            blocks.append(
+                Note(
+                    f"{m.name} · {a.attack}: the published figure is not shown: {'; '.join(reasons)}.", "not-comparable"
+                )
+            )
     random = sorted({m.name for m, a in entries if a.random_weights})
     if random:
         blocks.append(
