@@ -138,6 +138,22 @@ except KeyboardInterrupt:
     assert done.stdout.strip() == "stopped" and "Exception ignored" not in done.stderr, (done.stdout, done.stderr)
 
 
+def test_an_error_that_follows_a_ctrl_c_is_the_interrupt(cli, monkeypatch):
+    """Ctrl-C during a library's import can surface later as another error whose chain has lost the
+    KeyboardInterrupt (scipy's "type ... is already registered" on the import's retry): after a Ctrl-C, the
+    command says "interrupted" and exits 130 whatever error ends it."""
+    from safe_diffusion import cli as cli_module
+    from safe_diffusion.common.errors import InputError
+
+    def command(*args, **kwargs):
+        cli_module._SEEN["interrupt"] = True  # what the SIGINT handler records
+        raise InputError("cannot load model 'x': generic_type: type 'ObjSense' is already registered!")
+
+    monkeypatch.setattr(cli_module, "app", command)
+    code, _, err = cli("generate", "a cat")
+    assert code == 130 and err == "interrupted\n"
+
+
 def test_a_failing_write_is_one_line_and_keeps_the_earlier_run(tiny_checkpoint, tmp_path):
     import resource
 

@@ -99,7 +99,13 @@ def deprecated_strict(given: bool) -> bool:
     return given
 
 
+#: Whether this command has seen Ctrl-C: an error that follows it is the interrupt's doing (a library's import
+#: cut short fails later with its own error, its chain no longer holding the KeyboardInterrupt).
+_SEEN = {"interrupt": False}
+
+
 def _interrupt(signum, frame) -> None:
+    _SEEN["interrupt"] = True
     # Ctrl-C unwinds once; a second one (or a late duplicate delivery) while the rollbacks run is ignored, so
     # it cannot cut the clean-up short and end the process by the signal (exit -2) with partial output left.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -158,6 +164,8 @@ def _terminate(signum, frame) -> None:
 
 
 def _caused_by_interrupt(exc: BaseException) -> bool:
+    if _SEEN["interrupt"]:
+        return True
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, KeyboardInterrupt):
@@ -186,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         with contextlib.suppress(ValueError):  # not the main thread
             signal.signal(signal.SIGTERM, _terminate)
+    _SEEN["interrupt"] = False
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.default_int_handler:
         try:
@@ -231,6 +240,9 @@ def _run(argv: list[str] | None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except InputError as exc:
+        if _caused_by_interrupt(exc):  # e.g. a model that "cannot load" because Ctrl-C cut its import short
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except typer.Abort:
@@ -240,6 +252,9 @@ def _run(argv: list[str] | None) -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except OSError as exc:
+        if _caused_by_interrupt(exc):
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
         if logger.isEnabledFor(logging.DEBUG):
             raise
         typer.echo(_os_error_line(exc), err=True)
