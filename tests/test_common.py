@@ -30,3 +30,18 @@ def test_one_device_resolver(monkeypatch):
     assert use_cpu("cpu")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # what `accelerate launch --cpu` sets
     assert use_cpu(None)
+
+
+def test_progress_rates_read_as_numbers():
+    """A count done at once (read from a cache) is no rate: `eval quality` printed "3.15e+05 images/s"."""
+    import io
+
+    from safe_diffusion.common.progress import ProgressLog, format_rate
+
+    assert format_rate(10, 4.0, "images") == "2.50 images/s"
+    assert format_rate(315_000, 1.0, "images") == "315,000 images/s"
+    assert format_rate(5, 0.01, "images") == "? images/s"
+    stream = io.StringIO()
+    with ProgressLog("quality", 4, stream=stream, interval=0) as log:
+        log.set(4)
+    assert "e+" not in stream.getvalue() and "? images/s" in stream.getvalue()

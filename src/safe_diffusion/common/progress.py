@@ -32,6 +32,15 @@ def default_interval() -> float:
         return 60.0
 
 
+def format_rate(done: int, elapsed: float, unit: str) -> str:
+    """``2.31 images/s``; ``1,250 images/s`` above 100; ``? images/s`` before a second has passed (a count done
+    at once, e.g. read from a cache, is no rate: 3.15e+05 images/s was what that printed)."""
+    if elapsed < 1.0 or done <= 0:
+        return f"? {unit}/s"
+    rate = done / elapsed
+    return f"{rate:.2f} {unit}/s" if rate < 100 else f"{rate:,.0f} {unit}/s"
+
+
 class ProgressLog:
     """Counts `done` of `total` `unit`s, starting at `start` (a resumed job), and shows them (see the module)."""
 
@@ -62,12 +71,13 @@ class ProgressLog:
     def text(self) -> str:
         """The log line for where the job stands now."""
         elapsed = time.monotonic() - self.started
-        rate = (self.done - self.start) / elapsed if elapsed > 0 else 0.0
+        rate = (self.done - self.start) / elapsed if elapsed >= 1.0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else (0.0 if self.done >= self.total else math.inf)
         pct = 100.0 * self.done / self.total if self.total else 100.0
         note = f", {self.note}" if self.note else ""
         return (
-            f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.1f}%){note}, {rate:.3g} {self.unit}/s, "
+            f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.1f}%){note}, "
+            f"{format_rate(self.done - self.start, elapsed, self.unit)}, "
             f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}"
         )
 
