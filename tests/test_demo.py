@@ -500,3 +500,13 @@ def test_two_browser_pages_clicking_at_once_both_get_images(browser, demo_url):
         page.locator("#unguided img").wait_for(state="visible")
         page.locator("#status").get_by_text(f"Seed {seed}, 3 steps").wait_for()
         page.close()
+
+
+def test_the_sanitize_tab_answers_a_missing_image_with_one_value_per_output():
+    """The click handler's refusal fills the four outputs (status, after, mask, settings), no more: it returned
+    five, and Gradio warned "returned too many output values" on every click without an image."""
+    from safe_diffusion.app.sanitize_tab import make_sanitize_handler
+
+    handler = make_sanitize_handler(None)
+    out = handler(None, ["nudity"], "", "", 3, 5.0, 0.9, 0, True, progress=lambda *a, **k: None)
+    assert len(out) == 4 and "upload an image first" in out[0]

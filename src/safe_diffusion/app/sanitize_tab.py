@@ -136,7 +136,7 @@ def make_sanitize_handler(generator):
     import gradio as gr
 
     def run(image, checked, extra_remove, add, steps, scale, threshold, seed, keep_unmasked, progress=gr.Progress()):
-        skip = (gr.skip(),) * 4
+        skip = (gr.skip(),) * 3  # after, mask, settings: the status is the message
         try:
             request = validate_sanitize_request(
                 checked, extra_remove, add, steps, scale, threshold, seed, keep_unmasked
