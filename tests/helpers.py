@@ -150,3 +150,10 @@ def official_clip_hidden(text_encoder, input_ids, inputs_embeds):
     batch = inputs_embeds.shape[0]
     out = model.encoder(inputs_embeds=hidden, attention_mask=mask[None, None].expand(batch, 1, n, n))
     return model.final_layer_norm(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+
+def attack_args(checkpoint, out, suite, *extra) -> list[str]:
+    """``attack run`` on the tiny checkpoint at 32 px, 2 steps, NudeNet judging; `suite` None: the protocol's."""
+    where = ["-s", str(suite)] if suite is not None else []
+    return ["attack", "run", "-m", str(checkpoint), "-o", str(out), *where, "--steps", "2", "--height", "32",
+            "--width", "32", "--judges", "nudenet", *extra]  # fmt: skip

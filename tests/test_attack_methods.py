@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import PARITY_TOL, load_float64, official_clip_hidden
+from helpers import PARITY_TOL, attack_args, load_float64, official_clip_hidden
 
 from safe_diffusion.attacks import settings_for
 from safe_diffusion.attacks.p4d import P4D, Settings, interleaved_positions, nn_project, unconstrained_of
@@ -294,27 +294,7 @@ def test_a_concept_vector_file_is_checked(pipes, tmp_path):
 
 
 def _args(checkpoint, out, suite, method, *extra):
-    return [
-        "attack",
-        "run",
-        "-m",
-        str(checkpoint),
-        "-o",
-        str(out),
-        "-s",
-        str(suite),
-        "--method",
-        method,
-        "--steps",
-        "2",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--judges",
-        "nudenet",
-        *extra,
-    ]
+    return attack_args(checkpoint, out, suite, "--method", method, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -517,8 +497,7 @@ def test_a_protocol_sets_an_attack_runs_settings_and_records_deviations():
 @pytest.mark.slow
 def test_an_attack_run_under_a_protocol_shows_why_its_figure_is_not_beside_it(tiny_checkpoint, clip, tmp_path, cli):
     run = tmp_path / "p4d"
-    args = _args(tiny_checkpoint, run, "p4d-ideal-esd", "p4d-n", "--iterations", "1", "--eval-every", "1")
-    args = [a for a in args if a != "-s" and a != "p4d-ideal-esd"]
+    args = _args(tiny_checkpoint, run, None, "p4d-n", "--iterations", "1", "--eval-every", "1")
     # P4D's judge is NudeNet v2's classifier, not bundled: the detector in I2P's set-up instead (a deviation)
     extra = ["--limit", "1", "--tokens", "2", "--clip-model", str(clip), "--nudenet-setup", "i2p"]
     code, out, err = cli(*args, "--protocol", "p4d-n-esd", *extra)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import PARITY_TOL, load_float64, official_clip_hidden
+from helpers import PARITY_TOL, attack_args, load_float64, official_clip_hidden
 
 from safe_diffusion.attacks.unlearndiffatk import (
     Settings,
@@ -224,28 +224,7 @@ def test_a_batch_of_prompts_is_each_prompt_alone(pipe64):
 
 
 def _attack_args(checkpoint, out, suite):
-    return [
-        "attack",
-        "run",
-        "-m",
-        str(checkpoint),
-        "-o",
-        str(out),
-        "-s",
-        str(suite),
-        "--iterations",
-        "1",
-        "--timesteps",
-        "1",
-        "--steps",
-        "2",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--judges",
-        "nudenet",
-    ]
+    return attack_args(checkpoint, out, suite, "--iterations", "1", "--timesteps", "1")
 
 
 @pytest.mark.slow
