@@ -434,3 +434,28 @@ def test_a_pipeline_without_ledits_components_is_refused_in_one_line(tiny_checkp
     pipe.vae = None
     with pytest.raises(InputError, match="lacks vae, which LEDITS"):
         pipeline_family(pipe)
+
+
+def test_a_full_disk_at_the_first_image_leaves_no_output(tiny_checkpoint, tmp_path):
+    """Issue 18: the first write fails (a file-size limit, which the kernel enforces as it does a full disk):
+    one line, exit 1, and the folder this call made is gone, its run state included."""
+    import resource
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):  # noise: each PNG is larger than the limit, the run's small state files are not
+        pixels = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(data / f"noise{i}.png")
+    out = tmp_path / "out"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "safe_diffusion", "sanitize", str(data), "--model", str(tiny_checkpoint), "--out",
+         str(out), "--all", "--judges", "none", *FAST],
+        env=_env(), capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: File too large") and "Traceback" not in proc.stderr
+    assert not out.exists()

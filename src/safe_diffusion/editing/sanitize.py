@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -687,23 +688,39 @@ def sanitize(
     wait = barrier or (lambda: None)
     if process_index != 0:
         wait()  # the main process creates OUT and freezes the config first
-    with output_dir(out, "--out"):
-        prepare_output(out, config, run, clean=process_index == 0)
-        if process_index == 0:
-            wait()
-        summary = sanitize_folder(
-            pipe,
-            judges,
-            src,
-            out,
-            config,
-            process_index=process_index,
-            num_processes=num_processes,
-            unet_batch_size=unet_batch_size,
-            show_progress=show_progress,
-        )
+    created = not out.exists()
+    try:
+        with output_dir(out, "--out"):
+            prepare_output(out, config, run, clean=process_index == 0)
+            if process_index == 0:
+                wait()
+            summary = sanitize_folder(
+                pipe,
+                judges,
+                src,
+                out,
+                config,
+                process_index=process_index,
+                num_processes=num_processes,
+                unet_batch_size=unet_batch_size,
+                show_progress=show_progress,
+            )
+    except BaseException:
+        # This call made OUT and wrote no image into it (a full disk at the first image, Ctrl-C, a model error):
+        # no output is left, not even the run's state. With images written, the state stays for a rerun to resume.
+        if created and num_processes == 1 and out.is_dir() and not _anything_done(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     wait()
     return _finish(src, out, report_path, show_unsafe, process_index, summary)
+
+
+def _anything_done(out: Path) -> bool:
+    """Whether OUT holds an image this run wrote (a skipped file's record is no output, and is cheap to redo)."""
+    try:
+        return any(r.get("status") in ("edited", "copied") for r in load_records(out).values())
+    except (InputError, OSError):
+        return True  # unreadable: keep it rather than guess
 
 
 def _finish(src, out, report_path, show_unsafe, process_index, summary) -> SanitizeResult:
