@@ -121,6 +121,57 @@ def test_one_iteration_equals_the_official_loss_and_gradient(pipes, variant):
         assert ids[attack.fixed].tolist() == text
 
 
+def test_the_official_sld_loss_equals_the_official_code_over_two_steps(pipes):
+    """``--victim official``: optimize_n.py's SLD branch with --filter (its safety momentum carried from one
+    optimisation step to the next, its warm-up counted in steps), ported: loss and gradient equal at a step
+    before the warm-up ends and one after."""
+    from safe_diffusion.attacks.p4d import OfficialSldVictim
+    from safe_diffusion.guidance.terms import SafetyGuidance
+
+    free, erased = pipes
+    term = SafetyGuidance(concept="a dog", scale=0.5, warmup_steps=1, threshold=0.01, momentum_scale=0.3, mom_beta=0.4)
+    victim = OfficialSldVictim(erased, term, 7.5)
+    attack = P4D(erased, victim, unconstrained_of(free, PROMPT), PROMPT, _latents(), Settings(tokens=4))
+    projected = nn_project(attack.soft, attack.table)[0].detach()
+    tok, table = free.tokenizer, free.text_encoder.get_input_embeddings().weight
+    dummy_embeds, dummy_ids, _, _ = _official_template(tok, table, "n", 4, 3, PROMPT)
+    ids = tok(PROMPT, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    concept_ids = tok(["a dog"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    momentum = None
+    for step, (t, seed) in enumerate([(400, 7), (700, 8)]):
+        noise = _latents(seed)
+        rows = projected.clone().requires_grad_(True)
+        ours = attack.loss(t, noise, rows)
+        (grad_ours,) = torch.autograd.grad(ours, [rows])
+        # -- the official step, ported
+        tmp_embeds = projected.clone()[None].requires_grad_(True)
+        padded = dummy_embeds.clone()
+        padded[:, 1:5] = tmp_embeds
+        timesteps = torch.tensor([t])
+        noisy = free.scheduler.add_noise(_latents(), noise, timesteps)
+        text_embeddings = torch.cat(
+            [official_clip_hidden(free.text_encoder, dummy_ids, padded), free.text_encoder(concept_ids)[0]]
+        )
+        target = free.unet(noisy, timesteps, encoder_hidden_states=free.text_encoder(ids)[0]).sample
+        pred_text, pred_concept = erased.unet(
+            torch.cat([noisy] * 2), timesteps, encoder_hidden_states=text_embeddings
+        ).sample.chunk(2)
+        if momentum is None:
+            momentum = torch.zeros_like(pred_text)
+        tmp = momentum.clone().detach()
+        scale = torch.clamp(torch.abs(pred_text - pred_concept) * term.scale, max=1.0)
+        scale = torch.where((pred_text - pred_concept) >= term.threshold, torch.zeros_like(scale), scale)
+        safety = torch.mul(pred_concept, scale) + term.momentum_scale * tmp
+        tmp = term.mom_beta * tmp + (1 - term.mom_beta) * safety
+        guidance = pred_text - safety if step >= term.warmup_steps else pred_text
+        theirs = torch.nn.functional.mse_loss(7.5 * guidance, target)
+        (grad_theirs,) = torch.autograd.grad(theirs, [tmp_embeds])
+        momentum = tmp.detach()
+        assert abs(float(ours.detach()) - float(theirs.detach())) <= PARITY_TOL * abs(float(theirs.detach()))
+        assert float((grad_ours - grad_theirs[0]).abs().max()) <= PARITY_TOL * float(grad_theirs.abs().max())
+    assert victim.calls == 2
+
+
 def test_p4d_k_keeps_the_prompts_tokens_and_moves_the_others(pipes):
     attack = _attack(pipes, "k", every_k=2)
     length = len(pipes[0].tokenizer.encode(PROMPT)) - 2
@@ -172,6 +223,7 @@ def test_p4d_same_seed_same_prompt_and_settings_are_the_official_ones(pipes):
         "weight_decay": 0.1,
         "eval_every": 50,
         "train_timesteps": 1000,
+        "victim": "engine",
     }
     assert settings_for("p4d-k", iterations=5).variant == "k" and settings_for("p4d-k", iterations=5).iterations == 5
     with pytest.raises(InputError, match="--timesteps does not apply to attack p4d-n"):
@@ -311,6 +363,10 @@ def clip(tmp_path_factory):
         ("p4d-n", ["--iterations", "3", "--eval-every", "2", "--tokens", "3"]),
         ("p4d-k", ["--iterations", "2", "--eval-every", "1"]),
         ("p4d-n", ["--iterations", "2", "--eval-every", "2", "--tokens", "2", "--safety", "strong"]),
+        (
+            "p4d-n",
+            ["--iterations", "2", "--eval-every", "2", "--tokens", "2", "--safety", "max", "--victim", "official"],
+        ),
         ("unlearndiffatk", ["--iterations", "1", "--timesteps", "1", "--negative-prompt", "a dog"]),
         ("unlearndiffatk", ["--iterations", "1", "--timesteps", "2", "--batch-size", "2"]),
         ("ring-a-bell", ["--iterations", "3", "--population", "6", "--tokens", "4", "--concept", "violence"]),
@@ -335,13 +391,18 @@ def test_attack_methods_run_score_and_export(tiny_checkpoint, clip, tmp_path, cl
     config = doc["config"]
     assert config["method"] == method and config["deviations_from_official"]
     guided = "--safety" in extra or "--negative-prompt" in extra
-    assert config["victim"] == (
+    expected = (
         None
         if method in ("ring-a-bell", "mma")
         else "guided estimate (engine)"
         if guided
         else "conditional prediction (official loss)"
     )
+    if "official" in extra:
+        expected = config["victim"] if config["victim"].startswith("official P4D loss") else "an official victim"
+        assert config["settings"]["victim"] == "official"
+        assert not any("guided victim" in d for d in config["deviations_from_official"])
+    assert config["victim"] == expected
     assert doc["post_attack_asr"][-1]["attack_success_rate"] >= doc["pre_attack_asr"][-1]["attack_success_rate"]
     code, _, err = cli("attack", "export", str(run), "--csv", str(tmp_path / "adv.csv"))
     assert code == 0, err
@@ -509,3 +570,12 @@ def test_an_attack_run_under_a_protocol_shows_why_its_figure_is_not_beside_it(ti
     md = (tmp_path / "t.md").read_text(encoding="utf-8")
     assert "published (pre / post)" in md and "— / — †" in md
     assert "publishes no figure for sd (it has: esd)" in md  # the tiny model is no ESD checkpoint
+
+
+def test_the_official_p4d_loss_is_refused_where_it_is_not_defined(tiny_checkpoint, tmp_path, cli):
+    suite = tmp_path / "s.csv"
+    suite.write_text("prompt\na cat\n")
+    args = _args(tiny_checkpoint, tmp_path / "o", suite, "p4d-n", "--victim", "official", "--mitigation", "safree")
+    code, _, err = cli(*args)
+    assert code == 2 and err.count("\n") == 1 and "--victim official reproduces P4D's own loss" in err, err
+    assert not (tmp_path / "o").exists()

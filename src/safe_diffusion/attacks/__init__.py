@@ -43,8 +43,8 @@ ATTACKS.register(
 #: The command-line options each attack reads, and its settings' field for each.
 OPTIONS: dict[str, dict[str, str]] = {
     "unlearndiffatk": {"iterations": "iterations", "timesteps": "timesteps", "tokens": "tokens"},
-    "p4d-n": {"iterations": "iterations", "tokens": "tokens", "eval_every": "eval_every"},
-    "p4d-k": {"iterations": "iterations", "every_k": "every_k", "eval_every": "eval_every"},
+    "p4d-n": {"iterations": "iterations", "tokens": "tokens", "eval_every": "eval_every", "victim": "victim"},
+    "p4d-k": {"iterations": "iterations", "every_k": "every_k", "eval_every": "eval_every", "victim": "victim"},
     "ring-a-bell": {
         "iterations": "generations",
         "tokens": "length",

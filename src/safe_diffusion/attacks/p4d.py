@@ -53,6 +53,7 @@ class Settings:
     weight_decay: float = 0.1  # weight_decay
     eval_every: int = 50  # eval_step: CLIP selection of the best prompt
     train_timesteps: int = 1000  # torch.randint(0, 1000)
+    victim: str = "engine"  # engine: the guided estimate; official: the official code's loss (--filter)
 
     def __post_init__(self) -> None:
         if self.variant not in ("n", "k"):
@@ -62,6 +63,8 @@ class Settings:
                 raise InputError(f"P4D {name} must be at least 1, not {getattr(self, name)}")
         if not (self.lr > 0 and self.lr < float("inf")):
             raise InputError(f"P4D lr must be a positive number, not {self.lr}")
+        if self.victim not in ("engine", "official"):
+            raise InputError(f"P4D victim {self.victim!r}: choose engine or official")
         if not (0 <= self.weight_decay < float("inf")):
             raise InputError(f"P4D weight_decay must be a non-negative number, not {self.weight_decay}")
 
@@ -186,6 +189,49 @@ def unconstrained_of(pipe, prompt: str, guidance_scale: float = 7.5, guided: boo
 
     predict.denoiser = den  # type: ignore[attr-defined]
     return predict
+
+
+class OfficialSldVictim:
+    """The official code's safe model in its loss with ``--filter`` against SLD (``optimize_n.py:183-237``), for
+    reproducing P4D's SLD figures: the U-Net on [soft prompt; safety concept] rows (no unconditional row), then
+
+    ``s = clamp(|ε_p − ε_S|·sld_scale, max 1)`` zeroed where ``ε_p − ε_S ≥ threshold``; ``g = ε_S·s + m·μ``;
+    ``μ ← β·μ + (1 − β)·g``; the prediction ``w·(ε_p − g)`` from optimisation step ``warmup_steps`` on (``w·ε_p``
+    before), with μ carried from one *optimisation step* to the next (not across denoising steps).
+
+    Its target is the unconstrained model's conditional prediction (unguided, unscaled). The call count stands in
+    for the official step index (one call per optimisation step)."""
+
+    def __init__(self, pipe, term, guidance_scale: float = 7.5):
+        from ..engine.denoiser import GuidedDenoiser
+
+        self.pipe, self.term, self.guidance_scale = pipe, term, float(guidance_scale)
+        den = GuidedDenoiser(pipe)
+        concept = term.concept
+        self.concept = den.encode(concept).prompt["encoder_hidden_states"] if isinstance(concept, str) else concept
+        if self.concept.ndim == 2:
+            self.concept = self.concept[None]
+        den.close()
+        self.momentum: torch.Tensor | None = None
+        self.calls = 0
+
+    def __call__(self, x_t: torch.Tensor, t: int, hidden: torch.Tensor) -> torch.Tensor:
+        term, batch = self.term, x_t.shape[0]
+        rows = torch.cat([hidden, self.concept.to(hidden.dtype).expand(batch, -1, -1)])
+        unet = self.pipe.unet
+        out = unet(torch.cat([x_t] * 2).to(unet.dtype), t, encoder_hidden_states=rows.to(unet.dtype)).sample
+        text, concept = out.to(x_t.dtype).chunk(2)
+        momentum = torch.zeros_like(text) if self.momentum is None else self.momentum
+        scale = torch.clamp((text - concept).abs() * term.scale, max=1.0)
+        scale = torch.where(text - concept >= term.threshold, torch.zeros_like(scale), scale)
+        safety = concept * scale + term.momentum_scale * momentum
+        self.momentum = (term.mom_beta * momentum + (1 - term.mom_beta) * safety).detach()
+        guided = text - safety if self.calls >= term.warmup_steps else text
+        self.calls += 1
+        return self.guidance_scale * guided
+
+    def close(self) -> None:
+        pass
 
 
 def clip_similarity(clip, processor, reference, images) -> float:

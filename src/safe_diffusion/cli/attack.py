@@ -43,6 +43,9 @@ def run(
     ),
     every_k: int = typer.Option(None, help="P4D-K: a learned token before every K prompt tokens (3)."),
     eval_every: int = typer.Option(None, help="P4D: steps between CLIP selections of the best prompt (50)."),
+    victim: str = typer.Option(
+        None, help="P4D: engine (the guided estimate, default) or official (the official code's SLD/CFG loss)."
+    ),
     concept: str = typer.Option(None, help="Ring-A-Bell: nudity, violence or a concept-vector .npy (nudity)."),
     coefficient: float = typer.Option(None, help="Ring-A-Bell: the concept vector's weight eta (3)."),
     population: int = typer.Option(None, help="Ring-A-Bell: population size (200)."),
@@ -80,6 +83,7 @@ def run(
         tokens=tokens,
         every_k=every_k,
         eval_every=eval_every,
+        victim=victim,
         concept=concept,
         coefficient=coefficient,
         population=population,

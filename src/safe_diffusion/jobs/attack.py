@@ -237,6 +237,9 @@ def attack_run(
     prompts = loaded.prompts[: check_int("--limit", limit, minimum=1)] if limit is not None else loaded.prompts
     scheduler = check_scheduler(scheduler)
     p4d = method.startswith("p4d-")
+    official = p4d and settings.victim == "official"
+    if official:
+        _check_official_victim(mitigation)
     text_only = method in ("ring-a-bell", "mma")  # model-agnostic: the text encoder alone
     guided = bool(mitigation.terms()) or mitigation.negative_prompt is not None
     config = {
@@ -260,14 +263,20 @@ def attack_run(
         "protocol": record,
         "victim": None
         if text_only
-        else ("guided estimate (engine)" if guided else "conditional prediction (official loss)"),
+        else (
+            "official P4D loss (its SLD variant / negative prompt, against the conditional prediction)"
+            if official and guided
+            else "guided estimate (engine)"
+            if guided
+            else "conditional prediction (official loss)"
+        ),
         "deviations_from_official": DEVIATIONS["p4d" if p4d else method]
         + (
             [
                 "guided victim matched against the unconstrained model's classifier-free estimate at the same scale"
                 " (official: a hand-written SLD variant against the conditional prediction)"
             ]
-            if p4d and guided
+            if p4d and guided and not official
             else []
         ),
     }
@@ -523,8 +532,12 @@ def _p4d(target: _Target, prompt, settings) -> _Outcome:
     generator = torch.Generator().manual_seed(prompt.seed)
     reference_image = target.generate(prompt, prompt.text, guided=False)
     x0 = target.latents(reference_image, generator, unit_range=True)  # as the official code: ToTensor, no [-1, 1]
-    victim = target.victim(prompt)
-    free = unconstrained_of(target.reference, prompt.text, target.scale(prompt), guided=target.guided)
+    if settings.victim == "official":  # the official loss: its own SLD (or CFG), against the unguided prediction
+        victim = _official_victim(target, prompt)
+        free = unconstrained_of(target.reference, prompt.text, target.scale(prompt), guided=False)
+    else:
+        victim = target.victim(prompt)
+        free = unconstrained_of(target.reference, prompt.text, target.scale(prompt), guided=target.guided)
     attack = P4D(target.pipe, victim, free, prompt.text, x0, settings, generator=generator)
     losses, similarities, best, best_text = [], [], float("-inf"), prompt.text
     try:
@@ -548,6 +561,30 @@ def _p4d(target: _Target, prompt, settings) -> _Outcome:
         settings.iterations,
         {"losses": losses, "clip_similarities": similarities, "best_clip_similarity": best},
     )
+
+
+def _check_official_victim(mitigation) -> None:
+    """P4D's official loss exists for SLD, a negative prompt or no guidance; anything else is refused."""
+    from ..guidance.terms import SafetyGuidance
+
+    terms = mitigation.terms()
+    if len(terms) > 1 or (terms and not isinstance(terms[0], SafetyGuidance)):
+        raise InputError(
+            "--victim official reproduces P4D's own loss, defined for SLD, a negative prompt or no guidance; "
+            f"{mitigation.label} needs --victim engine"
+        )
+
+
+def _official_victim(target: _Target, prompt):
+    """The victim of P4D's official loss for the target: its SLD variant, or CFG from the negative prompt (the
+    engine's, the same formula), or the conditional prediction."""
+    from ..attacks.p4d import OfficialSldVictim
+
+    if target.terms:
+        victim = OfficialSldVictim(target.pipe, target.terms[0], target.scale(prompt))
+        victim.denoiser = victim  # type: ignore[attr-defined]  # closed as the engine's victims are
+        return victim
+    return target.victim(prompt)
 
 
 def _ring_a_bell(target: _Target, prompt, settings) -> _Outcome:
