@@ -398,6 +398,8 @@ def list_protocols(
             f"published: {ref['method']} on {ref['base_model']}: {ref['metric']} {ref['value']:g}"
             f" ({ref['paper']}, {ref.get('table', '')})"
         )
+    if protocol.attack:
+        typer.echo(f"attack: {protocol.attack} (attack run --method {protocol.attack} --protocol {protocol.name})")
     if protocol.notes:
         typer.echo(f"note: {protocol.notes}")
 
