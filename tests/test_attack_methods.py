@@ -523,7 +523,7 @@ def test_accelerate_two_processes_split_the_rows(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_attack_runs_join_the_tradeoff_report(tiny_checkpoint, tmp_path, cli):
+def test_attack_runs_join_the_tradeoff_and_evaluation_reports(tiny_checkpoint, tmp_path, cli):
     suite = tmp_path / "s.csv"
     suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\na dog,sexual,2\n")
     runs = []
@@ -540,6 +540,11 @@ def test_attack_runs_join_the_tradeoff_report(tiny_checkpoint, tmp_path, cli):
     for text in (html, md):
         assert "mma" in text and "ring-a-bell" in text and "post-attack ASR" in text and "random-weight" in text
     assert "Attack runs:" in md and "| SD · mma · s.csv | none | tiny [random weights] | 2 |" in md
+    # the evaluation report takes them too, in a section of their own
+    code, _, err = cli("eval", "report", *runs, "--out", str(tmp_path / "report" / "r.html"))
+    assert code == 0, err
+    md = (tmp_path / "report" / "r.md").read_text(encoding="utf-8")
+    assert "## Under attack" in md and "ring-a-bell" in md and "| SD · mma · s.csv | none |" in md
 
 
 def test_a_protocol_sets_an_attack_runs_settings_and_records_deviations():

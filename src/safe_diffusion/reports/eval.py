@@ -269,8 +269,13 @@ def _samples(info: RunInfo, label: str, cats: list[str], samples: int, show_unsa
     return section
 
 
-def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = False, samples: int = 4) -> Page:
-    """The report's :class:`~.kit.Page` for read runs with their (unique) labels."""
+def build_page(
+    infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = False, samples: int = 4, attacked=()
+) -> Page:
+    """The report's :class:`~.kit.Page` for read runs with their (unique) labels; `attacked`: methods (from
+    :func:`~.methods.collect`) whose attack runs get an "Under attack" section."""
+    from .attacks import attack_footer, attack_measured_on_rows, attack_section
+
     groups: dict[tuple, list[int]] = {}
     for i, info in enumerate(infos):
         groups.setdefault((info.suite.get("name"), info.suite.get("sha256")), []).append(i)
@@ -279,7 +284,10 @@ def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = F
         if show_unsafe
         else "Flagged images are blurred (--show-unsafe shows them)."
     )
-    measured = MeasuredOn([measured_on_row(info, label=labels[i]) for i, info in enumerate(infos)])
+    measured = MeasuredOn(
+        [measured_on_row(info, label=labels[i]) for i, info in enumerate(infos)]
+        + attack_measured_on_rows(list(attacked))
+    )
     for label, problems in zip(labels, (image_problems(info) for info in infos)):
         if problems:
             listed = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
@@ -359,6 +367,11 @@ def build_page(infos: list[RunInfo], labels: list[str], *, show_unsafe: bool = F
             section.sections.append(gallery)
         sections.append(section)
     footer = [Paragraph("Runs: " + "; ".join(f"{labels[i]}: {info.path}" for i, info in enumerate(infos)))]
+    footer = footer if infos else []
+    attack = attack_section(list(attacked))
+    if attack is not None:
+        sections.append(attack)
+        footer.append(attack_footer(list(attacked)))
     return Page("Safety evaluation report", measured, intro=[Paragraph(DEFINITIONS)], sections=sections, footer=footer)
 
 
@@ -386,10 +399,20 @@ def write_report(
         raise InputError("name at least one run")
     if labels is not None and len(labels) != len(runs):
         raise InputError(f"{len(labels)} --label value(s) for {len(runs)} run(s); give one per run, in order")
+    from ..jobs.attack import is_attack_run
+    from .methods import collect
+
+    attack_runs = [i for i, run in enumerate(runs) if is_attack_run(run)]
+    attacked = collect(
+        [runs[i] for i in attack_runs], [labels[i] for i in attack_runs] if labels else None
+    )  # attack runs: their pre- and post-attack ASR in a section of their own
+    kept = [i for i in range(len(runs)) if i not in attack_runs]
+    runs, labels = [runs[i] for i in kept], [labels[i] for i in kept] if labels else None
     infos = [read_run(run, scores=True) for run in runs]
     base = list(labels) if labels else [info.mitigation.get("label") or "SD" for info in infos]
     base = unique_labels(base, [info.model for info in infos], list(runs))
     names = [run_label(info.config, name) for info, name in zip(infos, base)]
-    written = Written(write_page(build_page(infos, names, show_unsafe=show_unsafe, samples=samples), out))
+    page = build_page(infos, names, show_unsafe=show_unsafe, samples=samples, attacked=attacked)
+    written = Written(write_page(page, out))
     written.problems = [p for info in infos for p in image_problems(info)]
     return written

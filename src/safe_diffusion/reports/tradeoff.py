@@ -15,6 +15,7 @@ import html
 from pathlib import Path
 
 from ..guidance.activity import run_label
+from .attacks import attack_footer, attack_measured_on_rows, attack_section, rate_text
 from .charts import Point, scatter
 from .comparable import differences
 from .kit import (
@@ -36,15 +37,6 @@ from .runs import label_cell, measured_on_row, model_cell
 
 def _num(value, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
-
-
-def _rate(value, low, high) -> str:
-    if value is None:
-        return "—"
-    text = f"{value:.3f}"
-    if low is not None and high is not None:
-        text += f" [{low:.3f}, {high:.3f}]"
-    return text
 
 
 def _badged(text: str, badge: str | None, title: str | None = None) -> object:
@@ -70,88 +62,8 @@ def _incomparable(entries: list[tuple[Method, object]]) -> dict[str, list[str]]:
     return {m.label: why for m, basis in entries[1:] if (why := differences(first_basis, basis))}
 
 
-def _attack_section(methods: list[Method]) -> Section | None:
-    """Pre- and post-attack ASR of every attack run, per method; a note where runs of one attack on one suite
-    were measured differently."""
-    entries = [(m, a) for m in methods for a in m.attacks]
-    if not entries:
-        return None
-    head = [
-        "method",
-        "model",
-        "attack",
-        "suite",
-        "pre-attack ASR [95% CI]",
-        "post-attack ASR [95% CI]",
-        "attack settings",
-    ]
-    with_protocol = any(a.config.get("protocol") for _, a in entries)
-    if with_protocol:
-        head += ["published (pre / post)"]
-    rows = []
-    for m, a in entries:
-        published: list = []
-        if with_protocol:
-            shown = [
-                f"{a.published[k][0]:.2f}" if k in a.published and not a.published[k][1] else "—"
-                for k in ("pre_attack_asr", "post_attack_asr")
-            ]
-            hidden = sorted({why for _, why in a.published.values() if why} | ({a.protocol_reason} - {""}))
-            text = " / ".join(shown)
-            published = [Cell(text, classes="not-comparable", title="; ".join(hidden)) if hidden else text]
-        rows.append(
-            [
-                label_cell(m.label),
-                Path(m.model).name or m.model,
-                a.attack,
-                a.suite,
-                _rate(a.pre.get("attack_success_rate"), a.pre.get("attack_success_rate_ci_low"),
-                      a.pre.get("attack_success_rate_ci_high")),
-                _rate(a.post.get("attack_success_rate"), a.post.get("attack_success_rate_ci_low"),
-                      a.post.get("attack_success_rate_ci_high")),
-                a.settings,
-                *published,
-            ]
-        )  # fmt: skip
-    blocks: list = [
-        Table([head], rows, id="attack-table"),
-        Paragraph(
-            "ASR: the share of prompts whose image a judge flags, before the attack and after it, on the attacked"
-            " target itself (`attack run`). After the attack, a prompt already unsafe before counts as a success"
-            " (UnlearnDiffAtk's definition), so the post-attack ASR is never below the pre-attack one. A published"
-            " figure is shown beside a run only when the run followed the protocol that publishes it (`attack run"
-            " --protocol`) without deviating, for the same method and base model; † marks one that is not, with why."
-        ),
-    ]
-    for m, a in entries:
-        reasons = sorted({why for _, why in a.published.values() if why} | ({a.protocol_reason} - {""}))
-        if a.config.get("protocol") and reasons:
-            blocks.append(
-                Note(
-                    f"{m.name} · {a.attack}: the published figure is not shown: {'; '.join(reasons)}.", "not-comparable"
-                )
-            )
-    random = sorted({m.name for m, a in entries if a.random_weights})
-    if random:
-        blocks.append(
-            Note(f"{', '.join(random)}: attacked on random-weight checkpoints; these rates measure noise.", "warning")
-        )
-    groups: dict[tuple, list] = {}
-    for m, a in entries:
-        groups.setdefault((a.attack, a.suite), []).append((m, a))
-    for (attack, suite), members in groups.items():
-        keys = ("settings", "generation", "judges", "victim")
-        first = members[0][1].config
-        differ = sorted({k for _, a in members[1:] for k in keys if a.config.get(k) != first.get(k)})
-        if differ:
-            who = ", ".join(m.name for m, _ in members)
-            notes = f"{attack} on {suite}: {who} were attacked with other {', '.join(differ)}; compare with care."
-            blocks.append(Note(notes, "not-comparable"))
-    return Section("Under attack", blocks)
-
-
 def build_page(methods: list[Method], *, chart_file: str | None = None) -> Page:
-    attacked, everyone = _attack_section(methods), methods
+    attacked, everyone = attack_section(methods), methods
     methods = [m for m in methods if m.runs]  # a method seen only under attack has no row in the main table
     suites = list(dict.fromkeys(s for m in methods for s in m.safety))
     names = {m.label: m.name for m in methods}
@@ -181,7 +93,7 @@ def build_page(methods: list[Method], *, chart_file: str | None = None) -> Page:
             if entry is None:
                 row.append("—")
             else:
-                text = _rate(entry.value, entry.low, entry.high)
+                text = rate_text(entry.value, entry.low, entry.high)
                 if entry.run.basis.random_judges:
                     text = _badged(text, f"{', '.join(entry.run.basis.random_judges)} on random weights")
                 row.append(_marked(text, safety_marks[s].get(m.label), first_safety[s]))
@@ -319,14 +231,12 @@ def build_page(methods: list[Method], *, chart_file: str | None = None) -> Page:
                 judged = "" if row["judges"] == "none" else f"{row['judges']}; "
                 row["judges"] = judged + "; ".join(p for p, ok in ((clip, q.clip_model), (features, q.features)) if ok)
             rows.append(row)
-    rows += [a.measured_on_row(f"{m.name} · {a.attack} · {a.suite}") for m in everyone for a in m.attacks]
+    rows += attack_measured_on_rows(everyone)
     measured = MeasuredOn(rows)
     footer = [Paragraph("Runs: " + "; ".join(f"{m.label}: {', '.join(r.path for r in m.runs)}" for m in methods))]
     footer = footer if methods else []
     if attacked is not None:
-        footer.append(
-            Paragraph("Attack runs: " + "; ".join(f"{m.label}: {a.path}" for m in everyone for a in m.attacks))
-        )
+        footer.append(attack_footer(everyone))
     sections = [Section("Methods", blocks + notes)] if methods else []
     if attacked is not None:
         sections.append(attacked)
