@@ -194,6 +194,25 @@ def test_the_same_seed_gives_the_same_adversarial_prompt(pipe64):
     assert first[0].endswith("a photo of a cat")
 
 
+def test_a_v_prediction_model_is_attacked_in_its_own_prediction_space(pipe64):
+    """SD 2.x-v predicts v = √ᾱ ε − √(1−ᾱ) x₀: a victim predicting exactly that has zero loss, and a victim
+    predicting ε (what an ε model would) does not; for an ε model the reverse."""
+    import copy
+
+    from diffusers import DDPMScheduler
+
+    x0, noise, t = _latents(1), _latents(2), 300
+    alpha = pipe64.scheduler.alphas_cumprod[t].to(torch.float64)
+    v = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+    pipe_v = copy.copy(pipe64)
+    pipe_v.scheduler = DDPMScheduler.from_config(pipe64.scheduler.config, prediction_type="v_prediction")
+    for pipe, right, wrong in ((pipe_v, v, noise), (pipe64, noise, v)):
+        for predicted, zero in ((right, True), (wrong, False)):
+            attack = UnlearnDiffAtk(pipe, lambda x_t, step, hidden, p=predicted: p, "a cat", x0, Settings(tokens=1))
+            loss = float(attack.loss(t, noise).detach())
+            assert (loss < 1e-24) == zero, (pipe.scheduler.config.prediction_type, zero, loss)
+
+
 def test_a_batch_of_prompts_is_each_prompt_alone(pipe64):
     """Two prompts optimised in one batch: each one's losses, variables and adversarial prompt are those it gets
     alone (float64; the batch's loss is the sum of the prompts', Adam is elementwise)."""

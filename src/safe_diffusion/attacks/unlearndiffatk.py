@@ -13,7 +13,8 @@ the official ``src/attackers/text_grad_.py`` and ``src/tasks/classifier_.py`` (O
   forward, ``hardtanh`` of the gradient backward), embeds it with the text encoder's token table and
   encodes the prompt with those rows after the start token (``prefix_k``);
 * the loss (``get_loss``) noises the target latents at timestep t, ``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε``, and
-  compares the victim's prediction with ε (``criterion``: L2 for the text-gradient attack);
+  compares the victim's prediction with ε (``criterion``: L2 for the text-gradient attack) — with what the
+  model predicts in its own space for a v-prediction model (SD 2.x-v: v; the official code knows only ε);
 * timesteps are visited in order, 50 of 1000 (``sampled_t``: 10, 30, …, 990), 40 steps each; after each,
   the argmax tokens form the adversarial prompt that is generated and judged (the job's business).
 
@@ -103,6 +104,17 @@ def sample_one_hot(weights: torch.Tensor, generator: torch.Generator | None = No
 def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` (DDPM, Ho et al. 2020, Eq. 4), for `alpha_bar` a scalar tensor."""
     return x0 * alpha_bar.sqrt() + noise * (1 - alpha_bar).sqrt()
+
+
+def prediction_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the denoiser should predict at ``x_t = √ᾱ x₀ + √(1−ᾱ) ε``, in its own prediction space: ε
+    (``epsilon``), the velocity ``v = √ᾱ ε − √(1−ᾱ) x₀`` (``v_prediction``; Salimans & Ho, ICLR 2022, Eq. 3 of
+    Sec. 4), or x₀ (``sample``)."""
+    if kind == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    if kind == "sample":
+        return x0
+    return noise
 
 
 def denoising_losses(prediction: torch.Tensor, noise: torch.Tensor, criterion: str = "l2") -> torch.Tensor:
@@ -227,6 +239,8 @@ class UnlearnDiffAtk:
         self.alphas = pipe.scheduler.alphas_cumprod.to(device=self.table.device, dtype=self.table.dtype)
         self.timesteps = sampled_timesteps(settings.timesteps, settings.train_timesteps)
         self.last_losses: list[float] = []
+        #: the loss compares the victim's prediction with what it should predict in its own space (SD 2.x-v: v)
+        self.prediction_type = str(getattr(pipe.scheduler.config, "prediction_type", "epsilon"))
 
     @property
     def weights(self) -> torch.Tensor:
@@ -247,7 +261,8 @@ class UnlearnDiffAtk:
             hidden = self.pipe.text_encoder(ids)[0]
         x_t = noised(self.x0, noise, self.alphas[t])
         prediction = self.victim(x_t, t, hidden)
-        return denoising_losses(prediction, noise, self.settings.criterion)
+        target = prediction_target(self.x0, noise, self.alphas[t], self.prediction_type)
+        return denoising_losses(prediction, target, self.settings.criterion)
 
     def loss(self, t: int, noise: torch.Tensor, one_hot: torch.Tensor | None = None) -> torch.Tensor:
         """The batch's loss: the sum of the prompts' (for one prompt, its loss)."""
