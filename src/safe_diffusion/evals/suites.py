@@ -100,104 +100,7 @@ def register_suite(spec: SuiteSpec) -> None:
     SUITES.register(spec.name, spec, summary=spec.title, replace=True)
 
 
-register_suite(
-    SuiteSpec(
-        name="i2p",
-        title="I2P",
-        # The official evaluation ignores the CSV's sd_guidance_scale and uses 7.5 for every prompt.
-        columns={"prompt": ("prompt",), "categories": ("categories",), "seed": ("sd_seed",)},
-        hub="AIML-TUDA/i2p",
-        hub_file="i2p_benchmark.csv",
-        bundled=BUNDLED_CSV,
-        bundled_sha256=BUNDLED_CSV_SHA256,
-        vocabulary=I2P_CATEGORIES,
-        images_per_prompt=10,
-        licence="MIT (hub dataset card); bundled",
-        homepage="https://huggingface.co/datasets/AIML-TUDA/i2p",
-        paper="Schramowski et al., Safe Latent Diffusion, CVPR 2023",
-    )
-)
-register_suite(
-    SuiteSpec(
-        name="ring-a-bell-nudity",
-        title="Ring-A-Bell (nudity)",
-        columns={**_COMMON, "prompt": ("prompt", "sensitive prompt", "adv_prompt")},
-        hub="Chia15/RingABell-Nudity",
-        gated=True,
-        default_categories=("nudity",),
-        homepage="https://huggingface.co/datasets/Chia15/RingABell-Nudity",
-        how_to_get="accept the conditions of the hub dataset Chia15/RingABell-Nudity and log in",
-        paper="Tsai et al., Ring-A-Bell!, ICLR 2024",
-    )
-)
-register_suite(
-    SuiteSpec(
-        name="ring-a-bell-violence",
-        title="Ring-A-Bell (violence)",
-        columns={**_COMMON, "prompt": ("prompt", "sensitive prompt", "adv_prompt")},
-        default_categories=("violence",),
-        homepage="https://github.com/chiayi-hsu/Ring-A-Bell",
-        licence="MIT (repository)",
-        how_to_get="download a CSV of data/InvPrompt/Violence/ from github.com/chiayi-hsu/Ring-A-Bell (or use the"
-        " bundled ring-a-bell-violence-k77, -k38, -k77-eta5)",
-        paper="Tsai et al., Ring-A-Bell!, ICLR 2024",
-    )
-)
-register_suite(
-    SuiteSpec(
-        name="mma-diffusion",
-        title="MMA-Diffusion (text attack)",
-        columns={**_COMMON, "prompt": ("adv_prompt", "prompt")},
-        hub="YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark",
-        gated=True,
-        default_categories=("sexual",),
-        homepage="https://huggingface.co/datasets/YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark",
-        how_to_get="request access to the gated hub dataset YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark"
-        " and log in",
-        paper="Yang et al., MMA-Diffusion, CVPR 2024",
-    )
-)
-register_suite(
-    SuiteSpec(
-        name="p4d",
-        title="P4D",
-        columns=dict(_COMMON),
-        hub="joycenerd/p4d",
-        default_categories=("nudity",),
-        licence="MIT (repository)",
-        homepage="https://huggingface.co/datasets/joycenerd/p4d",
-        how_to_get="the hub dataset joycenerd/p4d, or a CSV from data/ of github.com/joycenerd/P4D",
-        paper="Chin et al., Prompting4Debugging, ICML 2024",
-    )
-)
-
-
 SUITE_DIR = DATA_DIR / "suites"
-
-
-def _register_bundled_suites() -> None:
-    """The suites of ``data/suites/suites.yaml``: MIT-licensed official prompt files, bundled byte for byte."""
-    import yaml
-
-    entries = yaml.safe_load((SUITE_DIR / "suites.yaml").read_text(encoding="utf-8")) or {}
-    for name, entry in entries.items():
-        columns = {**_COMMON, **{k: tuple(v) for k, v in (entry.get("columns") or {}).items()}}
-        register_suite(
-            SuiteSpec(
-                name=name,
-                title=entry["title"],
-                columns=columns,
-                bundled=SUITE_DIR / entry["file"],
-                bundled_sha256=entry["sha256"],
-                default_categories=tuple(entry.get("default_categories", ())),
-                licence=entry.get("licence", "unknown: check the source"),
-                homepage=entry.get("homepage", ""),
-                paper=entry.get("paper", ""),
-            )
-        )
-
-
-_register_bundled_suites()
 
 
 def _coco_loader(subset: str | None) -> Callable[[str, int], tuple[list[Prompt], dict[str, str]]]:
@@ -212,22 +115,49 @@ def _coco_loader(subset: str | None) -> Callable[[str, int], tuple[list[Prompt],
     return load
 
 
-for _subset in (None, "5k", "10k", "30k"):
-    register_suite(
-        SuiteSpec(
-            name="coco" if _subset is None else f"coco-{_subset}",
-            title="COCO 2014 val captions"
-            + (f" ({_subset})" if _subset else " (30k from annotations; a table: all rows)"),
-            columns={},
-            default_categories=("coco",),
-            licence="COCO annotations: CC BY 4.0; not bundled (size)",
-            homepage="https://cocodataset.org/#download",
-            how_to_get="download annotations_trainval2014.zip from cocodataset.org and pass"
-            " --data annotations/captions_val2014.json (or a CSV/Parquet of chosen captions)",
-            paper="Lin et al., Microsoft COCO, ECCV 2014; FID-30k protocol as in the SLD paper",
-            loader=_coco_loader(_subset),
-        )
+#: What a suite file's ``vocabulary`` and ``loader`` names mean.
+VOCABULARIES = {"i2p": I2P_CATEGORIES}
+LOADERS = {"coco": _coco_loader}
+
+
+def spec_from_entry(name: str, entry: dict, folder: Path = SUITE_DIR) -> SuiteSpec:
+    """The :class:`SuiteSpec` a suites file's entry describes (keys: the file's header)."""
+    columns = {**_COMMON, **{k: tuple(v) for k, v in (entry.get("columns") or {}).items()}}
+    columns = {k: v for k, v in columns.items() if v}  # an empty list drops the field
+    vocabulary = entry.get("vocabulary")
+    loader = entry.get("loader")
+    return SuiteSpec(
+        name=name,
+        title=str(entry["title"]),
+        columns={} if loader else columns,
+        hub=entry.get("hub"),
+        hub_file=entry.get("hub_file"),
+        bundled=(folder / entry["file"]).resolve() if entry.get("file") else None,
+        bundled_sha256=entry.get("sha256"),
+        default_categories=tuple(entry.get("default_categories", ())),
+        vocabulary=VOCABULARIES[vocabulary]
+        if isinstance(vocabulary, str)
+        else (tuple(vocabulary) if vocabulary else None),
+        images_per_prompt=int(entry.get("images_per_prompt", 1)),
+        gated=bool(entry.get("gated", False)),
+        licence=entry.get("licence", "unknown: check the source"),
+        homepage=entry.get("homepage", ""),
+        how_to_get=entry.get("how_to_get", ""),
+        paper=entry.get("paper", ""),
+        loader=LOADERS[loader](None if entry.get("subset") is None else str(entry["subset"])) if loader else None,
     )
+
+
+def _register_suites_file() -> None:
+    """Every suite of ``data/suites/suites.yaml``, in its order."""
+    import yaml
+
+    entries = yaml.safe_load((SUITE_DIR / "suites.yaml").read_text(encoding="utf-8")) or {}
+    for name, entry in entries.items():
+        register_suite(spec_from_entry(name, entry))
+
+
+_register_suites_file()
 
 
 def available_suites() -> list[str]:
