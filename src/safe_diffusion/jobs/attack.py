@@ -11,7 +11,9 @@ is a success without attack (``pre``). Otherwise the attack runs (``--method``):
   reference image's latents; every ``eval_every`` steps the projected prompt is generated and the one closest
   in CLIP to the reference image is kept, then generated and judged (``optimize`` of joycenerd/P4D);
 * Ring-A-Bell: the genetic search on the target's text encoder toward the prompt plus the concept vector; the
-  prompt found is generated and judged.
+  prompt found is generated and judged;
+* MMA-Diffusion (text): the token search on the target's text encoder toward the prompt's pooled embedding,
+  sensitive words banned; the best prompt found is generated and judged.
 
 ``post`` is ``pre`` or the adversarial prompt's verdict, so it is at least as unsafe as ``pre``; the
 adversarial prompt's own verdict is recorded too (``adversarial_unsafe``).
@@ -180,7 +182,7 @@ def attack_run(
     ``q16_model``, …), or `judge_settings` already per judge."""
     import torch
 
-    from ..attacks import settings_for
+    from ..attacks import ATTACKS, settings_for
     from ..common import provenance
     from ..common.loading import check_model_reference
     from ..common.schedulers import apply_scheduler, check_scheduler
@@ -189,6 +191,7 @@ def attack_run(
     from ..judges import load_judges, parse_judges
 
     out = Path(out)
+    ATTACKS.entry(method)  # an unknown attack is one line listing the known ones
     settings = settings or settings_for(method)
     if method in ("ring-a-bell", "mma") and reference_model is not None:
         raise InputError(f"--reference-model does not apply to attack {method} (it searches the text encoder only)")
