@@ -458,7 +458,12 @@ def test_mma_candidates_change_one_token_never_to_a_banned_one(pipes, mma):
     search.banned = banned_tokens(tok, ("a", "e", "o"))
     banned = set(search.banned.tolist())
     assert banned and all(any(w in t for w in "aeo") for t, i in tok.get_vocab().items() if i in banned)
-    assert all(any(w in t for w in ("nud", "sex")) for t in tok.convert_ids_to_tokens(banned_tokens(tok).tolist()))
+
+    class Vocabulary:  # the official word list on a vocabulary that has such tokens
+        def get_vocab(self):
+            return {"nude</w>": 1, "cat</w>": 2, "snake</w>": 3, "sexy</w>": 4, "dog</w>": 5}
+
+    assert banned_tokens(Vocabulary()).tolist() == [1, 3, 4]  # "nud", "na"/"ke", "sex"
     grad = search.gradient(search.control)
     cands = search.candidates(search.control, grad)
     current = torch.tensor(tok.convert_tokens_to_ids(tok.tokenize(search.control)))
