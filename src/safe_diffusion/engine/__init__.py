@@ -12,17 +12,19 @@ from . import safree as _safree  # noqa: F401  (registers SAFREE's call hook wit
 from .adapters import ADAPTERS, DenoiserAdapter, register_adapter
 from .core import guide, guided_call, prediction_type
 from .denoiser import Conditioning, GuidedDenoiser, register_direct_call
-from .parts import register_call_transform
+from .hooks import CallHook, Evaluation, register_call_hook
 
 __all__ = [
     "ADAPTERS",
+    "CallHook",
     "Conditioning",
     "DenoiserAdapter",
+    "Evaluation",
     "GuidedDenoiser",
     "guide",
     "guided_call",
     "prediction_type",
     "register_adapter",
-    "register_call_transform",
+    "register_call_hook",
     "register_direct_call",
 ]

@@ -55,19 +55,17 @@ import torch
 from ..common.errors import GuidanceError, GuidanceOffError
 from ..guidance.terms import GuidanceTerm
 from .adapters import DenoiserAdapter
-from .hooks import CALL_HOOKS, CallHook
-from .parts import (
-    Combination,
-    ConceptRows,
-    Observing,
-    PipelineCfg,
-    RowInjection,
-    RunSchedule,
-    call_transforms,
-    close_transforms,
-    transform_after,
-    transform_before,
+from .hooks import (
+    CallHook,
+    Evaluation,
+    bind_call_hooks,
+    check_call_hook_terms,
+    close_call_hooks,
+    hooks_after,
+    hooks_before,
+    is_call_hook_term,
 )
+from .parts import Combination, ConceptRows, Observing, PipelineCfg, RowInjection, RunSchedule
 from .support import served_denoisers
 
 logger = logging.getLogger(__name__)
@@ -231,9 +229,10 @@ class _Engine:
 class _Call:
     """One guided pipeline call: the run's named parts (:mod:`.parts`) driven by the denoiser's hooks.
 
-    ``start`` detects CFG and encodes the concepts; ``before`` (the pre-hook) resolves the schedule once,
-    lets call transforms change the pipeline's rows, injects the concept rows and arms the observers;
-    ``after`` (the post-hook) combines the estimates into the prompt's and counts the step.
+    ``start`` detects CFG, encodes the concepts and binds the call hooks; ``before`` (the pre-hook) resolves
+    the schedule once, injects the concept rows, arms the observers and passes the arguments through the
+    call hooks; ``after`` (the post-hook) combines the estimates into the prompt's, counts the step and
+    passes the output through the call hooks.
     """
 
     def __init__(self, engine: _Engine, arguments: dict):
@@ -241,18 +240,17 @@ class _Call:
         self.pipe = engine.pipe
         self.arguments = arguments
         # Terms that act on the call itself (SAFREE: engine/hooks.py) are bound per call, not combined.
-        self.call_terms = [t for t in engine.terms if type(t) in CALL_HOOKS]
+        self.call_terms = [t for t in engine.terms if is_call_hook_term(t)]
         self.hooks: list[CallHook] = []
         self.strict = engine.strict > 0
         adapter = engine.adapter
         self.prediction = adapter.prediction()
-        self.schedule = RunSchedule([t for t in engine.terms if type(t) not in CALL_HOOKS])
+        self.schedule = RunSchedule([t for t in engine.terms if not is_call_hook_term(t)])
         self.cfg = PipelineCfg(adapter, arguments)
         self.combination = Combination(self.schedule.terms, self.prediction)
         self.concepts: ConceptRows | None = None
         self.injection: RowInjection | None = None
         self.observing: Observing | None = None
-        self.transforms: list = []
         self.active = True
         self.lost_warned = False
         self.pending: dict[int, tuple] = {}
@@ -292,10 +290,8 @@ class _Call:
         self.concepts = ConceptRows(adapter, terms, self.arguments, self.pipe._execution_device, self.name)
         self.injection = RowInjection(self.concepts)
         self.observing = Observing(adapter, terms, self.concepts, self.name)
-        self.transforms = call_transforms(self, terms)
         try:
-            for term in self.call_terms:
-                self.hooks.append(CALL_HOOKS[type(term)].bind(term, self.pipe, adapter, self.arguments))
+            self.hooks = bind_call_hooks(self.call_terms, self.pipe, adapter, self.arguments)
         except BaseException:
             self.close()
             raise
@@ -309,11 +305,11 @@ class _Call:
 
     def close(self) -> None:
         hooks, self.hooks = self.hooks, []
-        for hook in hooks:
-            hook.close()
-        if self.observing is not None:
-            self.observing.close()
-        close_transforms(self.transforms)
+        try:
+            close_call_hooks(hooks)
+        finally:
+            if self.observing is not None:
+                self.observing.close()
 
     def _cfg_lost(self) -> None:
         message = (
@@ -337,7 +333,10 @@ class _Call:
         if adapter.separate_calls and self.cond is not None:
             # The prompt's call of this step came first; guidance cannot be switched off between the two.
             self.pending[id(module)] = ("negative", kw)
-            return self._transformed(module, kw)
+            if not self.hooks:
+                return None
+            out = hooks_before(self.hooks, kw, Evaluation(self.step, kw[adapter.sample_arg].shape[0], "negative"))
+            return None if out is kw else ((), out)
         if not self.cfg.now():
             self._cfg_lost()
             return None
@@ -351,8 +350,6 @@ class _Call:
                 self._cfg_lost()
                 return None
             batch, text, first = rows // 2, slice(rows // 2, rows), rows
-        changed = self.transforms and transform_before(self.transforms, self, module, kw)
-        kw = changed or kw
         needed = self.combination.needed()
         kind = "prompt" if adapter.separate_calls else "batched"
         self.pending[id(module)] = (kind, kw, batch, needed)
@@ -362,29 +359,22 @@ class _Call:
         if needed:
             self.observing.arm(needed, first, batch, adapter, kw)
             out = self.injection(adapter, kw, text, batch, needed)
-        for hook in self.hooks:  # after the concept rows: rows a call hook appends come last
-            out = hook.before(out, self.step, batch)
-        if out is kw:
-            return ((), kw) if changed else None
-        return (), out
-
-    def _transformed(self, module, kw):
-        changed = self.transforms and transform_before(self.transforms, self, module, kw)
-        return ((), changed) if changed else None
+        if self.hooks:  # after the concept rows: rows a call hook appends come last
+            out = hooks_before(self.hooks, out, Evaluation(self.step, batch, kind))
+        return None if out is kw else ((), out)
 
     def after(self, module, output):
         pending = self.pending.pop(id(module), None)
         if pending is None:
             return None
-        for hook in self.hooks:
-            hook.after()
         adapter = self.engine.adapters[id(module)]
         out = _output_tensor(output)
         if pending[0] == "negative":
             cond = self.cond
             self.cond = None
+            kept = _rows_kept(output, out, pending[1][adapter.sample_arg].shape[0])  # without rows hooks appended
             if cond is None or "text" not in cond:
-                return self._after_transforms(module, None)
+                return self._after_hooks(kept)
             delta = self.combination.correction(
                 adapter,
                 cond["kw"],
@@ -397,7 +387,7 @@ class _Call:
             )
             cond["text"].add_(delta)  # the pipeline holds this tensor as the prompt's estimate
             self.combination.advance()
-            return self._after_transforms(module, None)
+            return self._after_hooks(kept)
         kind, kw, batch, needed = pending
         if kind == "prompt":
             text = out[:batch]
@@ -408,21 +398,19 @@ class _Call:
                 estimates=self.combination.estimates(needed, out, batch, 1),
                 observed=self._observed(needed, batch, kw),
             )
-            return _replace_output(output, text) if needed else None
+            return self._after_hooks(_rows_kept(output, out, batch))
         uncond, text = out[:batch], out[batch : 2 * batch]
         estimates = self.combination.estimates(needed, out, batch, 2)
         observed = self._observed(needed, batch, kw)
         delta = self.combination.correction(adapter, kw, uncond, text, estimates, batch, self.cfg.scale(), observed)
         self.combination.advance()
-        return self._after_transforms(module, _replace_output(output, torch.cat([uncond, text + delta])))
+        return self._after_hooks(_replace_output(output, torch.cat([uncond, text + delta])))
 
     def _observed(self, needed, batch, kw):
         return self.observing.observations(needed, batch, kw) if self.observing.active else None
 
-    def _after_transforms(self, module, output):
-        if not self.transforms:
-            return output
-        return transform_after(self.transforms, self, module, output)
+    def _after_hooks(self, output):
+        return hooks_after(self.hooks, output) if self.hooks else output
 
 
 def _output_tensor(output) -> torch.Tensor:
@@ -431,6 +419,11 @@ def _output_tensor(output) -> torch.Tensor:
     if isinstance(output, tuple):
         return output[0]
     return output.sample
+
+
+def _rows_kept(output, out: torch.Tensor, rows: int):
+    """`output` cut to its first `rows` rows (None: it has no others, the pipeline takes it as it is)."""
+    return None if out.shape[0] == rows else _replace_output(output, out[:rows])
 
 
 def _replace_output(output, tensor: torch.Tensor):
@@ -459,11 +452,9 @@ def guide(pipe, *terms: GuidanceTerm, strict: bool = False) -> Iterator[Any]:
     raise: guidance attached to them could never act.
     """
     for term in terms:
-        if not isinstance(term, GuidanceTerm) and type(term) not in CALL_HOOKS:
+        if not isinstance(term, GuidanceTerm) and not is_call_hook_term(term):
             raise TypeError(f"{term!r} is not a guidance term")
-    for term in terms:
-        if type(term) in CALL_HOOKS:
-            CALL_HOOKS[type(term)].check(term, pipe)  # refuse a pipeline the term is not defined for
+    check_call_hook_terms(terms, pipe)  # refuse a pipeline a call-hook term is not defined for
     if not terms and _ENGINES.get(pipe) is None:
         yield pipe  # nothing to apply: the pipeline is left untouched
         return

@@ -11,7 +11,7 @@ LEDITS++'s masks) lives on the denoiser (:attr:`GuidedDenoiser.states`); :meth:`
 starts a new run.
 
 The same named parts as a pipeline's guided call do the work (:mod:`.parts`: concept rows, schedule,
-row injection, combination, observation, call transforms), in one denoiser call per evaluation. The
+row injection, combination, observation), in one denoiser call per evaluation. The
 path has no ``torch.no_grad``: with grad enabled, gradients flow from the estimate to the latents and
 to the conditioning's tensors, through the guidance terms' correction; the concepts' own rows are
 constants (encoded once, without gradient). Under ``torch.no_grad`` it is plain inference.
@@ -51,6 +51,7 @@ from .adapters import (
     pack_tokens,
 )
 from .core import _CURRENT, _output_tensor
+from .hooks import is_call_hook_term
 from .parts import (
     Combination,
     ConceptRows,
@@ -58,10 +59,6 @@ from .parts import (
     Observing,
     RowInjection,
     RunSchedule,
-    call_transforms,
-    close_transforms,
-    transform_after,
-    transform_before,
 )
 from .support import served_denoisers
 
@@ -363,7 +360,9 @@ class GuidedDenoiser:
     ``scale``, ``clip_skip``, ``max_sequence_length``, FLUX's ``guidance_scale`` embedding, …).
     `rows_per_call`: evaluate at most this many rows per denoiser call (memory), default all.
 
-    Use it as a context manager, or call :meth:`close`, to end the run (call transforms' clean-up).
+    Use it as a context manager, or call :meth:`close`, to end the run (the attention observers' clean-up).
+    Terms that act on a pipeline call's prompt text (call hooks, :mod:`.hooks`: SAFREE) are refused in one
+    line: the denoiser is given embeddings, not text.
     """
 
     def __init__(
@@ -376,6 +375,11 @@ class GuidedDenoiser:
         rows_per_call: int | None = None,
     ):
         for term in terms:
+            if is_call_hook_term(term):
+                raise GuidanceError(
+                    f"{type(term).__name__} acts on a pipeline call's prompt text, which GuidedDenoiser is not given"
+                    " (it takes embeddings): use it inside guide(pipe, ...) on a pipeline call"
+                )
             if not isinstance(term, GuidanceTerm):
                 raise TypeError(f"{term!r} is not a guidance term")
         name, module, adapter_cls = served_denoisers(pipe)[0]
@@ -396,7 +400,6 @@ class GuidedDenoiser:
         self.injection = RowInjection(self.concepts)
         self.observing = Observing(self.adapter, self.schedule.terms, self.concepts, self.name)
         self.cfg = FixedCfg(self.guidance_scale)
-        self.transforms = call_transforms(self, self.schedule.terms)
         self.combination = Combination(self.schedule.terms, self.prediction)
 
     # -- state -----------------------------------------------------------------------------------
@@ -419,8 +422,6 @@ class GuidedDenoiser:
 
     def close(self) -> None:
         self.observing.close()
-        close_transforms(self.transforms)
-        self.transforms = []
 
     def __enter__(self) -> GuidedDenoiser:
         return self
@@ -455,8 +456,6 @@ class GuidedDenoiser:
         text = slice((n - 1) * batch, n * batch)
         if step is not None:
             self.combination.step = int(step)
-        if self.transforms:
-            kw = transform_before(self.transforms, self, self.module, kw)
         needed = self.combination.needed()
         if needed:
             kw = self.injection(adapter, kw, text, batch, needed)
@@ -477,8 +476,6 @@ class GuidedDenoiser:
             text_est = text_est + delta
         self.combination.advance()
         folded = torch.cat([uncond, text_est]) if n > 1 else text_est
-        if self.transforms:
-            folded = transform_after(self.transforms, self, self.module, folded)
         guided = self.call.combine(folded[:batch], folded[text], scale) if n > 1 else folded
         return adapter.to_math(guided, kw)
 

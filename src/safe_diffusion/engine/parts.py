@@ -19,20 +19,14 @@ with one job:
   from :mod:`.attention`) through ``apply_observed`` — the one extension of the
   :class:`~safe_diffusion.guidance.terms.GuidanceTerm` protocol, used by LEDITS++'s implicit masks.
 
-**Call transforms** are the place for methods that change the pipeline's own rows rather than add a
-correction (e.g. SAFREE's prompt-embedding projection): :func:`register_call_transform` registers a
-factory, and a term may bring its own with a ``call_transform(call)`` method. Each run asks every
-factory once; a transform's ``before(call, module, kwargs)`` may return new denoiser arguments (it runs
-before the concept rows are appended, so it sees the pipeline's rows only), ``after(call, module,
-output)`` may return a new output (it runs after the combination), and ``close()`` runs when the run
-ends.
+Terms that act on the denoiser's call itself rather than through concept rows (SAFREE) are not parts
+of every run: they are call hooks (:mod:`.hooks`), bound per pipeline call by :mod:`.core`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import torch
 
@@ -302,57 +296,3 @@ class Observing:
     def close(self) -> None:
         if self.observer is not None:
             self.observer.close()
-
-
-# -- call transforms ----------------------------------------------------------------------------------
-
-
-class CallTransform(Protocol):
-    """A change to a run's own denoiser calls (see the module docstring). Every method is optional."""
-
-    def before(self, call, module, kwargs: dict) -> dict | None: ...
-
-    def after(self, call, module, output: Any) -> Any | None: ...
-
-    def close(self) -> None: ...
-
-
-_TRANSFORM_FACTORIES: list[Callable[[Any], CallTransform | None]] = []
-
-
-def register_call_transform(factory: Callable[[Any], CallTransform | None]) -> Callable:
-    """Register ``factory(call) -> transform or None``, asked once per guided run (usable as a decorator)."""
-    _TRANSFORM_FACTORIES.append(factory)
-    return factory
-
-
-def call_transforms(call, terms: Sequence) -> list[CallTransform]:
-    """The transforms of one run: the registered factories' and the terms' own (``term.call_transform(call)``)."""
-    found = [factory(call) for factory in _TRANSFORM_FACTORIES]
-    found += [t.call_transform(call) for t in terms if callable(getattr(t, "call_transform", None))]
-    return [t for t in found if t is not None]
-
-
-def transform_before(transforms, call, module, kwargs: dict) -> dict:
-    for transform in transforms:
-        hook = getattr(transform, "before", None)
-        changed = hook(call, module, kwargs) if hook is not None else None
-        if changed is not None:
-            kwargs = changed
-    return kwargs
-
-
-def transform_after(transforms, call, module, output):
-    for transform in transforms:
-        hook = getattr(transform, "after", None)
-        changed = hook(call, module, output) if hook is not None else None
-        if changed is not None:
-            output = changed
-    return output
-
-
-def close_transforms(transforms) -> None:
-    for transform in transforms:
-        close = getattr(transform, "close", None)
-        if close is not None:
-            close()

@@ -45,7 +45,7 @@ from ..guidance.safree import (
     trigger_tokens,
 )
 from .adapters import SD3Adapter, UNetAdapter, copy_text_rows
-from .hooks import register_call_hook
+from .hooks import Evaluation, register_call_hook
 from .support import served_denoisers
 
 logger = logging.getLogger(__name__)
@@ -356,7 +356,12 @@ class _SafreeCall:
         return window is None or window[0] <= step <= window[1]
 
     # -- the denoiser's arguments ----------------------------------------------------------------------
-    def before(self, kwargs: dict, step: int, batch: int) -> dict:
+    def before(self, kwargs: dict, evaluation: Evaluation) -> dict:
+        if evaluation.kind != "batched":  # check() refuses the families whose pipelines make two calls per step
+            raise GuidanceError(
+                f"SAFREE: a {evaluation.kind} call cannot be filtered (one batched call per step needed)"
+            )
+        step, batch = evaluation.step, evaluation.batch
         out = kwargs
         if self.negative is not None:
             for path, row in self.negative.items():
@@ -387,7 +392,7 @@ class _SafreeCall:
         self.token = _REATTENDING.set(self)
         return out
 
-    def after(self) -> None:
+    def after(self, output=None) -> None:
         if self.token is not None:
             _REATTENDING.reset(self.token)
             self.token = None
