@@ -6,6 +6,7 @@ stream, and both run end to end from the command line."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -589,3 +590,23 @@ def test_the_official_p4d_loss_is_refused_where_it_is_not_defined(tiny_checkpoin
     code, _, err = cli(*args)
     assert code == 2 and err.count("\n") == 1 and "--victim official reproduces P4D's own loss" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_safree_targets_take_the_text_attacks_and_refuse_the_denoiser_ones_before_writing(
+    tiny_checkpoint, tmp_path, cli
+):
+    """SAFREE filters a prompt's text (a call hook): attacks that optimise embeddings against the denoiser
+    cannot target it and say so in one line, with nothing written; a text attack runs against it."""
+    suite = tmp_path / "s.csv"
+    suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\n")
+    for method in ("unlearndiffatk", "p4d-n"):
+        run = tmp_path / method
+        code, out, err = cli(*_args(tiny_checkpoint, run, suite, method, "--mitigation", "safree"))
+        assert code == 2 and "\n" not in err.strip() and "SafreeGuidance filters a prompt's text" in err, err
+        assert "ring-a-bell or mma" in err and not run.exists()
+    run = tmp_path / "mma"
+    extra = ["--mitigation", "safree", "--iterations", "1", "--candidates", "4", "--tokens", "3"]
+    code, out, err = cli(*_args(tiny_checkpoint, run, suite, "mma", *extra))
+    assert code == 0 and "1 of 1" in out, err
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["mitigation"]["guidance"][0]["type"] == "SafreeGuidance"

@@ -243,6 +243,7 @@ def attack_run(
     official = p4d and settings.victim == "official"
     if official:
         _check_official_victim(mitigation)
+    _check_denoiser_victim(method, mitigation)
     text_only = method in ("ring-a-bell", "mma")  # model-agnostic: the text encoder alone
     guided = bool(mitigation.terms()) or mitigation.negative_prompt is not None
     config = {
@@ -564,6 +565,22 @@ def _p4d(target: _Target, prompt, settings) -> _Outcome:
         settings.iterations,
         {"losses": losses, "clip_similarities": similarities, "best_clip_similarity": best},
     )
+
+
+def _check_denoiser_victim(method: str, mitigation) -> None:
+    """Refuse, before anything is written, a target whose method filters the prompt's text (a call hook, SAFREE)
+    when the attack optimises embeddings against its denoiser: such a target has no text to filter there."""
+    if method in ("ring-a-bell", "mma"):
+        return  # text attacks: the target only generates the final images, through guide()
+    from ..engine.hooks import is_call_hook_term
+
+    hooked = [type(t).__name__ for t in mitigation.terms() if is_call_hook_term(t)]
+    if hooked:
+        raise InputError(
+            f"attack {method} optimises embeddings against the target's denoiser, and {hooked[0]} filters a prompt's"
+            " text, so it cannot be that target: attack it with --method ring-a-bell or mma, or run eval run"
+            " --mitigation on the prompts an attack exported (attack export)"
+        )
 
 
 def _check_official_victim(mitigation) -> None:
