@@ -86,11 +86,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, data + b"\n")
 
 
-def save_image_atomic(image, path: Path) -> None:
-    """Save a PIL image as PNG atomically."""
+def png_bytes(image) -> bytes:
+    """A PIL image as the bytes of a PNG file (the form images are stored, judged and hashed in)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_image_atomic(image, path: Path) -> None:
+    """Save a PIL image as PNG atomically."""
+    atomic_write_bytes(path, png_bytes(image))
 
 
 class OutputDir:

@@ -119,7 +119,7 @@ def load_records_file(path: Path, *, with_rows: bool = False):
     with `with_rows` the suite row of each image (from a ``row`` or ``prompt_index`` column; None without).
 
     Refused, in one line: a record without a verdict, and categories that mix I2P's with unknown ones."""
-    from .suites import decode_text_file, parse_categories
+    from .tables import decode_text_file, parse_categories
 
     pd = _pandas()
     name = str(path)

@@ -16,7 +16,6 @@ was extended with a larger limit — the pixels are bit-identical, not merely cl
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from ..common.errors import InputError
 from ..common.hashing import sha256_bytes
-from ..common.outputs import atomic_write_bytes
+from ..common.outputs import atomic_write_bytes, png_bytes
 from ..common.progress import ProgressLog
 from ..common.schedulers import apply_scheduler
 from ..engine import guide
@@ -140,9 +139,7 @@ def generate(
             for (p, k), image in zip(batch, images):
                 if (p.index, k) not in wanted or (p.index, k) in done:
                     continue
-                buf = io.BytesIO()
-                image.save(buf, format="PNG")
-                data = buf.getvalue()
+                data = png_bytes(image)
                 name = image_name(p.index, k)
                 atomic_write_bytes(store.path / name, data)  # the image is complete on disk ...
                 rows.append(

@@ -11,15 +11,13 @@ and its four prompts with line breaks included): they are what the model is give
 are pooled by exact text when scoring. Every loaded suite is recorded by name, source, revision,
 content hash and row count (:meth:`Suite.record`).
 
-Over 500 lines because the registered specs (ten suites' sources, columns, licences and how to get
-them) are code here; issue 19 moves them to data files loaded by the registry, which leaves the loader.
+The named suites are data (``data/suites/suites.yaml``); reading a table's bytes and checking its cells
+is :mod:`.tables`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
 from collections.abc import Callable
@@ -30,8 +28,8 @@ from ..common.errors import InputError
 from ..common.hashing import sha256_bytes, sha256_file
 from ..common.hub import hub_errors
 from ..common.registry import Registry
-from ..common.validation import MAX_SEED
 from .coco import load_coco_captions
+from .tables import parse_categories, parse_guidance, parse_seed, read_table
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUNDLED_CSV = DATA_DIR / "i2p_benchmark.csv"
@@ -221,108 +219,6 @@ class Suite:
 # -- parsing --------------------------------------------------------------------------------------
 
 
-def decode_text_file(data: bytes, name: str) -> str:
-    if not data.strip():
-        raise InputError(f"{name} is empty")
-    if b"\x00" in data[:8192]:
-        raise InputError(f"{name} is a binary file, not a CSV")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise InputError(f"{name} is not UTF-8 text") from None
-
-
-def read_table(data: bytes, name: str, fmt: str) -> tuple[list[str], list[dict]]:
-    """(header, rows) of a CSV/TSV/JSONL/Parquet file's bytes; every failure is one InputError."""
-    if fmt == "parquet":
-        if not data:
-            raise InputError(f"{name} is empty")
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise InputError("Parquet needs pyarrow: pip install 'safe-diffusion[eval]'") from None
-        try:
-            table = pq.read_table(io.BytesIO(data))
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise InputError(f"{name}: not a readable Parquet file ({type(exc).__name__})") from None
-        return list(table.column_names), table.to_pylist()
-    text = decode_text_file(data, name)
-    if fmt == "jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    raise InputError(f"{name} line {i + 1}: not JSON") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{name} line {i + 1}: not a JSON object")
-                rows.append(row)
-        return (list(rows[0]) if rows else []), rows
-    try:
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
-        header = list(reader.fieldnames or [])
-        twice = sorted({h for h in header if header.count(h) > 1})
-        if twice:  # a dict row keeps only the last of them: the other column would be silently lost
-            raise InputError(f"{name}: column(s) {', '.join(map(repr, twice))} appear more than once; rename one")
-        rows = []
-        for i, row in enumerate(reader):
-            if None in row or any(v is None for v in row.values()):
-                raise InputError(f"{name} row {i}: wrong number of fields")
-            rows.append(row)
-    except csv.Error as exc:
-        raise InputError(f"{name}: not a readable CSV ({exc})") from None
-    return header, rows
-
-
-def parse_categories(value, where: str, vocabulary: tuple[str, ...] | None = None) -> tuple[str, ...]:
-    """'sexual, violence' -> ('sexual', 'violence'); unknown (given a vocabulary) or none is one line."""
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
-    labels = tuple(dict.fromkeys(c.strip().lower() for c in str(value).split(",") if c.strip()))
-    if not labels:
-        raise InputError(f"{where}: no categories")
-    if vocabulary is not None:
-        unknown = [c for c in labels if c not in vocabulary]
-        if unknown:
-            raise InputError(f"{where}: unknown category {unknown[0]!r}; known: {', '.join(vocabulary)}")
-    return labels
-
-
-def _seed(value, where: str, column: str = "seed") -> int:
-    bad = InputError(f"{where}: {column} {value!r} is not a whole number")
-    if isinstance(value, bool) or value is None:
-        raise bad
-    if isinstance(value, int):
-        seed = value
-    else:
-        text = str(value).strip()
-        if text.isdigit():
-            seed = int(text)
-        else:
-            try:
-                number = float(text)
-            except ValueError:
-                raise bad from None
-            if not math.isfinite(number) or not number.is_integer():
-                raise bad
-            seed = int(number)
-    if not 0 <= seed <= MAX_SEED:
-        raise InputError(f"{where}: {column} {seed} is outside 0..{MAX_SEED}")
-    return seed
-
-
-def _guidance(value, where: str, column: str = "guidance") -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: {column} {value!r} is not a number") from None
-    if not math.isfinite(number) or number < 0:
-        raise InputError(f"{where}: {column} must be a finite number >= 0, got {value!r}")
-    return number
-
-
 def parse_columns(values: list[str] | None) -> dict[str, str]:
     """``["prompt=adv_prompt", "seed=evaluation_seed"]`` (or comma-separated) → {field: column}."""
     mapping = {}
@@ -381,8 +277,8 @@ def parse_rows(
             cats = parse_categories(row.get(used["categories"]), where, spec.vocabulary)
         else:
             cats = spec.default_categories or ("all",)
-        seed = _seed(row.get(used["seed"]), where, used["seed"]) if "seed" in used else (base_seed + i) % (2**63)
-        guidance = _guidance(row.get(used["guidance"]), where, used["guidance"]) if "guidance" in used else None
+        seed = parse_seed(row.get(used["seed"]), where, used["seed"]) if "seed" in used else (base_seed + i) % (2**63)
+        guidance = parse_guidance(row.get(used["guidance"]), where, used["guidance"]) if "guidance" in used else None
         negative = None
         if "negative_prompt" in used:
             value = row.get(used["negative_prompt"])

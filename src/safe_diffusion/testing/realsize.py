@@ -21,6 +21,10 @@ embedding tables keep the real vocabulary sizes.
 ``tiny=True`` builds the same pipelines with every width and depth shrunk (seconds on a CPU), so code
 that uses the real sizes can be tested end to end; :data:`REAL_SIZES` gives each family's native call
 (resolution, frames, the arguments that switch classifier-free guidance on).
+
+Over 500 lines because each family's builder spells out its published configuration (seven families, one
+function each, every value as the hub's ``config.json`` has it), kept together so one file shows every
+real size the benchmarks measure.
 """
 
 from __future__ import annotations

@@ -1,0 +1,265 @@
+"""What :func:`~safe_diffusion.jobs.attack.attack_run` does per row: the attacked target as the job sees it
+(:class:`Target`: generation, guided or by the unguided reference; judging; an image's latents), and one runner
+per method, each a thin loop over the library's optimisation (:mod:`safe_diffusion.attacks`) that says when
+a row's search ends and what it found (:class:`Outcome`). The checks that refuse a target a method cannot
+attack run before the job writes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..common.errors import InputError
+from ..common.outputs import png_bytes
+
+
+@dataclass
+class Outcome:
+    prompt: str  # the adversarial prompt (the original when not attacked)
+    image: Any
+    unsafe: bool
+    iterations: int = 0
+    details: dict = field(default_factory=dict)
+
+
+class Target:
+    """The attacked target as the job sees it: generation (guided, or the unguided reference), judging, and
+    the row's latents of an image."""
+
+    def __init__(self, pipe, reference, mitigation, judges, steps, guidance_scale, height, width, clip):
+        self.pipe, self.reference, self.mitigation, self.judges = pipe, reference, mitigation, judges
+        self.steps, self.guidance_scale, self.clip = steps, guidance_scale, clip
+        self.size = {"height": height, "width": width} if height else {}
+        self.terms = mitigation.terms()
+        self.guided = bool(self.terms) or mitigation.negative_prompt is not None
+        self.concept = None  # Ring-A-Bell's concept vector, computed once per run
+
+    def scale(self, prompt) -> float:
+        from ..evals.config import DEFAULT_GUIDANCE_SCALE
+
+        if self.guidance_scale is not None:
+            return self.guidance_scale
+        return prompt.guidance or DEFAULT_GUIDANCE_SCALE
+
+    def generate(self, prompt, text: str, guided: bool = True):
+        """The image of `text` with the row's seed and scale: by the target (its guidance included), or by the
+        reference without guidance."""
+        import torch
+
+        from ..engine import guide
+
+        generator = torch.Generator("cpu").manual_seed(prompt.seed)
+        call = dict(num_inference_steps=self.steps, guidance_scale=self.scale(prompt), generator=generator, **self.size)
+        if not guided:
+            return self.reference(text, **call).images[0]
+        if self.mitigation.negative_prompt is not None:
+            call["negative_prompt"] = self.mitigation.negative_prompt
+        if self.terms:
+            with guide(self.pipe, *self.terms, strict=True):
+                return self.pipe(text, **call).images[0]
+        return self.pipe(text, **call).images[0]
+
+    def unsafe(self, image) -> bool:
+        data = png_bytes(image)  # judged as the file it is stored as, as eval run's images are
+        verdicts = [j.judge_images([j.decode(data)])[0] for j in self.judges]
+        return any(bool(v.unsafe) for v in verdicts)
+
+    def latents(self, image, generator=None, unit_range: bool = False):
+        """The VAE latents of `image` (scaled): the distribution's mean, or a draw from it with `generator`.
+        `unit_range`: encode the pixels in [0, 1] rather than the VAE's [-1, 1] (P4D's official code does)."""
+        import torch
+
+        pipe = self.pipe
+        with torch.no_grad():
+            pixels = pipe.image_processor.preprocess(image).to(pipe.device, pipe.vae.dtype)
+            if unit_range:
+                pixels = (pixels + 1) / 2
+            dist = pipe.vae.encode(pixels).latent_dist
+            x0 = dist.mean if generator is None else dist.sample(generator)
+            return x0 * pipe.vae.config.scaling_factor
+
+    def victim(self, prompt):
+        from ..attacks.unlearndiffatk import victim_of
+
+        return victim_of(
+            self.pipe,
+            self.terms,
+            guidance_scale=self.scale(prompt),
+            steps=self.steps,
+            negative_prompt=self.mitigation.negative_prompt,
+        )
+
+
+def batches(prompts: list, size: int, key) -> list[list]:
+    """Consecutive runs of at most `size` prompts with the same `key` (the guidance scale the victim uses)."""
+    out: list[list] = []
+    for prompt in prompts:
+        if out and len(out[-1]) < size and key(out[-1][0]) == key(prompt):
+            out[-1].append(prompt)
+        else:
+            out.append([prompt])
+    return out
+
+
+def run_unlearndiffatk(target: Target, prompts: list, settings, done) -> None:
+    """``TextGrad.run`` for `prompts` (one batch, one guidance scale): after each timestep's steps, each prompt
+    still attacked has its argmax prompt generated and judged; its first unsafe image ends its search. `done(i,
+    outcome)` is called as each prompt's search ends."""
+    import torch
+
+    from ..attacks.unlearndiffatk import UnlearnDiffAtk
+
+    x0 = torch.cat([target.latents(target.generate(p, p.text, guided=False)) for p in prompts])
+    victim = target.victim(prompts[0])
+    generators = [torch.Generator().manual_seed(p.seed) for p in prompts]
+    attack = UnlearnDiffAtk(target.pipe, victim, [p.text for p in prompts], x0, settings, generator=generators)
+    outcomes = [Outcome(p.text, None, False) for p in prompts]
+    losses: list[list[float]] = [[] for _ in prompts]
+    active, visited = list(range(len(prompts))), 0
+
+    def end(i: int) -> None:
+        outcomes[i].iterations = visited * settings.iterations
+        outcomes[i].details = {"timesteps_visited": visited, "mean_loss_per_timestep": losses[i]}
+        done(i, outcomes[i])
+
+    try:
+        for t in attack.timesteps:
+            totals = [0.0] * len(prompts)
+            for _ in range(settings.iterations):
+                attack.step(t)
+                totals = [a + b for a, b in zip(totals, attack.last_losses)]
+            visited += 1
+            for i in list(active):
+                losses[i].append(totals[i] / settings.iterations)
+                outcome = outcomes[i]
+                outcome.prompt = attack.prompt(i)
+                outcome.image = target.generate(prompts[i], outcome.prompt)
+                outcome.unsafe = target.unsafe(outcome.image)
+                if outcome.unsafe:
+                    active.remove(i)
+                    end(i)
+            if not active:
+                break
+    finally:
+        victim.denoiser.close()
+    for i in active:
+        end(i)
+
+
+def run_p4d(target: Target, prompt, settings) -> Outcome:
+    """``optimize``: every ``eval_every`` steps the projected prompt is generated by the target and the one whose
+    image is closest in CLIP to the target image is kept; that prompt is generated and judged at the end."""
+    import torch
+
+    from ..attacks.p4d import P4D, clip_similarity, unconstrained_of
+
+    generator = torch.Generator().manual_seed(prompt.seed)
+    reference_image = target.generate(prompt, prompt.text, guided=False)
+    x0 = target.latents(reference_image, generator, unit_range=True)  # as the official code: ToTensor, no [-1, 1]
+    if settings.victim == "official":  # the official loss: its own SLD (or CFG), against the unguided prediction
+        victim = official_victim(target, prompt)
+        free = unconstrained_of(target.reference, prompt.text, target.scale(prompt), guided=False)
+    else:
+        victim = target.victim(prompt)
+        free = unconstrained_of(target.reference, prompt.text, target.scale(prompt), guided=target.guided)
+    attack = P4D(target.pipe, victim, free, prompt.text, x0, settings, generator=generator)
+    losses, similarities, best, best_text = [], [], float("-inf"), prompt.text
+    try:
+        for step in range(settings.iterations):
+            losses.append(attack.step())
+            if step % settings.eval_every == 0:
+                text = attack.prompt()
+                image = target.generate(prompt, text)
+                similarity = clip_similarity(target.clip.model, target.clip.processor, [reference_image], [image])
+                similarities.append(similarity)
+                if similarity > best:
+                    best, best_text = similarity, text
+    finally:
+        victim.denoiser.close()
+        free.denoiser.close()
+    image = target.generate(prompt, best_text)
+    return Outcome(
+        best_text,
+        image,
+        target.unsafe(image),
+        settings.iterations,
+        {"losses": losses, "clip_similarities": similarities, "best_clip_similarity": best},
+    )
+
+
+def check_denoiser_victim(method: str, mitigation) -> None:
+    """Refuse, before anything is written, a target whose method filters the prompt's text (a call hook, SAFREE)
+    when the attack optimises embeddings against its denoiser: such a target has no text to filter there."""
+    if method in ("ring-a-bell", "mma"):
+        return  # text attacks: the target only generates the final images, through guide()
+    from ..engine.hooks import is_call_hook_term
+
+    hooked = [type(t).__name__ for t in mitigation.terms() if is_call_hook_term(t)]
+    if hooked:
+        raise InputError(
+            f"attack {method} optimises embeddings against the target's denoiser, and {hooked[0]} filters a prompt's"
+            " text, so it cannot be that target: attack it with --method ring-a-bell or mma, or run eval run"
+            " --mitigation on the prompts an attack exported (attack export)"
+        )
+
+
+def check_official_victim(mitigation) -> None:
+    """P4D's official loss exists for SLD, a negative prompt or no guidance; anything else is refused."""
+    from ..guidance.terms import SafetyGuidance
+
+    terms = mitigation.terms()
+    if len(terms) > 1 or (terms and not isinstance(terms[0], SafetyGuidance)):
+        raise InputError(
+            "--victim official reproduces P4D's own loss, defined for SLD, a negative prompt or no guidance; "
+            f"{mitigation.label} needs --victim engine"
+        )
+
+
+def official_victim(target: Target, prompt):
+    """The victim of P4D's official loss for the target: its SLD variant, or CFG from the negative prompt (the
+    engine's, the same formula), or the conditional prediction."""
+    from ..attacks.p4d import OfficialSldVictim
+
+    if target.terms:
+        victim = OfficialSldVictim(target.pipe, target.terms[0], target.scale(prompt))
+        victim.denoiser = victim  # type: ignore[attr-defined]  # closed as the engine's victims are
+        return victim
+    return target.victim(prompt)
+
+
+def run_ring_a_bell(target: Target, prompt, settings) -> Outcome:
+    """The genetic search on the target's text encoder; the found prompt is generated and judged once."""
+    from ..attacks.ring_a_bell import attack_prompt, concept_vector
+
+    encoder, tokenizer = target.pipe.text_encoder, target.pipe.tokenizer
+    if target.concept is None:
+        target.concept = concept_vector(encoder, tokenizer, settings.concept, settings.samples)
+    text, losses = attack_prompt(encoder, tokenizer, prompt.text, target.concept, settings, prompt.seed)
+    image = target.generate(prompt, text)
+    return Outcome(text, image, target.unsafe(image), settings.generations, {"best_loss_per_generation": losses})
+
+
+def run_mma(target: Target, prompt, settings) -> Outcome:
+    """The token search on the target's text encoder toward the prompt's pooled embedding; the best control
+    found is generated and judged once."""
+    import torch
+
+    from ..attacks.mma import MMA
+
+    search = MMA(
+        target.pipe.text_encoder,
+        target.pipe.tokenizer,
+        prompt.text,
+        settings,
+        generator=torch.Generator().manual_seed(prompt.seed),
+    )
+    losses = search.run()
+    image = target.generate(prompt, search.best)
+    return Outcome(
+        search.best, image, target.unsafe(image), settings.iterations, {"losses": losses, "best_loss": search.best_loss}
+    )
+
+
+#: The per-prompt runner of each method (UnlearnDiffAtk runs batches: :func:`run_unlearndiffatk`).
+RUNNERS = {"p4d-n": run_p4d, "p4d-k": run_p4d, "ring-a-bell": run_ring_a_bell, "mma": run_mma}
