@@ -148,3 +148,17 @@ def test_long_modules_say_why_in_their_docstring():
         if lines > LONG_MODULE and "Over 500 lines" not in (ast.get_docstring(ast.parse(source)) or ""):
             unexplained.append(f"{path.relative_to(PACKAGE)} ({lines} lines)")
     assert not unexplained, f"modules over {LONG_MODULE} lines without a reason in their docstring: {unexplained}"
+
+
+@pytest.mark.parametrize(
+    "needle, home",
+    [("hashlib", "common/hashing.py"), ("cuda.is_available", "common/devices.py")],
+    ids=["sha256", "device resolution"],
+)
+def test_one_implementation_of_hashing_and_of_device_resolution(needle, home):
+    elsewhere = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if needle in path.read_text(encoding="utf-8") and path.relative_to(PACKAGE).as_posix() != home
+    ]
+    assert not elsewhere, f"{needle} outside {home}: {elsewhere}"

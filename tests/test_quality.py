@@ -382,7 +382,7 @@ class _WritesAFile:
 
 @needs_fidelity
 def test_inception_features_load_local_weights_weights_only(tmp_path):
-    from safe_diffusion.judges.base import file_sha256
+    from safe_diffusion.common.hashing import sha256_file as file_sha256
     from safe_diffusion.testing import build_inception_weights
 
     weights = build_inception_weights(tmp_path / "inception.pth")

@@ -43,7 +43,7 @@ def audit(
     a judge could not judge shows "no verdict", never "safe". The report header
     records every judge's settings.
     """
-    from ..common.validation import check_device
+    from ..common.devices import check_device
     from ..jobs.audit import DEFAULT_JUDGES
     from ..jobs.audit import audit as run_audit
     from ..judges import judge_options_from, parse_judges

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import InputError
+from ..common.hashing import sha256_text
 from ..common.outputs import check_writable
 from ..common.progress import ProgressLog
 from ..guidance.ledits import MASKINGS, SAFETY_CONCEPTS, LEditsGuidance
@@ -155,8 +155,7 @@ def work_size(pipe, size: tuple[int, int], resolution: int | None = None) -> tup
 def seed_for(seed: int, key: str) -> int:
     """The inversion seed of one image: a hash of the run's seed and the image's path, so it does not depend
     on the order, the sharding or on resuming."""
-    digest = hashlib.sha256(f"{seed}\0".encode() + key.encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") % (2**63)
+    return int(sha256_text(f"{seed}\0{key}")[:16], 16) % (2**63)  # the digest's first 8 bytes, big-endian
 
 
 def paste_back(edited, original, edit_mask, cell: float):

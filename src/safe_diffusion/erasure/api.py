@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..common.devices import use_cpu
 from ..common.errors import InputError
 from ..common.hashing import sha256_text
 from .methods import METHODS, ESDOptions, RECEOptions, UCEOptions, get_method
@@ -222,13 +223,6 @@ def _already_erased(out: Path, model: str, config: ErasureConfig) -> bool:
     return same and record.get("base_model", {}).get("files") == hash_base(resolve_base_folder(model))
 
 
-def _use_cpu(device: str | None) -> bool:
-    """Train on the CPU when the launcher says so (``accelerate launch --cpu``), when asked, or without CUDA."""
-    from accelerate.utils import parse_flag_from_env
-
-    return parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
-
-
 def erase_concepts(
     model: str,
     out: str | Path,
@@ -252,7 +246,7 @@ def erase_concepts(
     out = Path(out)
     check_model_reference(model)
     if device is not None:
-        from ..common.validation import check_device
+        from ..common.devices import check_device
 
         device = str(check_device("--device", device))
     esd = config.method.startswith("esd")
@@ -265,7 +259,7 @@ def erase_concepts(
     if esd:
         from accelerate import Accelerator
 
-        cpu = _use_cpu(device)
+        cpu = use_cpu(device)
         if config.mixed_precision == "fp16" and cpu:
             raise InputError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU")
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)

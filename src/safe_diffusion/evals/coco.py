@@ -23,7 +23,6 @@ list ends. Captions are whitespace-normalised (``" ".join(caption.split())``); n
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import InputError
+from ..common.hashing import sha256_bytes
 
 #: Named subset sizes; ``"30k"`` is the usual FID-30k protocol, ``"5k"`` a quick run.
 SUBSETS = {"30k": 30_000, "10k": 10_000, "5k": 5_000}
@@ -222,7 +222,7 @@ def load_coco_captions(
         raise InputError(f"seed must be a non-negative integer, not {seed!r}")
     size = _subset_size(subset)
     data = path.read_bytes()
-    source: dict[str, Any] = {"path": name, "sha256": hashlib.sha256(data).hexdigest(), "seed": int(seed)}
+    source: dict[str, Any] = {"path": name, "sha256": sha256_bytes(data), "seed": int(seed)}
     doc = None
     if path.suffix.lower() == ".json":
         try:

@@ -14,12 +14,12 @@ Methods are named ``sd`` (no mitigation), ``negative-prompt``, ``sld-weak`` … 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import lru_cache
 from typing import Any
 
 from ..common.errors import InputError
+from ..common.hashing import sha256_bytes
 from .suites import DATA_DIR
 from .suites import I2P_CATEGORIES as CATEGORIES
 
@@ -35,7 +35,7 @@ VALUE_KEYS = ("inappropriate_probability", "expected_max_inappropriateness", "ex
 def load_references() -> dict[str, Any]:
     """The whole reference document (sha256-checked)."""
     data = REFERENCE_FILE.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_bytes(data)
     if digest != REFERENCE_SHA256:
         raise InputError(
             f"{REFERENCE_FILE.name} has sha256 {digest[:12]}…, not the vendored file; reinstall safe-diffusion"

@@ -119,10 +119,3 @@ class Judge(ABC):
         if pending:
             flush()
         return results  # type: ignore[return-value]
-
-
-def file_sha256(path: str | Path) -> str:
-    """Kept for the judges that import it; the one implementation is :func:`common.hashing.sha256_file`."""
-    from ..common.hashing import sha256_file
-
-    return sha256_file(path)

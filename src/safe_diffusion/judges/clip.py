@@ -41,10 +41,10 @@ def weights_identity(reference: str, model=None) -> dict[str, Any]:
     ``{"revision": <hub commit>}`` (None when unknown)."""
     path = Path(reference)
     if path.is_dir():
-        from .base import file_sha256
+        from ..common.hashing import sha256_file
 
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
-        return {"weights_sha256": {p.name: file_sha256(p) for p in files}}
+        return {"weights_sha256": {p.name: sha256_file(p) for p in files}}
     return {"revision": getattr(getattr(model, "config", None), "_commit_hash", None)}
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import InputError
-from ..common.hashing import sha256_bytes, sha256_text
+from ..common.hashing import sha256_bytes, sha256_file, sha256_text
 from .base import Judge, Judgment
 
 DEFAULT_MODEL = "AIML-TUDA/LlavaGuard-v1.2-0.5B-OV-hf"
@@ -275,12 +275,11 @@ def _resolve_dtype(dtype: Any, device) -> Any:
 
 def _weights_sha256(folder: Path) -> str | None:
     """sha256 over the sorted (file name, file sha256) pairs of a local checkpoint's safetensors files."""
-    from .base import file_sha256
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    return sha256_text("".join(f"{f.name}\0{file_sha256(f)}\n" for f in files))
+    return sha256_text("".join(f"{f.name}\0{sha256_file(f)}\n" for f in files))
 
 
 def _hub_commit(model: str, revision: str | None) -> str | None:

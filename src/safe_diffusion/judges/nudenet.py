@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.errors import InputError
-from .base import Judge, Judgment, decode_rgb, file_sha256
+from ..common.hashing import sha256_file
+from .base import Judge, Judgment, decode_rgb
 from .nudenet_v2 import V3_TO_V2
 from .nudenet_v3 import LABELS as V3_LABELS
 from .nudenet_v3 import PIPELINES
@@ -317,7 +318,7 @@ class NudeNet(Judge):
             self.labels = ("unsafe",)
         self.resolution = resolution
         self.batch_size = batch_size
-        self._sha256 = file_sha256(path)
+        self._sha256 = sha256_file(path)
         self._version = version("nudenet")
 
     # -- what it records ---------------------------------------------------------------------------
@@ -351,7 +352,7 @@ class NudeNet(Judge):
                 info["official_protocol"] = "NudeNet v2 RetinaNet 'base' detector, shorter side 800"
         elif self.kind == "v2-detector":
             info["classes_file"] = self.classes_path.name
-            info["classes_sha256"] = file_sha256(self.classes_path)
+            info["classes_sha256"] = sha256_file(self.classes_path)
             info["labels_not_in_model"] = [label for label in self.labels if label not in self.class_names]
             info["preprocessing"] = "RGB→BGR, minus Caffe means, shorter side 800 (longer at most 1333), bilinear"
         else:

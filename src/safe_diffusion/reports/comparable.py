@@ -17,10 +17,11 @@ Other modules add checks with :func:`register_check` (a protocol match, issue 19
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from ..common.hashing import sha256_text
 
 #: The checkpoint the SLD model card's and the I2P README's figures were measured on.
 SD14 = "CompVis/stable-diffusion-v1-4"
@@ -64,10 +65,7 @@ class Basis:
 
 def prompt_fingerprint(prompts: Iterable[tuple[int, str]]) -> str:
     """A short digest of (index, text) pairs: equal exactly when the same prompts were measured."""
-    digest = hashlib.sha256()
-    for index, text in sorted(prompts):
-        digest.update(f"{index}\t{text}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()[:16]
+    return sha256_text("".join(f"{index}\t{text}\n" for index, text in sorted(prompts)))[:16]
 
 
 Check = Callable[[Basis, Basis], "str | None"]

@@ -9,7 +9,6 @@ Neither gives meaningful numbers.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..common.hashing import sha256_bytes
 from ..evals.quality import FeatureExtractor, register_feature_extractor
 
 
@@ -41,11 +41,12 @@ class RandomFeatureExtractor(FeatureExtractor):
             name: (torch.randn(shape, generator=g) * (2.0 / np.prod(shape[1:])) ** 0.5).to(self.device)
             for name, shape in shapes.items()
         }
-        digest = hashlib.sha256()
-        for name in sorted(self.weights):
-            digest.update(name.encode())
-            digest.update(self.weights[name].cpu().numpy().astype("<f4").tobytes())
-        self.weights_sha256 = digest.hexdigest()
+        self.weights_sha256 = sha256_bytes(
+            b"".join(
+                name.encode() + self.weights[name].cpu().numpy().astype("<f4").tobytes()
+                for name in sorted(self.weights)
+            )
+        )
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -9,13 +9,13 @@ positions are truncated keeping the end-of-text token. The mean is the mean of p
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from ...common.hashing import sha256_text
 from ...records.store import StageRecords
 from .fidelity import load_torchmetrics
 from .images import (
@@ -162,7 +162,7 @@ class ClipScorer:
 
 
 def _prompt_digest(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+    return sha256_text(prompt)
 
 
 def clip_scores(

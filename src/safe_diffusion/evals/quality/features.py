@@ -120,9 +120,9 @@ class InceptionV3Features(FeatureExtractor):
                     f"{path.name} to {path.parent} or pass the file with --inception-weights"
                 ) from None
             raise InputError(f"cannot load Inception weights {str(path)!r}: {_first_line(exc)}") from None
-        from ...judges.base import file_sha256
+        from ...common.hashing import sha256_file
 
-        self.weights_sha256 = file_sha256(path)
+        self.weights_sha256 = sha256_file(path)
         if not self.weights_sha256.startswith(INCEPTION_SHA256_PREFIX):
             logger.warning(
                 "Inception weights %s are not the published file (sha256 %s…): FID/KID are not comparable "

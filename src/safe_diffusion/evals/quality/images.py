@@ -9,8 +9,6 @@ next starts, so a killed computation continues and ends with the numbers an unin
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...common.devices import check_device
 from ...common.errors import InputError
+from ...common.hashing import sha256_json
 from ...records.store import StageRecords
 
 logger = logging.getLogger(__name__)
@@ -33,15 +33,12 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_json(obj)
 
 
 def _device(device) -> Any:
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The device a quality model runs on: the one device resolver's (None: CUDA, else MPS, else the CPU)."""
+    return check_device("device", device)
 
 
 def _first_line(exc: BaseException) -> str:

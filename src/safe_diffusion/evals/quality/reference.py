@@ -8,7 +8,6 @@ pytorch-fid's and clean-fid's ``mu``/``sigma`` convention; nothing is ever unpic
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ...common.errors import InputError
+from ...common.hashing import sha256_file, sha256_text
 from ...records.store import StageRecords
 from .features import FeatureExtractor, image_features
 from .images import (
@@ -96,8 +96,6 @@ def save_statistics(stats: ReferenceStatistics, path: str | os.PathLike) -> None
 
 def load_statistics(path: str | os.PathLike, extractor: FeatureExtractor | None = None) -> ReferenceStatistics:
     """Statistics from an ``.npz`` with ``mu`` and ``sigma`` (ours, pytorch-fid's or clean-fid's); never unpickles."""
-    from ...judges.base import file_sha256
-
     path = Path(path)
     name = str(path)
     try:
@@ -133,7 +131,7 @@ def load_statistics(path: str | os.PathLike, extractor: FeatureExtractor | None 
     if features is not None and features.shape[1:] != mu.shape:
         raise InputError(f"{name}: features have shape {features.shape}, not (n, {len(mu)})")
     count = int(arrays["count"]) if "count" in arrays else (len(features) if features is not None else None)
-    source = {"kind": "statistics", "path": str(path), "sha256": file_sha256(path)}
+    source = {"kind": "statistics", "path": str(path), "sha256": sha256_file(path)}
     if "source" in arrays:
         with contextlib.suppress(ValueError):
             source["computed_from"] = json.loads(str(arrays["source"]))
@@ -150,12 +148,7 @@ def default_cache_dir() -> Path:
 
 def folder_content_digest(images: Sequence[QualityImage]) -> str:
     """sha256 over each image's key and the sha256 of its bytes (the reference's content, not its path)."""
-    from ...judges.base import file_sha256
-
-    digest = hashlib.sha256()
-    for item in images:
-        digest.update(f"{item.key}\t{file_sha256(item.path)}\n".encode())
-    return digest.hexdigest()
+    return sha256_text("".join(f"{item.key}\t{sha256_file(item.path)}\n" for item in images))
 
 
 def reference_statistics(
