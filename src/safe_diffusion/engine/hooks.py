@@ -115,7 +115,7 @@ def close_call_hooks(hooks: Sequence[CallHook]) -> None:
     for hook in hooks:
         try:
             hook.close()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, once every hook is closed
             error = error or exc
     if error is not None:
         raise error

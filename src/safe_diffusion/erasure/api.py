@@ -196,7 +196,7 @@ def resolve_base_folder(model: str) -> Path:
 
     try:
         return Path(DiffusionPipeline.download(model))
-    except Exception as exc:  # hub and network errors all mean "cannot get the files"
+    except Exception as exc:  # noqa: BLE001 - hub, network and file errors of every kind mean "cannot get the files"
         raise InputError(
             f"cannot get the files of model {model!r}: {str(exc).splitlines()[0] if str(exc) else exc}"
         ) from None

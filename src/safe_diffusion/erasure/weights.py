@@ -10,11 +10,12 @@ from ..common.errors import InputError
 def load_erasure_weights(pipe, path: str | Path) -> list[str]:
     """Apply an edited-weights file (ours, or one saved by the official UCE/ESD code) to ``pipe.unet``;
     returns the parameter names it replaced. Every key must name a UNet parameter of the same shape."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         weights = load_file(str(path))
-    except Exception as exc:  # missing file, not safetensors
+    except (OSError, SafetensorError) as exc:  # missing or unreadable file, not safetensors
         raise InputError(f"cannot read edited weights {str(path)!r}: {exc}") from None
     params = dict(pipe.unet.named_parameters())
     for key, value in weights.items():

@@ -154,7 +154,7 @@ def _read_table(path: Path, data: bytes) -> list[dict]:
             raise InputError("reading Parquet needs pandas and pyarrow: pip install 'safe-diffusion[i2p]'") from None
         try:
             return pd.read_parquet(io.BytesIO(data)).to_dict("records")
-        except Exception as exc:
+        except (ValueError, OSError, NotImplementedError) as exc:  # pyarrow's errors derive from these
             raise InputError(f"{name}: not a readable Parquet file ({type(exc).__name__})") from None
     try:
         text = data.decode("utf-8-sig")

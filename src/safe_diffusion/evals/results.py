@@ -133,13 +133,13 @@ def load_records_file(path: Path, *, with_rows: bool = False):
             raise InputError(f"{name} is empty")
         try:
             frame = pd.read_parquet(path)
-        except Exception as exc:
+        except (ValueError, OSError, NotImplementedError) as exc:  # pyarrow's errors derive from these
             raise InputError(f"{name}: not a readable Parquet file ({type(exc).__name__})") from None
     else:
         decode_text_file(data, name)
         try:
             frame = pd.read_csv(path, keep_default_na=False, dtype={"prompt": str, "categories": str, "unsafe": str})
-        except Exception as exc:
+        except (ValueError, OSError) as exc:  # pandas' parser errors are ValueErrors
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise InputError(f"{name}: not a readable CSV ({first})") from None
     missing = [c for c in ("prompt", "unsafe") if c not in frame.columns]

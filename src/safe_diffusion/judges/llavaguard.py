@@ -289,7 +289,7 @@ def _hub_commit(model: str, revision: str | None) -> str | None:
 
         path = cached_file(model, "config.json", revision=revision)
         return extract_commit_hash(path, None)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the commit is provenance when known; never a reason to fail loading
         return None
 
 
@@ -340,7 +340,7 @@ class LlavaGuard(Judge):
         hf_logging.disable_progress_bar()
         try:
             config = AutoConfig.from_pretrained(self.model_ref, revision=revision)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - hub, network and config errors of every kind: one line
             raise _load_error(self.model_ref, exc) from None
         if config.model_type != "llava_onevision":
             raise InputError(
@@ -354,7 +354,7 @@ class LlavaGuard(Judge):
             )
         except InputError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - hub, network and weight errors of every kind: one line
             raise _load_error(self.model_ref, exc) from None
         self.model = model_.to(self.device).eval()
         # A checkpoint whose processor config predates these fields: take them from the model's config.

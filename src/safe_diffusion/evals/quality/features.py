@@ -113,7 +113,7 @@ class InceptionV3Features(FeatureExtractor):
                     feature_extractor_weights_path=str(path) if path.is_file() else None,
                     antialias=self.antialias,
                 )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - download, file and unpickling-refused errors of every kind: one line
             if weights is None and not path.is_file():
                 raise InputError(
                     f"cannot download the Inception weights ({_first_line(exc)}); offline? copy "
