@@ -29,14 +29,6 @@ def unwrap(module):
     return getattr(module, "_orig_mod", module)
 
 
-def call_option(call: dict, *names: str, default=None):
-    """The first of `names` the pipeline call has (its bound arguments, defaults applied)."""
-    for name in names:
-        if name in call:
-            return call[name]
-    return default
-
-
 def lora_scale(call: dict) -> float | None:
     """The LoRA scale of the call, as every diffusers pipeline reads it from its attention kwargs."""
     for key in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
