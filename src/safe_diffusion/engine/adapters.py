@@ -139,7 +139,7 @@ class DenoiserAdapter:
 
     def sigma(self, kwargs: dict, batch: int) -> torch.Tensor:
         """Per sample, the flow-matching noise level σ of this call (flow families only)."""
-        t = torch.as_tensor(kwargs["timestep"]).float()
+        t = torch.as_tensor(kwargs["timestep"]).detach().to("cpu", torch.float64)  # c = 1 − σ alike wherever computed
         if t.ndim > 1:  # per-token timesteps (Wan 2.2 TI2V): the sample's noise level
             t = t.amax(dim=tuple(range(1, t.ndim)))
         t = t.flatten()

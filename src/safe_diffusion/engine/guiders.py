@@ -10,9 +10,11 @@ and so the same pure functions, that :func:`~safe_diffusion.engine.guide` uses:
 The concepts are encoded by a block we ship, :class:`GuidanceConceptsStep`, inserted after the
 pipeline's text encoder (:func:`with_guidance_concepts`): it encodes them with the pipeline's own
 text-encoding function, ``clip_skip`` and LoRA scale, as the prompt is encoded. Served: the modular
-Stable Diffusion XL blocks (verified on text-to-image and img2img). Terms act on the
-denoiser's own output ("model" space), which is what ``space="auto"`` means for ε- and
-v-prediction models; a term that would act in another space is refused in one line.
+Stable Diffusion XL blocks (verified on text-to-image and img2img) and Stable Diffusion 3 blocks
+(:data:`ENCODERS`); every other modular family is refused in one line naming it. Terms act where
+``guide()`` makes them act (``space="auto"``): on the denoiser's own output for ε- and v-prediction, on
+its ε-equivalent for flow matching, with the factor c taken from the step's timestep and the scheduler
+(engine/spaces.py), so no x_t is needed.
 
     blocks = with_guidance_concepts(StableDiffusionXLAutoBlocks())
     pipe = blocks.init_pipeline("stabilityai/stable-diffusion-xl-base-1.0")
@@ -26,8 +28,8 @@ guider serves one pipeline call at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -45,6 +47,7 @@ from ..guidance.terms import (
     needed_concepts,
     resolve_space,
 )
+from .spaces import apply_in_epsilon
 
 _CONCEPT_PREFIX = "pred_concept_"
 
@@ -75,6 +78,8 @@ class TermsGuider(BaseGuidance):
         self._rows: dict[str, dict[str, torch.Tensor]] = {}
         self._bound = False
         self._needed: list[tuple[int, int]] = []
+        self._spaces: list[str] = ["model"] * len(self._terms)
+        self._epsilon_scale: Callable[[Any], torch.Tensor | None] | None = None
 
     # -- what the concepts step gives ----------------------------------------------------------------
     @property
@@ -82,17 +87,23 @@ class TermsGuider(BaseGuidance):
         """The concepts to encode, each once."""
         return sorted({c for t in self._base_terms for c in t.concepts})
 
-    def bind_concepts(self, rows: dict[str, dict[str, torch.Tensor]], prediction: str) -> None:
+    def bind_concepts(
+        self,
+        rows: dict[str, dict[str, torch.Tensor]],
+        prediction: str,
+        epsilon_scale: Callable[[Any], torch.Tensor | None] | None = None,
+    ) -> None:
         """Per concept text, its conditioning by denoiser-input name (one row each), for the next call;
-        `prediction` is the pipeline's prediction type ("epsilon", "v_prediction", "flow", …)."""
-        for term in self._base_terms:
-            space = resolve_space(getattr(term, "space", "auto"), prediction)
-            if space == "epsilon" and prediction != "epsilon":
-                raise GuidanceError(
-                    f"{type(self).__name__}: a {type(term).__name__} acting in ε space on a {prediction!r}-prediction "
-                    "model needs x_t, which a guider is not given; use guide() on the non-modular pipeline, "
-                    "or space='model'"
-                )
+        `prediction` is the pipeline's prediction type ("epsilon", "v_prediction", "flow", …); `epsilon_scale`
+        maps a step's timestep to the factor c of engine/spaces.py (needed by terms acting in ε space on
+        models that predict something else)."""
+        self._spaces = [resolve_space(getattr(term, "space", "auto"), prediction) for term in self._base_terms]
+        if prediction != "epsilon" and "epsilon" in self._spaces and epsilon_scale is None:
+            raise GuidanceError(
+                f"{type(self).__name__}: a term acting in ε space on a {prediction!r}-prediction model needs the "
+                "step's noise level; bind the concepts with an epsilon_scale, or use space='model'"
+            )
+        self._epsilon_scale = epsilon_scale if prediction != "epsilon" else None
         missing = [c for c in self.concept_texts if c not in rows]
         if missing:
             raise GuidanceError(f"{type(self).__name__}: no encoding given for the concept(s) {missing}")
@@ -127,6 +138,12 @@ class TermsGuider(BaseGuidance):
         batches = [self._prepare_batch(data, 0, "pred_cond")]
         if self.num_conditions == 1:
             return batches
+        if not any(isinstance(v, tuple) for v in data.values()):
+            # diffusers would evaluate the prompt's inputs as the "unconditional" batch: CFG and the terms silently off
+            raise GuidanceOffError(
+                f"{type(self).__name__} needs classifier-free guidance, and this pipeline call gave the guider no "
+                "negative conditioning (modular SD 3 runs it only with a negative prompt: pass negative_prompt='')"
+            )
         batches.append(self._prepare_batch(data, 1, "pred_uncond"))
         cond = batches[0]
         for ti, ci in self._needed:
@@ -165,10 +182,19 @@ class TermsGuider(BaseGuidance):
             ti, ci = (int(i) for i in name[len(_CONCEPT_PREFIX) :].split("_"))
             per_term[ti][ci] = estimate
         delta = torch.zeros_like(pred_cond)
+        c = None
+        if self._epsilon_scale is not None and "epsilon" in self._spaces:
+            c = self._epsilon_scale(self._timestep)
+            c = None if c is None else c.expand(pred_cond.shape[0]) if c.numel() == 1 else c
         for ti, term in enumerate(self._terms):
-            d, self._states[ti] = term.apply(
-                pred_uncond, pred_cond, per_term[ti], self._step, self._states[ti], self.guidance_scale
-            )
+
+            def apply(u, t, concepts, term=term, ti=ti):
+                return term.apply(u, t, concepts, self._step, self._states[ti], self.guidance_scale)
+
+            if self._spaces[ti] == "epsilon" and c is not None:
+                d, self._states[ti] = apply_in_epsilon(apply, c, pred_uncond, pred_cond, per_term[ti])
+            else:
+                d, self._states[ti] = apply(pred_uncond, pred_cond, per_term[ti])
             delta = delta + d
         pred = pred_uncond + self.guidance_scale * (pred_cond + delta - pred_uncond)
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
@@ -286,14 +312,75 @@ def _encode_sdxl(components, texts: list[str], block_state) -> list[dict[str, to
     return [{"prompt_embeds": embeds[i], "text_embeds": pooled[i]} for i in range(len(texts))]
 
 
-#: Per modular pipeline family (``model_name`` of its blocks): how its concepts are encoded.
-ENCODERS = {"stable-diffusion-xl": _encode_sdxl}
+def _encode_sd3(components, texts: list[str], block_state) -> list[dict[str, torch.Tensor]]:
+    from diffusers.modular_pipelines.stable_diffusion_3.encoders import encode_prompt
+
+    kwargs = block_state.joint_attention_kwargs or {}
+    embeds, _, pooled, _ = encode_prompt(
+        components,
+        texts,
+        device=components._execution_device,
+        clip_skip=block_state.clip_skip,
+        max_sequence_length=block_state.max_sequence_length or 256,
+        lora_scale=kwargs.get("scale"),
+    )
+    # names as the SD 3 denoising step gives them to the guider
+    return [{"encoder_hidden_states": embeds[i], "text_embeds": pooled[i]} for i in range(len(texts))]
+
+
+class ConceptEncoder(NamedTuple):
+    """How one modular family encodes the guiders' concepts: the function (its own text-encoding code, so
+    concepts are encoded as the prompt is) and the pipeline inputs that shape the encoding."""
+
+    encode: Callable  # (components, texts, block_state) -> per text, {guider input name: one row}
+    inputs: tuple[InputParam, ...]
+
+
+#: Per modular pipeline family (``model_name`` of its blocks): how its concepts are encoded. The other
+#: families diffusers ships are refused by :func:`with_guidance_concepts` in one line naming the family.
+ENCODERS: dict[str, ConceptEncoder] = {
+    "stable-diffusion-xl": ConceptEncoder(
+        _encode_sdxl, (InputParam("cross_attention_kwargs"), InputParam("clip_skip"))
+    ),
+    "stable-diffusion-3": ConceptEncoder(
+        _encode_sd3,
+        (
+            InputParam("joint_attention_kwargs"),
+            InputParam("clip_skip"),
+            InputParam("max_sequence_length", type_hint=int, default=256),
+        ),
+    ),
+}
+
+
+def _epsilon_scale(scheduler, prediction: str) -> Callable[[Any], torch.Tensor | None]:
+    """timestep -> the factor c with ε_a − ε_b = c·(out_a − out_b) at that step (None: c = 1), from the
+    scheduler alone (engine/spaces.py): √ᾱ_t for v-prediction, 1 − σ for flow matching."""
+    if prediction == "epsilon":
+        return lambda t: None
+    if prediction == "v_prediction":
+        alphas = scheduler.alphas_cumprod
+
+        def alpha(t):
+            index = torch.as_tensor(t).flatten().float().round().long().cpu().clamp(0, len(alphas) - 1)
+            return alphas[index].sqrt()
+
+        return alpha
+    if prediction == "flow":
+        scale = float(getattr(scheduler.config, "num_train_timesteps", 1000))
+        return lambda t: 1.0 - torch.as_tensor(t).detach().to("cpu", torch.float64).flatten() / scale
+    raise GuidanceError(f"space='epsilon' is not defined for a model predicting {prediction!r}; use space='model'")
 
 
 class GuidanceConceptsStep(ModularPipelineBlocks):
     """Encodes the guider's concepts as the pipeline encodes its prompt and hands them to the guider."""
 
     model_name = "stable-diffusion-xl"
+
+    def __init__(self, model_name: str | None = None):
+        super().__init__()
+        if model_name is not None:
+            self.model_name = model_name
 
     @property
     def description(self) -> str:
@@ -307,7 +394,7 @@ class GuidanceConceptsStep(ModularPipelineBlocks):
 
     @property
     def inputs(self) -> list[InputParam]:
-        return [InputParam("cross_attention_kwargs"), InputParam("clip_skip")]
+        return list(ENCODERS[self.model_name].inputs)
 
     @property
     def intermediate_outputs(self) -> list:
@@ -318,14 +405,18 @@ class GuidanceConceptsStep(ModularPipelineBlocks):
         guider = components.guider
         if isinstance(guider, TermsGuider) and guider.concept_texts:
             block_state = self.get_block_state(state)
-            encode = ENCODERS[self.model_name]
+            encode = ENCODERS[self.model_name].encode
             texts = guider.concept_texts
             rows = dict(zip(texts, encode(components, texts, block_state)))
             scheduler = getattr(components, "scheduler", None)
             prediction = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
             if "FlowMatch" in type(scheduler).__name__:
                 prediction = "flow"
-            guider.bind_concepts(rows, prediction)
+            try:
+                scale = _epsilon_scale(scheduler, prediction)
+            except GuidanceError:  # a prediction type with no ε-equivalent: only space="model" terms can act
+                scale = None
+            guider.bind_concepts(rows, prediction, scale)
         return components, state
 
 
@@ -341,5 +432,6 @@ def with_guidance_concepts(blocks):
     if "guidance_concepts" not in names:
         if "text_encoder" not in names:
             raise GuidanceError(f"{type(blocks).__name__} has no 'text_encoder' block to encode the concepts after")
-        blocks.sub_blocks.insert("guidance_concepts", GuidanceConceptsStep(), names.index("text_encoder") + 1)
+        step = GuidanceConceptsStep(model)
+        blocks.sub_blocks.insert("guidance_concepts", step, names.index("text_encoder") + 1)
     return blocks
