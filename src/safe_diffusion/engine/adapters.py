@@ -335,15 +335,26 @@ class FluxAdapter(DenoiserAdapter):
         return 1.0  # the pipeline passes timestep / 1000 = σ
 
     def _grid(self, kwargs) -> tuple[int, int]:
+        """The latent's token grid. Kontext appends the reference image's tokens, whose ids start with 1;
+        the latent's own come first, with ids (0, row, column)."""
         ids = kwargs["img_ids"]
         ids = ids[0] if ids.ndim == 3 else ids
+        ids = ids[ids[:, 0] == 0] if bool((ids[:, 0] != 0).any()) else ids
         return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
 
     def to_math(self, tensor, kwargs):
-        return unpack_tokens(tensor, *self._grid(kwargs))
+        """The latent tokens (the first h·w; reference-image tokens after them are left out) as an image."""
+        h, w = self._grid(kwargs)
+        return unpack_tokens(tensor[:, : h * w], h, w)
 
     def from_math(self, tensor, kwargs, like):
-        return pack_tokens(tensor)
+        """Packed again; reference-image tokens (Kontext, Qwen-Image-Edit) get no correction: the pipeline
+        drops their estimates, and they ride unchanged."""
+        packed = pack_tokens(tensor)
+        extra = like.shape[1] - packed.shape[1]
+        if extra <= 0:
+            return packed
+        return torch.cat([packed, packed.new_zeros(packed.shape[0], extra, packed.shape[2])], dim=1)
 
 
 # -- Qwen-Image -------------------------------------------------------------------------------------------
