@@ -228,3 +228,30 @@ def test_qwen_concepts_of_other_lengths_than_the_prompt_are_padded_and_masked(pi
         with guide(pipe, SEGA):
             edited = _run("qwen-image", pipe, prompt=prompt)
         assert np.isfinite(edited).all() and np.abs(edited - plain).max() > 1e-4
+
+
+def test_sd3_skip_layer_guidance_leaves_the_correction_at_the_cfg_scale(pipes):
+    """SD 3.5's skip-layer guidance adds s·(ε_p − ε_skip) after CFG. The engine's Δ enters ε_p; its skip-layer
+    call gets the same Δ, so the pipeline's term stays s·(ε_p − ε_skip) of the raw estimates and Δ is weighted
+    g, not g + s (1.56× at g = 5, s = 2.8)."""
+    pipe = pipes("sd3")
+    den = _denoiser(pipe)
+    raw, seen = [], []  # what the transformer returned, and what the pipeline received
+    before = den.register_forward_hook(lambda m, a, k, out: raw.append(out[0].clone()), with_kwargs=True)
+    try:
+        with guide(pipe, SLD):
+            after = den.register_forward_hook(lambda m, a, k, out: seen.append(out[0].clone()), with_kwargs=True)
+            try:
+                _run("sd3", pipe, skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+            finally:
+                after.remove()
+    finally:
+        before.remove()
+    pairs = list(zip(raw, seen))
+    main = [(r, s) for r, s in pairs if r.shape[0] > 1]  # [negative; prompt; concept] → [negative; prompt]
+    skip = [(r, s) for r, s in pairs if r.shape[0] == 1]  # the skip-layer call: prompt rows only
+    assert len(skip) >= 1 and len(main) == STEPS
+    for (m_raw, m_seen), (k_raw, k_seen) in zip(main[1:], skip):  # SLG acts on steps with i > 0
+        text_raw, text_seen = m_raw[1:2], m_seen[1:2]
+        assert (text_seen - text_raw).abs().max() > 1e-6  # SLD corrects the prompt's estimate …
+        torch.testing.assert_close(text_seen - k_seen, text_raw - k_raw, rtol=0, atol=1e-12)  # … not the SLG term

@@ -255,6 +255,7 @@ class _Call:
         self.lost_warned = False
         self.pending: dict[int, tuple] = {}
         self.cond: dict | None = None  # separate calls: the prompt call's estimates, until the negative call
+        self.last_delta: torch.Tensor | None = None  # the last batched evaluation's Δ, for an auxiliary call after it
 
     @property
     def name(self) -> str:
@@ -329,6 +330,10 @@ class _Call:
             return None
         kw = adapter.as_kwargs(args, kwargs)
         if adapter.auxiliary(kw):
+            # SD 3's skip-layer call: its estimate gets this step's Δ too, so that the pipeline's skip-layer term
+            # s·(ε_p + Δ − ε_skip) stays s·(ε_p − ε_skip) and Δ is weighted by the CFG scale alone.
+            if self.last_delta is not None:
+                self.pending[id(module)] = ("auxiliary", self.last_delta)
             return None
         if adapter.separate_calls and self.cond is not None:
             # The prompt's call of this step came first; guidance cannot be switched off between the two.
@@ -369,6 +374,9 @@ class _Call:
             return None
         adapter = self.engine.adapters[id(module)]
         out = _output_tensor(output)
+        if pending[0] == "auxiliary":
+            delta, self.last_delta = pending[1], None
+            return _replace_output(output, out + delta) if delta.shape == out.shape else None
         if pending[0] == "negative":
             cond = self.cond
             self.cond = None
@@ -404,6 +412,7 @@ class _Call:
         observed = self._observed(needed, batch, kw)
         delta = self.combination.correction(adapter, kw, uncond, text, estimates, batch, self.cfg.scale(), observed)
         self.combination.advance()
+        self.last_delta = delta
         return self._after_hooks(_replace_output(output, torch.cat([uncond, text + delta])))
 
     def _observed(self, needed, batch, kw):
