@@ -86,3 +86,24 @@ def test_strict_mode_raises_when_guidance_is_off(sd):
             callback_on_step_end=cfg_off,
             **{**call, "guidance_scale": 7.5, "num_inference_steps": 3},
         )
+
+
+@pytest.mark.parametrize("cls", ["FluxFillPipeline", "FluxControlPipeline"])
+def test_flux_pipelines_without_true_cfg_are_refused_on_entry_with_advice_they_can_follow(tmp_path, cls):
+    """FluxFill/FluxControl have no true_cfg_scale: guidance could never act. They were accepted and then told
+    to "enable true_cfg_scale > 1", which they do not have."""
+    import diffusers
+
+    from safe_diffusion.testing import FAMILIES
+
+    flux = diffusers.FluxPipeline.from_pretrained(FAMILIES["flux"](tmp_path / "flux"))
+    pipe = getattr(diffusers, cls)(
+        **{k: v for k, v in flux.components.items() if k not in ("image_encoder", "feature_extractor")}
+    )
+    before = _hooks(pipe.transformer)
+    with pytest.raises(UnsupportedPipelineError) as err, guide(pipe, SafetyGuidance()):
+        pass
+    message = str(err.value)
+    assert "\n" not in message and f"guide() cannot serve {cls}" in message and "no true_cfg_scale argument" in message
+    assert "FluxPipeline" in message and "safe-diffusion erase" in message and "enable true_cfg_scale" not in message
+    assert _hooks(pipe.transformer) == before

@@ -63,6 +63,11 @@ class DenoiserAdapter:
     separate_calls: bool = False
     #: the call argument that switches classifier-free guidance on (> 1)
     scale_arg: str = "guidance_scale"
+    #: What a user can do instead when a pipeline of this family has no ``scale_arg`` (no CFG to join).
+    without_cfg_advice: str = (
+        "use a pipeline of the family that runs classifier-free guidance, or an erased checkpoint "
+        "(safe-diffusion erase), which needs none"
+    )
 
     def __init__(self, pipe, name: str, module: torch.nn.Module):
         self.pipe = pipe
@@ -300,6 +305,11 @@ class FluxAdapter(DenoiserAdapter):
     separate_calls = True
     scale_arg = "true_cfg_scale"
     shared_args = frozenset({"return_dict", "txt_ids", "img_ids"})
+    without_cfg_advice = (
+        "its guidance_scale is FLUX's distilled-guidance embedding, not CFG. Use FluxPipeline, FluxImg2ImgPipeline, "
+        "FluxInpaintPipeline, FluxControlNetPipeline or FluxKontextPipeline with true_cfg_scale > 1 and a "
+        "negative_prompt, or an erased checkpoint (safe-diffusion erase), which needs no CFG"
+    )
 
     def cfg_in_call(self, call):
         scale = call.get("true_cfg_scale")
@@ -365,6 +375,10 @@ class QwenImageAdapter(FluxAdapter):
 
     model_classes = ("QwenImageTransformer2DModel",)
     shared_args = frozenset({"return_dict", "img_shapes", "txt_seq_lens"})
+    without_cfg_advice = (
+        "use a Qwen-Image pipeline with true_cfg_scale > 1 and a negative_prompt, or an erased checkpoint "
+        "(safe-diffusion erase), which needs no CFG"
+    )
 
     def cfg_in_call(self, call):
         scale = call.get("true_cfg_scale")

@@ -79,6 +79,14 @@ def served_denoisers(pipe) -> list[tuple[str, torch.nn.Module, type[DenoiserAdap
             f"guide() cannot serve {name}: none of its components is a denoiser it knows "
             f"({', '.join(known_denoisers())})"
         )
+    if not getattr(type(pipe), "_safe_diffusion_native", False):
+        params = call_parameters(pipe)
+        for _, _, adapter in found:
+            if adapter.scale_arg not in params:
+                raise UnsupportedPipelineError(
+                    f"guide() cannot serve {name}: it has no classifier-free guidance for guidance to join (no "
+                    f"{adapter.scale_arg} argument), so SLD and SEGA could never act; {adapter.without_cfg_advice}"
+                )
     if not callable(getattr(pipe, "encode_prompt", None)):
         raise UnsupportedPipelineError(
             f"guide() cannot serve {name}: it has no encode_prompt to encode guidance concepts with"
