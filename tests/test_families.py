@@ -255,3 +255,45 @@ def test_sd3_skip_layer_guidance_leaves_the_correction_at_the_cfg_scale(pipes):
         text_raw, text_seen = m_raw[1:2], m_seen[1:2]
         assert (text_seen - text_raw).abs().max() > 1e-6  # SLD corrects the prompt's estimate …
         torch.testing.assert_close(text_seen - k_seen, text_raw - k_raw, rtol=0, atol=1e-12)  # … not the SLG term
+
+
+def _embeds(name, pipe, length):
+    """The prompt "a cat" and the pipeline's default negative prompt, encoded by the pipeline to `length` tokens."""
+    if name == "sd3":
+        pe, ne, pooled, npooled = pipe.encode_prompt(
+            "a cat", None, None, max_sequence_length=length, negative_prompt=""
+        )
+        return dict(prompt_embeds=pe, negative_prompt_embeds=ne, pooled_prompt_embeds=pooled,
+                    negative_pooled_prompt_embeds=npooled)  # fmt: skip
+    if name == "flux":
+        pe, pooled, _ = pipe.encode_prompt("a cat", None, max_sequence_length=length)
+        ne, npooled, _ = pipe.encode_prompt("", None, max_sequence_length=length)
+        return dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=ne,
+                    negative_pooled_prompt_embeds=npooled, negative_prompt=None)  # fmt: skip
+    if name == "pixart-sigma":
+        pe, pm, ne, nm = pipe.encode_prompt(
+            "a cat", negative_prompt="", max_sequence_length=length, clean_caption=False
+        )
+        return dict(prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne,
+                    negative_prompt_attention_mask=nm, negative_prompt=None)  # fmt: skip
+    pe, ne = pipe.encode_prompt("a cat", "", max_sequence_length=length)
+    return dict(prompt_embeds=pe, negative_prompt_embeds=ne)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "pixart-sigma", "wan"])
+def test_prompt_embeds_shorter_than_the_default_length_are_guided(pipes, name):
+    """A caller's prompt_embeds of L tokens (the plain pipeline takes them): the concepts are encoded to L tokens
+    too, so the guided call equals the same call with the prompt as text and max_sequence_length=L. Before, the
+    concepts were encoded to the default length (256/512/300) and the call was refused."""
+    pipe = pipes(name)
+    length = FAMILIES[name].call["max_sequence_length"]
+    with guide(pipe, SLD):
+        expected = _run(name, pipe)
+    call = {k: v for k, v in FAMILIES[name].call.items() if k != "max_sequence_length"}
+    with torch.no_grad():
+        embeds = _embeds(name, pipe, length)
+    with guide(pipe, SLD):
+        out = pipe(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np",
+                   **{**call, **embeds})  # fmt: skip
+    got = np.asarray(getattr(out, FAMILIES[name].output))
+    assert np.abs(got - expected).max() <= PARITY_TOL

@@ -29,6 +29,17 @@ def unwrap(module):
     return getattr(module, "_orig_mod", module)
 
 
+def sequence_length(call: dict, default: int, fixed: int = 0) -> int:
+    """The text length to encode concepts to: that of the call's own ``prompt_embeds`` when it passes them (less
+    the `fixed` CLIP tokens SD 3 puts before its T5 tokens), else its ``max_sequence_length``, else the
+    pipeline's default. A prompt encoded by the caller to a shorter length is then guided as the plain
+    pipeline accepts it."""
+    embeds = call.get("prompt_embeds")
+    if isinstance(embeds, torch.Tensor) and embeds.ndim >= 2:
+        return int(embeds.shape[-2]) - fixed
+    return int(call.get("max_sequence_length") or default)
+
+
 def lora_scale(call: dict) -> float | None:
     """The LoRA scale of the call, as every diffusers pipeline reads it from its attention kwargs."""
     for key in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
@@ -272,7 +283,7 @@ class SD3Adapter(DenoiserAdapter):
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
             clip_skip=call.get("clip_skip"),
-            max_sequence_length=call.get("max_sequence_length", 256),
+            max_sequence_length=sequence_length(call, 256, fixed=self.pipe.tokenizer_max_length),
             lora_scale=lora_scale(call),
         )
         return [{"encoder_hidden_states": out[0][i], "pooled_projections": out[2][i]} for i in range(len(texts))]
@@ -333,7 +344,7 @@ class FluxAdapter(DenoiserAdapter):
             prompt_2=None,
             device=device,
             num_images_per_prompt=1,
-            max_sequence_length=call.get("max_sequence_length", 512),
+            max_sequence_length=sequence_length(call, 512),
             lora_scale=lora_scale(call),
         )
         return [{"encoder_hidden_states": out[0][i], "pooled_projections": out[1][i]} for i in range(len(texts))]
@@ -451,7 +462,7 @@ class PixArtAdapter(DenoiserAdapter):
             num_images_per_prompt=1,
             device=device,
             clean_caption=call.get("clean_caption", False),
-            max_sequence_length=call.get("max_sequence_length", 300),
+            max_sequence_length=sequence_length(call, 300),
         )
         embeds, mask = out[0], out[1]
         return [{"encoder_hidden_states": embeds[i], "encoder_attention_mask": mask[i]} for i in range(len(texts))]
@@ -485,7 +496,7 @@ class WanAdapter(DenoiserAdapter):
             negative_prompt=None,
             do_classifier_free_guidance=False,
             num_videos_per_prompt=1,
-            max_sequence_length=call.get("max_sequence_length", 512),
+            max_sequence_length=sequence_length(call, 512),
             device=device,
         )
         return [{"encoder_hidden_states": out[0][i]} for i in range(len(texts))]
