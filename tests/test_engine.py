@@ -297,6 +297,24 @@ def test_guidance_scale_one_warns_or_raises_in_strict_mode(sd, caplog):
     assert "StableDiffusionPipeline call runs without" in str(err.value) and "guidance_scale > 1" in str(err.value)
 
 
+def test_the_cfg_off_warning_is_said_once_per_pipeline(sd, caplog):
+    from diffusers import StableDiffusionPipeline
+
+    first, second = StableDiffusionPipeline(**sd.components), StableDiffusionPipeline(**sd.components)
+    for pipe in (first, second):
+        pipe.set_progress_bar_config(disable=True)
+    with caplog.at_level(logging.WARNING, logger="safe_diffusion"):
+        with guide(first, MAX):
+            for _ in range(3):
+                first("a cat", generator=_gen(), guidance_scale=1.0, **KW)
+        with guide(first, MAX):  # a new block on the same pipeline: already said
+            first("a cat", generator=_gen(), guidance_scale=1.0, **KW)
+        assert caplog.text.count("need classifier-free guidance") == 1
+        with guide(second, MAX):  # another pipeline says it for itself
+            second("a cat", generator=_gen(), guidance_scale=1.0, **KW)
+    assert caplog.text.count("need classifier-free guidance") == 2
+
+
 def _cfg_off_at_step_1(pipe, step, timestep, kwargs):
     if step == 1:  # diffusers' documented way to stop classifier-free guidance mid-run
         pipe._guidance_scale = 1.0

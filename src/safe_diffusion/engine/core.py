@@ -226,6 +226,22 @@ class _Engine:
             call.close()
 
 
+#: Per pipeline, the warnings already given (a pipeline called in a loop says each once, not once per call).
+_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _warn_once(pipe, key: str) -> bool:
+    """Whether `key` is new for `pipe` (and now recorded)."""
+    try:
+        seen = _WARNED.setdefault(pipe, set())
+    except TypeError:  # not weak-referenceable: warn every time rather than never
+        return True
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
 class _Call:
     """One guided pipeline call: the run's named parts (:mod:`.parts`) driven by the denoiser's hooks.
 
@@ -284,7 +300,10 @@ class _Call:
             )
             if adapter.separate_calls or self.strict:
                 raise GuidanceOffError(message)
-            logger.warning("%s; running unguided", message)
+            if _warn_once(self.pipe, "cfg-off"):
+                logger.warning("%s; running unguided (said once per pipeline)", message)
+            else:
+                logger.debug("%s; running unguided", message)
             self.active = False
             return
         terms = self.schedule.terms
