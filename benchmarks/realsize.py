@@ -13,7 +13,8 @@ machine noise hits them alike, best of ``--repeats``: one pipeline call per conf
 ``output_type="latent"`` (text encoding and the denoising loop; the VAE decode is timed once apart):
 plain CFG; the engine with a term that adds no rows and corrects nothing (its own cost: hooks, per-call
 state, the zero correction); CFG with the safety concept as negative prompt; SLD with each preset; SEGA
-with 1, 2, 3 concepts. Floors are the denoiser rows each configuration evaluated (counted, not assumed)
+with 1, 2, 3 concepts; on the families SAFREE is defined for (SD 1.x, SDXL, SD 3 with T5), SAFREE alone
+and with SLD MAX. Floors are the denoiser rows each configuration evaluated (counted, not assumed)
 over CFG's: a denoiser-dominated step cannot cost less. Peak device memory of each call is recorded
 (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, reset before each call).
 
@@ -257,6 +258,21 @@ def configurations() -> dict[str, tuple[tuple, dict]]:
     return configs
 
 
+def safree_configurations(pipe) -> dict[str, tuple[tuple, dict]]:
+    """SAFREE (filtering at every step, the official defaults otherwise) alone and with SLD MAX, for the pipelines
+    SAFREE is defined for; none for the others (its check refuses them)."""
+    from safe_diffusion import SafetyGuidance, SafreeGuidance
+    from safe_diffusion.common.errors import GuidanceError
+    from safe_diffusion.engine.hooks import check_call_hook_terms
+
+    term = SafreeGuidance()
+    try:
+        check_call_hook_terms([term], pipe)
+    except GuidanceError:
+        return {}
+    return {"safree": ((term,), {}), "safree_sld": ((term, SafetyGuidance.from_preset("max")), {})}
+
+
 def guidance_section(pipe, family: str, plan: Plan, budget: Budget, out: dict) -> None:
     from safe_diffusion import guide
     from safe_diffusion.testing.realsize import REAL_SIZES
@@ -266,6 +282,8 @@ def guidance_section(pipe, family: str, plan: Plan, budget: Budget, out: dict) -
     base = {**spec.native_call(tiny=plan.tiny), **extra}
     out.update(steps=steps, batch=batch, call={k: v for k, v in base.items() if k != "negative_prompt"})
     configs = configurations()
+    safree = safree_configurations(pipe)
+    configs.update(safree)
     counter = RowCounter(denoiser_of(pipe))
     per_prompt = "num_videos_per_prompt" if spec.num_frames is not None else "num_images_per_prompt"
 
@@ -315,6 +333,10 @@ def guidance_section(pipe, family: str, plan: Plan, budget: Budget, out: dict) -
     out["sega_floor"] = {str(n): rows[f"sega_{n}"] / rows["cfg"] for n in (1, 2, 3)}
     out["negative_prompt_over_cfg"] = best["negative_prompt"] / cfg
     out["no_term_overhead"] = best["no_terms"] / cfg - 1.0
+    if safree:  # SAFREE's families (SD 1.x, SDXL, SD 3 with T5): its cost beside CFG's and SLD MAX's
+        out["safree_over_cfg"] = best["safree"] / cfg
+        out["safree_over_sld_max"] = best["safree"] / best["sld_max"]
+        out["safree_sld_over_sld_max"] = best["safree_sld"] / best["sld_max"]
     out["denoiser_rows_per_call"] = rows
     out["peak_memory_bytes"] = peaks
     out["repeats_run"] = len(times["cfg"])
@@ -469,13 +491,14 @@ def markdown(result: dict) -> str:
         "No-term overhead: the engine attached with a term that adds no rows.",
         "",
         "| family | dtype | size | batch | steps | CFG s/image | SLD/CFG weak, medium, strong, max (floors) "
-        "| SEGA(1, 2, 3)/CFG (floors) | neg. prompt/CFG | no-term overhead | peak MiB CFG / SEGA(3) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| SEGA(1, 2, 3)/CFG (floors) | neg. prompt/CFG | no-term overhead | SAFREE/CFG, /SLD max; +SLD max/SLD max "
+        "| peak MiB CFG / SEGA(3) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for family, r in result.items():
         if family == "meta" or "cfg_s_per_image" not in r:
             if family != "meta" and r.get("skipped"):
-                lines.append(f"| {family} | skipped: {r['skipped']} |||||||||| ")
+                lines.append(f"| {family} | skipped: {r['skipped']} ||||||||||| ")
             continue
         call = r["call"]
         size = f"{call['width']}x{call['height']}" + (f"x{call['num_frames']}" if "num_frames" in call else "")
@@ -484,10 +507,15 @@ def markdown(result: dict) -> str:
         sega = ", ".join(f"{r['sega_over_cfg'][n]:.2f}" for n in ("1", "2", "3"))
         sega_f = ", ".join(f"{r['sega_floor'][n]:.2f}" for n in ("1", "2", "3"))
         peaks = r["peak_memory_bytes"]
+        safree = (
+            f"{r['safree_over_cfg']:.2f}, {r['safree_over_sld_max']:.2f}; {r['safree_sld_over_sld_max']:.2f}"
+            if "safree_over_cfg" in r
+            else "— (not defined for the family)"
+        )
         lines.append(
             f"| {family} | {r['dtype']} | {size} | {r['batch']} | {r['steps']} | {r['cfg_s_per_image']:.3g} | "
             f"{sld} ({sld_f}) | {sega} ({sega_f}) | {r['negative_prompt_over_cfg']:.2f} | "
-            f"{100 * r['no_term_overhead']:+.1f} % | {_mib(peaks.get('cfg'))} / {_mib(peaks.get('sega_3'))} |"
+            f"{100 * r['no_term_overhead']:+.1f} % | {safree} | {_mib(peaks.get('cfg'))} / {_mib(peaks.get('sega_3'))} |"
         )
     for family, r in result.items():
         if family == "meta":

@@ -33,6 +33,14 @@ def test_the_real_size_benchmark_runs_shrunk_and_writes_its_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     text = json.dumps(doc)
-    for section in ("sld_strong", "sega_3", "negative_prompt", "i2p_end_to_end", "judges"):
+    for section in (
+        "sld_strong",
+        "sega_3",
+        "negative_prompt",
+        "safree_over_cfg",
+        "safree_sld",
+        "i2p_end_to_end",
+        "judges",
+    ):
         assert section in text, section
     assert list(tmp_path.glob("realsize*.md")), "the Markdown table is written beside the JSON"
