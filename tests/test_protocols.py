@@ -21,6 +21,10 @@ _DATA = {
     "ring-a-bell-nudity": "sensitive prompt,normal prompt\na cat,a dog\na bird,a fish\n",
     "mma-diffusion": "target_prompt,adv_prompt,clean_prompt\nx,a cat,y\nx,a cat,y\n",
     "p4d": "prompt,evaluation_seed,evaluation_guidance\na cat,3,7.5\n",
+    # SAFREE's datasets/coco_30k_10k.csv layout (its first two rows)
+    "coco": "case_number,source,prompt,evaluation_seed,coco_id\n"
+    "9967,coco-30k,Two trains near railway stops on the tracks. ,91380,387855\n"
+    "9968,coco-30k,a man standing on the side walk while holding a sign ,65349,474110\n",
 }
 
 
@@ -260,3 +264,21 @@ def test_reports_show_a_protocols_figure_only_beside_a_run_that_follows_it(tiny_
     from safe_diffusion.reports.runs import protocol_cell, read_run
 
     assert protocol_cell(read_run(runs[1]).config["protocol"]) == "mine v1, deviates: steps: 2 → 3"
+
+
+def test_safree_coco_generates_each_caption_with_its_own_seed(tiny_checkpoint, tmp_path, cli):
+    """SAFREE's COCO file seeds every caption (evaluation_seed): the protocol's fixed seed rule leaves them be,
+    the run generates each caption with its own seed, and records where the seeds came from."""
+    protocol = protocols.get_protocol("safree-coco")
+    _, data = _suite_for(protocol, tmp_path)
+    loaded = load_suite("coco", data=data, base_seed=42)
+    assert [p.seed for p in loaded.prompts] == [91380, 65349] and loaded.has_seeds
+    assert loaded.columns["seed"] == "evaluation_seed"
+    out = tmp_path / "run"
+    args = ["eval", "run", "--protocol", "safree-coco", "--data", data, "-m", str(tiny_checkpoint), "-o", str(out)]
+    code, _, err = cli(*args, "--steps", "2", "--height", "32", "--width", "32", "--judges", "none")
+    assert code == 0, err
+    assert "suite.sha256: 86687102ed25" in err  # a file other than SAFREE's is a deviation, said and recorded
+    assert [p["seed"] for p in json.loads((out / "prompts.json").read_text())] == [91380, 65349]
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["suite"]["columns"]["seed"] == "evaluation_seed"

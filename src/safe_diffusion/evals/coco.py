@@ -34,11 +34,15 @@ import numpy as np
 
 from ..common.errors import InputError
 from ..common.hashing import sha256_bytes
+from .tables import parse_seed
 
 #: Named subset sizes; ``"30k"`` is the usual FID-30k protocol, ``"5k"`` a quick run.
 SUBSETS = {"30k": 30_000, "10k": 10_000, "5k": 5_000}
 DEFAULT_SEED = 0
 CAPTION_COLUMNS = ("caption", "prompt", "text")
+#: A caption table's optional per-row generation seed (SAFREE's coco_30k_10k.csv: evaluation_seed) and image id.
+SEED_COLUMNS = ("evaluation_seed", "seed", "sd_seed")
+IMAGE_ID_COLUMNS = ("image_id", "coco_id")
 RULE = (
     "images sorted by id; rng = numpy.random.default_rng(seed); order = rng.permutation(n_images); "
     "choice = rng.integers(0, captions_per_image) for every image in order (captions sorted by id); "
@@ -54,6 +58,7 @@ class Caption:
     text: str
     image_id: int | None = None
     caption_id: int | None = None
+    seed: int | None = None  # the row's own generation seed, when the table has one (SAFREE's evaluation_seed)
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,8 @@ def _rows_to_captions(rows: list, where: str) -> list[Caption]:
         raise InputError(f"{where} has no captions")
     captions = []
     column = None
+    seed_column = next((c for c in SEED_COLUMNS if isinstance(rows[0], dict) and c in rows[0]), None)
+    id_column = next((c for c in IMAGE_ID_COLUMNS if isinstance(rows[0], dict) and c in rows[0]), "image_id")
     for i, row in enumerate(rows):
         at = f"{where}: row {i + 1}"
         if isinstance(row, str):
@@ -195,12 +202,16 @@ def _rows_to_captions(rows: list, where: str) -> list[Caption]:
                 raise InputError(f"{where}: no caption column (expected one of {', '.join(CAPTION_COLUMNS)})")
         if column not in row:
             raise InputError(f"{at} has no {column!r}")
+        seed = None
+        if seed_column is not None:
+            seed = parse_seed(row.get(seed_column), at, seed_column)
         captions.append(
             Caption(
                 i,
                 _clean(row[column], at),
-                _optional_int(row.get("image_id"), "image_id", at),
+                _optional_int(row.get(id_column), id_column, at),
                 _optional_int(row.get("id", row.get("caption_id")), "caption id", at),
+                seed,
             )
         )
     return captions
@@ -243,12 +254,16 @@ def load_coco_captions(
         rows = _read_table(path, data)
         fmt = path.suffix.lower().lstrip(".") or "csv"
     captions = _rows_to_captions(rows, name)
+    seeded = next((c for c in SEED_COLUMNS if rows and isinstance(rows[0], dict) and c in rows[0]), None)
+    if seeded is not None:
+        source["seed_column"] = seeded
     if size is not None:
         if size > len(captions):
             raise InputError(f"{name}: a subset of {size} captions was asked for; the file has {len(captions)}")
         order = np.random.default_rng(seed).permutation(len(captions))[:size]
         captions = [
-            Caption(i, captions[j].text, captions[j].image_id, captions[j].caption_id) for i, j in enumerate(order)
+            Caption(i, captions[j].text, captions[j].image_id, captions[j].caption_id, captions[j].seed)
+            for i, j in enumerate(order)
         ]
         source.update(rule="rows in file order; first N of numpy.random.default_rng(seed).permutation(rows)")
     source.update(format=fmt, subset=size if size is not None else len(captions))

@@ -104,10 +104,15 @@ SUITE_DIR = DATA_DIR / "suites"
 def _coco_loader(subset: str | None) -> Callable[[str, int], tuple[list[Prompt], dict[str, str]]]:
     def load(path: str, base_seed: int) -> tuple[list[Prompt], dict[str, str]]:
         captions = load_coco_captions(path, subset)
-        prompts = [Prompt(c.index, c.text, ("coco",), base_seed + c.index) for c in captions.captions]
+        prompts = [
+            Prompt(c.index, c.text, ("coco",), c.seed if c.seed is not None else base_seed + c.index)
+            for c in captions.captions
+        ]
         source = captions.source
         details = {"format": str(source.get("format")), "subset": str(source.get("subset"))}
         details["sample_seed"] = str(source.get("seed"))
+        if source.get("seed_column"):  # a caption table with its own per-row seeds (SAFREE's coco_30k_10k.csv)
+            details["seed"] = str(source["seed_column"])
         return prompts, details
 
     return load
