@@ -406,3 +406,25 @@ def test_inception_features_load_local_weights_weights_only(tmp_path):
     assert not marker.exists()
     with pytest.raises(InputError, match="is not a file"):
         q.InceptionV3Features(tmp_path / "missing.pth")
+
+
+def test_inception_weights_that_cannot_be_downloaded_name_the_option_that_fixes_it(tmp_path, monkeypatch):
+    """Offline, with no cached weights: one line naming --inception-weights and where the cache expects the file."""
+    import importlib
+    import urllib.error
+
+    from safe_diffusion.evals.quality.fidelity import import_torch_fidelity
+
+    assert import_torch_fidelity()  # torch-fidelity's extractor module without its torchvision-only siblings
+    fidelity = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(fidelity, "load_state_dict_from_url", offline)
+    with pytest.raises(InputError) as err:
+        q.InceptionV3Features(device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and "cannot download the Inception weights" in message
+    assert "--inception-weights" in message and str(tmp_path / "hub" / "checkpoints") in message
