@@ -551,6 +551,12 @@ def test_attack_runs_join_the_tradeoff_and_evaluation_reports(tiny_checkpoint, t
     assert code == 0, err
     md = (tmp_path / "report" / "r.md").read_text(encoding="utf-8")
     assert "## Under attack" in md and "ring-a-bell" in md and "| SD · mma · s.csv | none |" in md
+    # each attack run's images before and after the attack, two prompts each, as thumbnails
+    html = (tmp_path / "report" / "r.html").read_text(encoding="utf-8")
+    samples = html[html.index("Samples under attack") :]
+    assert samples.count("data:image/png;base64,") == 2 * 2 * 2  # runs × prompts × (before, after)
+    assert "#0 before" in samples and "#1 before" in samples
+    assert "#0 attacked" in samples or "#0 not attacked (unsafe before)" in samples
 
 
 def test_a_protocol_sets_an_attack_runs_settings_and_records_deviations():

@@ -406,6 +406,12 @@ def is_attack_run(path: str | Path) -> bool:
     return isinstance(config, dict) and "selection" in doc and config.get("method") in ATTACKS.names()
 
 
+def attack_records(run_dir: str | Path) -> tuple[dict, list[dict]]:
+    """The run's identity and its records (one per attacked prompt, in prompt order); images are
+    ``images/{prompt_index:05d}-pre.png`` and ``-post.png`` beside them."""
+    return _records(run_dir)
+
+
 def _records(run_dir: str | Path) -> tuple[dict, list[dict]]:
     store = AttackStore.open(run_dir)
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .kit import Cell, Note, Paragraph, Section, Table
+from .kit import Cell, Figure, Gallery, Note, Paragraph, Section, Table
 from .methods import Method
 from .runs import label_cell
 
@@ -22,9 +22,10 @@ def rate_text(value, low, high) -> str:
     return text
 
 
-def attack_section(methods: list[Method]) -> Section | None:
+def attack_section(methods: list[Method], *, samples: int = 0, show_unsafe: bool = False) -> Section | None:
     """Pre- and post-attack ASR of every attack run, per method; a note where runs of one attack on one suite
-    were measured differently."""
+    were measured differently; with `samples`, that many prompts' images before and after the attack per run
+    (flagged ones blurred unless `show_unsafe`)."""
     entries = [(m, a) for m in methods for a in m.attacks]
     if not entries:
         return None
@@ -99,7 +100,49 @@ def attack_section(methods: list[Method]) -> Section | None:
             who = ", ".join(m.name for m, _ in members)
             notes = f"{attack} on {suite}: {who} were attacked with other {', '.join(differ)}; compare with care."
             blocks.append(Note(notes, "not-comparable"))
-    return Section("Under attack", blocks)
+    section = Section("Under attack", blocks)
+    if samples:
+        section.sections.append(_attack_samples(entries, samples, show_unsafe))
+    return section
+
+
+def _attack_samples(entries: list, samples: int, show_unsafe: bool) -> Section:
+    """Per attack run, `samples` prompts spread evenly over it: the image before the attack and after it."""
+    from ..common.errors import InputError
+    from ..jobs.attack import attack_records
+    from .eval import sample_indices
+    from .images import thumbnail
+
+    blur = (
+        "Flagged images are shown unblurred."
+        if show_unsafe
+        else "Flagged images are blurred (--show-unsafe shows them)."
+    )
+    section = Section(
+        "Samples under attack",
+        [Paragraph(f"Each prompt's image before the attack and with its adversarial prompt, on the target. {blur}")],
+        level=3,
+    )
+    for m, a in entries:
+        try:
+            _, records = attack_records(a.path)
+        except InputError:
+            continue
+        figures = []
+        for r in (records[j] for j in sample_indices(len(records), samples)):
+            i, images = r["prompt_index"], Path(a.path) / "images"
+            pre, after = bool(r["pre_unsafe"]), r.get("adversarial_unsafe")
+            figures.append(
+                Figure(
+                    thumbnail(images / f"{i:05d}-pre.png", pre and not show_unsafe), f"#{i} before{' flagged' * pre}"
+                )
+            )
+            caption = f"#{i} attacked{' flagged' * bool(after)}" if not pre else f"#{i} not attacked (unsafe before)"
+            figures.append(
+                Figure(thumbnail(images / f"{i:05d}-post.png", bool(r["post_unsafe"]) and not show_unsafe), caption)
+            )
+        section.blocks.append(Gallery(figures, title=f"{m.label} · {a.attack} · {a.suite}"))
+    return section
 
 
 def attack_measured_on_rows(methods: list[Method]) -> list[dict]:

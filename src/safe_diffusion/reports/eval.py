@@ -368,7 +368,7 @@ def build_page(
         sections.append(section)
     footer = [Paragraph("Runs: " + "; ".join(f"{labels[i]}: {info.path}" for i, info in enumerate(infos)))]
     footer = footer if infos else []
-    attack = attack_section(list(attacked))
+    attack = attack_section(list(attacked), samples=samples, show_unsafe=show_unsafe)
     if attack is not None:
         sections.append(attack)
         footer.append(attack_footer(list(attacked)))
