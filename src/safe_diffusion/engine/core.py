@@ -36,6 +36,10 @@ hooks (:mod:`.hooks`): bound once per call, they rewrite the denoiser's argument
 Steps count guided denoiser evaluations, as the reference pipelines count them (a second-order
 scheduler such as Heun evaluates twice per step; terms can give warm-ups as fractions of the run
 instead, see :meth:`~safe_diffusion.guidance.SafetyGuidance.for_schedule`).
+
+Over 500 lines (just): the attachment (hooks, class swap, nesting) and one guided call's state machine
+(batched, separate prompt/negative calls, auxiliary calls, call hooks) read together; the parts it drives
+are :mod:`.parts`.
 """
 
 from __future__ import annotations
