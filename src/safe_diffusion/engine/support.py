@@ -79,8 +79,9 @@ def served_denoisers(pipe) -> list[tuple[str, torch.nn.Module, type[DenoiserAdap
             f"guide() cannot serve {name}: none of its components is a denoiser it knows "
             f"({', '.join(known_denoisers())})"
         )
-    if not getattr(type(pipe), "_safe_diffusion_native", False):
-        params = call_parameters(pipe)
+    params = call_parameters(pipe)
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())  # a wrapper's **kwargs
+    if not getattr(type(pipe), "_safe_diffusion_native", False) and not open_ended:
         for _, _, adapter in found:
             if adapter.scale_arg not in params:
                 raise UnsupportedPipelineError(
