@@ -1,5 +1,5 @@
 """Pipelines that append a reference image's tokens after the latent's (FLUX Kontext, Kontext inpainting,
-Qwen-Image-Edit): guide() corrects the latent tokens only and lets the image tokens ride unchanged (the
+Qwen-Image-Edit and Edit Plus): guide() corrects the latent tokens only and lets the image tokens ride unchanged (the
 pipeline drops their estimates). Before, the engine unpacked every token as latent and crashed mid-call."""
 
 from __future__ import annotations
@@ -64,18 +64,26 @@ def test_flux_kontext_is_guided_on_its_latent_tokens(flux, cls):
         assert np.isfinite(guided).all() and np.abs(guided - plain).max() > 1e-3
 
 
-def test_qwen_image_edit_is_guided_on_its_latent_tokens(tmp_path, monkeypatch):
-    """QwenImageEditPipeline with the tiny checkpoint. Its text encoding runs the prompt and the reference image
-    through Qwen2.5-VL's processor, which the tiny byte-level vocabulary (no vision tokens) cannot build: the
-    prompt and concepts are encoded by the same text encoder without the image (QwenImagePipeline's encoding).
-    What is under test is the engine's handling of the image tokens in the transformer's batch."""
+@pytest.mark.parametrize(
+    "cls, module, dims",
+    [
+        ("QwenImageEditPipeline", "pipeline_qwenimage_edit", (32, 32, None)),
+        ("QwenImageEditPlusPipeline", "pipeline_qwenimage_edit_plus", (32, 32)),  # two reference images
+    ],
+)
+def test_qwen_image_edit_is_guided_on_its_latent_tokens(tmp_path, monkeypatch, cls, module, dims):
+    """Qwen-Image-Edit (one reference image) and Edit Plus (several) with the tiny checkpoint. Their text encoding
+    runs the prompt and the images through Qwen2.5-VL's processor, which the tiny byte-level vocabulary (no vision
+    tokens) cannot build: the prompt and concepts are encoded by the same text encoder without the images
+    (QwenImagePipeline's encoding). What is under test is the engine's handling of the image tokens in the
+    transformer's batch."""
     import diffusers
 
     from safe_diffusion.testing import FAMILIES
 
     path = FAMILIES["qwen-image"](tmp_path / "qwen-image")
     base = diffusers.QwenImagePipeline.from_pretrained(path, torch_dtype=torch.float64)
-    pipe = diffusers.QwenImageEditPipeline(**base.components, processor=None)
+    pipe = getattr(diffusers, cls)(**base.components, processor=None)
     pipe.set_progress_bar_config(disable=True)
 
     def text_only(prompt, image=None, device=None, num_images_per_prompt=1, prompt_embeds=None,
@@ -83,10 +91,10 @@ def test_qwen_image_edit_is_guided_on_its_latent_tokens(tmp_path, monkeypatch):
         return base.encode_prompt(prompt, device, num_images_per_prompt, prompt_embeds, prompt_embeds_mask, 512)
 
     monkeypatch.setattr(pipe, "encode_prompt", text_only)
-    call = dict(image=_image(), height=32, width=32, true_cfg_scale=4.0, negative_prompt=" ")
-    monkeypatch.setattr(
-        "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit.calculate_dimensions",
-        lambda area, ratio: (32, 32, None),  # the reference image at the call's size, not 1024²
+    image = _image() if "Plus" not in cls else [_image(5), _image(6)]
+    call = dict(image=image, height=32, width=32, true_cfg_scale=4.0, negative_prompt=" ")
+    monkeypatch.setattr(  # the reference images at the call's size, not 1024²
+        f"diffusers.pipelines.qwenimage.{module}.calculate_dimensions", lambda area, ratio: dims
     )
     plain = _run(pipe, call)
     guided = _run(pipe, call, SLD)

@@ -88,7 +88,7 @@ def test_strict_mode_raises_when_guidance_is_off(sd):
         )
 
 
-@pytest.mark.parametrize("cls", ["FluxFillPipeline", "FluxControlPipeline"])
+@pytest.mark.parametrize("cls", ["FluxFillPipeline", "FluxControlPipeline", "VisualClozePipeline"])
 def test_flux_pipelines_without_true_cfg_are_refused_on_entry_with_advice_they_can_follow(tmp_path, cls):
     """FluxFill/FluxControl have no true_cfg_scale: guidance could never act. They were accepted and then told
     to "enable true_cfg_scale > 1", which they do not have."""
