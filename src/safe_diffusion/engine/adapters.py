@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..common.errors import GuidanceError
+from .spaces import epsilon_factor
 
 Path = str | tuple[str, str]  # a forward argument, or (argument, key) inside a dict argument
 
@@ -141,29 +142,24 @@ class DenoiserAdapter:
         return getattr(self.pipe.scheduler.config, "prediction_type", None) or "epsilon"
 
     def epsilon_scale(self, kwargs: dict, batch: int) -> torch.Tensor | None:
-        """Per sample, the factor c with ε_a − ε_b = c·(out_a − out_b) at this call's x_t (None: c = 1)."""
+        """Per sample, the factor c with ε_a − ε_b = c·(out_a − out_b) at this call's x_t (None: c = 1):
+        :func:`~.spaces.epsilon_factor` at the call's timestep."""
         prediction = self.prediction()
-        if prediction == "epsilon":
-            return None
-        if prediction == "v_prediction":
-            # v = α ε − σ x₀ and x_t = α x₀ + σ ε give ε = α v + σ x_t: differences scale by α = √ᾱ_t.
-            alphas = self.pipe.scheduler.alphas_cumprod
-            t = torch.as_tensor(kwargs["timestep"]).flatten().float().round().long().cpu()
-            alpha = alphas[t.clamp(0, len(alphas) - 1)].sqrt()
-            return alpha.expand(batch) if alpha.numel() == 1 else alpha[:batch]
-        if prediction == "flow":
-            # x_t = (1 − σ) x₀ + σ ε and v = ε − x₀ give ε = x_t + (1 − σ) v: differences scale by 1 − σ.
-            return 1.0 - self.sigma(kwargs, batch)
-        raise GuidanceError(f"space='epsilon' is not defined for a model predicting {prediction!r}; use space='model'")
-
-    def sigma(self, kwargs: dict, batch: int) -> torch.Tensor:
-        """Per sample, the flow-matching noise level σ of this call (flow families only)."""
-        t = torch.as_tensor(kwargs["timestep"]).detach().to("cpu", torch.float64)  # c = 1 − σ alike wherever computed
-        if t.ndim > 1:  # per-token timesteps (Wan 2.2 TI2V): the sample's noise level
+        t = torch.as_tensor(kwargs["timestep"])
+        if prediction == "flow" and t.ndim > 1:  # per-token timesteps (Wan 2.2 TI2V): the sample's noise level
             t = t.amax(dim=tuple(range(1, t.ndim)))
-        t = t.flatten()
-        sigma = t / self.timestep_scale()
-        return sigma.expand(batch) if sigma.numel() == 1 else sigma[:batch]
+        try:
+            c = epsilon_factor(
+                prediction,
+                t,
+                alphas_cumprod=getattr(self.pipe.scheduler, "alphas_cumprod", None),
+                timestep_scale=self.timestep_scale(),
+            )
+        except ValueError as exc:
+            raise GuidanceError(str(exc)) from None
+        if c is None:
+            return None
+        return c.expand(batch) if c.numel() == 1 else c[:batch]
 
     def timestep_scale(self) -> float:
         """What the pipeline multiplies σ by to get the timestep it passes (1000, or 1 when it divides first)."""

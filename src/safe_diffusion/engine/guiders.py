@@ -47,7 +47,7 @@ from ..guidance.terms import (
     needed_concepts,
     resolve_space,
 )
-from .spaces import apply_in_epsilon
+from .spaces import apply_in_epsilon, epsilon_factor
 
 _CONCEPT_PREFIX = "pred_concept_"
 
@@ -354,22 +354,12 @@ ENCODERS: dict[str, ConceptEncoder] = {
 
 
 def _epsilon_scale(scheduler, prediction: str) -> Callable[[Any], torch.Tensor | None]:
-    """timestep -> the factor c with ε_a − ε_b = c·(out_a − out_b) at that step (None: c = 1), from the
-    scheduler alone (engine/spaces.py): √ᾱ_t for v-prediction, 1 − σ for flow matching."""
-    if prediction == "epsilon":
-        return lambda t: None
-    if prediction == "v_prediction":
-        alphas = scheduler.alphas_cumprod
-
-        def alpha(t):
-            index = torch.as_tensor(t).flatten().float().round().long().cpu().clamp(0, len(alphas) - 1)
-            return alphas[index].sqrt()
-
-        return alpha
-    if prediction == "flow":
-        scale = float(getattr(scheduler.config, "num_train_timesteps", 1000))
-        return lambda t: 1.0 - torch.as_tensor(t).detach().to("cpu", torch.float64).flatten() / scale
-    raise GuidanceError(f"space='epsilon' is not defined for a model predicting {prediction!r}; use space='model'")
+    """timestep -> the factor c of :func:`~.spaces.epsilon_factor` from the scheduler alone (no x_t needed)."""
+    if prediction not in ("epsilon", "v_prediction", "flow"):
+        raise GuidanceError(f"space='epsilon' is not defined for a model predicting {prediction!r}; use space='model'")
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    scale = float(getattr(scheduler.config, "num_train_timesteps", 1000))
+    return lambda t: epsilon_factor(prediction, t, alphas_cumprod=alphas, timestep_scale=scale)
 
 
 class GuidanceConceptsStep(ModularPipelineBlocks):

@@ -34,3 +34,21 @@ def apply_in_epsilon(
     positive = c > 0
     delta = torch.where(positive, delta / torch.where(positive, c, torch.ones_like(c)), torch.zeros_like(delta))
     return delta, state
+
+
+def epsilon_factor(
+    prediction: str, timestep, *, alphas_cumprod: torch.Tensor | None = None, timestep_scale: float = 1000.0
+) -> torch.Tensor | None:
+    """The factor c at `timestep` (a number or one per sample, the scheduler's units; on the CPU, float64 for
+    flow) for a model predicting `prediction`: None (c = 1) for ε; √ᾱ_t for v-prediction (v = α ε − σ x₀ and
+    x_t = α x₀ + σ ε give ε = α v + σ x_t); 1 − σ with σ = t / `timestep_scale` for flow matching
+    (x_t = (1 − σ) x₀ + σ ε and v = ε − x₀ give ε = x_t + (1 − σ) v)."""
+    if prediction == "epsilon":
+        return None
+    t = torch.as_tensor(timestep).detach()
+    if prediction == "v_prediction" and alphas_cumprod is not None:
+        index = t.flatten().float().round().long().cpu().clamp(0, len(alphas_cumprod) - 1)
+        return alphas_cumprod[index].sqrt()
+    if prediction == "flow":
+        return 1.0 - t.to("cpu", torch.float64).flatten() / timestep_scale
+    raise ValueError(f"space='epsilon' is not defined for a model predicting {prediction!r}; use space='model'")
