@@ -43,6 +43,13 @@ CAPTION_COLUMNS = ("caption", "prompt", "text")
 #: A caption table's optional per-row generation seed (SAFREE's coco_30k_10k.csv: evaluation_seed) and image id.
 SEED_COLUMNS = ("evaluation_seed", "seed", "sd_seed")
 IMAGE_ID_COLUMNS = ("image_id", "coco_id")
+
+
+def _first_column(rows: list, names: tuple[str, ...]) -> str | None:
+    """The first of `names` that the table's first row has (None: none, or rows that are not objects)."""
+    return next((c for c in names if rows and isinstance(rows[0], dict) and c in rows[0]), None)
+
+
 RULE = (
     "images sorted by id; rng = numpy.random.default_rng(seed); order = rng.permutation(n_images); "
     "choice = rng.integers(0, captions_per_image) for every image in order (captions sorted by id); "
@@ -187,8 +194,8 @@ def _rows_to_captions(rows: list, where: str) -> list[Caption]:
         raise InputError(f"{where} has no captions")
     captions = []
     column = None
-    seed_column = next((c for c in SEED_COLUMNS if isinstance(rows[0], dict) and c in rows[0]), None)
-    id_column = next((c for c in IMAGE_ID_COLUMNS if isinstance(rows[0], dict) and c in rows[0]), "image_id")
+    seed_column = _first_column(rows, SEED_COLUMNS)
+    id_column = _first_column(rows, IMAGE_ID_COLUMNS) or "image_id"
     for i, row in enumerate(rows):
         at = f"{where}: row {i + 1}"
         if isinstance(row, str):
@@ -254,7 +261,7 @@ def load_coco_captions(
         rows = _read_table(path, data)
         fmt = path.suffix.lower().lstrip(".") or "csv"
     captions = _rows_to_captions(rows, name)
-    seeded = next((c for c in SEED_COLUMNS if rows and isinstance(rows[0], dict) and c in rows[0]), None)
+    seeded = _first_column(rows, SEED_COLUMNS)
     if seeded is not None:
         source["seed_column"] = seeded
     if size is not None:

@@ -111,13 +111,9 @@ def _attack_samples(entries: list, samples: int, show_unsafe: bool) -> Section:
     from ..common.errors import InputError
     from ..jobs.attack import attack_records
     from .eval import sample_indices
-    from .images import thumbnail
+    from .images import blur_note, thumbnail
 
-    blur = (
-        "Flagged images are shown unblurred."
-        if show_unsafe
-        else "Flagged images are blurred (--show-unsafe shows them)."
-    )
+    blur = blur_note(show_unsafe)
     section = Section(
         "Samples under attack",
         [Paragraph(f"Each prompt's image before the attack and with its adversarial prompt, on the target. {blur}")],

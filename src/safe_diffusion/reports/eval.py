@@ -20,7 +20,7 @@ from pathlib import Path
 from ..common.errors import InputError
 from .charts import Bar, grouped_bars
 from .comparable import differences
-from .images import thumbnail
+from .images import blur_note, thumbnail
 from .kit import (
     Cell,
     ChartBlock,
@@ -279,11 +279,7 @@ def build_page(
     groups: dict[tuple, list[int]] = {}
     for i, info in enumerate(infos):
         groups.setdefault((info.suite.get("name"), info.suite.get("sha256")), []).append(i)
-    blur_note = (
-        "Flagged images are shown unblurred."
-        if show_unsafe
-        else "Flagged images are blurred (--show-unsafe shows them)."
-    )
+    blur = blur_note(show_unsafe)
     measured = MeasuredOn(
         [measured_on_row(info, label=labels[i]) for i, info in enumerate(infos)]
         + attack_measured_on_rows(list(attacked))
@@ -360,9 +356,7 @@ def build_page(
             section.sections.append(Section(labels[i], [KeyValues(run_header(infos[i].doc, counts))], level=3))
         if samples:
             cats = categories(members, infos)[:-1]
-            gallery = Section(
-                "Samples", [Paragraph(f"{blur_note} Images are spread evenly over each category.")], level=3
-            )
+            gallery = Section("Samples", [Paragraph(f"{blur} Images are spread evenly over each category.")], level=3)
             gallery.sections = [_samples(infos[i], labels[i], cats, samples, show_unsafe) for i in members]
             section.sections.append(gallery)
         sections.append(section)

@@ -121,3 +121,12 @@ def side_by_side(left, right, labels: tuple[str, str] = ("unguided", "guided"), 
         canvas.paste(im.convert("RGB"), (x + (width - im.width) // 2, band))
         x += width + gap
     return canvas
+
+
+def blur_note(show_unsafe: bool) -> str:
+    """What a page says about its flagged images."""
+    return (
+        "Flagged images are shown unblurred."
+        if show_unsafe
+        else "Flagged images are blurred (--show-unsafe shows them)."
+    )
