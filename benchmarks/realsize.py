@@ -368,8 +368,8 @@ def environment(plan: Plan) -> dict:
                 text=True,
             ).stdout
         )
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git (a GPU machine's)
+        commit, dirty = os.environ.get("REALSIZE_COMMIT"), None
     if torch.device(plan.device).type == "cuda":
         device = torch.cuda.get_device_name()
     else:
@@ -424,7 +424,17 @@ def build(family: str, plan: Plan, dtype: torch.dtype, out: dict | None = None):
     return pipe
 
 
-def run(plan: Plan) -> dict:
+def _failure(error: BaseException) -> str:
+    """One line for a family or section that raised: the run records it and goes on with the others."""
+    import traceback
+
+    traceback.print_exc()
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+
+
+def run(plan: Plan, checkpoint=lambda result: None) -> dict:
+    """Every family, then every section, within the budget. `checkpoint(result)` is called after each one, so
+    that a run stopped from outside (a time limit) still leaves what it had measured."""
     budget = Budget(plan.budget_s)
     result: dict = {
         "meta": {
@@ -441,10 +451,17 @@ def run(plan: Plan) -> dict:
             out["skipped"] = "time budget spent before this family"
             continue
         print(f"[{budget.elapsed():6.0f} s] {family}: building", flush=True)
-        pipe = build(family, plan, family_dtype(family, plan), out)
-        print(f"[{budget.elapsed():6.0f} s] {family}: timing {len(configurations())} configurations", flush=True)
-        guidance_section(pipe, family, plan, budget, out)
-        free(pipe)
+        pipe = None
+        try:
+            pipe = build(family, plan, family_dtype(family, plan), out)
+            print(f"[{budget.elapsed():6.0f} s] {family}: timing {len(configurations())} configurations", flush=True)
+            guidance_section(pipe, family, plan, budget, out)
+        except Exception as error:  # noqa: BLE001 - recorded in the results; the other families still run
+            out["error"] = _failure(error)
+        pipe = None
+        free()
+        result["meta"]["wall_s"] = budget.elapsed()
+        checkpoint(result)
     # 2. the other sections (SD 1.5: erasure, evaluation, LEDITS++; SDXL: modular guiders)
     sections = Sections(plan, budget, build, measure, free, PROMPT)
     for name, family in SECTIONS:
@@ -458,8 +475,13 @@ def run(plan: Plan) -> dict:
             out[name] = {"skipped": "time budget spent"}
             continue
         print(f"[{budget.elapsed():6.0f} s] {family}: {name}", flush=True)
-        out[name] = getattr(sections, name)()
+        try:
+            out[name] = getattr(sections, name)()
+        except Exception as error:  # noqa: BLE001 - recorded in the results; the other sections still run
+            out[name] = {"error": _failure(error)}
         free()  # what the section loaded (the pipelines it shares with the next one are kept)
+        result["meta"]["wall_s"] = budget.elapsed()
+        checkpoint(result)
     sections.close()
     result["meta"]["wall_s"] = budget.elapsed()
     result["meta"]["load_average_end"] = os.getloadavg()
@@ -497,8 +519,9 @@ def markdown(result: dict) -> str:
     ]
     for family, r in result.items():
         if family == "meta" or "cfg_s_per_image" not in r:
-            if family != "meta" and r.get("skipped"):
-                lines.append(f"| {family} | skipped: {r['skipped']} ||||||||||| ")
+            if family != "meta" and (r.get("skipped") or r.get("error")):
+                why = f"skipped: {r['skipped']}" if r.get("skipped") else f"failed: {r['error']}"
+                lines.append(f"| {family} | {why} ||||||||||| ")
             continue
         call = r["call"]
         size = f"{call['width']}x{call['height']}" + (f"x{call['num_frames']}" if "num_frames" in call else "")
@@ -549,13 +572,27 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads or (1 if args.tiny else os.cpu_count() or 1))
     torch.set_flush_denormal(True)
     plan = make_plan(args)
-    result = run(plan)
-    table = markdown(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    args.json.with_suffix(".md").write_text(table)
-    print(table)
-    return 0
+
+    def write(result: dict) -> str:
+        table = markdown(result)
+        for path, text in (
+            (args.json, json.dumps(result, indent=2, default=str) + "\n"),
+            (args.json.with_suffix(".md"), table),
+        ):
+            part = path.with_name(path.name + ".part")
+            part.write_text(text)
+            part.replace(path)
+        return table
+
+    result = run(plan, checkpoint=write)
+    print(write(result))
+    failed = [f for f, r in result.items() if f != "meta" and "error" in r] + [
+        f"{f}/{n}" for f, r in result.items() if f != "meta" for n, s in r.get("sections", {}).items() if "error" in s
+    ]
+    if failed:
+        print(f"error: {len(failed)} part(s) failed: {', '.join(failed)} (recorded in {args.json})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -430,6 +430,8 @@ class Sections:
         """One Markdown line for a section's result."""
         if "skipped" in s:
             return f"skipped ({s['skipped']})"
+        if "error" in s:
+            return f"failed ({s['error']})"
         if name == "uce_rece":
             uce = ", ".join(f"{s['uce_s'][k]:.2f}" for k in ("1", "10", "100"))
             rece = ", ".join(f"{s['rece_s'][k]:.2f}" for k in ("1", "10", "100"))
