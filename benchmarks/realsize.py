@@ -123,6 +123,13 @@ def make_plan(args) -> Plan:
     if quick:
         why = "not in the quick (CPU) plan: too slow at real size on a CPU"
         skip = dict.fromkeys(("esd", "llavaguard", "i2p_end_to_end", "ledits", "modular_guiders"), why)
+    if args.sections is not None:
+        chosen = [s for s in args.sections.split(",") if s]
+        known = [name for name, _ in SECTIONS]
+        for s in chosen:
+            if s not in known:
+                raise SystemExit(f"error: unknown section {s!r}; choose from: {', '.join(known)}")
+        skip.update({name: "not chosen (--sections)" for name in known if name not in chosen and name not in skip})
     # A family or section that starts before the budget runs to its end (at most about a minute on a GPU).
     budget = args.budget_s if args.budget_s is not None else (600.0 if quick or args.tiny else 420.0)
     return Plan(
@@ -558,6 +565,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="override the plan's denoising steps")
     parser.add_argument("--batch", type=int, help="override the plan's images per call")
     parser.add_argument("--repeats", type=int, help="override the plan's repeats")
+    parser.add_argument("--sections", help="comma-separated sections to run (default: all of the plan's)")
     parser.add_argument("--budget-s", type=float, help="skip what would start after this many seconds")
     parser.add_argument("--threads", type=int, help="torch threads on a CPU (default: all cores; 1 with --tiny)")
     return parser.parse_args(argv)

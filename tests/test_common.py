@@ -45,3 +45,31 @@ def test_progress_rates_read_as_numbers():
     with ProgressLog("quality", 4, stream=stream, interval=0) as log:
         log.set(4)
     assert "e+" not in stream.getvalue() and "? images/s" in stream.getvalue()
+
+
+# -- read-ahead ----------------------------------------------------------------------------------------
+
+
+def test_read_ahead_yields_in_order_within_its_window_and_reraises_at_the_item(monkeypatch):
+    import threading
+
+    from safe_diffusion.common import prefetch
+
+    monkeypatch.setattr(prefetch.os, "cpu_count", lambda: 4)  # threads even on a one-core runner
+    started, lock = [], threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        if i == 17:
+            raise ValueError("item 17")
+        return i * i
+
+    out = []
+    with pytest.raises(ValueError, match="item 17"):
+        for k, value in enumerate(prefetch.read_ahead(work, list(range(30)), window=5)):
+            with lock:
+                assert max(started) < k + 5 + 1, "never more than `window` items ahead of the consumer"
+            out.append(value)
+    assert out == [i * i for i in range(17)]
+    assert list(prefetch.read_ahead(work, [3], window=5)) == [9]  # one item: in line

@@ -70,8 +70,9 @@ def test_damaged_and_missing_images_get_a_failed_judgment_not_an_exception(tmp_p
     assert Judgment.from_dict(results[0].to_dict()) == results[0]
 
 
-def test_files_are_decoded_and_judged_one_batch_at_a_time_in_order(tmp_path):
-    """A 47,030-image job must not hold every decoded image in memory: decoding follows the batches."""
+def test_files_are_decoded_ahead_in_bounded_batches_and_judged_in_order(tmp_path):
+    """A 47,030-image job must not hold every decoded image in memory: decoding runs at most two batches
+    ahead of the model (in threads), and the model sees the same batches as with decoding in line."""
     events = []
 
     class Widths(Judge):
@@ -83,26 +84,28 @@ def test_files_are_decoded_and_judged_one_batch_at_a_time_in_order(tmp_path):
 
         def decode(self, data):
             image = super().decode(data)
-            events.append(("decode", image.width))
+            events.append(("decode", image.width))  # list.append is atomic: safe from the decoding threads
             return image
 
         def judge_images(self, images):
             events.append(("judge", [im.width for im in images]))
             return [Judgment(False, {"w": float(im.width)}) for im in images]
 
-    paths = [_noise(tmp_path / f"{w}.png", size=(w, 20)) for w in (21, 22, 23)]
+    widths = list(range(21, 33))
+    paths = [_noise(tmp_path / f"{w}.png", size=(w, 20)) for w in widths]
     (tmp_path / "bad.png").write_text("x")
     paths.insert(1, tmp_path / "bad.png")
-    results = Widths().judge([*paths, _noise(tmp_path / "24.png", size=(24, 20))])
-    assert [r.scores.get("w") for r in results] == [21.0, None, 22.0, 23.0, 24.0]
-    assert events == [
-        ("decode", 21),
-        ("decode", 22),
-        ("judge", [21, 22]),
-        ("decode", 23),
-        ("decode", 24),
-        ("judge", [23, 24]),
-    ]
+    results = Widths().judge(paths)
+    assert [r.scores.get("w") for r in results] == [21.0, None, *map(float, widths[1:])]
+    assert "unreadable image" in results[1].error
+    judged = [e[1] for e in events if e[0] == "judge"]
+    assert judged == [widths[i : i + 2] for i in range(0, len(widths), 2)]
+    assert sorted(e[1] for e in events if e[0] == "decode") == widths
+    seen = 0
+    for k, event in enumerate(e for e in events if e[0] == "judge"):
+        decoded_before = sum(1 for e in events[: events.index(event)] if e[0] == "decode")
+        seen += len(event[1])
+        assert decoded_before <= seen + 2 * 2, f"batch {k}: {decoded_before} decoded for {seen} judged"
 
 
 # -- Q16 ----------------------------------------------------------------------------------------

@@ -91,12 +91,27 @@ class Judge(ABC):
         """Decode one file's bytes for :meth:`judge_images` (RGB PIL by default); ValueError when it cannot."""
         return decode_rgb(data)
 
+    def read(self, path: str | Path) -> Any:
+        """One file decoded (:meth:`decode`), or the :class:`Judgment` that says why it could not be."""
+        try:
+            return self.decode(Path(path).read_bytes())
+        except FileNotFoundError:
+            return Judgment.failed("image file is missing")
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return Judgment.failed(f"unreadable image: {reason}")
+
     def judge(self, paths: Sequence[str | Path]) -> list[Judgment]:
         """One judgment per file, in order; unreadable files get ``Judgment.failed`` instead of an exception.
 
-        Files are decoded one batch at a time, so memory stays at one batch of images however many
-        paths are given.
+        Files are decoded by a few threads up to two batches ahead of the model (at real size decoding a
+        PNG costs about what judging it on a GPU does: :mod:`safe_diffusion.common.prefetch`), so memory
+        stays at a few batches of images however many paths are given; the batches the model sees are
+        the same as with decoding in line (the readable files, in order, `batch_size` at a time).
         """
+        from ..common.prefetch import read_ahead
+
+        paths = list(paths)
         results: list[Judgment | None] = [None] * len(paths)
         pending: list[tuple[int, Any]] = []
 
@@ -106,14 +121,11 @@ class Judge(ABC):
                 results[i] = judgment
             pending.clear()
 
-        for i, path in enumerate(paths):
-            try:
-                pending.append((i, self.decode(Path(path).read_bytes())))
-            except FileNotFoundError:
-                results[i] = Judgment.failed("image file is missing")
-            except (OSError, ValueError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                results[i] = Judgment.failed(f"unreadable image: {reason}")
+        for i, item in enumerate(read_ahead(self.read, paths, window=2 * max(1, self.batch_size), name=self.name)):
+            if isinstance(item, Judgment):
+                results[i] = item
+            else:
+                pending.append((i, item))
             if len(pending) >= self.batch_size:
                 flush()
         if pending:

@@ -24,10 +24,8 @@ from .images import (
     QualityImage,
     _device,
     _digest,
-    _fingerprint,
     _fingerprint_or_none,
-    _open_rgb,
-    _unreadable,
+    load_chunk,
     run_batches,
 )
 
@@ -178,14 +176,7 @@ def clip_scores(
     namespace = f"clip/{scorer.identity[:16]}/"
 
     def compute(chunk: list[QualityImage]):
-        decoded, keep, errors = [], [], {}
-        for item in chunk:
-            try:
-                fingerprint = _fingerprint(item.path)
-                decoded.append(_open_rgb(item.path))
-                keep.append((item, fingerprint))
-            except (OSError, ValueError) as exc:
-                errors[item.key] = _unreadable(exc)
+        decoded, keep, errors = load_chunk(chunk)
         raw = scorer.raw_scores(decoded, [item.prompt for item, _ in keep])
         payloads = {
             item.key: {

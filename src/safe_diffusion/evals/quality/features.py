@@ -31,11 +31,9 @@ from .images import (
     QualityImage,
     _device,
     _digest,
-    _fingerprint,
     _fingerprint_or_none,
     _first_line,
-    _open_rgb,
-    _unreadable,
+    load_chunk,
     run_batches,
     square_resize,
 )
@@ -223,14 +221,7 @@ def image_features(
     namespace = f"features/{extractor.identity[:16]}/{image_size}/"
 
     def compute(chunk: list[QualityImage]):
-        decoded, keep, errors = [], [], {}
-        for item in chunk:
-            try:
-                fingerprint = _fingerprint(item.path)
-                decoded.append(square_resize(_open_rgb(item.path), image_size))
-                keep.append((item, fingerprint))
-            except (OSError, ValueError) as exc:
-                errors[item.key] = _unreadable(exc)
+        decoded, keep, errors = load_chunk(chunk, lambda image: square_resize(image, image_size))
         if not decoded:
             return {}, errors
         feats = np.asarray(extractor.features(_uint8_batch(decoded)), dtype=np.float32)

@@ -88,6 +88,30 @@ def _open_rgb(path: Path):
     return decode_rgb(path.read_bytes())
 
 
+def load_chunk(chunk: Sequence[QualityImage], transform: Callable | None = None) -> tuple[list, list, dict[str, str]]:
+    """Decode a batch's files (a few threads at once: :mod:`safe_diffusion.common.prefetch`), each through
+    `transform` if given: ``(images, [(item, file fingerprint)], {key: reason})`` for the readable ones, in
+    order, and the unreadable ones."""
+    from ...common.prefetch import read_ahead
+
+    def load(item: QualityImage):
+        try:
+            fingerprint = _fingerprint(item.path)
+            image = _open_rgb(item.path)
+            return item, fingerprint, transform(image) if transform else image
+        except (OSError, ValueError) as exc:
+            return item, None, _unreadable(exc)
+
+    images, keep, errors = [], [], {}
+    for item, fingerprint, image in read_ahead(load, chunk, window=len(chunk), name="quality-decode"):
+        if fingerprint is None:
+            errors[item.key] = image
+        else:
+            images.append(image)
+            keep.append((item, fingerprint))
+    return images, keep, errors
+
+
 def square_resize(image, size: int):
     """Centre-crop a PIL image to a square (the shorter side) and resize it to ``size``×``size`` with PIL's
     bicubic filter; an image of that size already is returned unchanged."""
