@@ -57,8 +57,8 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_sld.py
 
-# Real-size random-weight models (issue 23). DEVICE=cuda: every family, about 7 minutes on one H100/H200-class
-# GPU; DEVICE=cpu: SD 1.5 only, 2 steps, about 8 minutes on 2 idle cores. Results in benchmarks/results/.
+# Real-size random-weight models (issue 23). DEVICE=cuda: every family, 336 s measured on one H200;
+# DEVICE=cpu: SD 1.5 only, 2 steps, about 8 minutes on 2 idle cores. Results in benchmarks/results/.
 DEVICE ?= cpu
 bench-realsize: setup
 	$(PY) benchmarks/realsize.py --device $(DEVICE) --json benchmarks/results/realsize-$(DEVICE).json

@@ -29,7 +29,7 @@ Plans (each figure in the JSON says what it was measured on):
 
 * ``--device cuda`` (full plan): every family at native resolution in its GPU dtype, 3-4 steps, batch
   1-4 (Wan 2.1 at 33 frames instead of 81), 2 repeats after a 1-step warm-up round; all sections;
-  evaluation at 50 steps. Expected: about 7 minutes on one H100/H200-class GPU; a time budget
+  evaluation at 50 steps. Measured: 336 s on one H200 (2026-12-04), plus the machine's start; a time budget
   (``--budget-s``, default 420; what has started runs to its end) skips what would not fit, and says so.
 * ``--device cpu`` (quick plan, also ``--quick`` on any device): SD 1.5 only, 512x512, batch 1, 2 steps,
   1 repeat after a 1-step CFG warm-up, float32; UCE/RECE and the judges on 4 images; ESD, LlavaGuard,
@@ -74,7 +74,7 @@ SEGA_CONCEPTS = ["sunglasses", "a red hat", "a snowy landscape"]
 PRESETS = ("weak", "medium", "strong", "max")
 CPU_FAMILIES = ("sd15",)
 
-#: Per family on the GPU: (steps, batch, call overrides). Chosen so the whole run fits in about 7 minutes.
+#: Per family on the GPU: (steps, batch, call overrides). Chosen so the whole run fits in about 7 minutes (336 s measured on an H200).
 GPU_PLAN = {
     "sd15": (4, 4, {}),
     "sdxl": (4, 2, {}),
