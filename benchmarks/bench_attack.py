@@ -7,9 +7,10 @@ batch of B prompts shares each text-encoder and denoiser call (each prompt keeps
 loss; tests/test_attacks.py checks that a batch equals each prompt alone). The ratio is what the batch buys at
 an equal number of prompts; on these tiny models per-call overhead dominates, so the ratio is an upper bound
 for CPUs and the absolute figures mean nothing: measure them on a GPU with a real checkpoint
-(``--checkpoint FOLDER``).
+(``--checkpoint FOLDER``) or SD 1.5's architecture with random weights (``--size real``, built in memory on the
+device, float32 as the official code; ``--shrink`` runs that path on shrunken models, for testing).
 
-    PYTHONPATH=src python benchmarks/bench_attack.py [--size tiny|small] [--batch 1,4,8] [--iterations 10]
+    PYTHONPATH=src python benchmarks/bench_attack.py [--size tiny|small|real] [--batch 1,4,8] [--iterations 10]
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def _rate(pipe, prompts: list[str], batch: int, iterations: int, victim_of, atta
         for _ in range(iterations):
             attack.step(attack.timesteps[0])
         steps += iterations * len(chunk)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return steps / (time.perf_counter() - start)
 
 
@@ -43,7 +46,8 @@ def main() -> None:
     from safe_diffusion.attacks.unlearndiffatk import Settings, UnlearnDiffAtk, victim_of
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "real"])
+    parser.add_argument("--shrink", action="store_true", help="with --size real: the same builder, shrunken")
     parser.add_argument("--checkpoint", default=None, help="A real SD 1.x folder instead of a random-weight one.")
     parser.add_argument("--batch", default="1,4,8")
     parser.add_argument("--prompts", type=int, default=8)
@@ -51,22 +55,33 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory() as folder:
-        if args.checkpoint is None:
-            from safe_diffusion.testing import build_checkpoint
-
-            build_checkpoint(folder, args.size)
-        pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint or folder, safety_checker=None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.size == "real" and args.checkpoint is None:
+        from safe_diffusion.testing.realsize import build_real_pipeline
+
+        pipe = build_real_pipeline("sd15", dtype=torch.float32, device=device, tiny=args.shrink)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            if args.checkpoint is None:
+                from safe_diffusion.testing import build_checkpoint
+
+                build_checkpoint(folder, args.size)
+            pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint or folder, safety_checker=None)
     pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
     side = int(pipe.unet.config.sample_size)
     pipe.latent_hw = (side, side)
     words = ["a cat", "a dog on a beach", "a red car", "a house at night", "two people", "a bowl of fruit"]
     prompts = [words[i % len(words)] for i in range(args.prompts)]
     settings = Settings(tokens=5, iterations=args.iterations, timesteps=1)
     batches = [int(b) for b in args.batch.split(",")]
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    size = args.checkpoint or (
+        f"{args.size} (SD 1.5 architecture, random weights, float32)" if args.size == "real" else args.size
+    )
     print(
-        f"UnlearnDiffAtk on {args.checkpoint or args.size} ({device}, torch threads {torch.get_num_threads()}): "
+        f"UnlearnDiffAtk on {size}{' shrunk' if args.shrink else ''} ({name}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}): "
         f"{args.prompts} prompts x {args.iterations} iterations, best of {args.repeat}"
     )
     print(f"{'batch':>6} {'prompt-iterations/s':>20} {'vs official loop (batch 1)':>27}")
