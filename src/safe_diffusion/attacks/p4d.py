@@ -109,6 +109,7 @@ class P4D:
         tokenizer = pipe.tokenizer
         self.table = pipe.text_encoder.get_input_embeddings().weight.detach()
         device = self.table.device
+        self.x0 = x0.to(device)  # a target made on the CPU joins the models
         n = int(tokenizer.model_max_length)
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         if settings.variant == "n":

@@ -89,7 +89,9 @@ class _SampleOneHot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         flat = weights.reshape(-1, weights.shape[-1])
-        drawn = torch.multinomial(flat, 1, generator=generator).view(-1)
+        if generator is not None and generator.device != flat.device:  # a CPU generator with a GPU victim
+            flat = flat.to(generator.device)
+        drawn = torch.multinomial(flat, 1, generator=generator).view(-1).to(weights.device)
         return F.one_hot(drawn, weights.shape[-1]).to(weights.dtype).view_as(weights)
 
     @staticmethod
@@ -237,6 +239,7 @@ class UnlearnDiffAtk:
         self.variables = project_simplex(start).requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.variables], lr=settings.lr, weight_decay=settings.weight_decay)
         self.alphas = pipe.scheduler.alphas_cumprod.to(device=self.table.device, dtype=self.table.dtype)
+        self.x0 = x0.to(self.table.device)  # targets made on the CPU (or by a generator there) join the victim
         self.timesteps = sampled_timesteps(settings.timesteps, settings.train_timesteps)
         self.last_losses: list[float] = []
         #: the loss compares the victim's prediction with what it should predict in its own space (SD 2.x-v: v)
