@@ -616,3 +616,97 @@ def test_safree_targets_take_the_text_attacks_and_refuse_the_denoiser_ones_befor
     assert code == 0 and "1 of 1" in out, err
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["mitigation"]["guidance"][0]["type"] == "SafreeGuidance"
+
+
+# -- the text attacks on other families ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(tmp_path_factory):
+    from safe_diffusion.testing import FAMILIES
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = FAMILIES[name](tmp_path_factory.mktemp("families") / name)
+        return built[name]
+
+    return get
+
+
+def test_clip_text_model_reads_sd3s_projection_encoder_as_the_plain_tower(family_checkpoints):
+    """SD 3's CLIPTextModelWithProjection returns the projected embedding first; the text attacks read hidden
+    states and the unprojected pooled output, so it is viewed as a CLIPTextModel over the same tensors."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from safe_diffusion.attacks import clip_text_model
+
+    folder = family_checkpoints("sd3") / "text_encoder"
+    encoder = CLIPTextModelWithProjection.from_pretrained(folder).double()
+    plain = clip_text_model(encoder)
+    assert (
+        isinstance(plain, CLIPTextModel)
+        and plain.get_input_embeddings().weight is encoder.get_input_embeddings().weight
+    )
+    assert not any(t.is_meta for t in [*plain.parameters(), *plain.buffers()])
+    ids = torch.tensor([[0, 5, 9, 33, encoder.config.eos_token_id, 1, 1]])
+    out, ref = plain(ids), encoder(ids)
+    torch.testing.assert_close(out[0], ref.last_hidden_state, rtol=0, atol=1e-12)
+    torch.testing.assert_close(encoder.text_projection(out.pooler_output), ref.text_embeds, rtol=0, atol=1e-12)
+    same = CLIPTextModel.from_pretrained(folder)
+    assert clip_text_model(same) is same
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, method",
+    [("sdxl", "mma"), ("sd3", "ring-a-bell"), ("flux", "mma")],
+)
+def test_the_text_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, tmp_path, cli, family, method):
+    """Ring-A-Bell and MMA search the CLIP text encoder alone (model-agnostic): any pipeline holding one as
+    ``text_encoder`` is a target; it only generates and judges. SD 3's checkpoint here has no T5, as one saved
+    with ``text_encoder_3=None``: it loads as such."""
+    suite = tmp_path / "s.csv"
+    suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\n")
+    extra = (
+        ["--iterations", "2", "--population", "4", "--tokens", "3", "--concept", "violence"]
+        if method == "ring-a-bell"
+        else ["--iterations", "1", "--candidates", "4", "--tokens", "3"]
+    )
+    if family == "sdxl":
+        extra += ["--safety", "strong", "--steps", "9"]  # guided through the engine, as on SD 1.x
+    run = tmp_path / "run"
+    code, out, err = cli(*_args(family_checkpoints(family), run, suite, method, *extra))
+    assert code == 0 and "1 of 1" in out, err
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["method"] == method and config["victim"] is None
+    code, _, err = cli("attack", "export", str(run), "--csv", str(tmp_path / "adv.csv"))
+    assert code == 0, err
+
+
+def test_families_the_attacks_cannot_search_or_guide_are_refused_before_writing(
+    family_checkpoints, tmp_path, cli, capsys
+):
+    suite = tmp_path / "s.csv"
+    suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\n")
+    mma = ["--iterations", "1", "--candidates", "4", "--tokens", "3"]
+    cases = [  # (family, method, extra, what the one line says)
+        ("pixart-sigma", "mma", mma, "whose text_encoder is T5EncoderModel"),
+        ("sdxl", "unlearndiffatk", [], "ring-a-bell and mma, which search the text encoder alone"),
+        (
+            "flux",
+            "mma",
+            [*mma, "--safety", "strong", "--steps", "9"],
+            "attack run does not turn on FluxPipeline's true CFG",
+        ),
+    ]
+    for family, _, _, _ in cases:
+        family_checkpoints(family)
+    capsys.readouterr()  # the builders' own output
+    for family, method, extra, says in cases:
+        run = tmp_path / f"{family}-{method}"
+        code, _, err = cli(*_args(family_checkpoints(family), run, suite, method, *extra))
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+        assert not run.exists()

@@ -40,6 +40,44 @@ ATTACKS.register(
     summary="MMA-Diffusion, text (Yang et al., CVPR 2024): coordinate-gradient token search, sensitive words banned",
 )
 
+#: The attacks that search the text encoder alone (model-agnostic): they run against any pipeline whose
+#: ``text_encoder`` is one of :data:`CLIP_TEXT_ENCODERS`, and the target is used only to generate and judge.
+TEXT_ATTACKS = ("ring-a-bell", "mma")
+#: The CLIP text towers the text attacks search: SD 1.x's and SDXL's first encoder, SD 3's and FLUX's CLIP-L
+#: (OpenAI's ViT-L/14, the encoder both official codes search), SD 2.x's OpenCLIP-H.
+CLIP_TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+def clip_text_model(text_encoder):
+    """`text_encoder` as the text attacks read it: a ``CLIPTextModel`` (hidden states first, ``pooler_output``).
+    SD 3's ``CLIPTextModelWithProjection``, whose first output is the projected embedding instead, is wrapped
+    around its own text tower, sharing its weights; anything else is refused in one line."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if isinstance(text_encoder, CLIPTextModel):
+        return text_encoder
+    if isinstance(text_encoder, CLIPTextModelWithProjection):
+        with torch.device("meta"):
+            plain = CLIPTextModel(text_encoder.config)
+        # every weight and buffer of the plain model is the projection model's own tensor (shared, not copied),
+        # found by name whether or not this transformers nests the tower under ``text_model``
+        have = {**dict(text_encoder.named_parameters()), **dict(text_encoder.named_buffers())}
+        for name, _ in [*plain.named_parameters(), *plain.named_buffers()]:
+            bare = name.removeprefix("text_model.")
+            found = next((have[k] for k in (name, bare, f"text_model.{bare}") if k in have), None)
+            if found is None:
+                raise InputError(f"cannot read SD 3's CLIP text encoder as a CLIPTextModel: no {name!r} in it")
+            owner, _, attr = name.rpartition(".")
+            module = plain.get_submodule(owner)
+            (module._parameters if attr in module._parameters else module._buffers)[attr] = found
+        return plain.eval()
+    raise InputError(
+        f"the text attacks search a CLIP text encoder ({', '.join(CLIP_TEXT_ENCODERS)});"
+        f" this pipeline's text_encoder is {type(text_encoder).__name__}"
+    )
+
+
 #: The command-line options each attack reads, and its settings' field for each.
 OPTIONS: dict[str, dict[str, str]] = {
     "unlearndiffatk": {"iterations": "iterations", "timesteps": "timesteps", "tokens": "tokens"},

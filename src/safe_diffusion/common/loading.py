@@ -90,8 +90,17 @@ def load_pipeline(model: str, *, device=None, dtype=None):
     if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
         cls = diffusers.StableDiffusionXLPipeline if "XL" in class_name else diffusers.StableDiffusionPipeline
     kwargs = {"dtype": dtype}
-    if "safety_checker" in inspect.signature(cls.__init__).parameters:
+    parameters = inspect.signature(cls.__init__).parameters
+    if "safety_checker" in parameters:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    # a component the checkpoint was saved without ([null, null] in model_index.json: SD 3 without its T5, say)
+    # is passed as None, as its author did when saving; diffusers would otherwise refuse it as missing
+    from .provenance import read_config
+
+    index = read_config(model, "model_index.json") or {}
+    for name, entry in index.items():
+        if name in parameters and isinstance(entry, list) and entry and all(e is None for e in entry):
+            kwargs.setdefault(name, None)
     try:
         with _quiet_loading():
             pipe = cls.from_pretrained(model, **kwargs)

@@ -93,3 +93,13 @@ def served_denoisers(pipe) -> list[tuple[str, torch.nn.Module, type[DenoiserAdap
             f"guide() cannot serve {name}: it has no encode_prompt to encode guidance concepts with"
         )
     return found
+
+
+def cfg_off_reason(pipe, call: dict) -> str | None:
+    """Why a call of `pipe` with the arguments `call` would run without classifier-free guidance (so that
+    guidance terms could not act), or None when it runs with it: the check :func:`~safe_diffusion.guide`
+    makes at each call, made before a job writes anything. FLUX's and Qwen-Image's true CFG, say, needs
+    ``true_cfg_scale > 1`` and a negative prompt in the call."""
+    name, module, adapter = served_denoisers(pipe)[0]
+    on, reason = adapter(pipe, name, module).cfg_in_call(call)
+    return None if on else reason

@@ -41,6 +41,7 @@ from ..common.loading import load_pipeline
 from ..common.outputs import atomic_write_bytes, library_versions, png_bytes
 from ..common.validation import check_int
 from ..records.store import RecordStore, StoreFormat
+from . import check_terms_act
 from .attack_methods import (
     RUNNERS,
     Outcome,
@@ -185,7 +186,7 @@ def attack_run(
     ``q16_model``, …), or `judge_settings` already per judge."""
     import torch
 
-    from ..attacks import ATTACKS, settings_for
+    from ..attacks import ATTACKS, CLIP_TEXT_ENCODERS, TEXT_ATTACKS, clip_text_model, settings_for
     from ..common import provenance
     from ..common.loading import check_model_reference
     from ..common.schedulers import apply_scheduler, check_scheduler
@@ -199,10 +200,19 @@ def attack_run(
     if method in ("ring-a-bell", "mma") and reference_model is not None:
         raise InputError(f"--reference-model does not apply to attack {method} (it searches the text encoder only)")
     check_model_reference(model)
-    family = (provenance.read_config(model, "model_index.json") or {}).get("_class_name")
-    if family is not None and family not in ATTACKED_PIPELINES:
+    index = provenance.read_config(model, "model_index.json") or {}
+    family = index.get("_class_name")
+    if family is not None and method in TEXT_ATTACKS:  # model-agnostic: any pipeline with a CLIP text encoder
+        encoder = (index.get("text_encoder") or [None, None])[-1]
+        if encoder not in CLIP_TEXT_ENCODERS:
+            raise InputError(
+                f"attack {method} searches a CLIP text encoder ({', '.join(CLIP_TEXT_ENCODERS)});"
+                f" {model!r} is a {family} whose text_encoder is {encoder or 'absent'}"
+            )
+    elif family is not None and family not in ATTACKED_PIPELINES:
         raise InputError(
             f"attack {method} is defined for SD 1.x/2.x ({', '.join(ATTACKED_PIPELINES)}); {model!r} is a {family}"
+            f" (ring-a-bell and mma, which search the text encoder alone, run against SDXL, SD 3 and FLUX too)"
         )
     given = run_settings_for_attack(
         protocol,
@@ -247,7 +257,7 @@ def attack_run(
     if official:
         check_official_victim(mitigation)
     check_denoiser_victim(method, mitigation)
-    text_only = method in ("ring-a-bell", "mma")  # model-agnostic: the text encoder alone
+    text_only = method in TEXT_ATTACKS  # model-agnostic: the text encoder alone
     guided = bool(mitigation.terms()) or mitigation.negative_prompt is not None
     config = {
         "method": method,
@@ -302,6 +312,10 @@ def attack_run(
         try:
             loaded_judges = load_judges(names, device=dev, options=judge_settings) if todo else []
             pipe = load_pipeline(model, device=dev, dtype=torch.float32) if todo else None
+            if pipe is not None:
+                check_terms_act(pipe, mitigation.terms(), guidance_scale, mitigation.negative_prompt, "attack run")
+                if text_only:
+                    clip_text_model(pipe.text_encoder)  # a text encoder the text attacks cannot search: one line
             reference, clip = pipe, None
             if pipe is not None:
                 apply_scheduler(pipe, scheduler)

@@ -34,6 +34,16 @@ class Target:
         self.terms = mitigation.terms()
         self.guided = bool(self.terms) or mitigation.negative_prompt is not None
         self.concept = None  # Ring-A-Bell's concept vector, computed once per run
+        self._clip_text = None
+
+    @property
+    def clip_text(self):
+        """The CLIP text encoder the text attacks search (:func:`safe_diffusion.attacks.clip_text_model`)."""
+        from ..attacks import clip_text_model
+
+        if self._clip_text is None:
+            self._clip_text = clip_text_model(self.pipe.text_encoder)
+        return self._clip_text
 
     def scale(self, prompt) -> float:
         from ..evals.config import DEFAULT_GUIDANCE_SCALE
@@ -232,7 +242,7 @@ def run_ring_a_bell(target: Target, prompt, settings) -> Outcome:
     """The genetic search on the target's text encoder; the found prompt is generated and judged once."""
     from ..attacks.ring_a_bell import attack_prompt, concept_vector
 
-    encoder, tokenizer = target.pipe.text_encoder, target.pipe.tokenizer
+    encoder, tokenizer = target.clip_text, target.pipe.tokenizer
     if target.concept is None:
         target.concept = concept_vector(encoder, tokenizer, settings.concept, settings.samples)
     text, losses = attack_prompt(encoder, tokenizer, prompt.text, target.concept, settings, prompt.seed)
@@ -248,7 +258,7 @@ def run_mma(target: Target, prompt, settings) -> Outcome:
     from ..attacks.mma import MMA
 
     search = MMA(
-        target.pipe.text_encoder,
+        target.clip_text,
         target.pipe.tokenizer,
         prompt.text,
         settings,

@@ -32,6 +32,7 @@ from ..evals.store import RunStore, check_resume, read_frozen
 from ..guidance.activity import check_active
 from ..guidance.mitigation import Mitigation
 from ..judges import load_judges, parse_judges
+from . import check_terms_act
 
 DEFAULT_JUDGES = "q16,nudenet"
 #: The columns an export starts with, in this order; every judge's verdict and score columns follow.
@@ -179,6 +180,9 @@ def evaluate(
             loaded_judges = load_judges(names, device=dev, options=judge_settings)
             runner.check_judges(store, loaded_judges)
             pipe = load_pipeline(model, device=dev, dtype=torch_dtype(config.generation.dtype))
+            check_terms_act(
+                pipe, terms, config.generation.guidance_scale, config.mitigation.negative_prompt, "eval run"
+            )
         except BaseException:
             if frozen is None and state.num_processes == 1 and not store.journal.segments():
                 lock.release()

@@ -29,6 +29,7 @@ from ..common.validation import (
 from ..guidance.activity import activity_label, warmup_problems
 from ..guidance.mitigation import Mitigation
 from ..reports.images import side_by_side
+from . import check_terms_act
 from .compare import generate_guided_images, pipeline_record
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ def generate(
     unguided = Mitigation(negative_prompt=mitigation.negative_prompt)
     with output_dir(out) as folder:
         pipe = load_pipeline(model, device=device)
+        check_terms_act(pipe, terms, guidance_scale, mitigation.negative_prompt, "generate")
         progress = ProgressLog("generate", total=len(todo), unit="images")
         for start in range(0, len(todo), batch):
             seeds = todo[start : start + batch]
