@@ -220,6 +220,39 @@ def test_true_cfg_pipelines_without_cfg_are_a_one_line_error(pipes, name):
     assert type(pipe).__name__ == type(pipe).__mro__[0].__name__ and not _denoiser(pipe)._forward_hooks
 
 
+@pytest.mark.parametrize("job", ["generate", "eval"])
+def test_the_jobs_refuse_guidance_on_true_cfg_pipelines_before_writing(checkpoints, tmp_path, cli, capsys, job):
+    """The jobs never turn on FLUX's true CFG, so SLD there could not act: one line naming the way out (the
+    Python API), before the output folder exists, instead of a stop at the first image."""
+    folder = checkpoints("flux")
+    capsys.readouterr()
+    out = tmp_path / "out"
+    common = [
+        "-m",
+        str(folder),
+        "-o",
+        str(out),
+        "--steps",
+        "9",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--safety",
+        "strong",
+    ]
+    if job == "generate":
+        args = ["generate", *common, "a cat"]
+    else:
+        suite = tmp_path / "s.csv"
+        suite.write_text("prompt\na cat\n")
+        args = ["eval", "run", *common, "-s", str(suite), "--judges", "none"]
+    code, _, err = cli(*args)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "need classifier-free guidance" in err and f"{job.replace('eval', 'eval run')} does not turn on" in err
+    assert "true_cfg_scale=4.0" in err and not out.exists()
+
+
 def test_qwen_concepts_of_other_lengths_than_the_prompt_are_padded_and_masked(pipes):
     pipe = pipes("qwen-image")
     # prompts shorter and longer than the concepts: rows of different lengths share one masked batch
