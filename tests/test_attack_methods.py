@@ -662,17 +662,19 @@ def test_clip_text_model_reads_sd3s_projection_encoder_as_the_plain_tower(family
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family, method",
-    [("sdxl", "mma"), ("sd3", "ring-a-bell"), ("flux", "mma")],
+    [("sdxl", "mma"), ("sd3", "ring-a-bell"), ("flux", "mma"), ("sdxl", "unlearndiffatk")],
 )
-def test_the_text_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, tmp_path, cli, family, method):
+def test_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, tmp_path, cli, family, method):
     """Ring-A-Bell and MMA search the CLIP text encoder alone (model-agnostic): any pipeline holding one as
     ``text_encoder`` is a target; it only generates and judges. SD 3's checkpoint here has no T5, as one saved
-    with ``text_encoder_3=None``: it loads as such."""
+    with ``text_encoder_3=None``: it loads as such. UnlearnDiffAtk attacks SDXL's own U-Net, guided."""
     suite = tmp_path / "s.csv"
     suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\n")
     extra = (
         ["--iterations", "2", "--population", "4", "--tokens", "3", "--concept", "violence"]
         if method == "ring-a-bell"
+        else ["--iterations", "1", "--timesteps", "2", "--tokens", "2"]
+        if method == "unlearndiffatk"  # SDXL: the tokens through both text encoders
         else ["--iterations", "1", "--candidates", "4", "--tokens", "3"]
     )
     if family == "sdxl":
@@ -681,7 +683,11 @@ def test_the_text_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, tmp_
     code, out, err = cli(*_args(family_checkpoints(family), run, suite, method, *extra))
     assert code == 0 and "1 of 1" in out, err
     config = json.loads((run / "config.json").read_text())["config"]
-    assert config["method"] == method and config["victim"] is None
+    assert config["method"] == method
+    assert config["victim"] == ("guided estimate (engine)" if method == "unlearndiffatk" else None)
+    assert any(d.startswith("SDXL: no official code") for d in config["deviations_from_official"]) == (
+        method == "unlearndiffatk"
+    )
     code, _, err = cli("attack", "export", str(run), "--csv", str(tmp_path / "adv.csv"))
     assert code == 0, err
 
@@ -694,7 +700,8 @@ def test_families_the_attacks_cannot_search_or_guide_are_refused_before_writing(
     mma = ["--iterations", "1", "--candidates", "4", "--tokens", "3"]
     cases = [  # (family, method, extra, what the one line says)
         ("pixart-sigma", "mma", mma, "whose text_encoder is T5EncoderModel"),
-        ("sdxl", "unlearndiffatk", [], "ring-a-bell and mma, which search the text encoder alone"),
+        ("sd3", "unlearndiffatk", [], "ring-a-bell and mma, which search the text encoder alone"),
+        ("sdxl", "p4d-n", [], "p4d-n is defined for SD 1.x/2.x (StableDiffusionPipeline)"),
         (
             "flux",
             "mma",

@@ -75,6 +75,58 @@ def test_one_iteration_equals_the_official_loss_and_gradient(pipe64):
         assert scale > 0 and float((grad_ours - grad_theirs).abs().max()) <= PARITY_TOL * scale
 
 
+@pytest.fixture(scope="module")
+def sdxl64(tmp_path_factory):
+    from diffusers import StableDiffusionXLPipeline
+
+    from safe_diffusion.testing import build_sdxl_checkpoint
+
+    folder = build_sdxl_checkpoint(tmp_path_factory.mktemp("sdxl") / "sdxl")
+    return StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float64)
+
+
+def test_on_sdxl_the_tokens_go_through_both_encoders_as_the_pipeline_encodes_the_prompt(sdxl64):
+    """SDXL (no official code: our definition): one distribution over CLIP's vocabulary gives each of the two text
+    encoders the token, embedded by its own table; the conditioning the loss sees for hard tokens is exactly
+    the pipeline's ``encode_prompt`` of the adversarial prompt (both towers' penultimate states, the second's
+    pooled projection), and the loss is the U-Net's with SDXL's size conditioning."""
+    pipe = sdxl64
+    attack = UnlearnDiffAtk(pipe, victim_of(pipe), "a cat", torch.zeros(1, 4, 4, 4, dtype=torch.float64), Settings(2))
+    assert len(attack.towers) == 2
+    ids = pipe.tokenizer("xq", add_special_tokens=False).input_ids[:2]
+    one_hot = F.one_hot(torch.tensor(ids), attack.table.shape[0]).to(torch.float64)
+    with torch.no_grad():
+        attack.variables.copy_(one_hot[None])
+    text = attack.prompt()
+    seen = {}
+
+    def victim(x_t, t, hidden):
+        seen.update(hidden)
+        return x_t * 0
+
+    attack.victim = victim
+    noise = _latents(3)
+    attack.loss(30, noise, one_hot=one_hot)
+    embeds, _, pooled, _ = pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
+    assert seen["encoder_hidden_states"].shape == embeds.shape
+    torch.testing.assert_close(seen["encoder_hidden_states"], embeds, rtol=0, atol=1e-10)
+    torch.testing.assert_close(seen[("added_cond_kwargs", "text_embeds")], pooled, rtol=0, atol=1e-10)
+    # the official-style loss through the engine's victim: the U-Net with SDXL's time ids, by hand
+    attack.victim = victim_of(pipe)
+    x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    attack.x0 = x0
+    alpha = pipe.scheduler.alphas_cumprod[30].to(torch.float64)
+    x_t = x0 * alpha.sqrt() + noise * (1 - alpha).sqrt()
+    side = 4 * pipe.vae_scale_factor
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float64)
+    with torch.no_grad():
+        wanted = pipe.unet(
+            x_t, 30, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
+        ours = attack.loss(30, noise, one_hot=one_hot)
+    torch.testing.assert_close(ours, F.mse_loss(wanted, noise), rtol=1e-9, atol=0)
+
+
 def _official_bisection(a, eps=1.0, xi=1e-5, ub=1.0):
     """TextGrad.bisection, ported (its projection onto {0 ≤ p ≤ ub, Σp = eps})."""
     pa = torch.clip(a, 0, ub)
@@ -345,12 +397,16 @@ def test_attack_bad_input_is_one_line(tiny_checkpoint, tmp_path, cli):
 def test_other_families_are_refused_in_one_line(tmp_path, cli):
     import json
 
-    sdxl = tmp_path / "sdxl"  # refused from its model_index.json, before anything loads
-    sdxl.mkdir()
-    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    sd3 = tmp_path / "sd3"  # refused from its model_index.json, before anything loads
+    sd3.mkdir()
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     suite = tmp_path / "s.csv"
     suite.write_text("prompt\na cat\n")
-    code, _, err = cli(*_attack_args(sdxl, tmp_path / "o", suite))
+    code, _, err = cli(*_attack_args(sd3, tmp_path / "o", suite))
     assert code == 2 and err.count("\n") == 1, err
-    assert "defined for SD 1.x/2.x (StableDiffusionPipeline)" in err and "StableDiffusionXLPipeline" in err
+    assert "defined for SD 1.x/2.x and SDXL (StableDiffusionPipeline, StableDiffusionXLPipeline)" in err
+    assert "StableDiffusion3Pipeline" in err and not (tmp_path / "o").exists()
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    code, _, err = cli(*attack_args(sd3, tmp_path / "o", suite, "--method", "p4d-n"))
+    assert code == 2 and err.count("\n") == 1 and "p4d-n is defined for SD 1.x/2.x (StableDiffusionPipeline)" in err
     assert not (tmp_path / "o").exists()

@@ -169,11 +169,46 @@ class PromptTokens:
 
     def with_prefix_ids(self, prefix_ids: torch.Tensor) -> torch.Tensor:
         ids = self.ids[0]
-        out = torch.cat([ids[:1], prefix_ids.view(-1).to(ids.dtype), ids[1 : 1 + self.length], ids[1 + self.length :]])
+        out = torch.cat(
+            [ids[:1], prefix_ids.view(-1).to(ids.device, ids.dtype), ids[1 : 1 + self.length], ids[1 + self.length :]]
+        )
         return out[: ids.shape[0]][None]
 
 
-Victim = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+@dataclass
+class TextTower:
+    """One text encoder the adversarial tokens go through, with its tokenizer and token table."""
+
+    encoder: torch.nn.Module
+    tokenizer: object
+    table: torch.Tensor
+
+
+def text_towers(pipe) -> list[TextTower]:
+    """The pipeline's text encoders, in the order its ``encode_prompt`` runs them: SD 1.x/2.x's one, SDXL's two
+    (CLIP ViT-L, then OpenCLIP bigG with projection). Both SDXL tokenizers share CLIP's vocabulary, so one
+    distribution over it gives each tower its token (embedded by that tower's own table)."""
+    pairs = [(pipe.text_encoder, pipe.tokenizer)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.text_encoder_2, pipe.tokenizer_2))
+    towers = [TextTower(e, t, e.get_input_embeddings().weight.detach()) for e, t in pairs]
+    sizes = {tower.table.shape[0] for tower in towers}
+    if len(sizes) != 1:
+        raise InputError(f"UnlearnDiffAtk needs text encoders with one vocabulary; these have {sorted(sizes)} tokens")
+    return towers
+
+
+def conditioning_rows(pipe, outputs: list) -> dict | torch.Tensor:
+    """The denoiser's text conditioning from each tower's output, as the pipeline's ``encode_prompt`` builds it:
+    SD 1.x/2.x, the last hidden state (a tensor); SDXL, both towers' penultimate hidden states side by side,
+    and the last tower's projected pooled output as ``text_embeds`` (``{path: tensor}``)."""
+    if len(outputs) == 1:
+        return outputs[0][0]
+    hidden = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
+    return {"encoder_hidden_states": hidden, ("added_cond_kwargs", "text_embeds"): outputs[-1][0]}
+
+
+Victim = Callable[[torch.Tensor, int, "torch.Tensor | dict"], torch.Tensor]
 
 
 def victim_of(
@@ -191,8 +226,8 @@ def victim_of(
     uncond = den.encode(None, negative_prompt).uncond
     total = int(pipe.scheduler.config.num_train_timesteps)
 
-    def predict(x_t: torch.Tensor, t: int, hidden: torch.Tensor) -> torch.Tensor:
-        rows = {"encoder_hidden_states": hidden}
+    def predict(x_t: torch.Tensor, t: int, hidden) -> torch.Tensor:
+        rows = dict(hidden) if isinstance(hidden, dict) else {"encoder_hidden_states": hidden}
         if not guided:
             return den(x_t, t, Conditioning(rows))
         den.reset()
@@ -227,12 +262,15 @@ class UnlearnDiffAtk:
             raise ValueError(f"{len(prompts)} prompt(s) and {x0.shape[0]} target latent(s)")
         self.size = len(prompts)
         self.generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * self.size
-        encoder = pipe.text_encoder
-        self.table = encoder.get_input_embeddings().weight.detach()
+        self.towers = text_towers(pipe)
+        self.table = self.towers[0].table
         vocab = self.table.shape[0]
-        self.prompt_tokens = [
-            PromptTokens.of(pipe.tokenizer, p, settings.tokens, device=self.table.device) for p in prompts
+        #: per tower, each prompt's tokens (SDXL's second tokenizer pads differently)
+        self.tower_tokens = [
+            [PromptTokens.of(tower.tokenizer, p, settings.tokens, device=tower.table.device) for p in prompts]
+            for tower in self.towers
         ]
+        self.prompt_tokens = self.tower_tokens[0]
         self.tokens = self.prompt_tokens[0]
         shape = (self.size, settings.tokens, vocab)
         start = torch.full(shape, 1.0 / vocab, dtype=self.table.dtype, device=self.table.device)
@@ -256,12 +294,19 @@ class UnlearnDiffAtk:
         if one_hot is None:
             one_hot = torch.stack([sample_one_hot(w, g) for w, g in zip(self.variables, self.generators)])
         one_hot = one_hot.reshape(self.size, *one_hot.shape[-2:])
-        rows = torch.cat(
-            [tokens.with_prefix_rows(self.table, o @ self.table) for tokens, o in zip(self.prompt_tokens, one_hot)]
-        )
-        ids = torch.cat([tokens.ids for tokens in self.prompt_tokens])
-        with token_rows(self.pipe.text_encoder, rows):
-            hidden = self.pipe.text_encoder(ids)[0]
+        outputs = []
+        for tower, prompt_tokens in zip(self.towers, self.tower_tokens):
+            table = tower.table
+            rows = torch.cat(
+                [tokens.with_prefix_rows(table, o.to(table) @ table) for tokens, o in zip(prompt_tokens, one_hot)]
+            )
+            # the ids only place the end token, where a pooled output is read (SDXL's text_embeds): the prefix's
+            # own rows come from `rows`, its ids are placeholders (the start token, never the end one)
+            placeholder = torch.full((one_hot.shape[1],), int(tower.tokenizer.bos_token_id))
+            ids = torch.cat([tokens.with_prefix_ids(placeholder) for tokens in prompt_tokens])
+            with token_rows(tower.encoder, rows):
+                outputs.append(tower.encoder(ids, output_hidden_states=len(self.towers) > 1))
+        hidden = conditioning_rows(self.pipe, outputs)
         x_t = noised(self.x0, noise, self.alphas[t])
         prediction = self.victim(x_t, t, hidden)
         target = prediction_target(self.x0, noise, self.alphas[t], self.prediction_type)

@@ -53,8 +53,14 @@ from .attack_methods import (
 )
 
 STAGE = "attack"
-#: The pipelines the attack is defined for: the paper's setting (a CLIP text encoder, a U-Net with ε or v).
-ATTACKED_PIPELINES = ("StableDiffusionPipeline",)
+#: The pipelines each denoiser attack is defined for: the papers' setting (CLIP text encoders, a U-Net with ε or
+#: v); UnlearnDiffAtk also on SDXL (its tokens through both text encoders). The text attacks take any pipeline
+#: with a CLIP text encoder (:data:`safe_diffusion.attacks.CLIP_TEXT_ENCODERS`).
+ATTACKED_PIPELINES = {
+    "unlearndiffatk": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+    "p4d-n": ("StableDiffusionPipeline",),
+    "p4d-k": ("StableDiffusionPipeline",),
+}
 
 
 class AttackStore(RecordStore):
@@ -209,10 +215,11 @@ def attack_run(
                 f"attack {method} searches a CLIP text encoder ({', '.join(CLIP_TEXT_ENCODERS)});"
                 f" {model!r} is a {family} whose text_encoder is {encoder or 'absent'}"
             )
-    elif family is not None and family not in ATTACKED_PIPELINES:
+    elif family is not None and family not in ATTACKED_PIPELINES[method]:
+        where = "SD 1.x/2.x" + (" and SDXL" if "StableDiffusionXLPipeline" in ATTACKED_PIPELINES[method] else "")
         raise InputError(
-            f"attack {method} is defined for SD 1.x/2.x ({', '.join(ATTACKED_PIPELINES)}); {model!r} is a {family}"
-            f" (ring-a-bell and mma, which search the text encoder alone, run against SDXL, SD 3 and FLUX too)"
+            f"attack {method} is defined for {where} ({', '.join(ATTACKED_PIPELINES[method])}); {model!r} is a"
+            f" {family} (ring-a-bell and mma, which search the text encoder alone, run against SDXL, SD 3 and FLUX too)"
         )
     given = run_settings_for_attack(
         protocol,
@@ -294,6 +301,14 @@ def attack_run(
                 " (official: a hand-written SLD variant against the conditional prediction)"
             ]
             if p4d and guided and not official
+            else []
+        )
+        + (
+            [
+                "SDXL: no official code; one token distribution through both text encoders, each with its own"
+                " token table, the conditioning as SDXL's encode_prompt makes it (this project's definition)"
+            ]
+            if method == "unlearndiffatk" and family == "StableDiffusionXLPipeline"
             else []
         ),
     }
