@@ -27,6 +27,7 @@ from ..guidance.mitigation import fair_terms
 from ..judges.attributes import DEFAULT_MODEL as DEFAULT_CLIP
 from ..judges.attributes import ZeroShotClassifier, check_clip_reference
 from ..reports.fairness import plot_proportions
+from . import check_terms_act
 from .compare import generate_guided_images
 from .generate import MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_STEPS, check_guidance
 
@@ -132,6 +133,7 @@ def fairness(
     with output_dir(Path(out)) as folder:
         classify = ZeroShotClassifier(clip_model, directions, "cpu")
         pipe = load_pipeline(model, device=device)
+        check_terms_act(pipe, [term], guidance_scale, None, "fairness")
         pipe.set_progress_bar_config(disable=True)
         classify.model.to(pipe.device)
         classify.device = pipe.device
