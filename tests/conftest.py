@@ -30,6 +30,22 @@ def small_checkpoint(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", "small")
 
 
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory):
+    """``family_checkpoints("flux")``: a tiny random-weight checkpoint folder of that family
+    (:data:`safe_diffusion.testing.FAMILIES`), built once per test session."""
+    from safe_diffusion.testing import FAMILIES
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = FAMILIES[name](tmp_path_factory.mktemp("families") / name)
+        return built[name]
+
+    return get
+
+
 @pytest.fixture
 def cli(capsys):
     """Run the console entry point in-process: ``code, out, err = cli("generate", ...)``."""

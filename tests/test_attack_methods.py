@@ -621,20 +621,6 @@ def test_safree_targets_take_the_text_attacks_and_refuse_the_denoiser_ones_befor
 # -- the text attacks on other families ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def family_checkpoints(tmp_path_factory):
-    from safe_diffusion.testing import FAMILIES
-
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = FAMILIES[name](tmp_path_factory.mktemp("families") / name)
-        return built[name]
-
-    return get
-
-
 def test_clip_text_model_reads_sd3s_projection_encoder_as_the_plain_tower(family_checkpoints):
     """SD 3's CLIPTextModelWithProjection returns the projected embedding first; the text attacks read hidden
     states and the unprojected pooled output, so it is viewed as a CLIPTextModel over the same tensors."""

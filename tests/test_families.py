@@ -88,21 +88,7 @@ FAMILIES = {
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    from safe_diffusion.testing import FAMILIES as BUILDERS
-
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = BUILDERS[name](tmp_path_factory.mktemp("families") / name)
-        return built[name]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def pipes(checkpoints):
+def pipes(family_checkpoints):
     import diffusers
 
     loaded = {}
@@ -111,7 +97,7 @@ def pipes(checkpoints):
         if name not in loaded:
             fam = FAMILIES[name]
             cls = getattr(diffusers, fam.pipeline) if fam.pipeline else diffusers.DiffusionPipeline
-            pipe = cls.from_pretrained(checkpoints(fam.builder), torch_dtype=torch.float64, **fam.load)
+            pipe = cls.from_pretrained(family_checkpoints(fam.builder), torch_dtype=torch.float64, **fam.load)
             pipe.set_progress_bar_config(disable=True)
             loaded[name] = pipe
         return loaded[name]
@@ -221,10 +207,10 @@ def test_true_cfg_pipelines_without_cfg_are_a_one_line_error(pipes, name):
 
 
 @pytest.mark.parametrize("job", ["generate", "eval"])
-def test_the_jobs_refuse_guidance_on_true_cfg_pipelines_before_writing(checkpoints, tmp_path, cli, capsys, job):
+def test_the_jobs_refuse_guidance_on_true_cfg_pipelines_before_writing(family_checkpoints, tmp_path, cli, capsys, job):
     """The jobs never turn on FLUX's true CFG, so SLD there could not act: one line naming the way out (the
     Python API), before the output folder exists, instead of a stop at the first image."""
-    folder = checkpoints("flux")
+    folder = family_checkpoints("flux")
     capsys.readouterr()
     out = tmp_path / "out"
     common = [

@@ -21,16 +21,14 @@ LOAD = {"sd3": {"text_encoder_3": None, "tokenizer_3": None}}
 
 
 @pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
+def pipes(family_checkpoints):
     import diffusers
-
-    from safe_diffusion.testing import FAMILIES
 
     loaded = {}
 
     def get(name):
         if name not in loaded:
-            path = FAMILIES[name](tmp_path_factory.mktemp("ledits-families") / name)
+            path = family_checkpoints(name)
             pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float64, **LOAD.get(name, {}))
             pipe.set_progress_bar_config(disable=True)
             loaded[name] = pipe
