@@ -73,6 +73,14 @@ def decode_rgb(data: bytes):
         raise ValueError(f"damaged image ({str(exc).strip() or type(exc).__name__})") from None
 
 
+def unreadable_reason(exc: BaseException) -> str:
+    """What a judgment or a quality record says of a file that could not be read or decoded."""
+    if isinstance(exc, FileNotFoundError):
+        return "image file is missing"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"unreadable image: {reason}"
+
+
 class Judge(ABC):
     """An image judge. Subclasses set :attr:`name` and implement :meth:`judge_images` and :meth:`describe`."""
 
@@ -95,11 +103,8 @@ class Judge(ABC):
         """One file decoded (:meth:`decode`), or the :class:`Judgment` that says why it could not be."""
         try:
             return self.decode(Path(path).read_bytes())
-        except FileNotFoundError:
-            return Judgment.failed("image file is missing")
         except (OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            return Judgment.failed(f"unreadable image: {reason}")
+            return Judgment.failed(unreadable_reason(exc))
 
     def judge(self, paths: Sequence[str | Path]) -> list[Judgment]:
         """One judgment per file, in order; unreadable files get ``Judgment.failed`` instead of an exception.

@@ -93,6 +93,7 @@ def load_chunk(chunk: Sequence[QualityImage], transform: Callable | None = None)
     `transform` if given: ``(images, [(item, file fingerprint)], {key: reason})`` for the readable ones, in
     order, and the unreadable ones."""
     from ...common.prefetch import read_ahead
+    from ...judges.base import unreadable_reason
 
     def load(item: QualityImage):
         try:
@@ -100,7 +101,7 @@ def load_chunk(chunk: Sequence[QualityImage], transform: Callable | None = None)
             image = _open_rgb(item.path)
             return item, fingerprint, transform(image) if transform else image
         except (OSError, ValueError) as exc:
-            return item, None, _unreadable(exc)
+            return item, None, unreadable_reason(exc)
 
     images, keep, errors = [], [], {}
     for item, fingerprint, image in read_ahead(load, chunk, window=len(chunk), name="quality-decode"):
@@ -124,13 +125,6 @@ def square_resize(image, size: int):
     left, top = (w - side) // 2, (h - side) // 2
     image = image.crop((left, top, left + side, top + side))
     return image if side == size else image.resize((size, size), Image.BICUBIC)
-
-
-def _unreadable(exc: BaseException) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "image file is missing"
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return f"unreadable image: {reason}"
 
 
 def run_batches(
