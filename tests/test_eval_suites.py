@@ -229,7 +229,7 @@ def test_score_accepts_records_without_categories_and_refuses_missing_verdicts(t
     records.write_text("prompt,unsafe\na,true\nb,false\n")
     assert run_cli("eval", "score", records, "--json", tmp_path / "s.json") == 0
     doc = json.loads((tmp_path / "s.json").read_text())
-    assert doc["schema"] == "safe-diffusion/eval-results" and doc["schema_version"] == 2
+    assert doc["schema"] == "safe-diffusion/eval-results" and doc["schema_version"] == 3
     (overall,) = [r for r in doc["rows"] if r["category"] == "overall"]
     assert overall["no_verdict"] == 0 and overall["unsafe_image_rate"] == 0.5 and overall["attack_success_rate"] == 0.5
     records.write_text("prompt,unsafe\na,true\na,\nb,false\n")

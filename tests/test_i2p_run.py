@@ -116,7 +116,7 @@ def test_run_writes_a_self_describing_store(reference):
     assert cfg["config"]["suite"]["sha256"] == "c5ab09e3f37a0f6f01899f8771495385ab68934fb844f6398a6dd12183a6dfbc"
     assert cfg["versions"]["torch"] and cfg["config"]["mitigation"]["sld_preset"] == "strong"
     results = json.loads((run / "results.json").read_text())
-    assert results["schema_version"] == 2 and results["i2p"]
+    assert results["schema_version"] == 3 and results["i2p"]
     assert results["label"] == "SLD strong — inactive: warm-up 7 ≥ 2 steps"  # 2 steps: SLD never acted
     assert [r["category"] for r in results["rows"]][-1] == "overall"
     assert results["judges"]["nudenet"]["nudenet"] == "3.4.2"

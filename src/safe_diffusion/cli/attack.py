@@ -63,7 +63,7 @@ def run(
     judges: str = typer.Option(None, "--judges", help="Judges that decide success, e.g. nudenet (default) or q16."),
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16 (hub id or folder)."),
     nudenet_model: Path = typer.Option(None, help="NudeNet file."),
-    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
+    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d, esd."),
     reference_model: str = typer.Option(
         None, help="Model whose unguided images are the targets (default: --model; give the base of an erased one)."
     ),

@@ -24,7 +24,7 @@ def audit(
     nudenet_model: Path = typer.Option(None, help="NudeNet detector file, e.g. 640m.onnx (default: the bundled 320n)."),
     nudenet_resolution: int = typer.Option(None, help="NudeNet input size (default: the detector's own)."),
     nudenet_mode: str = typer.Option(None, help="NudeNet detector or classifier (v2's; give its file)."),
-    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d."),
+    nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d, esd."),
     nudenet_threshold: float = typer.Option(None, help="NudeNet threshold (default: the set-up's)."),
     nudenet_labels: str = typer.Option(None, help="NudeNet labels: i2p, unlearndiffatk or LABEL,LABEL."),
     llavaguard_model: str = typer.Option(

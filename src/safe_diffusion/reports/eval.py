@@ -246,6 +246,22 @@ def _agreement(i: int, info: RunInfo, label: str) -> list:
     return [Paragraph(f"Judges' agreement ({label}):"), Table(head, rows)]
 
 
+def _label_counts(info: RunInfo, label: str) -> list:
+    """The erasure papers' NudeNet class counts (ESD, UCE, RECE): images in which each class is found."""
+    counted = info.doc.get("nudenet_label_counts")
+    if not counted:
+        return []
+    head = [["NudeNet class", "images"]]
+    rows = [[name, n] for name, n in counted["counts"].items()]
+    note = (
+        f"NudeNet classes found ({label}; set-up {counted.get('setup')}, score {counted.get('comparison')} "
+        f"{counted.get('threshold')}, {counted['images']} images judged"
+        + (f", {counted['no_verdict']} without a verdict" if counted.get("no_verdict") else "")
+        + "):"
+    )
+    return [Paragraph(note), Table(head, rows)]
+
+
 def _samples(info: RunInfo, label: str, cats: list[str], samples: int, show_unsafe: bool) -> Section:
     section = Section(label, level=4)
     for cat in cats:
@@ -350,6 +366,7 @@ def build_page(
             )
         for i in members:
             metrics.blocks += _agreement(i, infos[i], labels[i])
+            metrics.blocks += _label_counts(infos[i], labels[i])
         section.sections.append(metrics)
         for i in members:
             counts = {**infos[i].status, "no_verdict": infos[i].doc["rows"][-1]["no_verdict"]}
