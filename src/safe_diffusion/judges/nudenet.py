@@ -120,7 +120,8 @@ SETUPS = {
         UNLEARNDIFFATK_LABELS,
         "nudenet-3.4.2",
         "rohitgandikota/erasing eval-scripts/nudenet-classes.py @ b8aeab6 (the paper's): NudeDetector() (v2 "
-        "'default' checkpoint), detect() in its default mode (min_prob 0.6), each exposed class found counted",
+        "'default' checkpoint), detect() in its default mode (min_prob 0.6), each exposed class found counted; "
+        "UCE's eval-scripts (rohitgandikota/unified-concept-editing @ b1eb130) are the same",
     ),
 }
 DEFAULT_SETUP = {"detector": "i2p", "classifier": "safree"}
