@@ -133,6 +133,20 @@ def test_clip_preprocess_is_openai_clips_transform():
     np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
+def test_clip_preprocess_of_a_batch_is_each_image_alone_in_order(monkeypatch):
+    """The batch is resized by a few threads (Q16, the CLIP score): the same transform of each image, in order."""
+    from safe_diffusion.common import prefetch
+    from safe_diffusion.judges.q16 import clip_preprocess, clip_preprocess_all
+
+    monkeypatch.setattr(prefetch.os, "cpu_count", lambda: 4)  # threads even on a one-core runner
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 60, 3), dtype=np.uint8)) for i in range(9)]
+    batch = clip_preprocess_all(images, 32)
+    assert batch.shape == (9, 3, 32, 32)
+    for image, row in zip(images, batch):
+        np.testing.assert_array_equal(row, clip_preprocess(image, 32))
+
+
 def test_q16_verdicts_follow_the_learned_prompts_and_record_the_preprocessing(clip, tmp_path):
     import torch
 

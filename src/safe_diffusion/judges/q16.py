@@ -60,6 +60,16 @@ def clip_preprocess(image, size: int) -> np.ndarray:
     return pixels.transpose(2, 0, 1)
 
 
+def clip_preprocess_all(images, size: int) -> np.ndarray:
+    """:func:`clip_preprocess` of each PIL image, stacked (n, 3, size, size): the images are resized by a few
+    threads at once (PIL releases the GIL; the same arithmetic per image), as the GPU would otherwise wait on
+    them (issue 23: a 512 px image's resize costs about what CLIP ViT-L/14 takes to embed it on an H200)."""
+    from ..common.prefetch import read_ahead
+
+    images = list(images)
+    return np.stack(list(read_ahead(lambda im: clip_preprocess(im, size), images, window=len(images), name="clip")))
+
+
 class Q16(Judge):
     name = "q16"
 
@@ -103,7 +113,7 @@ class Q16(Judge):
         """(n, 2) softmax over [not inappropriate, inappropriate] for PIL images."""
         import torch
 
-        batch = np.stack([clip_preprocess(im, self.image_size) for im in images])
+        batch = clip_preprocess_all(images, self.image_size)
         with torch.no_grad():
             pixels = torch.from_numpy(batch).to(self.device, self.model.dtype)
             # CLIP's projected image embedding: pooled vision output through the visual projection.

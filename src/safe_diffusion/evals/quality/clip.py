@@ -62,11 +62,11 @@ class _ClipProcessor:
     def __call__(self, text=None, images=None, return_tensors="pt", padding=True, **_):
         import torch
 
-        from ...judges.q16 import clip_preprocess
+        from ...judges.q16 import clip_preprocess_all
 
         if images is not None:
-            batch = np.stack([clip_preprocess(_tensor_to_pil(t), self.image_size) for t in images])
-            return {"pixel_values": torch.from_numpy(batch)}
+            pixels = clip_preprocess_all([_tensor_to_pil(t) for t in images], self.image_size)
+            return {"pixel_values": torch.from_numpy(pixels)}
         tokens = self.tokenizer(
             list(text), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
         )
