@@ -333,3 +333,24 @@ def test_esd_nudity_protocol_counts_the_nudenet_classes_of_its_run(tiny_checkpoi
     assert code == 0, err
     page = (tmp_path / "r.html").read_text()
     assert "NudeNet classes found" in page and labels[0] in page
+
+
+@pytest.mark.slow
+def test_unlearndiffatk_object_protocols_judge_with_the_object_classifier(tiny_checkpoint, tmp_path, cli):
+    """`eval run --protocol unlearndiffatk-object-church`: the bundled church prompts, LMS, each row's seed and
+    guidance, judged by the object judge looking for ImageNet class 497 (the official object_labels)."""
+    from safe_diffusion.testing import build_imagenet_classifier
+
+    classifier = build_imagenet_classifier(tmp_path / "resnet")
+    out = tmp_path / "run"
+    args = ["eval", "run", "--protocol", "unlearndiffatk-object-church", "-m", str(tiny_checkpoint), "-o", str(out)]
+    args += ["--limit", "2", "--steps", "2", "--height", "32", "--width", "32", "--object-model", str(classifier)]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["generation"]["scheduler_class"] == "LMSDiscreteScheduler"
+    assert config["protocol"]["name"] == "unlearndiffatk-object-church"
+    results = json.loads((out / "results.json").read_text())
+    assert results["judges"]["object"]["target_class"] == 497 and results["rows"][-1]["images"] == 2
+    deviations = [d["setting"] for d in config["protocol"]["deviations"]]
+    assert deviations == ["limit", "steps", "height", "width"], deviations

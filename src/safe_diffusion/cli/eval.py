@@ -67,6 +67,8 @@ def run(
     nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d, esd."),
     nudenet_threshold: float = typer.Option(None, help="NudeNet threshold (default: the set-up's)."),
     nudenet_labels: str = typer.Option(None, help="NudeNet labels: i2p, unlearndiffatk or LABEL,LABEL."),
+    object_class: str = typer.Option(None, help="Object judge: the object, e.g. church, or an ImageNet index."),
+    object_model: str = typer.Option(None, help="Object judge: ImageNet classifier (default microsoft/resnet-50)."),
     llavaguard_model: str = typer.Option(None, help="LlavaGuard checkpoint: hub id or local folder."),
     device: str = typer.Option(None, help="Device (default: the process's)."),
     progress: bool = typer.Option(True, help="Progress bar, or periodic lines in logs."),
@@ -105,6 +107,8 @@ def run(
         nudenet_setup=nudenet_setup,
         nudenet_threshold=nudenet_threshold,
         nudenet_labels=nudenet_labels,
+        object_class=object_class,
+        object_model=object_model,
         llavaguard_model=llavaguard_model,
     )
     done = evaluate(
@@ -141,6 +145,8 @@ def classify(
     nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d, esd."),
     nudenet_threshold: float = typer.Option(None, help="NudeNet threshold (default: the set-up's)."),
     nudenet_labels: str = typer.Option(None, help="NudeNet labels: i2p, unlearndiffatk or LABEL,LABEL."),
+    object_class: str = typer.Option(None, help="Object judge: the object, e.g. church, or an ImageNet index."),
+    object_model: str = typer.Option(None, help="Object judge: ImageNet classifier (default microsoft/resnet-50)."),
     llavaguard_model: str = typer.Option(None, help="LlavaGuard checkpoint: hub id or local folder."),
     redo: bool = typer.Option(True, help="Judge again images these judges already judged."),
     device: str = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
@@ -165,6 +171,8 @@ def classify(
             nudenet_setup=nudenet_setup,
             nudenet_threshold=nudenet_threshold,
             nudenet_labels=nudenet_labels,
+            object_class=object_class,
+            object_model=object_model,
             llavaguard_model=llavaguard_model,
         ),
         redo=redo,
@@ -378,9 +386,11 @@ def list_protocols(
     from ..evals.protocols import available, get_protocol
 
     if name is None:
-        for protocol in available():
+        shipped = available()
+        width = max(32, *(len(p.name) + 2 for p in shipped))
+        for protocol in shipped:
             figures = f", {len(protocol.references)} published figure(s)" if protocol.references else ""
-            typer.echo(f"{protocol.name:<32}{protocol.title}{figures}")
+            typer.echo(f"{protocol.name:<{width}}{protocol.title}{figures}")
         return
     protocol = get_protocol(name)
     typer.echo(f"{protocol.name} (version {protocol.version}): {protocol.title}")

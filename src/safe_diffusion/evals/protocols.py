@@ -72,6 +72,8 @@ SECTIONS: dict[str, dict[str, str]] = {
         "nudenet_threshold": "nudenet_threshold",
         "nudenet_labels": "nudenet_labels",
         "nudenet_resolution": "nudenet_resolution",
+        "object_class": "object_class",
+        "object_model": "object_model",
     },
 }
 TOP_KEYS = {

@@ -19,6 +19,8 @@ JUDGE_OPTIONS = {
     "nudenet_setup": ("nudenet", "setup"),
     "nudenet_threshold": ("nudenet", "threshold"),
     "nudenet_labels": ("nudenet", "labels"),
+    "object_model": ("object", "model"),
+    "object_class": ("object", "target"),
     "llavaguard_model": ("llavaguard", "model"),
     "llavaguard_policy": ("llavaguard", "policy"),
     "llavaguard_max_new_tokens": ("llavaguard", "max_new_tokens"),
@@ -73,4 +75,11 @@ def judge_options_from(names: list[str], **given: Any) -> dict[str, dict[str, An
         options.setdefault(judge, {})[keyword] = str(value) if isinstance(value, Path) else value
     if "nudenet" in options:
         _check_nudenet(options["nudenet"])
+    if "object" in names:  # checked now, before any model loads
+        from .objects import object_class
+
+        target = options.get("object", {}).get("target")
+        if target is None:
+            raise InputError("the object judge needs the object it looks for: --object-class (e.g. church)")
+        object_class(target)
     return options

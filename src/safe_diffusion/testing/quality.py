@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..common.hashing import sha256_bytes
+from ..common.provenance import mark_random_weights
 from ..evals.quality import FeatureExtractor, register_feature_extractor
 
 
@@ -113,4 +114,34 @@ def build_inception_weights(path: str | Path, seed: int = 0) -> Path:
             value = torch.zeros_like(tensor)
         state[name] = value.contiguous()
     torch.save(state, path)
+    return path
+
+
+def build_imagenet_classifier(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random-weight ImageNet classifier with ``microsoft/resnet-50``'s layout (a ``ResNetForImageClassification``
+    with 1000 classes and a ``ConvNextImageProcessor``), saved at `path`: the object judge's test model."""
+    import torch
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    from .parts import seed_all
+
+    path = Path(path)
+    seed_all(seed)
+    config = ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=1000,
+        id2label={i: f"class {i}" for i in range(1000)},
+        label2id={f"class {i}": i for i in range(1000)},
+    )
+    model = ResNetForImageClassification(config).eval()
+    with torch.no_grad():  # a spread of logits, so that the top-1 class varies from image to image
+        model.classifier[-1].weight.normal_(0, 3.0)
+    model.save_pretrained(path)
+    ConvNextImageProcessor(
+        size={"shortest_edge": image_size}, crop_pct=0.875, resample=3, do_normalize=True
+    ).save_pretrained(path)
+    mark_random_weights(path, "safe_diffusion.testing.build_imagenet_classifier", seed=seed)
     return path
