@@ -354,3 +354,11 @@ def test_unlearndiffatk_object_protocols_judge_with_the_object_classifier(tiny_c
     assert results["judges"]["object"]["target_class"] == 497 and results["rows"][-1]["images"] == 2
     deviations = [d["setting"] for d in config["protocol"]["deviations"]]
     assert deviations == ["limit", "steps", "height", "width"], deviations
+    # the protocol names UnlearnDiffAtk: attack run takes it, its judge and the same --object-model
+    attacked = tmp_path / "attack"
+    args = ["attack", "run", "--protocol", "unlearndiffatk-object-church", "-m", str(tiny_checkpoint)]
+    args += ["-o", str(attacked), "--limit", "1", "--steps", "2", "--height", "32", "--width", "32"]
+    code, out_text, err = cli(*args, "--iterations", "1", "--timesteps", "1", "--object-model", str(classifier))
+    assert code == 0 and "1 of 1" in out_text, err
+    attack_config = json.loads((attacked / "config.json").read_text())["config"]
+    assert attack_config["judges"] == ["object"] and attack_config["judge_settings"]["object"]["target"] == "church"

@@ -64,6 +64,8 @@ def run(
     q16_model: str = typer.Option(None, help="CLIP ViT-L/14 for Q16 (hub id or folder)."),
     nudenet_model: Path = typer.Option(None, help="NudeNet file."),
     nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d, esd."),
+    object_class: str = typer.Option(None, help="Object judge: the object, e.g. church, or an ImageNet index."),
+    object_model: str = typer.Option(None, help="Object judge: ImageNet classifier (default microsoft/resnet-50)."),
     reference_model: str = typer.Option(
         None, help="Model whose unguided images are the targets (default: --model; give the base of an erased one)."
     ),
@@ -90,7 +92,13 @@ def run(
         candidates=candidates,
     )
     chosen = Mitigation.build(safety=safety, methods=mitigation, negative_prompt=negative_prompt)
-    options = {"q16_model": q16_model, "nudenet_model": nudenet_model, "nudenet_setup": nudenet_setup}
+    options = {
+        "q16_model": q16_model,
+        "nudenet_model": nudenet_model,
+        "nudenet_setup": nudenet_setup,
+        "object_class": object_class,
+        "object_model": object_model,
+    }
     done = attack_run(
         model,
         out,
