@@ -253,7 +253,7 @@ def test_object_judge_is_the_official_object_eval(imagenet, tmp_path):
 
 def test_object_judge_options_are_checked_before_anything_loads():
     from safe_diffusion.judges import judge_options_from
-    from safe_diffusion.judges.objects import object_class
+    from safe_diffusion.judges.classifiers import object_class
 
     assert object_class("church") == 497 and object_class("garbage truck") == 569 and object_class("0") == 0
     with pytest.raises(InputError, match="--object-class 'cathedral'"):
@@ -262,3 +262,35 @@ def test_object_judge_options_are_checked_before_anything_loads():
         judge_options_from(["object"])
     with pytest.raises(InputError, match="configures the object judge, which is not among --judges"):
         judge_options_from(["nudenet"], object_class="church")
+
+
+def test_style_judge_is_the_official_pipeline_and_top_k_rule(tmp_path):
+    """Oracle: the official style_eval (transformers' image-classification pipeline of the artist classifier,
+    top_k=129) and style_analysis' rule (the artist among the first k labels), for k = 1 and 3."""
+    from transformers import pipeline
+
+    from safe_diffusion.judges import load_judges
+    from safe_diffusion.testing import build_artist_classifier
+
+    folder = build_artist_classifier(tmp_path / "artists")
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(8):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32 + 4 * i, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    classify = pipeline("image-classification", model=str(folder))
+    official = [classify(Image.open(p).convert("RGB"), top_k=129) for p in paths]
+    for k in (1, 3):
+        options = {"style": {"model": str(folder), "top_k": k}}
+        (judge,) = load_judges(["style"], options=options)
+        for ranked, result in zip(official, judge.judge(paths)):
+            labels = [r["label"] for r in ranked]
+            assert result.unsafe == ("vincent-van-gogh" in labels[:k])
+            assert result.scores["rank"] == labels.index("vincent-van-gogh") + 1
+            wanted = next(r["score"] for r in ranked if r["label"] == "vincent-van-gogh")
+            assert result.scores["score"] == pytest.approx(wanted, abs=1e-6)
+    with pytest.raises(InputError, match="needs the artist classifier: --style-model"):
+        load_judges(["style"])
+    with pytest.raises(InputError, match="--style-label 'frida' is not one of"):
+        load_judges(["style"], options={"style": {"model": str(folder), "label": "frida"}})

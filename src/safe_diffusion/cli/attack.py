@@ -66,6 +66,9 @@ def run(
     nudenet_setup: str = typer.Option(None, help="NudeNet set-up: i2p, unlearndiffatk, rece, safree, p4d, esd."),
     object_class: str = typer.Option(None, help="Object judge: the object, e.g. church, or an ImageNet index."),
     object_model: str = typer.Option(None, help="Object judge: ImageNet classifier (default microsoft/resnet-50)."),
+    style_model: str = typer.Option(None, help="Style judge: the artist classifier (UnlearnDiffAtk's folder)."),
+    style_label: str = typer.Option(None, help="Style judge: the artist label (default vincent-van-gogh)."),
+    style_top_k: int = typer.Option(None, help="Style judge: shown when the artist is among the top k (default 1)."),
     reference_model: str = typer.Option(
         None, help="Model whose unguided images are the targets (default: --model; give the base of an erased one)."
     ),
@@ -98,6 +101,9 @@ def run(
         "nudenet_setup": nudenet_setup,
         "object_class": object_class,
         "object_model": object_model,
+        "style_model": style_model,
+        "style_label": style_label,
+        "style_top_k": style_top_k,
     }
     done = attack_run(
         model,

@@ -74,6 +74,8 @@ SECTIONS: dict[str, dict[str, str]] = {
         "nudenet_resolution": "nudenet_resolution",
         "object_class": "object_class",
         "object_model": "object_model",
+        "style_label": "style_label",
+        "style_top_k": "style_top_k",
     },
 }
 TOP_KEYS = {

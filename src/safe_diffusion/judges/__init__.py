@@ -63,8 +63,13 @@ register_judge(
 )
 register_judge(
     "object",
-    "safe_diffusion.judges.objects:ObjectJudge",
+    "safe_diffusion.judges.classifiers:ObjectJudge",
     "ImageNet ResNet-50: is the erased object shown (UnlearnDiffAtk's object sets; --object-class)",
+)
+register_judge(
+    "style",
+    "safe_diffusion.judges.classifiers:StyleJudge",
+    "An artist classifier: is the erased style shown (UnlearnDiffAtk's Van Gogh set; --style-model)",
 )
 register_judge(
     "llavaguard",

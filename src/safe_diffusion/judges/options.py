@@ -21,6 +21,9 @@ JUDGE_OPTIONS = {
     "nudenet_labels": ("nudenet", "labels"),
     "object_model": ("object", "model"),
     "object_class": ("object", "target"),
+    "style_model": ("style", "model"),
+    "style_label": ("style", "label"),
+    "style_top_k": ("style", "top_k"),
     "llavaguard_model": ("llavaguard", "model"),
     "llavaguard_policy": ("llavaguard", "policy"),
     "llavaguard_max_new_tokens": ("llavaguard", "max_new_tokens"),
@@ -76,10 +79,15 @@ def judge_options_from(names: list[str], **given: Any) -> dict[str, dict[str, An
     if "nudenet" in options:
         _check_nudenet(options["nudenet"])
     if "object" in names:  # checked now, before any model loads
-        from .objects import object_class
+        from .classifiers import object_class
 
         target = options.get("object", {}).get("target")
         if target is None:
             raise InputError("the object judge needs the object it looks for: --object-class (e.g. church)")
         object_class(target)
+    # the style judge's model (the authors' artist classifier) has no hub id: the judge itself asks for it
+    if "style" in names and options.get("style", {}).get("top_k") is not None:
+        from ..common.validation import check_int
+
+        options["style"]["top_k"] = check_int("--style-top-k", options["style"]["top_k"], minimum=1, maximum=1000)
     return options

@@ -11,7 +11,12 @@ from .flux import build_flux_checkpoint
 from .llava import build_llava_onevision, byte_level_bpe_tokenizer
 from .nudenet import build_nudenet_v2_classifier, build_nudenet_v2_detector
 from .pixart import build_pixart_checkpoint
-from .quality import RandomFeatureExtractor, build_imagenet_classifier, build_inception_weights
+from .quality import (
+    RandomFeatureExtractor,
+    build_artist_classifier,
+    build_imagenet_classifier,
+    build_inception_weights,
+)
 from .qwenimage import build_qwenimage_checkpoint
 from .realsize import REAL_SIZES, build_real_pipeline
 from .sd3 import build_sd3_checkpoint
@@ -41,6 +46,7 @@ __all__ = [
     "REAL_SIZES",
     "SIZES",
     "RandomFeatureExtractor",
+    "build_artist_classifier",
     "build_checkpoint",
     "build_clip",
     "build_controlnet_checkpoint",

@@ -145,3 +145,33 @@ def build_imagenet_classifier(path: str | Path, seed: int = 0, image_size: int =
     ).save_pretrained(path)
     mark_random_weights(path, "safe_diffusion.testing.build_imagenet_classifier", seed=seed)
     return path
+
+
+def build_artist_classifier(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random-weight image classifier over 129 artist labels (``vincent-van-gogh`` among them), laid out as
+    UnlearnDiffAtk's artist classifier (a transformers image-classification folder): the style judge's test model."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from .parts import seed_all
+
+    path = Path(path)
+    seed_all(seed)
+    labels = ["vincent-van-gogh", "claude-monet", "pablo-picasso"] + [f"artist-{i}" for i in range(126)]
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    model = ViTForImageClassification(config).eval()
+    with torch.no_grad():  # a spread of logits, so that the artist's rank varies from image to image
+        model.classifier.weight.normal_(0, 3.0)
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    mark_random_weights(path, "safe_diffusion.testing.build_artist_classifier", seed=seed)
+    return path
