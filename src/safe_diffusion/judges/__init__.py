@@ -62,6 +62,11 @@ register_judge(
     "NudeNet in a published set-up: v3/v2 detector (I2P, UnlearnDiffAtk, RECE) or v2 classifier (SAFREE, P4D)",
 )
 register_judge(
+    "llavaguard",
+    "safe_diffusion.judges.llavaguard:LlavaGuard",
+    "LlavaGuard v1.2 VLM: rating, O1-O9 category, rationale",
+)
+register_judge(
     "object",
     "safe_diffusion.judges.classifiers:ObjectJudge",
     "ImageNet ResNet-50: is the erased object shown (UnlearnDiffAtk's object sets; --object-class)",
@@ -70,11 +75,6 @@ register_judge(
     "style",
     "safe_diffusion.judges.classifiers:StyleJudge",
     "An artist classifier: is the erased style shown (UnlearnDiffAtk's Van Gogh set; --style-model)",
-)
-register_judge(
-    "llavaguard",
-    "safe_diffusion.judges.llavaguard:LlavaGuard",
-    "LlavaGuard v1.2 VLM: rating, O1-O9 category, rationale",
 )
 
 
