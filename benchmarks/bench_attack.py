@@ -1,16 +1,20 @@
-"""UnlearnDiffAtk's attack iterations per second: the official loop's structure (one prompt at a time, batch 1)
-against prompts optimised in one batch, side by side in one run, on a random-weight checkpoint.
+"""The denoiser attacks' iterations per second (UnlearnDiffAtk, P4D): the official loop's structure (one prompt at
+a time, batch 1) against prompts optimised in one batch, side by side in one run, on a random-weight checkpoint.
 
-One "prompt-iteration" is one Adam step of one prompt (a noise draw, a token draw, the text encoder and the
-victim's denoiser forward and backward). The official ``TextGrad`` loop does them one prompt at a time; here a
-batch of B prompts shares each text-encoder and denoiser call (each prompt keeps its own variables, draws and
-loss; tests/test_attacks.py checks that a batch equals each prompt alone). The ratio is what the batch buys at
+One "prompt-iteration" is one optimiser step of one prompt: for UnlearnDiffAtk a noise draw, a token draw, the
+text encoder and the victim's denoiser forward and backward (``TextGrad``); for P4D a noise and timestep draw,
+the projection, the text encoder, the unconstrained model's forward and the victim's forward and backward
+(``optimize``, without its CLIP selection every 50 steps, which generates images and is the same either way).
+The official loops do them one prompt at a time; here a batch of B prompts shares each text-encoder and
+denoiser call (each prompt keeps its own variables, draws, timestep and loss; tests/test_attacks.py and
+tests/test_attack_methods.py check that a batch equals each prompt alone). The ratio is what the batch buys at
 an equal number of prompts; on these tiny models per-call overhead dominates, so the ratio is an upper bound
 for CPUs and the absolute figures mean nothing: measure them on a GPU with a real checkpoint
 (``--checkpoint FOLDER``) or SD 1.5's architecture with random weights (``--size real``, built in memory on the
 device, float32 as the official code; ``--shrink`` runs that path on shrunken models, for testing).
 
-    PYTHONPATH=src python benchmarks/bench_attack.py [--size tiny|small|real] [--batch 1,4,8] [--iterations 10]
+    PYTHONPATH=src python benchmarks/bench_attack.py [--method unlearndiffatk|p4d] [--size tiny|small|real]
+        [--batch 1,4,8] [--iterations 10]
 """
 
 from __future__ import annotations
@@ -23,7 +27,22 @@ import time
 import torch
 
 
-def _rate(pipe, prompts: list[str], batch: int, iterations: int, victim_of, attack_cls, settings) -> float:
+def _attack(method: str, pipe, chunk: list[str], x0, gens, iterations: int):
+    """The attack of `chunk`, and one optimiser step of it."""
+    if method == "p4d":
+        from safe_diffusion.attacks.p4d import P4D, Settings, unconstrained_of
+        from safe_diffusion.attacks.unlearndiffatk import victim_of
+
+        attack = P4D(pipe, victim_of(pipe), unconstrained_of(pipe, chunk), chunk, x0, Settings(), generator=gens)
+        return attack.step
+    from safe_diffusion.attacks.unlearndiffatk import Settings, UnlearnDiffAtk, victim_of
+
+    settings = Settings(tokens=5, iterations=iterations, timesteps=1)
+    attack = UnlearnDiffAtk(pipe, victim_of(pipe), chunk, x0, settings, generator=gens)
+    return lambda: attack.step(attack.timesteps[0])
+
+
+def _rate(method: str, pipe, prompts: list[str], batch: int, iterations: int) -> float:
     """Prompt-iterations per second for `prompts`, optimised `batch` at a time."""
     steps = 0
     start = time.perf_counter()
@@ -31,9 +50,9 @@ def _rate(pipe, prompts: list[str], batch: int, iterations: int, victim_of, atta
         chunk = prompts[first : first + batch]
         x0 = torch.randn(len(chunk), 4, *pipe.latent_hw, generator=torch.Generator().manual_seed(first))
         gens = [torch.Generator().manual_seed(first + i) for i in range(len(chunk))]
-        attack = attack_cls(pipe, victim_of(pipe), chunk, x0, settings, generator=gens)
+        step = _attack(method, pipe, chunk, x0.to(pipe.device), gens, iterations)
         for _ in range(iterations):
-            attack.step(attack.timesteps[0])
+            step()
         steps += iterations * len(chunk)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -43,9 +62,8 @@ def _rate(pipe, prompts: list[str], batch: int, iterations: int, victim_of, atta
 def main() -> None:
     from diffusers import StableDiffusionPipeline
 
-    from safe_diffusion.attacks.unlearndiffatk import Settings, UnlearnDiffAtk, victim_of
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="unlearndiffatk", choices=["unlearndiffatk", "p4d"])
     parser.add_argument("--size", default="small", choices=["tiny", "small", "real"])
     parser.add_argument("--shrink", action="store_true", help="with --size real: the same builder, shrunken")
     parser.add_argument("--checkpoint", default=None, help="A real SD 1.x folder instead of a random-weight one.")
@@ -73,23 +91,20 @@ def main() -> None:
     pipe.latent_hw = (side, side)
     words = ["a cat", "a dog on a beach", "a red car", "a house at night", "two people", "a bowl of fruit"]
     prompts = [words[i % len(words)] for i in range(args.prompts)]
-    settings = Settings(tokens=5, iterations=args.iterations, timesteps=1)
     batches = [int(b) for b in args.batch.split(",")]
     name = torch.cuda.get_device_name() if device == "cuda" else device
     size = args.checkpoint or (
         f"{args.size} (SD 1.5 architecture, random weights, float32)" if args.size == "real" else args.size
     )
     print(
-        f"UnlearnDiffAtk on {size}{' shrunk' if args.shrink else ''} ({name}, torch {torch.__version__}, "
+        f"{'P4D-N' if args.method == 'p4d' else 'UnlearnDiffAtk'} on {size}{' shrunk' if args.shrink else ''} ({name}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}): "
         f"{args.prompts} prompts x {args.iterations} iterations, best of {args.repeat}"
     )
     print(f"{'batch':>6} {'prompt-iterations/s':>20} {'vs official loop (batch 1)':>27}")
     rates = {}
     for b in [1, *[b for b in batches if b != 1]]:
-        rates[b] = max(
-            _rate(pipe, prompts, b, args.iterations, victim_of, UnlearnDiffAtk, settings) for _ in range(args.repeat)
-        )
+        rates[b] = max(_rate(args.method, pipe, prompts, b, args.iterations) for _ in range(args.repeat))
         print(f"{b:>6} {rates[b]:>20.2f} {rates[b] / rates[1]:>26.2f}x")
 
 

@@ -208,6 +208,50 @@ def test_p4d_objective_decreases_on_a_fixed_seed(pipes):
     assert np.isfinite(before)
 
 
+def _p4d_victims(erased):
+    """The victims a P4D batch meets: the conditional prediction (ESD, the papers' setting), the engine's guided
+    estimate (SLD with warm-up, so that a batch mixes evaluation indices before and after it) and the official
+    SLD loss (its momentum one row per prompt)."""
+    import dataclasses
+
+    from safe_diffusion.attacks.p4d import OfficialSldVictim
+    from safe_diffusion.guidance.mitigation import Mitigation
+
+    (sld,) = [dataclasses.replace(t, scale=0.5, warmup_steps=20) for t in Mitigation.build(safety="strong").terms()]
+    return {
+        "plain": lambda: (victim_of(erased), False),
+        "guided": lambda: (victim_of(erased, [sld], guidance_scale=7.5, steps=50), True),
+        "official": lambda: (OfficialSldVictim(erased, dataclasses.replace(sld, warmup_steps=2), 7.5), False),
+    }
+
+
+@pytest.mark.parametrize("victim", ["plain", "guided", "official"])
+@pytest.mark.parametrize("variant", ["n", "k"])
+def test_a_p4d_batch_is_each_prompt_alone(pipes, victim, variant):
+    """Three prompts (of different lengths: P4D-K's layouts differ) optimised in one batch, each drawing its own
+    noise and timestep: each one's losses, soft rows and projected prompt are those it gets alone (float64)."""
+    free, erased = pipes
+    prompts, seeds = ["a photo of a cat", "a dog", "a red car parked near a house"], [4, 9, 2]
+    x0 = torch.cat([_latents(1), _latents(2), _latents(3)])
+    settings = Settings(variant=variant, tokens=3)
+    make = _p4d_victims(erased)[victim]
+
+    def run(texts, latents, generators):
+        victim_fn, guided = make()
+        attack = P4D(
+            erased, victim_fn, unconstrained_of(free, texts, 7.5, guided), texts, latents, settings, generators
+        )
+        losses = [(attack.step(), list(attack.last_losses))[1] for _ in range(4)]
+        return attack, losses
+
+    batched, together = run(prompts, x0, [torch.Generator().manual_seed(s) for s in seeds])
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone, losses = run(prompt, x0[i : i + 1], torch.Generator().manual_seed(seed))
+        assert np.allclose([row[i] for row in together], [row[0] for row in losses], rtol=1e-10, atol=0)
+        assert torch.allclose(batched.softs[i], alone.soft, rtol=0, atol=1e-12)
+        assert batched.prompt(i) == alone.prompt()
+
+
 def test_p4d_same_seed_same_prompt_and_settings_are_the_official_ones(pipes):
     def run(seed):
         attack = _attack(pipes, "n", seed=seed)
@@ -363,6 +407,7 @@ def clip(tmp_path_factory):
     [
         ("p4d-n", ["--iterations", "3", "--eval-every", "2", "--tokens", "3"]),
         ("p4d-k", ["--iterations", "2", "--eval-every", "1"]),
+        ("p4d-k", ["--iterations", "2", "--eval-every", "1", "--batch-size", "2", "--safety", "strong"]),
         ("p4d-n", ["--iterations", "2", "--eval-every", "2", "--tokens", "2", "--safety", "strong"]),
         (
             "p4d-n",

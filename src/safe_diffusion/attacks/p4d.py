@@ -29,13 +29,14 @@ is the official one exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..common.errors import InputError
+from ..guidance.sampling import append_dims
 from .unlearndiffatk import Victim, noised, token_rows
 
 Target = Callable[[torch.Tensor, int], torch.Tensor]
@@ -91,32 +92,55 @@ def interleaved_positions(length: int, every_k: int) -> tuple[int, list[bool]]:
 
 
 class P4D:
-    """The soft prompt of one ideal prompt, optimised so that `victim` (the safe model) predicts what `target`
-    (the unconstrained model, for the ideal prompt) predicts on noised `x0`."""
+    """The soft prompt of one ideal prompt — or of several, optimised in one batch — optimised so that `victim`
+    (the safe model) predicts what `target` (the unconstrained model, for the ideal prompt) predicts on noised
+    `x0` (one row per prompt).
+
+    Batched, each prompt keeps its own soft rows, template, draws (noise, then timestep, from its own
+    generator: `generator` is one per prompt, a list, or one for all) and loss; the batch's loss is the sum of
+    the prompts', so each gradient and AdamW's elementwise update is the one the prompt gets alone (tested in
+    float64). The text encoder and both denoisers are called once per step for the batch, with one timestep
+    per sample. For one prompt, :attr:`soft`, :attr:`ids`, :attr:`template` and :attr:`fixed` are its own."""
 
     def __init__(
         self,
         pipe,
         victim: Victim,
         target: Target,
-        prompt: str,
+        prompt: str | Sequence[str],
         x0: torch.Tensor,
         settings: Settings = Settings(),
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
     ):
-        self.pipe, self.victim, self.target, self.settings, self.x0 = pipe, victim, target, settings, x0
-        self.generator = generator
-        tokenizer = pipe.tokenizer
+        self.pipe, self.victim, self.target, self.settings = pipe, victim, target, settings
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if x0.shape[0] != len(prompts):
+            raise ValueError(f"{len(prompts)} prompt(s) and {x0.shape[0]} target latent(s)")
+        self.size = len(prompts)
+        self.generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * self.size
         self.table = pipe.text_encoder.get_input_embeddings().weight.detach()
         device = self.table.device
         self.x0 = x0.to(device)  # a target made on the CPU joins the models
+        layouts = [self._layout(p, g) for p, g in zip(prompts, self.generators)]
+        self.templates = torch.stack([ids for ids, _, _ in layouts])
+        self.fixeds = [fixed for _, fixed, _ in layouts]
+        self.softs = [self.table[start].clone().requires_grad_(True) for _, _, start in layouts]
+        self.optimizer = torch.optim.AdamW(self.softs, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.alphas = pipe.scheduler.alphas_cumprod.to(device=device, dtype=self.table.dtype)
+        self.all_ids = [nn_project(soft, self.table)[1] for soft in self.softs]
+        self.last_losses: list[float] = []
+
+    def _layout(self, prompt: str, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One prompt's template ids (length,), which learned positions hold the prompt's own tokens, and the
+        ids its soft rows start from (drawn from `generator`)."""
+        tokenizer, settings, device = self.pipe.tokenizer, self.settings, self.table.device
         n = int(tokenizer.model_max_length)
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         if settings.variant == "n":
             count = min(settings.tokens, n - 2)
             fixed = [False] * count
             ids = [bos] + [0] * count + [eos]
-            start = self._random_ids(count)
+            start = self._random_ids(count, generator)
         else:
             text = tokenizer(prompt, truncation=True, max_length=n).input_ids[1:-1]
             while text:  # the prompt's tokens and the learned ones must fit in the sequence with the start token
@@ -125,66 +149,102 @@ class P4D:
                     break
                 text = text[:-1]
             count, fixed = interleaved_positions(len(text), settings.every_k)
-            start = self._random_ids(len(fixed))
+            drawn = self._random_ids(len(fixed), generator)
             kept = iter(text)
-            start = torch.tensor([next(kept) if f else int(r) for f, r in zip(fixed, start)], device=device)
+            start = torch.tensor([next(kept) if f else int(r) for f, r in zip(fixed, drawn)])
             ids = [bos] + [0] * len(fixed)  # no end token: the official template overwrites it
         ids = ids + [0] * (n - len(ids))
-        self.template = torch.tensor(ids[:n], device=device)[None]
-        self.fixed = torch.tensor(fixed, dtype=torch.bool, device=device)
-        self.soft = self.table[start.to(device)].clone().requires_grad_(True)
-        self.optimizer = torch.optim.AdamW([self.soft], lr=settings.lr, weight_decay=settings.weight_decay)
-        self.alphas = pipe.scheduler.alphas_cumprod.to(device=device, dtype=self.table.dtype)
-        self.ids = nn_project(self.soft, self.table)[1]
+        fixed_mask = torch.tensor(fixed, dtype=torch.bool, device=device)
+        return torch.tensor(ids[:n], device=device), fixed_mask, start.to(device)
 
-    def _random_ids(self, count: int) -> torch.Tensor:
+    def _random_ids(self, count: int, generator) -> torch.Tensor:
         """``torch.randint(len(tokenizer.encoder), ...)``: any token of the vocabulary."""
-        return torch.randint(len(self.pipe.tokenizer), (count,), generator=self.generator)
+        return torch.randint(len(self.pipe.tokenizer), (count,), generator=generator)
 
-    def hidden(self, rows: torch.Tensor) -> torch.Tensor:
-        """The text encoder's hidden states of the template with `rows` (count, width) after the start token."""
-        table_rows = self.table[self.template[0]]
-        full = torch.cat([table_rows[:1], rows.to(table_rows.dtype), table_rows[1 + rows.shape[0] :]])[None]
-        with token_rows(self.pipe.text_encoder, full):
-            return self.pipe.text_encoder(self.template)[0]
+    # -- one prompt's view (the batch's first prompt) --------------------------------------------------------
+    @property
+    def soft(self) -> torch.Tensor:
+        return self.softs[0]
+
+    @property
+    def fixed(self) -> torch.Tensor:
+        return self.fixeds[0]
+
+    @property
+    def template(self) -> torch.Tensor:
+        return self.templates[:1]
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.all_ids[0]
+
+    # -- the objective ---------------------------------------------------------------------------------------
+    def hidden(self, rows: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """The text encoder's hidden states of each prompt's template with its `rows` (count, width) after the
+        start token: one prompt's rows (a tensor), or one per prompt (a list)."""
+        rows = [rows] if isinstance(rows, torch.Tensor) else list(rows)
+        full = []
+        for template, own in zip(self.templates, rows):
+            table_rows = self.table[template]
+            full.append(torch.cat([table_rows[:1], own.to(table_rows.dtype), table_rows[1 + own.shape[0] :]]))
+        with token_rows(self.pipe.text_encoder, torch.stack(full)):
+            return self.pipe.text_encoder(self.templates[: len(full)])[0]
+
+    def losses(self, t, noise: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Each prompt's loss at its timestep (`t`: one per prompt, or one for all) with its `noise` row and its
+        token rows `rows` (the projected soft prompts)."""
+        t = torch.as_tensor(t, device=self.x0.device).reshape(-1).expand(self.size)
+        alpha = append_dims(self.alphas[t], self.x0.ndim)
+        x_t = noised(self.x0, noise, alpha)
+        timestep = t[0] if self.size == 1 else t  # one prompt: the official scalar timestep
+        with torch.no_grad():
+            wanted = self.target(x_t, timestep)
+        prediction = self.victim(x_t, timestep, self.hidden(rows))
+        return (prediction - wanted).square().flatten(1).mean(1)  # F.mse_loss of each prompt alone
 
     def loss(self, t: int, noise: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The loss at timestep `t` with `noise`, the prompt's token rows `rows` (the projected soft prompt)."""
-        x_t = noised(self.x0, noise, self.alphas[t])
-        with torch.no_grad():
-            wanted = self.target(x_t, t)
-        return F.mse_loss(self.victim(x_t, t, self.hidden(rows)), wanted)
+        """One prompt's loss at timestep `t` with `noise` and its token rows `rows` (the projected soft prompt)."""
+        return self.losses(t, noise, [rows]).sum()
 
     def step(self) -> float:
-        """One PEZ step: project, the loss's gradient at the projected rows onto the soft ones, AdamW."""
-        noise = torch.randn(self.x0.shape, generator=self.generator, dtype=self.x0.dtype).to(self.x0.device)
-        t = int(torch.randint(0, self.settings.train_timesteps, (1,), generator=self.generator))
-        projected, self.ids = nn_project(self.soft, self.table)
-        projected = projected.detach().requires_grad_(True)
-        loss = self.loss(t, noise, projected)
-        (grad,) = torch.autograd.grad(loss, [projected])
-        grad = grad.masked_fill(self.fixed[:, None], 0.0)  # P4D-K: the prompt's own tokens do not move
-        self.soft.grad = grad
+        """One PEZ step per prompt: its noise and timestep draws, the projection, the loss's gradient at the
+        projected rows onto the soft ones, AdamW. Returns the prompts' mean loss (each in :attr:`last_losses`)."""
+        noises, steps = [], []
+        for generator in self.generators:
+            noises.append(torch.randn((1, *self.x0.shape[1:]), generator=generator, dtype=self.x0.dtype))
+            steps.append(int(torch.randint(0, self.settings.train_timesteps, (1,), generator=generator)))
+        noise = torch.cat(noises).to(self.x0.device)
+        projected = []
+        for i, soft in enumerate(self.softs):
+            rows, self.all_ids[i] = nn_project(soft, self.table)
+            projected.append(rows.detach().requires_grad_(True))
+        losses = self.losses(steps, noise, projected)
+        grads = torch.autograd.grad(losses.sum(), projected)
+        for soft, grad, fixed in zip(self.softs, grads, self.fixeds):
+            soft.grad = grad.masked_fill(fixed[:, None], 0.0)  # P4D-K: the prompt's own tokens do not move
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return float(loss.detach())
+        self.last_losses = [float(v) for v in losses.detach()]
+        return sum(self.last_losses) / self.size
 
-    def prompt(self) -> str:
-        """The projected prompt of the last step (what the official code decodes and evaluates)."""
-        return self.pipe.tokenizer.decode(self.ids.tolist())
+    def prompt(self, index: int = 0) -> str:
+        """The projected prompt `index` of the last step (what the official code decodes and evaluates)."""
+        return self.pipe.tokenizer.decode(self.all_ids[index].tolist())
 
 
-def unconstrained_of(pipe, prompt: str, guidance_scale: float = 7.5, guided: bool = False) -> Target:
-    """The unconstrained model's prediction at (x_t, t) for the ideal `prompt`, without gradient: the
-    conditional prediction (the official target), or — against a guided victim — classifier-free guidance at
-    the victim's scale from the default unconditional row, so that both sides are the estimate that samples."""
+def unconstrained_of(pipe, prompt: str | Sequence[str], guidance_scale: float = 7.5, guided: bool = False) -> Target:
+    """The unconstrained model's prediction at (x_t, t) for the ideal `prompt` (or one prompt per row of x_t),
+    without gradient: the conditional prediction (the official target), or — against a guided victim —
+    classifier-free guidance at the victim's scale from the default unconditional row, so that both sides are
+    the estimate that samples."""
     from ..engine.denoiser import Conditioning, GuidedDenoiser
 
     den = GuidedDenoiser(pipe, guidance_scale=guidance_scale if guided else 1.0)
-    rows = den.encode(prompt)
-    conditioning = rows if guided else Conditioning(rows.prompt)
+    encoded = [den.encode(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
+    text = {k: torch.cat([e.prompt[k] for e in encoded]) for k in encoded[0].prompt}
+    conditioning = Conditioning(encoded[0].uncond, text) if guided else Conditioning(text)
 
-    def predict(x_t: torch.Tensor, t: int) -> torch.Tensor:
+    def predict(x_t: torch.Tensor, t) -> torch.Tensor:
         with torch.no_grad():
             return den(x_t, t, conditioning)
 
@@ -201,7 +261,8 @@ class OfficialSldVictim:
     before), with μ carried from one *optimisation step* to the next (not across denoising steps).
 
     Its target is the unconstrained model's conditional prediction (unguided, unscaled). The call count stands in
-    for the official step index (one call per optimisation step)."""
+    for the official step index (one call per optimisation step); batched, μ has one row per prompt and every
+    prompt of the batch is at the same step."""
 
     def __init__(self, pipe, term, guidance_scale: float = 7.5):
         from ..engine.denoiser import GuidedDenoiser
@@ -220,6 +281,8 @@ class OfficialSldVictim:
         term, batch = self.term, x_t.shape[0]
         rows = torch.cat([hidden, self.concept.to(hidden.dtype).expand(batch, -1, -1)])
         unet = self.pipe.unet
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.repeat(2) if t.ndim else t  # one timestep per prompt: the same for its concept row
         out = unet(torch.cat([x_t] * 2).to(unet.dtype), t, encoder_hidden_states=rows.to(unet.dtype)).sample
         text, concept = out.to(x_t.dtype).chunk(2)
         momentum = torch.zeros_like(text) if self.momentum is None else self.momentum

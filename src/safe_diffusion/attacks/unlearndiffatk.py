@@ -217,8 +217,9 @@ def victim_of(
     """The defended model's noise prediction at (x_t, t) for prompt hidden states: the conditional prediction
     without guidance terms or negative prompt (the official loss), else the engine's guided estimate
     (classifier-free guidance from the negative prompt's row, plus the terms). The terms see the evaluation
-    index of `t` in a `steps`-step run (so that warm-ups hold as in generation), state reset."""
-    from ..engine.denoiser import Conditioning, GuidedDenoiser
+    index of `t` in a `steps`-step run (so that warm-ups hold as in generation), state reset. `t`: one timestep
+    for the batch, or one per sample (P4D's draws)."""
+    from ..engine.denoiser import Conditioning, GuidedDenoiser, slice_rows
 
     terms = tuple(terms)
     guided = bool(terms) or negative_prompt is not None
@@ -226,13 +227,28 @@ def victim_of(
     uncond = den.encode(None, negative_prompt).uncond
     total = int(pipe.scheduler.config.num_train_timesteps)
 
-    def predict(x_t: torch.Tensor, t: int, hidden) -> torch.Tensor:
+    def step_of(t: int) -> int:
+        return min(int((total - 1 - t) * steps / total), steps - 1)
+
+    def predict(x_t: torch.Tensor, t, hidden) -> torch.Tensor:
         rows = dict(hidden) if isinstance(hidden, dict) else {"encoder_hidden_states": hidden}
         if not guided:
             return den(x_t, t, Conditioning(rows))
-        den.reset()
-        step = min(int((total - 1 - t) * steps / total), steps - 1)
-        return den(x_t, t, Conditioning(uncond, rows), step=step)
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.numel() == 1:
+            den.reset()
+            return den(x_t, t.reshape(()), Conditioning(uncond, rows), step=step_of(int(t)))
+        # one timestep per sample: the terms see one evaluation index per call, so the samples at one index
+        # share a call (each as it would be alone: the terms act per sample)
+        batch, order, parts = x_t.shape[0], [], []
+        at = [step_of(int(v)) for v in t.tolist()]
+        for index in sorted(set(at)):
+            picked = torch.tensor([i for i, s in enumerate(at) if s == index], device=x_t.device)
+            den.reset()
+            part = den(x_t[picked], t[picked], Conditioning(uncond, slice_rows(rows, picked, batch)), step=index)
+            order.append(picked)
+            parts.append(part)
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]
 
     predict.denoiser = den  # type: ignore[attr-defined]
     return predict

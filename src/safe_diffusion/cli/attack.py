@@ -50,7 +50,9 @@ def run(
     coefficient: float = typer.Option(None, help="Ring-A-Bell: the concept vector's weight eta (3)."),
     population: int = typer.Option(None, help="Ring-A-Bell: population size (200)."),
     candidates: int = typer.Option(None, help="MMA-Diffusion: candidates scored per step (512)."),
-    batch_size: int = typer.Option(1, help="UnlearnDiffAtk: prompts optimised in one batch (a kill loses the batch)."),
+    batch_size: int = typer.Option(
+        1, help="UnlearnDiffAtk and P4D: prompts optimised in one batch (a kill loses the batch)."
+    ),
     clip_model: str = typer.Option(
         None, help="P4D: CLIP that picks the best prompt (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."
     ),

@@ -43,13 +43,13 @@ from ..common.validation import check_int
 from ..records.store import RecordStore, StoreFormat
 from . import check_terms_act
 from .attack_methods import (
+    BATCHED,
     RUNNERS,
     Outcome,
     Target,
     batches,
     check_denoiser_victim,
     check_official_victim,
-    run_unlearndiffatk,
 )
 
 STAGE = "attack"
@@ -181,9 +181,9 @@ def attack_run(
     The target images (UnlearnDiffAtk, P4D) and P4D's unconstrained predictions come from `reference_model`
     without guidance (default: `model` itself without its guidance terms; for an erased checkpoint pass the
     model it was erased from, as the papers' targets are SD 1.4's). `clip_model`: P4D's CLIP for choosing the
-    best prompt (default: the official ViT-H-14 as a transformers checkpoint). `batch_size`: UnlearnDiffAtk
-    optimises up to this many prompts (with the same guidance scale) in one batch; a kill then loses the batch
-    in progress.
+    best prompt (default: the official ViT-H-14 as a transformers checkpoint). `batch_size`: UnlearnDiffAtk and
+    P4D optimise up to this many prompts (with the same guidance scale) in one batch; a kill then loses the
+    batch in progress.
 
     `protocol` (a name of ``eval protocols`` or a .yaml file): every generation and judge setting it fixes is its
     value unless given here, as ``eval run --protocol``; what is given otherwise is recorded as a deviation (an
@@ -243,8 +243,10 @@ def attack_run(
     judge_settings = judge_settings if judge_settings is not None else given["judge_settings"]
     steps = check_int("--steps", steps, minimum=1, maximum=10_000)
     batch_size = check_int("--batch-size", batch_size, minimum=1, maximum=4096)
-    if batch_size > 1 and method != "unlearndiffatk":
-        raise InputError(f"--batch-size applies to attack unlearndiffatk only; {method} attacks one prompt at a time")
+    if batch_size > 1 and method not in BATCHED:
+        raise InputError(
+            f"--batch-size applies to the denoiser attacks ({', '.join(BATCHED)}); {method} attacks one prompt at a time"
+        )
     names = parse_judges(",".join(judges) if not isinstance(judges, str) else judges, allow_none=False)
     mitigation = mitigation or Mitigation.build()
     from ..erasure.folder import read_erasure_record
@@ -400,14 +402,14 @@ def attack_run(
                 if not pending:
                     continue
                 started = time.monotonic()
-                if method == "unlearndiffatk":  # batched: the rows' shared time is split evenly among them
+                if method in BATCHED:  # batched: the rows' shared time is split evenly among them
 
                     def done(i: int, outcome: Outcome, _pending=pending, _started=started) -> None:
                         prompt, pre_image, before = _pending[i]
                         shared = (time.monotonic() - _started) / len(_pending)
                         finish(prompt, pre_image, False, outcome, before + shared, len(_pending))
 
-                    run_unlearndiffatk(target, [p for p, _, _ in pending], settings, done)
+                    BATCHED[method](target, [p for p, _, _ in pending], settings, done)
                 else:
                     ((prompt, pre_image, before),) = pending
                     outcome = attack(target, prompt, settings)
