@@ -252,6 +252,71 @@ def test_a_p4d_batch_is_each_prompt_alone(pipes, victim, variant):
         assert batched.prompt(i) == alone.prompt()
 
 
+@pytest.fixture(scope="module")
+def sdxl64(family_checkpoints):
+    from diffusers import StableDiffusionXLPipeline
+
+    return load_float64(StableDiffusionXLPipeline, family_checkpoints("sdxl"))
+
+
+def test_p4d_on_sdxl_encodes_hard_tokens_as_both_encoders_do_and_reaches_both(sdxl64):
+    """SDXL (no official code: our definition): the soft rows live in both token tables side by side; for hard
+    tokens (rows of the joint table) the conditioning is exactly both encoders run on the template's ids (their
+    penultimate states side by side, the second's pooled projection), the loss is the U-Net's with SDXL's size
+    conditioning against the unconstrained model's, and the gradient reaches both encoders' parts of the rows."""
+    pipe = sdxl64
+    x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    attack = P4D(pipe, victim_of(pipe), unconstrained_of(pipe, PROMPT), PROMPT, x0, Settings(tokens=3), None)
+    widths = [e.get_input_embeddings().weight.shape[1] for e in (pipe.text_encoder, pipe.text_encoder_2)]
+    assert attack.widths == widths and attack.table.shape[1] == sum(widths)
+    chosen = torch.tensor([7, 42, 99])
+    ids = attack.template.clone()
+    ids[0, 1:4] = chosen
+    rows = attack.table[chosen].clone().requires_grad_(True)
+    seen = attack.hidden(rows)
+    with torch.no_grad():
+        one = pipe.text_encoder(ids, output_hidden_states=True)
+        two = pipe.text_encoder_2(ids, output_hidden_states=True)
+    embeds = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)
+    torch.testing.assert_close(seen["encoder_hidden_states"], embeds, rtol=0, atol=1e-10)
+    torch.testing.assert_close(seen[("added_cond_kwargs", "text_embeds")], two.text_embeds, rtol=0, atol=1e-10)
+    t, noise = 300, _latents(3)
+    alpha = pipe.scheduler.alphas_cumprod[t].to(torch.float64)
+    x_t = x0 * alpha.sqrt() + noise * (1 - alpha).sqrt()
+    side = 4 * pipe.vae_scale_factor
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float64)
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+
+    def unet(hidden, pooled):
+        conditions = {"text_embeds": pooled, "time_ids": time_ids}
+        return pipe.unet(x_t, t, encoder_hidden_states=hidden, added_cond_kwargs=conditions).sample
+
+    with torch.no_grad():
+        wanted = torch.nn.functional.mse_loss(unet(embeds, two.text_embeds), unet(prompt_embeds, pooled))
+    loss = attack.loss(t, noise, rows)
+    torch.testing.assert_close(loss.detach(), wanted, rtol=1e-9, atol=0)
+    (grad,) = torch.autograd.grad(loss, [rows])
+    assert float(grad[:, : widths[0]].abs().max()) > 0 and float(grad[:, widths[0] :].abs().max()) > 0
+
+
+def test_a_p4d_batch_on_sdxl_is_each_prompt_alone(sdxl64):
+    prompts, seeds = ["a photo of a cat", "a dog"], [4, 9]
+    x0 = torch.cat([_latents(1), _latents(2)])
+
+    def run(texts, latents, generators):
+        attack = P4D(
+            sdxl64, victim_of(sdxl64), unconstrained_of(sdxl64, texts), texts, latents, Settings("k"), generators
+        )
+        return attack, [(attack.step(), list(attack.last_losses))[1] for _ in range(2)]
+
+    batched, together = run(prompts, x0, [torch.Generator().manual_seed(s) for s in seeds])
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone, losses = run(prompt, x0[i : i + 1], torch.Generator().manual_seed(seed))
+        assert np.allclose([row[i] for row in together], [row[0] for row in losses], rtol=1e-10, atol=0)
+        assert torch.allclose(batched.softs[i], alone.soft, rtol=0, atol=1e-12)
+        assert batched.prompt(i) == alone.prompt()
+
+
 def test_p4d_same_seed_same_prompt_and_settings_are_the_official_ones(pipes):
     def run(seed):
         attack = _attack(pipes, "n", seed=seed)
@@ -693,12 +758,12 @@ def test_clip_text_model_reads_sd3s_projection_encoder_as_the_plain_tower(family
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family, method",
-    [("sdxl", "mma"), ("sd3", "ring-a-bell"), ("flux", "mma"), ("sdxl", "unlearndiffatk")],
+    [("sdxl", "mma"), ("sd3", "ring-a-bell"), ("flux", "mma"), ("sdxl", "unlearndiffatk"), ("sdxl", "p4d-n")],
 )
-def test_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, tmp_path, cli, family, method):
+def test_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, clip, tmp_path, cli, family, method):
     """Ring-A-Bell and MMA search the CLIP text encoder alone (model-agnostic): any pipeline holding one as
     ``text_encoder`` is a target; it only generates and judges. SD 3's checkpoint here has no T5, as one saved
-    with ``text_encoder_3=None``: it loads as such. UnlearnDiffAtk attacks SDXL's own U-Net, guided."""
+    with ``text_encoder_3=None``: it loads as such. UnlearnDiffAtk and P4D attack SDXL's own U-Net, guided."""
     suite = tmp_path / "s.csv"
     suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\n")
     extra = (
@@ -706,18 +771,23 @@ def test_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, tmp_path, cli
         if method == "ring-a-bell"
         else ["--iterations", "1", "--timesteps", "2", "--tokens", "2"]
         if method == "unlearndiffatk"  # SDXL: the tokens through both text encoders
+        else ["--iterations", "2", "--eval-every", "1", "--tokens", "2", "--batch-size", "2"]
+        if method == "p4d-n"
         else ["--iterations", "1", "--candidates", "4", "--tokens", "3"]
     )
+    if method == "p4d-n":  # SDXL: the soft prompt through both text encoders, two prompts in one batch
+        suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\na dog,sexual,2\n")
+        extra += ["--clip-model", str(clip)]
     if family == "sdxl":
         extra += ["--safety", "strong", "--steps", "9"]  # guided through the engine, as on SD 1.x
     run = tmp_path / "run"
     code, out, err = cli(*_args(family_checkpoints(family), run, suite, method, *extra))
-    assert code == 0 and "1 of 1" in out, err
+    assert code == 0 and ("2 of 2" if method == "p4d-n" else "1 of 1") in out, err
     config = json.loads((run / "config.json").read_text())["config"]
     assert config["method"] == method
-    assert config["victim"] == ("guided estimate (engine)" if method == "unlearndiffatk" else None)
+    assert config["victim"] == ("guided estimate (engine)" if method in ("unlearndiffatk", "p4d-n") else None)
     assert any(d.startswith("SDXL: no official code") for d in config["deviations_from_official"]) == (
-        method == "unlearndiffatk"
+        method in ("unlearndiffatk", "p4d-n")
     )
     code, _, err = cli("attack", "export", str(run), "--csv", str(tmp_path / "adv.csv"))
     assert code == 0, err
@@ -732,7 +802,8 @@ def test_families_the_attacks_cannot_search_or_guide_are_refused_before_writing(
     cases = [  # (family, method, extra, what the one line says)
         ("pixart-sigma", "mma", mma, "whose text_encoder is T5EncoderModel"),
         ("sd3", "unlearndiffatk", [], "ring-a-bell and mma, which search the text encoder alone"),
-        ("sdxl", "p4d-n", [], "p4d-n is defined for SD 1.x/2.x (StableDiffusionPipeline)"),
+        ("flux", "p4d-k", [], "p4d-k is defined for SD 1.x/2.x and SDXL (StableDiffusionPipeline,"),
+        ("sdxl", "p4d-n", ["--victim", "official"], "P4D's own loss, written for SD 1.x/2.x's U-Net"),
         (
             "flux",
             "mma",

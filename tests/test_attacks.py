@@ -406,7 +406,11 @@ def test_other_families_are_refused_in_one_line(tmp_path, cli):
     assert code == 2 and err.count("\n") == 1, err
     assert "defined for SD 1.x/2.x and SDXL (StableDiffusionPipeline, StableDiffusionXLPipeline)" in err
     assert "StableDiffusion3Pipeline" in err and not (tmp_path / "o").exists()
-    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     code, _, err = cli(*attack_args(sd3, tmp_path / "o", suite, "--method", "p4d-n"))
-    assert code == 2 and err.count("\n") == 1 and "p4d-n is defined for SD 1.x/2.x (StableDiffusionPipeline)" in err
+    assert (
+        code == 2
+        and err.count("\n") == 1
+        and "p4d-n is defined for SD 1.x/2.x and SDXL (StableDiffusionPipeline," in err
+    )
     assert not (tmp_path / "o").exists()

@@ -25,6 +25,12 @@ the correction — matched against the unconstrained model's classifier-free est
 the same scale (the official code matches a hand-written SLD variant, without the unconditional branch and
 with momentum carried across optimisation steps, against the unguided prediction); without guidance the loss
 is the official one exactly.
+
+SDXL has no official code; this project's definition (recorded by the job): the prompt goes through both text
+encoders, which share CLIP's vocabulary, so the soft rows live in both token tables side by side (768 + 1280
+wide). PEZ's projection picks, per row, the token whose joint row is nearest in cosine; each encoder is given
+its own part of the rows, and the conditioning is built as SDXL's ``encode_prompt`` builds it (both towers'
+penultimate states, the second's pooled projection), with the same template as SD 1.x.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch.nn.functional as F
 
 from ..common.errors import InputError
 from ..guidance.sampling import append_dims
-from .unlearndiffatk import Victim, noised, token_rows
+from .unlearndiffatk import Victim, conditioning_rows, noised, text_towers, token_rows
 
 Target = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -118,7 +124,12 @@ class P4D:
             raise ValueError(f"{len(prompts)} prompt(s) and {x0.shape[0]} target latent(s)")
         self.size = len(prompts)
         self.generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * self.size
-        self.table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        #: the text encoders the prompt goes through (SDXL: two, sharing CLIP's vocabulary), and the token table
+        #: the soft rows live in: the towers' tables side by side (for one tower, its own)
+        self.towers = text_towers(pipe)
+        self.widths = [tower.table.shape[1] for tower in self.towers]
+        tables = [tower.table for tower in self.towers]
+        self.table = tables[0] if len(tables) == 1 else torch.cat(tables, dim=-1)
         device = self.table.device
         self.x0 = x0.to(device)  # a target made on the CPU joins the models
         layouts = [self._layout(p, g) for p, g in zip(prompts, self.generators)]
@@ -179,16 +190,23 @@ class P4D:
         return self.all_ids[0]
 
     # -- the objective ---------------------------------------------------------------------------------------
-    def hidden(self, rows: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        """The text encoder's hidden states of each prompt's template with its `rows` (count, width) after the
-        start token: one prompt's rows (a tensor), or one per prompt (a list)."""
+    def hidden(self, rows: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | dict:
+        """The denoiser's text conditioning of each prompt's template with its `rows` (count, width) after the
+        start token: one prompt's rows (a tensor), or one per prompt (a list). SD 1.x/2.x: the text encoder's
+        hidden states; SDXL: each tower is given its part of the rows, and the conditioning is built as SDXL's
+        ``encode_prompt`` builds it (:func:`~safe_diffusion.attacks.unlearndiffatk.conditioning_rows`)."""
         rows = [rows] if isinstance(rows, torch.Tensor) else list(rows)
-        full = []
-        for template, own in zip(self.templates, rows):
-            table_rows = self.table[template]
-            full.append(torch.cat([table_rows[:1], own.to(table_rows.dtype), table_rows[1 + own.shape[0] :]]))
-        with token_rows(self.pipe.text_encoder, torch.stack(full)):
-            return self.pipe.text_encoder(self.templates[: len(full)])[0]
+        templates, outputs, offset = self.templates[: len(rows)], [], 0
+        for tower, width in zip(self.towers, self.widths):
+            full = []
+            for template, own in zip(templates, rows):
+                table_rows = tower.table[template]
+                part = own[:, offset : offset + width].to(table_rows.dtype)
+                full.append(torch.cat([table_rows[:1], part, table_rows[1 + own.shape[0] :]]))
+            with token_rows(tower.encoder, torch.stack(full)):
+                outputs.append(tower.encoder(templates, output_hidden_states=len(self.towers) > 1))
+            offset += width
+        return conditioning_rows(self.pipe, outputs)
 
     def losses(self, t, noise: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
         """Each prompt's loss at its timestep (`t`: one per prompt, or one for all) with its `noise` row and its

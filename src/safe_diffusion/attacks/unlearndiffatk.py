@@ -194,7 +194,7 @@ def text_towers(pipe) -> list[TextTower]:
     towers = [TextTower(e, t, e.get_input_embeddings().weight.detach()) for e, t in pairs]
     sizes = {tower.table.shape[0] for tower in towers}
     if len(sizes) != 1:
-        raise InputError(f"UnlearnDiffAtk needs text encoders with one vocabulary; these have {sorted(sizes)} tokens")
+        raise InputError(f"the attack needs text encoders with one vocabulary; these have {sorted(sizes)} tokens")
     return towers
 
 

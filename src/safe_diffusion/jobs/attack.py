@@ -54,12 +54,12 @@ from .attack_methods import (
 
 STAGE = "attack"
 #: The pipelines each denoiser attack is defined for: the papers' setting (CLIP text encoders, a U-Net with ε or
-#: v); UnlearnDiffAtk also on SDXL (its tokens through both text encoders). The text attacks take any pipeline
-#: with a CLIP text encoder (:data:`safe_diffusion.attacks.CLIP_TEXT_ENCODERS`).
+#: v), and SDXL (the tokens through both text encoders: this project's definition). The text attacks take any
+#: pipeline with a CLIP text encoder (:data:`safe_diffusion.attacks.CLIP_TEXT_ENCODERS`).
 ATTACKED_PIPELINES = {
     "unlearndiffatk": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
-    "p4d-n": ("StableDiffusionPipeline",),
-    "p4d-k": ("StableDiffusionPipeline",),
+    "p4d-n": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+    "p4d-k": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
 }
 
 
@@ -264,7 +264,7 @@ def attack_run(
     p4d = method.startswith("p4d-")
     official = p4d and settings.victim == "official"
     if official:
-        check_official_victim(mitigation)
+        check_official_victim(mitigation, family)
     check_denoiser_victim(method, mitigation)
     text_only = method in TEXT_ATTACKS  # model-agnostic: the text encoder alone
     guided = bool(mitigation.terms()) or mitigation.negative_prompt is not None
@@ -309,8 +309,12 @@ def attack_run(
             [
                 "SDXL: no official code; one token distribution through both text encoders, each with its own"
                 " token table, the conditioning as SDXL's encode_prompt makes it (this project's definition)"
+                if method == "unlearndiffatk"
+                else "SDXL: no official code; the soft prompt in both text encoders' token tables side by side,"
+                " projected to the token nearest in the joint table, each encoder given its part, the conditioning"
+                " as SDXL's encode_prompt makes it (this project's definition)"
             ]
-            if method == "unlearndiffatk" and family == "StableDiffusionXLPipeline"
+            if family == "StableDiffusionXLPipeline" and not text_only
             else []
         ),
     }

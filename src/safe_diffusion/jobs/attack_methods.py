@@ -219,10 +219,15 @@ def check_denoiser_victim(method: str, mitigation) -> None:
         )
 
 
-def check_official_victim(mitigation) -> None:
-    """P4D's official loss exists for SLD, a negative prompt or no guidance; anything else is refused."""
+def check_official_victim(mitigation, family: str | None = None) -> None:
+    """P4D's official loss exists for SD 1.x/2.x with SLD, a negative prompt or no guidance; anything else is
+    refused."""
     from ..guidance.terms import SafetyGuidance
 
+    if family not in (None, "StableDiffusionPipeline"):
+        raise InputError(
+            f"--victim official reproduces P4D's own loss, written for SD 1.x/2.x's U-Net; {family} needs --victim engine"
+        )
     terms = mitigation.terms()
     if len(terms) > 1 or (terms and not isinstance(terms[0], SafetyGuidance)):
         raise InputError(
