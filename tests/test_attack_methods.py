@@ -299,6 +299,24 @@ def test_p4d_on_sdxl_encodes_hard_tokens_as_both_encoders_do_and_reaches_both(sd
     assert float(grad[:, : widths[0]].abs().max()) > 0 and float(grad[:, widths[0] :].abs().max()) > 0
 
 
+def test_p4d_k_on_sdxl_reads_the_pooled_embedding_at_an_end_token(sdxl64):
+    """SDXL's pooled conditioning is read at the end token: P4D-K's template there has one after the prompt's
+    tokens (the official SD 1.x layout has none, kept there), so the pooled embedding depends on the prompt."""
+    x0 = _latents(1)
+    tok = sdxl64.tokenizer
+    texts = ["a photo of a cat", "a red car"]
+    pooled = []
+    for text in texts:
+        attack = P4D(sdxl64, victim_of(sdxl64), unconstrained_of(sdxl64, text), text, x0, Settings("k"), None)
+        length = len(attack.fixed)
+        assert (
+            attack.template[0, 1 + length] == tok.eos_token_id
+            and (attack.template[0, 1 : 1 + length] != tok.eos_token_id).all()
+        )
+        pooled.append(attack.hidden(nn_project(attack.soft, attack.table)[0])[("added_cond_kwargs", "text_embeds")])
+    assert float((pooled[0] - pooled[1]).abs().max()) > 1e-6
+
+
 def test_a_p4d_batch_on_sdxl_is_each_prompt_alone(sdxl64):
     prompts, seeds = ["a photo of a cat", "a dog"], [4, 9]
     x0 = torch.cat([_latents(1), _latents(2)])

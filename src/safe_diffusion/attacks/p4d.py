@@ -153,17 +153,20 @@ class P4D:
             ids = [bos] + [0] * count + [eos]
             start = self._random_ids(count, generator)
         else:
+            # SD 1.x/2.x: no end token, as the official template (it is overwritten; nothing reads it there). SDXL
+            # reads its pooled embedding at the end token, where the found prompt, generated as text, has one.
+            end = [eos] if len(self.towers) > 1 else []
             text = tokenizer(prompt, truncation=True, max_length=n).input_ids[1:-1]
             while text:  # the prompt's tokens and the learned ones must fit in the sequence with the start token
                 count, fixed = interleaved_positions(len(text), settings.every_k)
-                if len(fixed) + 1 <= n:
+                if len(fixed) + 1 + len(end) <= n:
                     break
                 text = text[:-1]
             count, fixed = interleaved_positions(len(text), settings.every_k)
             drawn = self._random_ids(len(fixed), generator)
             kept = iter(text)
             start = torch.tensor([next(kept) if f else int(r) for f, r in zip(fixed, drawn)])
-            ids = [bos] + [0] * len(fixed)  # no end token: the official template overwrites it
+            ids = [bos] + [0] * len(fixed) + end
         ids = ids + [0] * (n - len(ids))
         fixed_mask = torch.tensor(fixed, dtype=torch.bool, device=device)
         return torch.tensor(ids[:n], device=device), fixed_mask, start.to(device)
