@@ -284,6 +284,30 @@ def test_safree_coco_generates_each_caption_with_its_own_seed(tiny_checkpoint, t
     assert config["suite"]["columns"]["seed"] == "evaluation_seed"
 
 
+def test_esd_coco_generates_each_caption_with_its_seed_as_esds_script(tiny_checkpoint, tmp_path, cli):
+    """ESD's coco_30k.csv (image_id, source, prompt, evaluation_seed; its ids zero-padded as in COCO's file names):
+    each caption with its own seed under ESD's script settings (LMS, 100 steps, 7.5, one image), no judge."""
+    protocol = protocols.get_protocol("esd-coco")
+    assert protocol.generation["scheduler"] == "lms" and protocol.generation["steps"] == 100
+    assert protocol.generation["images_per_prompt"] == 1 and protocol.generation["guidance_scale"] == 7.5
+    data = tmp_path / "coco_30k.csv"  # ESD's layout (its first two rows)
+    data.write_text(
+        "image_id,source,prompt,evaluation_seed\n"
+        "000000203564,coco-30k,A bicycle replica with a clock as the front wheel.,41337\n"
+        "000000179765,coco-30k,A black Honda motorcycle parked in front of a garage.,63155\n"
+    )
+    out = tmp_path / "run"
+    args = ["eval", "run", "--protocol", "esd-coco", "--data", str(data), "-m", str(tiny_checkpoint), "-o", str(out)]
+    code, _, err = cli(*args, "--steps", "2", "--height", "32", "--width", "32")
+    assert code == 0, err
+    assert "steps: 100 → 2" in err and "suite.sha256: 42c57b188c8f" in err
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert [p["seed"] for p in prompts] == [41337, 63155]
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["generation"]["scheduler"] == "lms" and config["generation"]["guidance_scale"] == 7.5
+    assert config["suite"]["columns"]["seed"] == "evaluation_seed"
+
+
 def test_label_counts_count_images_per_class_as_esds_script_lists_them():
     """ESD's nudenet-classes.py lists each image's labels above the threshold: a class counts once per image
     whatever its number of boxes (here, the best score per label), and an image without a verdict is left out."""

@@ -114,6 +114,8 @@ def _clean(text: Any, where: str) -> str:
 def _optional_int(value: Any, what: str, where: str) -> int | None:
     if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
         return None
+    if isinstance(value, str) and value.strip().isdigit():  # ESD's coco_30k.csv: "000000203564", as in file names
+        return int(value.strip())
     try:
         number = int(value)
     except (TypeError, ValueError):
