@@ -335,6 +335,72 @@ def test_a_p4d_batch_on_sdxl_is_each_prompt_alone(sdxl64):
         assert batched.prompt(i) == alone.prompt()
 
 
+@pytest.fixture(scope="module")
+def sd3_64(family_checkpoints):
+    from safe_diffusion.common.loading import load_pipeline
+
+    return load_pipeline(family_checkpoints("sd3"), device="cpu", dtype=torch.float64)  # saved without T5
+
+
+def test_p4d_on_sd3_matches_velocities_at_the_schedulers_sigma_and_batches(sd3_64):
+    """SD 3 without T5 (our definition): for hard tokens the loss is the victim transformer's velocity against the
+    unconstrained one's for the ideal prompt, at ``x_t = (1−σ) x₀ + σ ε`` with the scheduler's own training σ
+    and timestep; P4D-K's template ends with an end token (the pooled projections are read there); and a batch
+    of two prompts is each prompt alone (float64)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = sd3_64
+    channels = pipe.transformer.config.in_channels
+    x0 = torch.randn(1, channels, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    attack = P4D(pipe, victim_of(pipe), unconstrained_of(pipe, PROMPT), PROMPT, x0, Settings(tokens=3), None)
+    chosen = torch.tensor([7, 42, 99])
+    ids = attack.template.clone()
+    ids[0, 1:4] = chosen
+    rows = attack.table[chosen].clone().requires_grad_(True)
+    training = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    t, noise = 300, torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sigma, timestep = training.sigmas[999 - t].to(torch.float64), training.timesteps[999 - t].to(torch.float64)
+    x_t = (1 - sigma) * x0 + sigma * noise
+
+    def velocity(embeds, pooled):
+        return pipe.transformer(
+            hidden_states=x_t, timestep=timestep[None], encoder_hidden_states=embeds, pooled_projections=pooled
+        ).sample
+
+    with torch.no_grad():  # the victim's conditioning by hand: both encoders on the template's ids, as SD 3 joins them
+        one = pipe.text_encoder(ids, output_hidden_states=True)
+        two = pipe.text_encoder_2(ids, output_hidden_states=True)
+        clip = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)
+        width = pipe.transformer.config.joint_attention_dim
+        clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+        embeds = torch.cat([clip, torch.zeros(1, 256, width, dtype=torch.float64)], dim=-2)
+        pooled = torch.cat([one.text_embeds, two.text_embeds], dim=-1)
+        ideal, _, ideal_pooled, _ = pipe.encode_prompt(
+            PROMPT, PROMPT, None, device="cpu", do_classifier_free_guidance=False
+        )
+        wanted = torch.nn.functional.mse_loss(velocity(embeds, pooled), velocity(ideal, ideal_pooled))
+    loss = attack.loss(t, noise, rows)
+    torch.testing.assert_close(loss.detach(), wanted, rtol=1e-7, atol=0)
+    (grad,) = torch.autograd.grad(loss, [rows])
+    width = attack.widths[0]
+    assert float(grad[:, :width].abs().max()) > 0 and float(grad[:, width:].abs().max()) > 0
+    k = P4D(pipe, victim_of(pipe), unconstrained_of(pipe, PROMPT), PROMPT, x0, Settings("k"), None)
+    assert k.template[0, 1 + len(k.fixed)] == pipe.tokenizer.eos_token_id
+
+    prompts, seeds = ["a photo of a cat", "a dog"], [4, 9]
+    latents = torch.randn(2, channels, 4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def run(texts, x, generators):
+        attack = P4D(pipe, victim_of(pipe), unconstrained_of(pipe, texts), texts, x, Settings(tokens=2), generators)
+        return attack, [(attack.step(), list(attack.last_losses))[1] for _ in range(2)]
+
+    batched, together = run(prompts, latents, [torch.Generator().manual_seed(s) for s in seeds])
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone, losses = run(prompt, latents[i : i + 1], torch.Generator().manual_seed(seed))
+        assert np.allclose([row[i] for row in together], [row[0] for row in losses], rtol=1e-10, atol=0)
+        assert torch.allclose(batched.softs[i], alone.soft, rtol=0, atol=1e-12)
+
+
 def test_p4d_same_seed_same_prompt_and_settings_are_the_official_ones(pipes):
     def run(seed):
         attack = _attack(pipes, "n", seed=seed)
@@ -776,7 +842,15 @@ def test_clip_text_model_reads_sd3s_projection_encoder_as_the_plain_tower(family
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family, method",
-    [("sdxl", "mma"), ("sd3", "ring-a-bell"), ("flux", "mma"), ("sdxl", "unlearndiffatk"), ("sdxl", "p4d-n")],
+    [
+        ("sdxl", "mma"),
+        ("sd3", "ring-a-bell"),
+        ("flux", "mma"),
+        ("sdxl", "unlearndiffatk"),
+        ("sdxl", "p4d-n"),
+        ("sd3", "unlearndiffatk"),
+        ("sd3", "p4d-n"),
+    ],
 )
 def test_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, clip, tmp_path, cli, family, method):
     """Ring-A-Bell and MMA search the CLIP text encoder alone (model-agnostic): any pipeline holding one as
@@ -796,7 +870,7 @@ def test_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, clip, tmp_pat
     if method == "p4d-n":  # SDXL: the soft prompt through both text encoders, two prompts in one batch
         suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\na dog,sexual,2\n")
         extra += ["--clip-model", str(clip)]
-    if family == "sdxl":
+    if family == "sdxl" or (family == "sd3" and method != "ring-a-bell"):
         extra += ["--safety", "strong", "--steps", "9"]  # guided through the engine, as on SD 1.x
     run = tmp_path / "run"
     code, out, err = cli(*_args(family_checkpoints(family), run, suite, method, *extra))
@@ -804,7 +878,8 @@ def test_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, clip, tmp_pat
     config = json.loads((run / "config.json").read_text())["config"]
     assert config["method"] == method
     assert config["victim"] == ("guided estimate (engine)" if method in ("unlearndiffatk", "p4d-n") else None)
-    assert any(d.startswith("SDXL: no official code") for d in config["deviations_from_official"]) == (
+    definition = {"sdxl": "SDXL: no official code", "sd3": "SD 3 without T5: no official code"}.get(family, "-")
+    assert any(d.startswith(definition) for d in config["deviations_from_official"]) == (
         method in ("unlearndiffatk", "p4d-n")
     )
     code, _, err = cli("attack", "export", str(run), "--csv", str(tmp_path / "adv.csv"))
@@ -819,8 +894,8 @@ def test_families_the_attacks_cannot_search_or_guide_are_refused_before_writing(
     mma = ["--iterations", "1", "--candidates", "4", "--tokens", "3"]
     cases = [  # (family, method, extra, what the one line says)
         ("pixart-sigma", "mma", mma, "whose text_encoder is T5EncoderModel"),
-        ("sd3", "unlearndiffatk", [], "ring-a-bell and mma, which search the text encoder alone"),
-        ("flux", "p4d-k", [], "p4d-k is defined for SD 1.x/2.x and SDXL (StableDiffusionPipeline,"),
+        ("pixart-sigma", "unlearndiffatk", [], "ring-a-bell and mma, which search the text encoder alone"),
+        ("flux", "p4d-k", [], "p4d-k is defined for SD 1.x/2.x, SDXL and SD 3 without T5 (StableDiffusionPipeline,"),
         ("sdxl", "p4d-n", ["--victim", "official"], "P4D's own loss, written for SD 1.x/2.x's U-Net"),
         (
             "flux",

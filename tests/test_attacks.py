@@ -127,6 +127,56 @@ def test_on_sdxl_the_tokens_go_through_both_encoders_as_the_pipeline_encodes_the
     torch.testing.assert_close(ours, F.mse_loss(wanted, noise), rtol=1e-9, atol=0)
 
 
+@pytest.fixture(scope="module")
+def sd3_64(family_checkpoints):
+    from safe_diffusion.common.loading import load_pipeline
+
+    return load_pipeline(family_checkpoints("sd3"), device="cpu", dtype=torch.float64)  # saved without T5
+
+
+def test_on_sd3_without_t5_the_loss_is_on_the_flow_velocity_as_the_pipeline_conditions(sd3_64):
+    """SD 3 without T5 (no official code: our definition): for hard tokens the conditioning is exactly SD 3's
+    ``encode_prompt`` of the adversarial prompt (both CLIP towers, padded, then the zero rows of the absent T5;
+    both pooled projections), and the loss is the transformer's at ``x_t = (1−σ) x₀ + σ ε`` — σ and the
+    timestep the scheduler's own training values for t — against the velocity ε − x₀."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = sd3_64
+    channels = pipe.transformer.config.in_channels
+    x0 = torch.randn(1, channels, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    attack = UnlearnDiffAtk(pipe, victim_of(pipe), "a cat", x0, Settings(2))
+    assert len(attack.towers) == 2 and attack.prediction_type == "flow"
+    ids = pipe.tokenizer("xq", add_special_tokens=False).input_ids[:2]
+    one_hot = F.one_hot(torch.tensor(ids), attack.table.shape[0]).to(torch.float64)
+    with torch.no_grad():
+        attack.variables.copy_(one_hot[None])
+    text = attack.prompt()
+    seen = {}
+
+    def victim(x_t, t, hidden):
+        seen.update(hidden)
+        return x_t * 0
+
+    attack.victim = victim
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    attack.loss(30, noise, one_hot=one_hot)
+    embeds, _, pooled, _ = pipe.encode_prompt(text, text, None, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(seen["encoder_hidden_states"], embeds, rtol=0, atol=1e-10)
+    torch.testing.assert_close(seen["pooled_projections"], pooled, rtol=0, atol=1e-10)
+    attack.victim = victim_of(pipe)
+    training = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # before any set_timesteps
+    sigma = training.sigmas[999 - 30].to(torch.float64)
+    timestep = training.timesteps[999 - 30].to(torch.float64)
+    x_t = (1 - sigma) * x0 + sigma * noise
+    with torch.no_grad():
+        velocity = pipe.transformer(
+            hidden_states=x_t, timestep=timestep[None], encoder_hidden_states=embeds, pooled_projections=pooled
+        ).sample
+        ours = attack.loss(30, noise, one_hot=one_hot)
+    # the scheduler keeps its sigmas in float32: equal to its rounding
+    torch.testing.assert_close(ours, F.mse_loss(velocity, noise - x0), rtol=1e-7, atol=0)
+
+
 def _official_bisection(a, eps=1.0, xi=1e-5, ub=1.0):
     """TextGrad.bisection, ported (its projection onto {0 ≤ p ≤ ub, Σp = eps})."""
     pa = torch.clip(a, 0, ub)
@@ -395,22 +445,33 @@ def test_attack_bad_input_is_one_line(tiny_checkpoint, tmp_path, cli):
 
 
 def test_other_families_are_refused_in_one_line(tmp_path, cli):
+    """Refused from model_index.json, before anything loads: a family the denoiser attacks are not defined for,
+    and SD 3 with its T5 encoder (no token choice can be given to T5 and CLIP alike)."""
     import json
 
-    sd3 = tmp_path / "sd3"  # refused from its model_index.json, before anything loads
-    sd3.mkdir()
-    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    model = tmp_path / "model"
+    model.mkdir()
     suite = tmp_path / "s.csv"
     suite.write_text("prompt\na cat\n")
-    code, _, err = cli(*_attack_args(sd3, tmp_path / "o", suite))
-    assert code == 2 and err.count("\n") == 1, err
-    assert "defined for SD 1.x/2.x and SDXL (StableDiffusionPipeline, StableDiffusionXLPipeline)" in err
-    assert "StableDiffusion3Pipeline" in err and not (tmp_path / "o").exists()
-    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    code, _, err = cli(*attack_args(sd3, tmp_path / "o", suite, "--method", "p4d-n"))
-    assert (
-        code == 2
-        and err.count("\n") == 1
-        and "p4d-n is defined for SD 1.x/2.x and SDXL (StableDiffusionPipeline," in err
-    )
-    assert not (tmp_path / "o").exists()
+    cases = [
+        (
+            {"_class_name": "FluxPipeline"},
+            [],
+            "defined for SD 1.x/2.x, SDXL and SD 3 without T5 (StableDiffusionPipeline,",
+        ),
+        (
+            {"_class_name": "PixArtSigmaPipeline"},
+            ["--method", "p4d-n"],
+            "p4d-n is defined for SD 1.x/2.x, SDXL and SD 3",
+        ),
+        (
+            {"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": ["transformers", "T5EncoderModel"]},
+            ["--method", "p4d-k"],
+            "has a T5 encoder, which shares no vocabulary with CLIP",
+        ),
+    ]
+    for index, extra, says in cases:
+        (model / "model_index.json").write_text(json.dumps(index))
+        code, _, err = cli(*attack_args(model, tmp_path / "o", suite, *extra))
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+        assert not (tmp_path / "o").exists()

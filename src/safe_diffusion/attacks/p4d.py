@@ -30,7 +30,9 @@ SDXL has no official code; this project's definition (recorded by the job): the 
 encoders, which share CLIP's vocabulary, so the soft rows live in both token tables side by side (768 + 1280
 wide). PEZ's projection picks, per row, the token whose joint row is nearest in cosine; each encoder is given
 its own part of the rows, and the conditioning is built as SDXL's ``encode_prompt`` builds it (both towers'
-penultimate states, the second's pooled projection), with the same template as SD 1.x.
+penultimate states, the second's pooled projection), with the same template as SD 1.x (P4D-K's ends with an
+end token there: the pooled embedding is read at it). SD 3 without T5 is the same over its two CLIP encoders,
+on its flow-matching forward process (:class:`~safe_diffusion.attacks.unlearndiffatk.ForwardProcess`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 
 from ..common.errors import InputError
 from ..guidance.sampling import append_dims
-from .unlearndiffatk import Victim, conditioning_rows, noised, text_towers, token_rows
+from .unlearndiffatk import ForwardProcess, Victim, conditioning_rows, text_towers, token_rows
 
 Target = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -137,7 +139,7 @@ class P4D:
         self.fixeds = [fixed for _, fixed, _ in layouts]
         self.softs = [self.table[start].clone().requires_grad_(True) for _, _, start in layouts]
         self.optimizer = torch.optim.AdamW(self.softs, lr=settings.lr, weight_decay=settings.weight_decay)
-        self.alphas = pipe.scheduler.alphas_cumprod.to(device=device, dtype=self.table.dtype)
+        self.process = ForwardProcess(pipe.scheduler, device=device, dtype=self.table.dtype)
         self.all_ids = [nn_project(soft, self.table)[1] for soft in self.softs]
         self.last_losses: list[float] = []
 
@@ -215,9 +217,9 @@ class P4D:
         """Each prompt's loss at its timestep (`t`: one per prompt, or one for all) with its `noise` row and its
         token rows `rows` (the projected soft prompts)."""
         t = torch.as_tensor(t, device=self.x0.device).reshape(-1).expand(self.size)
-        alpha = append_dims(self.alphas[t], self.x0.ndim)
-        x_t = noised(self.x0, noise, alpha)
-        timestep = t[0] if self.size == 1 else t  # one prompt: the official scalar timestep
+        a, s, timestep = self.process.at(t)
+        x_t = self.x0 * append_dims(a, self.x0.ndim) + noise * append_dims(s, self.x0.ndim)
+        timestep = timestep[0] if self.size == 1 else timestep  # one prompt: the official scalar timestep
         with torch.no_grad():
             wanted = self.target(x_t, timestep)
         prediction = self.victim(x_t, timestep, self.hidden(rows))

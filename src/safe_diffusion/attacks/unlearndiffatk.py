@@ -14,7 +14,8 @@ the official ``src/attackers/text_grad_.py`` and ``src/tasks/classifier_.py`` (O
   encodes the prompt with those rows after the start token (``prefix_k``);
 * the loss (``get_loss``) noises the target latents at timestep t, ``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε``, and
   compares the victim's prediction with ε (``criterion``: L2 for the text-gradient attack) — with what the
-  model predicts in its own space for a v-prediction model (SD 2.x-v: v; the official code knows only ε);
+  model predicts in its own space for a v-prediction model (SD 2.x-v: v; SD 3: the flow velocity ε − x₀ at
+  ``x_t = (1−σ) x₀ + σ ε``, :class:`ForwardProcess`; the official code knows only ε);
 * timesteps are visited in order, 50 of 1000 (``sampled_t``: 10, 30, …, 990), 40 steps each; after each,
   the argmax tokens form the adversarial prompt that is generated and judged (the job's business).
 
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import InputError
+from ..guidance.sampling import append_dims
 
 
 @dataclass(frozen=True)
@@ -103,20 +105,61 @@ def sample_one_hot(weights: torch.Tensor, generator: torch.Generator | None = No
     return _SampleOneHot.apply(weights, generator)
 
 
-def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε`` (DDPM, Ho et al. 2020, Eq. 4), for `alpha_bar` a scalar tensor."""
-    return x0 * alpha_bar.sqrt() + noise * (1 - alpha_bar).sqrt()
-
-
 def prediction_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, kind: str) -> torch.Tensor:
     """What the denoiser should predict at ``x_t = √ᾱ x₀ + √(1−ᾱ) ε``, in its own prediction space: ε
     (``epsilon``), the velocity ``v = √ᾱ ε − √(1−ᾱ) x₀`` (``v_prediction``; Salimans & Ho, ICLR 2022, Eq. 3 of
-    Sec. 4), or x₀ (``sample``)."""
+    Sec. 4), or x₀ (``sample``); for flow matching (``flow``, at ``x_t = (1−σ) x₀ + σ ε``), the velocity
+    ``ε − x₀`` (Lipman et al., ICLR 2023; Esser et al., ICML 2024, Sec. 2), whatever σ."""
     if kind == "v_prediction":
         return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
     if kind == "sample":
         return x0
+    if kind == "flow":
+        return noise - x0
     return noise
+
+
+class ForwardProcess:
+    """The training forward process of `scheduler` at integer timesteps t ∈ [0, T): ``x_t = a_t x₀ + s_t ε`` and
+    the timestep the denoiser is given there. DDPM-type schedules (``alphas_cumprod``): a = √ᾱ_t, s = √(1−ᾱ_t),
+    timestep t. Flow matching (``FlowMatchEulerDiscreteScheduler``, SD 3): σ_t the scheduler's training sigma
+    of t (``(t+1)/T``, shifted: ``shift·σ / (1 + (shift−1)·σ)``), a = 1 − σ, s = σ, timestep σ·T — the values
+    its ``sigmas`` and ``timesteps`` hold before any ``set_timesteps`` (read from its config, since a pipeline
+    call replaces them with the inference schedule)."""
+
+    def __init__(self, scheduler, device=None, dtype=torch.float32):
+        config = scheduler.config
+        self.total = int(getattr(config, "num_train_timesteps", 1000))
+        self.flow = getattr(scheduler, "alphas_cumprod", None) is None and "shift" in config
+        if self.flow:
+            if getattr(config, "use_dynamic_shifting", False):
+                raise InputError(
+                    "the attack needs a flow-matching schedule with a fixed shift (SD 3); this one shifts with the"
+                    " image size (use_dynamic_shifting)"
+                )
+            self.shift = float(config.shift)
+            self.kind = "flow"
+        else:
+            self.alphas = scheduler.alphas_cumprod.to(device=device, dtype=dtype)
+            self.kind = str(getattr(config, "prediction_type", None) or "epsilon")
+        self.device, self.dtype = device, dtype
+
+    def at(self, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a_t, s_t, the denoiser's timestep) for `t` (an int, or a tensor of them: one per sample)."""
+        t = torch.as_tensor(t, device=self.device)
+        if self.flow:
+            base = (t.to(self.dtype) + 1) / self.total
+            sigma = self.shift * base / (1 + (self.shift - 1) * base)
+            return 1 - sigma, sigma, sigma * self.total
+        alpha = self.alphas[t]
+        return alpha.sqrt(), (1 - alpha).sqrt(), t
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """What the denoiser should predict at t, in its own space (:func:`prediction_target`)."""
+        if self.flow:
+            return prediction_target(x0, noise, None, "flow")
+        alpha = self.alphas[torch.as_tensor(t, device=self.device)]
+        return prediction_target(x0, noise, append_dims(alpha, x0.ndim) if alpha.ndim else alpha, self.kind)
 
 
 def denoising_losses(prediction: torch.Tensor, noise: torch.Tensor, criterion: str = "l2") -> torch.Tensor:
@@ -185,9 +228,15 @@ class TextTower:
 
 
 def text_towers(pipe) -> list[TextTower]:
-    """The pipeline's text encoders, in the order its ``encode_prompt`` runs them: SD 1.x/2.x's one, SDXL's two
-    (CLIP ViT-L, then OpenCLIP bigG with projection). Both SDXL tokenizers share CLIP's vocabulary, so one
-    distribution over it gives each tower its token (embedded by that tower's own table)."""
+    """The pipeline's text encoders, in the order its ``encode_prompt`` runs them: SD 1.x/2.x's one, SDXL's and
+    SD 3's two (CLIP ViT-L, then OpenCLIP bigG with projection). Both tokenizers share CLIP's vocabulary, so one
+    token choice gives each tower its token (embedded by that tower's own table). SD 3 with its T5 encoder is
+    refused: T5 shares no vocabulary with CLIP, so no token choice can be given to all three."""
+    if getattr(pipe, "text_encoder_3", None) is not None:
+        raise InputError(
+            "the attack gives one token choice to every text encoder, and SD 3's T5 shares no vocabulary with CLIP:"
+            " attack a checkpoint without T5 (text_encoder_3=None, as diffusers documents for SD 3)"
+        )
     pairs = [(pipe.text_encoder, pipe.tokenizer)]
     if getattr(pipe, "text_encoder_2", None) is not None:
         pairs.append((pipe.text_encoder_2, pipe.tokenizer_2))
@@ -201,10 +250,19 @@ def text_towers(pipe) -> list[TextTower]:
 def conditioning_rows(pipe, outputs: list) -> dict | torch.Tensor:
     """The denoiser's text conditioning from each tower's output, as the pipeline's ``encode_prompt`` builds it:
     SD 1.x/2.x, the last hidden state (a tensor); SDXL, both towers' penultimate hidden states side by side,
-    and the last tower's projected pooled output as ``text_embeds`` (``{path: tensor}``)."""
+    and the last tower's projected pooled output as ``text_embeds`` (``{path: tensor}``); SD 3 without T5, the
+    same side by side, padded with zeros to the transformer's width and followed by the zero rows that stand
+    for the absent T5 (the pipeline's default 256), with both towers' projected pooled outputs side by side as
+    ``pooled_projections``."""
     if len(outputs) == 1:
         return outputs[0][0]
     hidden = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
+    if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_3"):  # SD 3
+        width = int(pipe.transformer.config.joint_attention_dim)
+        clip = F.pad(hidden, (0, width - hidden.shape[-1]))
+        absent_t5 = clip.new_zeros(clip.shape[0], 256, width)
+        pooled = torch.cat([out[0] for out in outputs], dim=-1)
+        return {"encoder_hidden_states": torch.cat([clip, absent_t5], dim=-2), "pooled_projections": pooled}
     return {"encoder_hidden_states": hidden, ("added_cond_kwargs", "text_embeds"): outputs[-1][0]}
 
 
@@ -292,12 +350,13 @@ class UnlearnDiffAtk:
         start = torch.full(shape, 1.0 / vocab, dtype=self.table.dtype, device=self.table.device)
         self.variables = project_simplex(start).requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.variables], lr=settings.lr, weight_decay=settings.weight_decay)
-        self.alphas = pipe.scheduler.alphas_cumprod.to(device=self.table.device, dtype=self.table.dtype)
+        self.process = ForwardProcess(pipe.scheduler, device=self.table.device, dtype=self.table.dtype)
         self.x0 = x0.to(self.table.device)  # targets made on the CPU (or by a generator there) join the victim
         self.timesteps = sampled_timesteps(settings.timesteps, settings.train_timesteps)
         self.last_losses: list[float] = []
-        #: the loss compares the victim's prediction with what it should predict in its own space (SD 2.x-v: v)
-        self.prediction_type = str(getattr(pipe.scheduler.config, "prediction_type", "epsilon"))
+        #: the loss compares the victim's prediction with what it should predict in its own space (SD 2.x-v: v;
+        #: SD 3: the flow velocity)
+        self.prediction_type = self.process.kind
 
     @property
     def weights(self) -> torch.Tensor:
@@ -323,9 +382,10 @@ class UnlearnDiffAtk:
             with token_rows(tower.encoder, rows):
                 outputs.append(tower.encoder(ids, output_hidden_states=len(self.towers) > 1))
         hidden = conditioning_rows(self.pipe, outputs)
-        x_t = noised(self.x0, noise, self.alphas[t])
-        prediction = self.victim(x_t, t, hidden)
-        target = prediction_target(self.x0, noise, self.alphas[t], self.prediction_type)
+        a, s, timestep = self.process.at(t)
+        x_t = self.x0 * a + noise * s
+        prediction = self.victim(x_t, timestep, hidden)
+        target = self.process.target(self.x0, noise, t)
         return denoising_losses(prediction, target, self.settings.criterion)
 
     def loss(self, t: int, noise: torch.Tensor, one_hot: torch.Tensor | None = None) -> torch.Tensor:

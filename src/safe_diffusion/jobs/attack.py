@@ -54,12 +54,15 @@ from .attack_methods import (
 
 STAGE = "attack"
 #: The pipelines each denoiser attack is defined for: the papers' setting (CLIP text encoders, a U-Net with ε or
-#: v), and SDXL (the tokens through both text encoders: this project's definition). The text attacks take any
-#: pipeline with a CLIP text encoder (:data:`safe_diffusion.attacks.CLIP_TEXT_ENCODERS`).
-ATTACKED_PIPELINES = {
-    "unlearndiffatk": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
-    "p4d-n": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
-    "p4d-k": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+#: v), SDXL and SD 3 without T5 (the tokens through both CLIP text encoders; SD 3's loss on the flow velocity:
+#: this project's definition). The text attacks take any pipeline with a CLIP text encoder
+#: (:data:`safe_diffusion.attacks.CLIP_TEXT_ENCODERS`).
+_DENOISER_FAMILIES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
+ATTACKED_PIPELINES = {"unlearndiffatk": _DENOISER_FAMILIES, "p4d-n": _DENOISER_FAMILIES, "p4d-k": _DENOISER_FAMILIES}
+_FAMILY_NAMES = {
+    "StableDiffusionPipeline": "SD 1.x/2.x",
+    "StableDiffusionXLPipeline": "SDXL",
+    "StableDiffusion3Pipeline": "SD 3 without T5",
 }
 
 
@@ -216,10 +219,17 @@ def attack_run(
                 f" {model!r} is a {family} whose text_encoder is {encoder or 'absent'}"
             )
     elif family is not None and family not in ATTACKED_PIPELINES[method]:
-        where = "SD 1.x/2.x" + (" and SDXL" if "StableDiffusionXLPipeline" in ATTACKED_PIPELINES[method] else "")
+        names = [_FAMILY_NAMES[f] for f in ATTACKED_PIPELINES[method]]
+        where = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
         raise InputError(
             f"attack {method} is defined for {where} ({', '.join(ATTACKED_PIPELINES[method])}); {model!r} is a"
             f" {family} (ring-a-bell and mma, which search the text encoder alone, run against SDXL, SD 3 and FLUX too)"
+        )
+    elif family == "StableDiffusion3Pipeline" and (index.get("text_encoder_3") or [None, None])[-1] is not None:
+        raise InputError(
+            f"attack {method} gives one token choice to every text encoder, and {model!r} has a T5 encoder, which"
+            " shares no vocabulary with CLIP: attack the checkpoint without T5 (text_encoder_3=None), or use"
+            " ring-a-bell or mma"
         )
     given = run_settings_for_attack(
         protocol,
@@ -315,6 +325,16 @@ def attack_run(
                 " as SDXL's encode_prompt makes it (this project's definition)"
             ]
             if family == "StableDiffusionXLPipeline" and not text_only
+            else []
+        )
+        + (
+            [
+                "SD 3 without T5: no official code; the tokens through both CLIP text encoders as on SDXL, the"
+                " conditioning as SD 3's encode_prompt makes it without T5, x_t = (1 - sigma) x0 + sigma noise at the"
+                " scheduler's shifted training sigma of t, the loss on the flow velocity noise - x0 (UnlearnDiffAtk)"
+                " or against the unconstrained model's velocity (P4D) (this project's definition)"
+            ]
+            if family == "StableDiffusion3Pipeline" and not text_only
             else []
         ),
     }

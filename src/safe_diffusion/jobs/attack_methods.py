@@ -76,7 +76,8 @@ class Target:
         return any(bool(v.unsafe) for v in verdicts)
 
     def latents(self, image, generator=None, unit_range: bool = False):
-        """The VAE latents of `image` (scaled): the distribution's mean, or a draw from it with `generator`.
+        """The VAE latents of `image` (shifted and scaled as the pipeline decodes them): the distribution's mean,
+        or a draw from it with `generator`.
         `unit_range`: encode the pixels in [0, 1] rather than the VAE's [-1, 1] (P4D's official code does)."""
         import torch
 
@@ -87,7 +88,8 @@ class Target:
                 pixels = (pixels + 1) / 2
             dist = pipe.vae.encode(pixels).latent_dist
             x0 = dist.mean if generator is None else dist.sample(generator)
-            return x0 * pipe.vae.config.scaling_factor
+            shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0  # SD 3 decodes z / scale + shift
+            return (x0 - shift) * pipe.vae.config.scaling_factor
 
     def victim(self, prompt):
         from ..attacks.unlearndiffatk import victim_of
