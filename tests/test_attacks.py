@@ -177,6 +177,27 @@ def test_on_sd3_without_t5_the_loss_is_on_the_flow_velocity_as_the_pipeline_cond
     torch.testing.assert_close(ours, F.mse_loss(velocity, noise - x0), rtol=1e-7, atol=0)
 
 
+def test_target_latents_are_what_the_pipeline_decodes(sd3_64):
+    """SD 3's VAE shifts its latents (the pipeline decodes z / scale + shift): the attack's target latents, decoded
+    that way, are the VAE's own decoding of the image's latent mean."""
+    from PIL import Image
+
+    from safe_diffusion.guidance.mitigation import Mitigation
+    from safe_diffusion.jobs.attack_methods import Target
+
+    pipe = sd3_64
+    assert pipe.vae.config.shift_factor
+    target = Target(pipe, pipe, Mitigation.build(), [], 2, 7.5, 32, 32, None)
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+    x0 = target.latents(image)
+    config = pipe.vae.config
+    with torch.no_grad():
+        pixels = pipe.image_processor.preprocess(image).to(torch.float64)
+        mean = pipe.vae.encode(pixels).latent_dist.mean
+        ours = pipe.vae.decode(x0 / config.scaling_factor + config.shift_factor).sample
+        torch.testing.assert_close(ours, pipe.vae.decode(mean).sample, rtol=0, atol=1e-10)
+
+
 def _official_bisection(a, eps=1.0, xi=1e-5, ub=1.0):
     """TextGrad.bisection, ported (its projection onto {0 ≤ p ≤ ub, Σp = eps})."""
     pa = torch.clip(a, 0, ub)
