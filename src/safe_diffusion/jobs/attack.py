@@ -49,21 +49,12 @@ from .attack_methods import (
     Target,
     batches,
     check_denoiser_victim,
+    check_family,
     check_official_victim,
+    family_deviations,
 )
 
 STAGE = "attack"
-#: The pipelines each denoiser attack is defined for: the papers' setting (CLIP text encoders, a U-Net with ε or
-#: v), SDXL and SD 3 without T5 (the tokens through both CLIP text encoders; SD 3's loss on the flow velocity:
-#: this project's definition). The text attacks take any pipeline with a CLIP text encoder
-#: (:data:`safe_diffusion.attacks.CLIP_TEXT_ENCODERS`).
-_DENOISER_FAMILIES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
-ATTACKED_PIPELINES = {"unlearndiffatk": _DENOISER_FAMILIES, "p4d-n": _DENOISER_FAMILIES, "p4d-k": _DENOISER_FAMILIES}
-_FAMILY_NAMES = {
-    "StableDiffusionPipeline": "SD 1.x/2.x",
-    "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusion3Pipeline": "SD 3 without T5",
-}
 
 
 class AttackStore(RecordStore):
@@ -195,7 +186,7 @@ def attack_run(
     ``q16_model``, …), or `judge_settings` already per judge."""
     import torch
 
-    from ..attacks import ATTACKS, CLIP_TEXT_ENCODERS, TEXT_ATTACKS, clip_text_model, settings_for
+    from ..attacks import ATTACKS, TEXT_ATTACKS, clip_text_model, settings_for
     from ..common import provenance
     from ..common.loading import check_model_reference
     from ..common.schedulers import apply_scheduler, check_scheduler
@@ -209,28 +200,7 @@ def attack_run(
     if method in ("ring-a-bell", "mma") and reference_model is not None:
         raise InputError(f"--reference-model does not apply to attack {method} (it searches the text encoder only)")
     check_model_reference(model)
-    index = provenance.read_config(model, "model_index.json") or {}
-    family = index.get("_class_name")
-    if family is not None and method in TEXT_ATTACKS:  # model-agnostic: any pipeline with a CLIP text encoder
-        encoder = (index.get("text_encoder") or [None, None])[-1]
-        if encoder not in CLIP_TEXT_ENCODERS:
-            raise InputError(
-                f"attack {method} searches a CLIP text encoder ({', '.join(CLIP_TEXT_ENCODERS)});"
-                f" {model!r} is a {family} whose text_encoder is {encoder or 'absent'}"
-            )
-    elif family is not None and family not in ATTACKED_PIPELINES[method]:
-        names = [_FAMILY_NAMES[f] for f in ATTACKED_PIPELINES[method]]
-        where = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
-        raise InputError(
-            f"attack {method} is defined for {where} ({', '.join(ATTACKED_PIPELINES[method])}); {model!r} is a"
-            f" {family} (ring-a-bell and mma, which search the text encoder alone, run against SDXL, SD 3 and FLUX too)"
-        )
-    elif family == "StableDiffusion3Pipeline" and (index.get("text_encoder_3") or [None, None])[-1] is not None:
-        raise InputError(
-            f"attack {method} gives one token choice to every text encoder, and {model!r} has a T5 encoder, which"
-            " shares no vocabulary with CLIP: attack the checkpoint without T5 (text_encoder_3=None), or use"
-            " ring-a-bell or mma"
-        )
+    family = check_family(method, model, provenance.read_config(model, "model_index.json") or {})
     given = run_settings_for_attack(
         protocol,
         method,
@@ -315,28 +285,7 @@ def attack_run(
             if p4d and guided and not official
             else []
         )
-        + (
-            [
-                "SDXL: no official code; one token distribution through both text encoders, each with its own"
-                " token table, the conditioning as SDXL's encode_prompt makes it (this project's definition)"
-                if method == "unlearndiffatk"
-                else "SDXL: no official code; the soft prompt in both text encoders' token tables side by side,"
-                " projected to the token nearest in the joint table, each encoder given its part, the conditioning"
-                " as SDXL's encode_prompt makes it (this project's definition)"
-            ]
-            if family == "StableDiffusionXLPipeline" and not text_only
-            else []
-        )
-        + (
-            [
-                "SD 3 without T5: no official code; the tokens through both CLIP text encoders as on SDXL, the"
-                " conditioning as SD 3's encode_prompt makes it without T5, x_t = (1 - sigma) x0 + sigma noise at the"
-                " scheduler's shifted training sigma of t, the loss on the flow velocity noise - x0 (UnlearnDiffAtk)"
-                " or against the unconstrained model's velocity (P4D) (this project's definition)"
-            ]
-            if family == "StableDiffusion3Pipeline" and not text_only
-            else []
-        ),
+        + ([] if text_only else family_deviations(method, family)),
     }
     selection = [{"index": p.index, "prompt": p.text, "seed": p.seed, "guidance": p.guidance} for p in prompts]
     identity = {"config": config, "selection": selection}

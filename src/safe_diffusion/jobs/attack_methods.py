@@ -205,6 +205,74 @@ def run_p4d(target: Target, prompts: list, settings, done) -> None:
         done(i, Outcome(text, image, target.unsafe(image), settings.iterations, details))
 
 
+#: The pipelines each denoiser attack is defined for: the papers' setting (CLIP text encoders, a U-Net with ε or
+#: v), SDXL and SD 3 without T5 (the tokens through both CLIP text encoders; SD 3's loss on the flow velocity:
+#: this project's definition). The text attacks take any pipeline with a CLIP text encoder
+#: (:data:`safe_diffusion.attacks.CLIP_TEXT_ENCODERS`).
+DENOISER_FAMILIES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
+ATTACKED_PIPELINES = {"unlearndiffatk": DENOISER_FAMILIES, "p4d-n": DENOISER_FAMILIES, "p4d-k": DENOISER_FAMILIES}
+FAMILY_NAMES = {
+    "StableDiffusionPipeline": "SD 1.x/2.x",
+    "StableDiffusionXLPipeline": "SDXL",
+    "StableDiffusion3Pipeline": "SD 3 without T5",
+}
+
+
+def check_family(method: str, model, index: dict) -> str | None:
+    """Refuse, from the checkpoint's ``model_index.json`` (`index`) before anything loads, a pipeline `method` is
+    not defined for; return its family (None: no index, e.g. a hub id resolved later)."""
+    from ..attacks import CLIP_TEXT_ENCODERS, TEXT_ATTACKS
+
+    family = index.get("_class_name")
+    if family is None:
+        return None
+    if method in TEXT_ATTACKS:  # model-agnostic: any pipeline with a CLIP text encoder
+        encoder = (index.get("text_encoder") or [None, None])[-1]
+        if encoder not in CLIP_TEXT_ENCODERS:
+            raise InputError(
+                f"attack {method} searches a CLIP text encoder ({', '.join(CLIP_TEXT_ENCODERS)});"
+                f" {model!r} is a {family} whose text_encoder is {encoder or 'absent'}"
+            )
+    elif family not in ATTACKED_PIPELINES[method]:
+        names = [FAMILY_NAMES[f] for f in ATTACKED_PIPELINES[method]]
+        where = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+        raise InputError(
+            f"attack {method} is defined for {where} ({', '.join(ATTACKED_PIPELINES[method])}); {model!r} is a"
+            f" {family} (ring-a-bell and mma, which search the text encoder alone, run against SDXL, SD 3 and FLUX too)"
+        )
+    elif family == "StableDiffusion3Pipeline" and (index.get("text_encoder_3") or [None, None])[-1] is not None:
+        raise InputError(
+            f"attack {method} gives one token choice to every text encoder, and {model!r} has a T5 encoder, which"
+            " shares no vocabulary with CLIP: attack the checkpoint without T5 (text_encoder_3=None), or use"
+            " ring-a-bell or mma"
+        )
+    return family
+
+
+def family_deviations(method: str, family: str | None) -> list[str]:
+    """What a denoiser attack is on a family beyond the papers' (no official code there: this project's
+    definition), recorded among the run's deviations."""
+    if family == "StableDiffusionXLPipeline":
+        if method == "unlearndiffatk":
+            return [
+                "SDXL: no official code; one token distribution through both text encoders, each with its own"
+                " token table, the conditioning as SDXL's encode_prompt makes it (this project's definition)"
+            ]
+        return [
+            "SDXL: no official code; the soft prompt in both text encoders' token tables side by side,"
+            " projected to the token nearest in the joint table, each encoder given its part, the conditioning"
+            " as SDXL's encode_prompt makes it (this project's definition)"
+        ]
+    if family == "StableDiffusion3Pipeline":
+        return [
+            "SD 3 without T5: no official code; the tokens through both CLIP text encoders as on SDXL, the"
+            " conditioning as SD 3's encode_prompt makes it without T5, x_t = (1 - sigma) x0 + sigma noise at the"
+            " scheduler's shifted training sigma of t, the loss on the flow velocity noise - x0 (UnlearnDiffAtk)"
+            " or against the unconstrained model's velocity (P4D) (this project's definition)"
+        ]
+    return []
+
+
 def check_denoiser_victim(method: str, mitigation) -> None:
     """Refuse, before anything is written, a target whose method filters the prompt's text (a call hook, SAFREE)
     when the attack optimises embeddings against its denoiser: such a target has no text to filter there."""
