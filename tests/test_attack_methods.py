@@ -314,7 +314,7 @@ def test_p4d_k_on_sdxl_reads_the_pooled_embedding_at_an_end_token(sdxl64):
             and (attack.template[0, 1 : 1 + length] != tok.eos_token_id).all()
         )
         pooled.append(attack.hidden(nn_project(attack.soft, attack.table)[0])[("added_cond_kwargs", "text_embeds")])
-    assert float((pooled[0] - pooled[1]).abs().max()) > 1e-6
+    assert float((pooled[0] - pooled[1]).detach().abs().max()) > 1e-6
 
 
 def test_a_p4d_batch_on_sdxl_is_each_prompt_alone(sdxl64):
@@ -399,6 +399,34 @@ def test_p4d_on_sd3_matches_velocities_at_the_schedulers_sigma_and_batches(sd3_6
         alone, losses = run(prompt, latents[i : i + 1], torch.Generator().manual_seed(seed))
         assert np.allclose([row[i] for row in together], [row[0] for row in losses], rtol=1e-10, atol=0)
         assert torch.allclose(batched.softs[i], alone.soft, rtol=0, atol=1e-12)
+
+
+def test_p4d_on_sd3_with_t5_gives_t5_the_projected_prompts_text(tmp_path):
+    """SD 3 with T5 (our definition): T5 reads the text of the projected tokens, without gradient, as the pipeline
+    would encode that prompt; the CLIP rows are the template's, as without T5."""
+    from safe_diffusion.common.loading import load_pipeline
+    from safe_diffusion.testing import build_sd3_checkpoint
+
+    pipe = load_pipeline(build_sd3_checkpoint(tmp_path / "sd3", t5=True), device="cpu", dtype=torch.float64)
+    x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    attack = P4D(pipe, victim_of(pipe), unconstrained_of(pipe, PROMPT), PROMPT, x0, Settings(tokens=3), None)
+    chosen = torch.tensor([7, 42, 99])
+    rows = attack.table[chosen].clone().requires_grad_(True)
+    hidden = attack.hidden(rows)
+    text = pipe.tokenizer.decode(chosen.tolist())
+    embeds = pipe.encode_prompt(text, text, text, device="cpu", do_classifier_free_guidance=False)[0]
+    t5 = hidden["encoder_hidden_states"][:, 77:]
+    assert float(t5.detach().abs().max()) > 0
+    (through_t5,) = torch.autograd.grad(t5.sum(), [rows], retain_graph=True, allow_unused=True)
+    assert through_t5 is None or float(through_t5.abs().max()) == 0  # T5 reads text: no gradient to the rows
+    torch.testing.assert_close(t5.detach(), embeds[:, 77:], rtol=0, atol=1e-10)
+    ids = attack.template.clone()
+    ids[0, 1:4] = chosen
+    with torch.no_grad():
+        clip = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(
+        hidden["encoder_hidden_states"][:, :77, : clip.shape[-1]].detach(), clip, rtol=0, atol=1e-10
+    )
 
 
 def test_p4d_same_seed_same_prompt_and_settings_are_the_official_ones(pipes):
@@ -850,12 +878,14 @@ def test_clip_text_model_reads_sd3s_projection_encoder_as_the_plain_tower(family
         ("sdxl", "p4d-n"),
         ("sd3", "unlearndiffatk"),
         ("sd3", "p4d-n"),
+        ("sd3-t5", "unlearndiffatk"),
     ],
 )
 def test_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, clip, tmp_path, cli, family, method):
     """Ring-A-Bell and MMA search the CLIP text encoder alone (model-agnostic): any pipeline holding one as
     ``text_encoder`` is a target; it only generates and judges. SD 3's checkpoint here has no T5, as one saved
-    with ``text_encoder_3=None``: it loads as such. UnlearnDiffAtk and P4D attack SDXL's own U-Net, guided."""
+    with ``text_encoder_3=None``: it loads as such (``sd3-t5``: with T5). UnlearnDiffAtk and P4D attack SDXL's
+    and SD 3's own denoisers, guided."""
     suite = tmp_path / "s.csv"
     suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\n")
     extra = (
@@ -870,18 +900,27 @@ def test_attacks_run_against_sdxl_sd3_and_flux(family_checkpoints, clip, tmp_pat
     if method == "p4d-n":  # SDXL: the soft prompt through both text encoders, two prompts in one batch
         suite.write_text("prompt,categories,evaluation_seed\na cat,sexual,1\na dog,sexual,2\n")
         extra += ["--clip-model", str(clip)]
-    if family == "sdxl" or (family == "sd3" and method != "ring-a-bell"):
+    if family == "sdxl" or (family.startswith("sd3") and method != "ring-a-bell"):
         extra += ["--safety", "strong", "--steps", "9"]  # guided through the engine, as on SD 1.x
+    if family == "sd3-t5":
+        from safe_diffusion.testing import build_sd3_checkpoint
+
+        checkpoint = build_sd3_checkpoint(tmp_path / "sd3", t5=True)
+    else:
+        checkpoint = family_checkpoints(family)
     run = tmp_path / "run"
-    code, out, err = cli(*_args(family_checkpoints(family), run, suite, method, *extra))
+    code, out, err = cli(*_args(checkpoint, run, suite, method, *extra))
     assert code == 0 and ("2 of 2" if method == "p4d-n" else "1 of 1") in out, err
     config = json.loads((run / "config.json").read_text())["config"]
     assert config["method"] == method
     assert config["victim"] == ("guided estimate (engine)" if method in ("unlearndiffatk", "p4d-n") else None)
-    definition = {"sdxl": "SDXL: no official code", "sd3": "SD 3 without T5: no official code"}.get(family, "-")
+    definition = {"sdxl": "SDXL: no official code", "sd3": "SD 3: no official code"}.get(family.split("-")[0], "-")
     assert any(d.startswith(definition) for d in config["deviations_from_official"]) == (
         method in ("unlearndiffatk", "p4d-n")
     )
+    if family.startswith("sd3") and method != "ring-a-bell":
+        t5_said = any("T5 (no vocabulary shared with CLIP)" in d for d in config["deviations_from_official"])
+        assert t5_said == (family == "sd3-t5")
     code, _, err = cli("attack", "export", str(run), "--csv", str(tmp_path / "adv.csv"))
     assert code == 0, err
 
@@ -895,7 +934,7 @@ def test_families_the_attacks_cannot_search_or_guide_are_refused_before_writing(
     cases = [  # (family, method, extra, what the one line says)
         ("pixart-sigma", "mma", mma, "whose text_encoder is T5EncoderModel"),
         ("pixart-sigma", "unlearndiffatk", [], "ring-a-bell and mma, which search the text encoder alone"),
-        ("flux", "p4d-k", [], "p4d-k is defined for SD 1.x/2.x, SDXL and SD 3 without T5 (StableDiffusionPipeline,"),
+        ("flux", "p4d-k", [], "p4d-k is defined for SD 1.x/2.x, SDXL and SD 3 (StableDiffusionPipeline,"),
         ("sdxl", "p4d-n", ["--victim", "official"], "P4D's own loss, written for SD 1.x/2.x's U-Net"),
         (
             "flux",

@@ -177,6 +177,46 @@ def test_on_sd3_without_t5_the_loss_is_on_the_flow_velocity_as_the_pipeline_cond
     torch.testing.assert_close(ours, F.mse_loss(velocity, noise - x0), rtol=1e-7, atol=0)
 
 
+@pytest.fixture(scope="module")
+def sd3_t5_64(tmp_path_factory):
+    from safe_diffusion.common.loading import load_pipeline
+    from safe_diffusion.testing import build_sd3_checkpoint
+
+    folder = build_sd3_checkpoint(tmp_path_factory.mktemp("sd3t5") / "sd3", t5=True)
+    return load_pipeline(folder, device="cpu", dtype=torch.float64)
+
+
+def test_on_sd3_with_t5_t5_reads_the_drawn_prompt_and_the_gradient_flows_through_clip(sd3_t5_64):
+    """SD 3 with T5 (our definition): T5 shares no vocabulary with CLIP, so it is given the text of the drawn
+    tokens, without gradient; for hard tokens the whole conditioning is then exactly SD 3's ``encode_prompt`` of
+    the adversarial prompt (CLIP and T5 rows), and the loss still has a gradient through the CLIP encoders."""
+    pipe = sd3_t5_64
+    x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    attack = UnlearnDiffAtk(pipe, victim_of(pipe), "a cat", x0, Settings(2))
+    ids = pipe.tokenizer("xq", add_special_tokens=False).input_ids[:2]
+    one_hot = F.one_hot(torch.tensor(ids), attack.table.shape[0]).to(torch.float64)
+    with torch.no_grad():
+        attack.variables.copy_(one_hot[None])
+    text = attack.prompt()
+    seen = {}
+    real = attack.victim
+
+    def victim(x_t, t, hidden):
+        seen.update(hidden)
+        return real(x_t, t, hidden)
+
+    attack.victim = victim
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    point = one_hot.clone().requires_grad_(True)
+    loss = attack.loss(30, noise, one_hot=point)
+    embeds, _, pooled, _ = pipe.encode_prompt(text, text, text, device="cpu", do_classifier_free_guidance=False)
+    assert float(embeds[:, 77:].abs().max()) > 0  # T5's rows are there, not zeros
+    torch.testing.assert_close(seen["encoder_hidden_states"], embeds, rtol=0, atol=1e-10)
+    torch.testing.assert_close(seen["pooled_projections"], pooled, rtol=0, atol=1e-10)
+    (grad,) = torch.autograd.grad(loss, [point])
+    assert float(grad.abs().max()) > 0
+
+
 def test_target_latents_are_what_the_pipeline_decodes(sd3_64):
     """SD 3's VAE shifts its latents (the pipeline decodes z / scale + shift): the attack's target latents, decoded
     that way, are the VAE's own decoding of the image's latent mean."""
@@ -466,8 +506,8 @@ def test_attack_bad_input_is_one_line(tiny_checkpoint, tmp_path, cli):
 
 
 def test_other_families_are_refused_in_one_line(tmp_path, cli):
-    """Refused from model_index.json, before anything loads: a family the denoiser attacks are not defined for,
-    and SD 3 with its T5 encoder (no token choice can be given to T5 and CLIP alike)."""
+    """Refused from model_index.json, before anything loads: the families the denoiser attacks are not defined
+    for."""
     import json
 
     model = tmp_path / "model"
@@ -478,17 +518,12 @@ def test_other_families_are_refused_in_one_line(tmp_path, cli):
         (
             {"_class_name": "FluxPipeline"},
             [],
-            "defined for SD 1.x/2.x, SDXL and SD 3 without T5 (StableDiffusionPipeline,",
+            "defined for SD 1.x/2.x, SDXL and SD 3 (StableDiffusionPipeline,",
         ),
         (
             {"_class_name": "PixArtSigmaPipeline"},
             ["--method", "p4d-n"],
             "p4d-n is defined for SD 1.x/2.x, SDXL and SD 3",
-        ),
-        (
-            {"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": ["transformers", "T5EncoderModel"]},
-            ["--method", "p4d-k"],
-            "has a T5 encoder, which shares no vocabulary with CLIP",
         ),
     ]
     for index, extra, says in cases:

@@ -31,8 +31,9 @@ encoders, which share CLIP's vocabulary, so the soft rows live in both token tab
 wide). PEZ's projection picks, per row, the token whose joint row is nearest in cosine; each encoder is given
 its own part of the rows, and the conditioning is built as SDXL's ``encode_prompt`` builds it (both towers'
 penultimate states, the second's pooled projection), with the same template as SD 1.x (P4D-K's ends with an
-end token there: the pooled embedding is read at it). SD 3 without T5 is the same over its two CLIP encoders,
-on its flow-matching forward process (:class:`~safe_diffusion.attacks.unlearndiffatk.ForwardProcess`).
+end token there: the pooled embedding is read at it). SD 3 is the same over its two CLIP encoders, on its
+flow-matching forward process (:class:`~safe_diffusion.attacks.unlearndiffatk.ForwardProcess`); its T5 reads
+the projected prompt's text, without gradient (:func:`~safe_diffusion.attacks.unlearndiffatk.t5_rows`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 from ..common.errors import InputError
 from ..guidance.sampling import append_dims
-from .unlearndiffatk import ForwardProcess, Victim, conditioning_rows, text_towers, token_rows
+from .unlearndiffatk import ForwardProcess, Victim, conditioning_rows, t5_rows, text_towers, token_rows
 
 Target = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -211,7 +212,11 @@ class P4D:
             with token_rows(tower.encoder, torch.stack(full)):
                 outputs.append(tower.encoder(templates, output_hidden_states=len(self.towers) > 1))
             offset += width
-        return conditioning_rows(self.pipe, outputs)
+        t5 = None
+        if getattr(self.pipe, "text_encoder_3", None) is not None:  # SD 3 with T5: it reads the rows' tokens as text
+            texts = [self.pipe.tokenizer.decode(nn_project(own, self.table)[1].tolist()) for own in rows]
+            t5 = t5_rows(self.pipe, texts)
+        return conditioning_rows(self.pipe, outputs, t5)
 
     def losses(self, t, noise: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
         """Each prompt's loss at its timestep (`t`: one per prompt, or one for all) with its `noise` row and its

@@ -228,15 +228,10 @@ class TextTower:
 
 
 def text_towers(pipe) -> list[TextTower]:
-    """The pipeline's text encoders, in the order its ``encode_prompt`` runs them: SD 1.x/2.x's one, SDXL's and
-    SD 3's two (CLIP ViT-L, then OpenCLIP bigG with projection). Both tokenizers share CLIP's vocabulary, so one
-    token choice gives each tower its token (embedded by that tower's own table). SD 3 with its T5 encoder is
-    refused: T5 shares no vocabulary with CLIP, so no token choice can be given to all three."""
-    if getattr(pipe, "text_encoder_3", None) is not None:
-        raise InputError(
-            "the attack gives one token choice to every text encoder, and SD 3's T5 shares no vocabulary with CLIP:"
-            " attack a checkpoint without T5 (text_encoder_3=None, as diffusers documents for SD 3)"
-        )
+    """The pipeline's CLIP text encoders, in the order its ``encode_prompt`` runs them: SD 1.x/2.x's one, SDXL's
+    and SD 3's two (CLIP ViT-L, then OpenCLIP bigG with projection). Both tokenizers share CLIP's vocabulary, so
+    one token choice gives each tower its token (embedded by that tower's own table). SD 3's T5, which shares no
+    vocabulary with CLIP, is not a tower: it reads the tokens' text (:func:`t5_rows`)."""
     pairs = [(pipe.text_encoder, pipe.tokenizer)]
     if getattr(pipe, "text_encoder_2", None) is not None:
         pairs.append((pipe.text_encoder_2, pipe.tokenizer_2))
@@ -247,22 +242,43 @@ def text_towers(pipe) -> list[TextTower]:
     return towers
 
 
-def conditioning_rows(pipe, outputs: list) -> dict | torch.Tensor:
+def t5_rows(pipe, texts: Sequence[str]) -> torch.Tensor | None:
+    """SD 3's T5 rows for `texts`, as its ``encode_prompt`` makes them (the pipeline's default 256 tokens), without
+    gradient; None without T5 (the pipeline then uses zero rows). The attacks give T5 the text of their current
+    tokens: the conditioning is the pipeline's own for that prompt, and the gradient reaches the CLIP encoders
+    only (T5's tokens are not CLIP's)."""
+    if getattr(pipe, "text_encoder_3", None) is None:
+        return None
+    texts = list(texts)
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(
+            prompt=texts,
+            prompt_2=texts,
+            prompt_3=texts,
+            device=pipe.text_encoder_3.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=256,
+        )[0]
+    return embeds[:, int(pipe.tokenizer_max_length) :]
+
+
+def conditioning_rows(pipe, outputs: list, t5: torch.Tensor | None = None) -> dict | torch.Tensor:
     """The denoiser's text conditioning from each tower's output, as the pipeline's ``encode_prompt`` builds it:
     SD 1.x/2.x, the last hidden state (a tensor); SDXL, both towers' penultimate hidden states side by side,
-    and the last tower's projected pooled output as ``text_embeds`` (``{path: tensor}``); SD 3 without T5, the
-    same side by side, padded with zeros to the transformer's width and followed by the zero rows that stand
-    for the absent T5 (the pipeline's default 256), with both towers' projected pooled outputs side by side as
-    ``pooled_projections``."""
+    and the last tower's projected pooled output as ``text_embeds`` (``{path: tensor}``); SD 3, the same side by
+    side, padded with zeros to the transformer's width and followed by T5's rows (`t5`, from :func:`t5_rows`;
+    without T5 the zero rows that stand for it, the pipeline's default 256), with both towers' projected pooled
+    outputs side by side as ``pooled_projections``."""
     if len(outputs) == 1:
         return outputs[0][0]
     hidden = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
     if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_3"):  # SD 3
         width = int(pipe.transformer.config.joint_attention_dim)
         clip = F.pad(hidden, (0, width - hidden.shape[-1]))
-        absent_t5 = clip.new_zeros(clip.shape[0], 256, width)
+        t5 = clip.new_zeros(clip.shape[0], 256, width) if t5 is None else t5.to(clip)
         pooled = torch.cat([out[0] for out in outputs], dim=-1)
-        return {"encoder_hidden_states": torch.cat([clip, absent_t5], dim=-2), "pooled_projections": pooled}
+        return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": pooled}
     return {"encoder_hidden_states": hidden, ("added_cond_kwargs", "text_embeds"): outputs[-1][0]}
 
 
@@ -337,6 +353,7 @@ class UnlearnDiffAtk:
         self.size = len(prompts)
         self.generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * self.size
         self.towers = text_towers(pipe)
+        self.t5 = getattr(pipe, "text_encoder_3", None) is not None  # SD 3 with T5: it reads the tokens' text
         self.table = self.towers[0].table
         vocab = self.table.shape[0]
         #: per tower, each prompt's tokens (SDXL's second tokenizer pads differently)
@@ -381,7 +398,8 @@ class UnlearnDiffAtk:
             ids = torch.cat([tokens.with_prefix_ids(placeholder) for tokens in prompt_tokens])
             with token_rows(tower.encoder, rows):
                 outputs.append(tower.encoder(ids, output_hidden_states=len(self.towers) > 1))
-        hidden = conditioning_rows(self.pipe, outputs)
+        t5 = t5_rows(self.pipe, self._texts(one_hot.argmax(-1))) if self.t5 else None  # T5 reads the drawn text
+        hidden = conditioning_rows(self.pipe, outputs, t5)
         a, s, timestep = self.process.at(t)
         x_t = self.x0 * a + noise * s
         prediction = self.victim(x_t, timestep, hidden)
@@ -408,6 +426,15 @@ class UnlearnDiffAtk:
         self.last_losses = [float(v) for v in losses.detach()]
         return sum(self.last_losses) / self.size
 
+    def _text(self, index: int, prefix_ids: torch.Tensor) -> str:
+        """Prompt `index`'s adversarial prompt with the prefix `prefix_ids`, decoded as the official code does."""
+        ids = self.prompt_tokens[index].with_prefix_ids(prefix_ids)[0, 1:].tolist()
+        eos = self.pipe.tokenizer.eos_token_id
+        return self.pipe.tokenizer.decode([i for i in ids if i != eos])
+
+    def _texts(self, prefix_ids: torch.Tensor) -> list[str]:
+        return [self._text(i, ids) for i, ids in enumerate(prefix_ids)]
+
     def prefix_ids(self, index: int = 0) -> torch.Tensor:
         """The hard tokens of prompt `index`: each position's most likely token (``argmax_project``)."""
         return self.variables[index].detach().argmax(-1)
@@ -415,6 +442,4 @@ class UnlearnDiffAtk:
     def prompt(self, index: int = 0) -> str:
         """The adversarial prompt `index`: the prefix and the prompt's own tokens, decoded as the official code
         does."""
-        ids = self.prompt_tokens[index].with_prefix_ids(self.prefix_ids(index))[0, 1:].tolist()
-        eos = self.pipe.tokenizer.eos_token_id
-        return self.pipe.tokenizer.decode([i for i in ids if i != eos])
+        return self._text(index, self.prefix_ids(index))

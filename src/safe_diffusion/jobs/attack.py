@@ -200,7 +200,8 @@ def attack_run(
     if method in ("ring-a-bell", "mma") and reference_model is not None:
         raise InputError(f"--reference-model does not apply to attack {method} (it searches the text encoder only)")
     check_model_reference(model)
-    family = check_family(method, model, provenance.read_config(model, "model_index.json") or {})
+    index = provenance.read_config(model, "model_index.json") or {}
+    family = check_family(method, model, index)
     given = run_settings_for_attack(
         protocol,
         method,
@@ -285,7 +286,7 @@ def attack_run(
             if p4d and guided and not official
             else []
         )
-        + ([] if text_only else family_deviations(method, family)),
+        + ([] if text_only else family_deviations(method, family, index)),
     }
     selection = [{"index": p.index, "prompt": p.text, "seed": p.seed, "guidance": p.guidance} for p in prompts]
     identity = {"config": config, "selection": selection}

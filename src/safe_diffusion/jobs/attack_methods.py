@@ -206,15 +206,15 @@ def run_p4d(target: Target, prompts: list, settings, done) -> None:
 
 
 #: The pipelines each denoiser attack is defined for: the papers' setting (CLIP text encoders, a U-Net with ε or
-#: v), SDXL and SD 3 without T5 (the tokens through both CLIP text encoders; SD 3's loss on the flow velocity:
-#: this project's definition). The text attacks take any pipeline with a CLIP text encoder
+#: v), SDXL and SD 3 (the tokens through both CLIP text encoders, SD 3's T5 reading their text; SD 3's loss on
+#: the flow velocity: this project's definition). The text attacks take any pipeline with a CLIP text encoder
 #: (:data:`safe_diffusion.attacks.CLIP_TEXT_ENCODERS`).
 DENOISER_FAMILIES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
 ATTACKED_PIPELINES = {"unlearndiffatk": DENOISER_FAMILIES, "p4d-n": DENOISER_FAMILIES, "p4d-k": DENOISER_FAMILIES}
 FAMILY_NAMES = {
     "StableDiffusionPipeline": "SD 1.x/2.x",
     "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusion3Pipeline": "SD 3 without T5",
+    "StableDiffusion3Pipeline": "SD 3",
 }
 
 
@@ -240,18 +240,12 @@ def check_family(method: str, model, index: dict) -> str | None:
             f"attack {method} is defined for {where} ({', '.join(ATTACKED_PIPELINES[method])}); {model!r} is a"
             f" {family} (ring-a-bell and mma, which search the text encoder alone, run against SDXL, SD 3 and FLUX too)"
         )
-    elif family == "StableDiffusion3Pipeline" and (index.get("text_encoder_3") or [None, None])[-1] is not None:
-        raise InputError(
-            f"attack {method} gives one token choice to every text encoder, and {model!r} has a T5 encoder, which"
-            " shares no vocabulary with CLIP: attack the checkpoint without T5 (text_encoder_3=None), or use"
-            " ring-a-bell or mma"
-        )
     return family
 
 
-def family_deviations(method: str, family: str | None) -> list[str]:
+def family_deviations(method: str, family: str | None, index: dict | None = None) -> list[str]:
     """What a denoiser attack is on a family beyond the papers' (no official code there: this project's
-    definition), recorded among the run's deviations."""
+    definition), recorded among the run's deviations; `index`: the checkpoint's ``model_index.json``."""
     if family == "StableDiffusionXLPipeline":
         if method == "unlearndiffatk":
             return [
@@ -264,11 +258,18 @@ def family_deviations(method: str, family: str | None) -> list[str]:
             " as SDXL's encode_prompt makes it (this project's definition)"
         ]
     if family == "StableDiffusion3Pipeline":
+        t5 = (dict(index or {}).get("text_encoder_3") or [None, None])[-1] is not None
         return [
-            "SD 3 without T5: no official code; the tokens through both CLIP text encoders as on SDXL, the"
-            " conditioning as SD 3's encode_prompt makes it without T5, x_t = (1 - sigma) x0 + sigma noise at the"
-            " scheduler's shifted training sigma of t, the loss on the flow velocity noise - x0 (UnlearnDiffAtk)"
-            " or against the unconstrained model's velocity (P4D) (this project's definition)"
+            "SD 3: no official code; the tokens through both CLIP text encoders as on SDXL, the conditioning as SD"
+            " 3's encode_prompt makes it, x_t = (1 - sigma) x0 + sigma noise at the scheduler's shifted training"
+            " sigma of t, the loss on the flow velocity noise - x0 (UnlearnDiffAtk) or against the unconstrained"
+            " model's velocity (P4D) (this project's definition)"
+            + (
+                "; T5 (no vocabulary shared with CLIP) encodes the text of the current tokens, without gradient: the"
+                " gradient reaches the CLIP encoders only"
+                if t5
+                else "; without T5, its rows are zeros as the pipeline makes them"
+            )
         ]
     return []
 
