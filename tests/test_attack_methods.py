@@ -208,6 +208,17 @@ def test_p4d_objective_decreases_on_a_fixed_seed(pipes):
     assert np.isfinite(before)
 
 
+def _batch_is_each_alone(run, prompts, seeds, x0):
+    """`run(texts, latents, generators)` → (attack, each step's per-prompt losses): the batch of `prompts` (seeded
+    by `seeds`) gives each prompt the losses, soft rows and projected prompt it gets alone (float64)."""
+    batched, together = run(prompts, x0, [torch.Generator().manual_seed(s) for s in seeds])
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone, losses = run(prompt, x0[i : i + 1], torch.Generator().manual_seed(seed))
+        assert np.allclose([row[i] for row in together], [row[0] for row in losses], rtol=1e-10, atol=0)
+        assert torch.allclose(batched.softs[i], alone.soft, rtol=0, atol=1e-12)
+        assert batched.prompt(i) == alone.prompt()
+
+
 def _p4d_victims(erased):
     """The victims a P4D batch meets: the conditional prediction (ESD, the papers' setting), the engine's guided
     estimate (SLD with warm-up, so that a batch mixes evaluation indices before and after it) and the official
@@ -244,12 +255,7 @@ def test_a_p4d_batch_is_each_prompt_alone(pipes, victim, variant):
         losses = [(attack.step(), list(attack.last_losses))[1] for _ in range(4)]
         return attack, losses
 
-    batched, together = run(prompts, x0, [torch.Generator().manual_seed(s) for s in seeds])
-    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        alone, losses = run(prompt, x0[i : i + 1], torch.Generator().manual_seed(seed))
-        assert np.allclose([row[i] for row in together], [row[0] for row in losses], rtol=1e-10, atol=0)
-        assert torch.allclose(batched.softs[i], alone.soft, rtol=0, atol=1e-12)
-        assert batched.prompt(i) == alone.prompt()
+    _batch_is_each_alone(run, prompts, seeds, x0)
 
 
 @pytest.fixture(scope="module")
@@ -327,12 +333,7 @@ def test_a_p4d_batch_on_sdxl_is_each_prompt_alone(sdxl64):
         )
         return attack, [(attack.step(), list(attack.last_losses))[1] for _ in range(2)]
 
-    batched, together = run(prompts, x0, [torch.Generator().manual_seed(s) for s in seeds])
-    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        alone, losses = run(prompt, x0[i : i + 1], torch.Generator().manual_seed(seed))
-        assert np.allclose([row[i] for row in together], [row[0] for row in losses], rtol=1e-10, atol=0)
-        assert torch.allclose(batched.softs[i], alone.soft, rtol=0, atol=1e-12)
-        assert batched.prompt(i) == alone.prompt()
+    _batch_is_each_alone(run, prompts, seeds, x0)
 
 
 @pytest.fixture(scope="module")
@@ -394,11 +395,7 @@ def test_p4d_on_sd3_matches_velocities_at_the_schedulers_sigma_and_batches(sd3_6
         attack = P4D(pipe, victim_of(pipe), unconstrained_of(pipe, texts), texts, x, Settings(tokens=2), generators)
         return attack, [(attack.step(), list(attack.last_losses))[1] for _ in range(2)]
 
-    batched, together = run(prompts, latents, [torch.Generator().manual_seed(s) for s in seeds])
-    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        alone, losses = run(prompt, latents[i : i + 1], torch.Generator().manual_seed(seed))
-        assert np.allclose([row[i] for row in together], [row[0] for row in losses], rtol=1e-10, atol=0)
-        assert torch.allclose(batched.softs[i], alone.soft, rtol=0, atol=1e-12)
+    _batch_is_each_alone(run, prompts, seeds, latents)
 
 
 def test_p4d_on_sd3_with_t5_gives_t5_the_projected_prompts_text(tmp_path):

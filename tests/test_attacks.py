@@ -85,6 +85,24 @@ def sdxl64(tmp_path_factory):
     return StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float64)
 
 
+def _hard_prefix_seen(pipe, attack, passthrough: bool = False):
+    """Set `attack`'s prefix to the hard tokens of "xq"; returns their one-hot rows, the adversarial prompt's text
+    and the conditioning the victim is given at each call (recorded; the victim returns zeros unless
+    `passthrough`)."""
+    ids = pipe.tokenizer("xq", add_special_tokens=False).input_ids[:2]
+    one_hot = F.one_hot(torch.tensor(ids), attack.table.shape[0]).to(torch.float64)
+    with torch.no_grad():
+        attack.variables.copy_(one_hot[None])
+    seen, real = {}, attack.victim
+
+    def victim(x_t, t, hidden):
+        seen.update(hidden)
+        return real(x_t, t, hidden) if passthrough else x_t * 0
+
+    attack.victim = victim
+    return one_hot, attack.prompt(), seen
+
+
 def test_on_sdxl_the_tokens_go_through_both_encoders_as_the_pipeline_encodes_the_prompt(sdxl64):
     """SDXL (no official code: our definition): one distribution over CLIP's vocabulary gives each of the two text
     encoders the token, embedded by its own table; the conditioning the loss sees for hard tokens is exactly
@@ -93,18 +111,7 @@ def test_on_sdxl_the_tokens_go_through_both_encoders_as_the_pipeline_encodes_the
     pipe = sdxl64
     attack = UnlearnDiffAtk(pipe, victim_of(pipe), "a cat", torch.zeros(1, 4, 4, 4, dtype=torch.float64), Settings(2))
     assert len(attack.towers) == 2
-    ids = pipe.tokenizer("xq", add_special_tokens=False).input_ids[:2]
-    one_hot = F.one_hot(torch.tensor(ids), attack.table.shape[0]).to(torch.float64)
-    with torch.no_grad():
-        attack.variables.copy_(one_hot[None])
-    text = attack.prompt()
-    seen = {}
-
-    def victim(x_t, t, hidden):
-        seen.update(hidden)
-        return x_t * 0
-
-    attack.victim = victim
+    one_hot, text, seen = _hard_prefix_seen(pipe, attack)
     noise = _latents(3)
     attack.loss(30, noise, one_hot=one_hot)
     embeds, _, pooled, _ = pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
@@ -146,18 +153,7 @@ def test_on_sd3_without_t5_the_loss_is_on_the_flow_velocity_as_the_pipeline_cond
     x0 = torch.randn(1, channels, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     attack = UnlearnDiffAtk(pipe, victim_of(pipe), "a cat", x0, Settings(2))
     assert len(attack.towers) == 2 and attack.prediction_type == "flow"
-    ids = pipe.tokenizer("xq", add_special_tokens=False).input_ids[:2]
-    one_hot = F.one_hot(torch.tensor(ids), attack.table.shape[0]).to(torch.float64)
-    with torch.no_grad():
-        attack.variables.copy_(one_hot[None])
-    text = attack.prompt()
-    seen = {}
-
-    def victim(x_t, t, hidden):
-        seen.update(hidden)
-        return x_t * 0
-
-    attack.victim = victim
+    one_hot, text, seen = _hard_prefix_seen(pipe, attack)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     attack.loss(30, noise, one_hot=one_hot)
     embeds, _, pooled, _ = pipe.encode_prompt(text, text, None, device="cpu", do_classifier_free_guidance=False)
@@ -193,19 +189,7 @@ def test_on_sd3_with_t5_t5_reads_the_drawn_prompt_and_the_gradient_flows_through
     pipe = sd3_t5_64
     x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     attack = UnlearnDiffAtk(pipe, victim_of(pipe), "a cat", x0, Settings(2))
-    ids = pipe.tokenizer("xq", add_special_tokens=False).input_ids[:2]
-    one_hot = F.one_hot(torch.tensor(ids), attack.table.shape[0]).to(torch.float64)
-    with torch.no_grad():
-        attack.variables.copy_(one_hot[None])
-    text = attack.prompt()
-    seen = {}
-    real = attack.victim
-
-    def victim(x_t, t, hidden):
-        seen.update(hidden)
-        return real(x_t, t, hidden)
-
-    attack.victim = victim
+    one_hot, text, seen = _hard_prefix_seen(pipe, attack, passthrough=True)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     point = one_hot.clone().requires_grad_(True)
     loss = attack.loss(30, noise, one_hot=point)
@@ -304,10 +288,11 @@ def test_the_gradient_flows_through_a_guided_targets_correction(pipe64):
     point = base.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(guided.loss(t, noise, one_hot=point), [point])
     h = 1e-6
-    numeric = (
-        float(guided.loss(t, noise, one_hot=base + h * direction))
-        - float(guided.loss(t, noise, one_hot=base - h * direction))
-    ) / (2 * h)
+    with torch.no_grad():
+        numeric = (
+            float(guided.loss(t, noise, one_hot=base + h * direction))
+            - float(guided.loss(t, noise, one_hot=base - h * direction))
+        ) / (2 * h)
     analytic = float((grad * direction).sum())
     assert abs(analytic - numeric) <= 1e-5 * max(abs(numeric), 1e-12)
     point = base.clone().requires_grad_(True)

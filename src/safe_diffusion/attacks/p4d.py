@@ -46,7 +46,15 @@ import torch.nn.functional as F
 
 from ..common.errors import InputError
 from ..guidance.sampling import append_dims
-from .unlearndiffatk import ForwardProcess, Victim, conditioning_rows, t5_rows, text_towers, token_rows
+from .unlearndiffatk import (
+    ForwardProcess,
+    Victim,
+    conditioning_rows,
+    prompt_batch,
+    t5_rows,
+    text_towers,
+    token_rows,
+)
 
 Target = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -122,11 +130,8 @@ class P4D:
         generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
     ):
         self.pipe, self.victim, self.target, self.settings = pipe, victim, target, settings
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if x0.shape[0] != len(prompts):
-            raise ValueError(f"{len(prompts)} prompt(s) and {x0.shape[0]} target latent(s)")
+        prompts, self.generators = prompt_batch(prompt, x0, generator)
         self.size = len(prompts)
-        self.generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * self.size
         #: the text encoders the prompt goes through (SDXL: two, sharing CLIP's vocabulary), and the token table
         #: the soft rows live in: the towers' tables side by side (for one tower, its own)
         self.towers = text_towers(pipe)

@@ -328,6 +328,16 @@ def victim_of(
     return predict
 
 
+def prompt_batch(prompt, x0: torch.Tensor, generator) -> tuple[list[str], list]:
+    """The prompts of an attack batch (`prompt`: one, or several) and one generator per prompt (`generator`: a
+    list, or one for all), checked against the target latents `x0` (one row per prompt)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if x0.shape[0] != len(prompts):
+        raise ValueError(f"{len(prompts)} prompt(s) and {x0.shape[0]} target latent(s)")
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(prompts)
+    return prompts, generators
+
+
 class UnlearnDiffAtk:
     """The adversarial prefixes of one prompt — or of several, optimised in one batch — against `victim`, toward
     the target latents `x0` (one row per prompt).
@@ -347,11 +357,8 @@ class UnlearnDiffAtk:
         generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
     ):
         self.pipe, self.victim, self.settings, self.x0 = pipe, victim, settings, x0
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if x0.shape[0] != len(prompts):
-            raise ValueError(f"{len(prompts)} prompt(s) and {x0.shape[0]} target latent(s)")
+        prompts, self.generators = prompt_batch(prompt, x0, generator)
         self.size = len(prompts)
-        self.generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * self.size
         self.towers = text_towers(pipe)
         self.t5 = getattr(pipe, "text_encoder_3", None) is not None  # SD 3 with T5: it reads the tokens' text
         self.table = self.towers[0].table
