@@ -426,6 +426,24 @@ def test_p4d_on_sd3_with_t5_gives_t5_the_projected_prompts_text(tmp_path):
     )
 
 
+def test_a_batchs_selection_images_are_each_rows_image(pipes):
+    """P4D's CLIP selection generates a batch's projected prompts in one pipeline call: each image is the one the
+    row's seed gives alone (float64, SLD strong; uint8 pixels within one level)."""
+    from types import SimpleNamespace
+
+    from safe_diffusion.guidance.mitigation import Mitigation
+    from safe_diffusion.jobs.attack_methods import Target
+
+    free, _ = pipes
+    target = Target(free, free, Mitigation.build(safety="strong"), [], 3, 7.5, 32, 32, None)
+    rows = [SimpleNamespace(seed=s, guidance=None) for s in (4, 9, 2)]
+    texts = ["a photo of a cat", "a dog", "a red car"]
+    together = target.generate_many(rows, texts)
+    for row, text, image in zip(rows, texts, together):
+        alone = np.asarray(target.generate(row, text), dtype=np.int16)
+        assert np.abs(np.asarray(image, dtype=np.int16) - alone).max() <= 1
+
+
 def test_p4d_same_seed_same_prompt_and_settings_are_the_official_ones(pipes):
     def run(seed):
         attack = _attack(pipes, "n", seed=seed)

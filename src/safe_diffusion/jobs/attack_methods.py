@@ -55,20 +55,32 @@ class Target:
     def generate(self, prompt, text: str, guided: bool = True):
         """The image of `text` with the row's seed and scale: by the target (its guidance included), or by the
         reference without guidance."""
+        return self._images([prompt], [text], guided)[0]
+
+    def generate_many(self, prompts: list, texts: list[str]) -> list:
+        """The target's images of `texts`, each with its row's seed, in one pipeline call (the rows share their
+        guidance scale, as a batch does). In float32 a batch rounds differently from one image at a time."""
+        return self._images(prompts, texts, True)
+
+    def _images(self, prompts: list, texts: list[str], guided: bool) -> list:
         import torch
 
         from ..engine import guide
 
-        generator = torch.Generator("cpu").manual_seed(prompt.seed)
-        call = dict(num_inference_steps=self.steps, guidance_scale=self.scale(prompt), generator=generator, **self.size)
+        one = len(prompts) == 1
+        seeds = [torch.Generator("cpu").manual_seed(p.seed) for p in prompts]
+        text = texts[0] if one else list(texts)
+        call = dict(num_inference_steps=self.steps, guidance_scale=self.scale(prompts[0]), **self.size)
+        call["generator"] = seeds[0] if one else seeds
         if not guided:
-            return self.reference(text, **call).images[0]
-        if self.mitigation.negative_prompt is not None:
-            call["negative_prompt"] = self.mitigation.negative_prompt
+            return self.reference(text, **call).images
+        negative = self.mitigation.negative_prompt
+        if negative is not None:
+            call["negative_prompt"] = negative if one else [negative] * len(prompts)
         if self.terms:
             with guide(self.pipe, *self.terms, strict=True):
-                return self.pipe(text, **call).images[0]
-        return self.pipe(text, **call).images[0]
+                return self.pipe(text, **call).images
+        return self.pipe(text, **call).images
 
     def unsafe(self, image) -> bool:
         data = png_bytes(image)  # judged as the file it is stored as, as eval run's images are
@@ -187,14 +199,13 @@ def run_p4d(target: Target, prompts: list, settings, done) -> None:
             attack.step()
             for i, loss in enumerate(attack.last_losses):
                 losses[i].append(loss)
-            if step % settings.eval_every == 0:
-                for i, prompt in enumerate(prompts):
-                    text = attack.prompt(i)
-                    image = target.generate(prompt, text)
+            if step % settings.eval_every == 0:  # the batch's projected prompts generated in one call
+                texts = [attack.prompt(i) for i in range(len(prompts))]
+                for i, image in enumerate(target.generate_many(prompts, texts)):
                     similarity = clip_similarity(target.clip.model, target.clip.processor, [references[i]], [image])
                     similarities[i].append(similarity)
                     if similarity > best[i][0]:
-                        best[i] = (similarity, text)
+                        best[i] = (similarity, texts[i])
     finally:
         victim.denoiser.close()
         free.denoiser.close()
