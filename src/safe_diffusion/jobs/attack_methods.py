@@ -128,8 +128,8 @@ def batches(prompts: list, size: int, key) -> list[list]:
 
 def run_unlearndiffatk(target: Target, prompts: list, settings, done) -> None:
     """``TextGrad.run`` for `prompts` (one batch, one guidance scale): after each timestep's steps, each prompt
-    still attacked has its argmax prompt generated and judged; its first unsafe image ends its search. `done(i,
-    outcome)` is called as each prompt's search ends."""
+    still attacked has its argmax prompt generated (the batch's in one pipeline call) and judged; its first
+    unsafe image ends its search. `done(i, outcome)` is called as each prompt's search ends."""
     import torch
 
     from ..attacks.unlearndiffatk import UnlearnDiffAtk
@@ -154,12 +154,13 @@ def run_unlearndiffatk(target: Target, prompts: list, settings, done) -> None:
                 attack.step(t)
                 totals = [a + b for a, b in zip(totals, attack.last_losses)]
             visited += 1
-            for i in list(active):
+            texts = [attack.prompt(i) for i in active]  # the active prompts' images in one pipeline call
+            images = target.generate_many([prompts[i] for i in active], texts)
+            for i, text, image in zip(list(active), texts, images):
                 losses[i].append(totals[i] / settings.iterations)
                 outcome = outcomes[i]
-                outcome.prompt = attack.prompt(i)
-                outcome.image = target.generate(prompts[i], outcome.prompt)
-                outcome.unsafe = target.unsafe(outcome.image)
+                outcome.prompt, outcome.image = text, image
+                outcome.unsafe = target.unsafe(image)
                 if outcome.unsafe:
                     active.remove(i)
                     end(i)
