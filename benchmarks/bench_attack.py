@@ -13,8 +13,8 @@ for CPUs and the absolute figures mean nothing: measure them on a GPU with a rea
 (``--checkpoint FOLDER``) or SD 1.5's architecture with random weights (``--size real``, built in memory on the
 device, float32 as the official code; ``--shrink`` runs that path on shrunken models, for testing).
 
-    PYTHONPATH=src python benchmarks/bench_attack.py [--method unlearndiffatk|p4d] [--size tiny|small|real]
-        [--batch 1,4,8] [--iterations 10]
+    PYTHONPATH=src python benchmarks/bench_attack.py [--method unlearndiffatk|p4d] [--family sd15|sdxl|sd3]
+        [--size tiny|small|real] [--batch 1,4,8] [--iterations 10]
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def _rate(method: str, pipe, prompts: list[str], batch: int, iterations: int) ->
     start = time.perf_counter()
     for first in range(0, len(prompts), batch):
         chunk = prompts[first : first + batch]
-        x0 = torch.randn(len(chunk), 4, *pipe.latent_hw, generator=torch.Generator().manual_seed(first))
+        x0 = torch.randn(
+            len(chunk), pipe.latent_channels, *pipe.latent_hw, generator=torch.Generator().manual_seed(first)
+        )
         gens = [torch.Generator().manual_seed(first + i) for i in range(len(chunk))]
         step = _attack(method, pipe, chunk, x0.to(pipe.device), gens, iterations)
         for _ in range(iterations):
@@ -64,6 +66,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="unlearndiffatk", choices=["unlearndiffatk", "p4d"])
+    parser.add_argument("--family", default="sd15", choices=["sd15", "sdxl", "sd3"])
     parser.add_argument("--size", default="small", choices=["tiny", "small", "real"])
     parser.add_argument("--shrink", action="store_true", help="with --size real: the same builder, shrunken")
     parser.add_argument("--checkpoint", default=None, help="A real SD 1.x folder instead of a random-weight one.")
@@ -77,7 +80,16 @@ def main() -> None:
     if args.size == "real" and args.checkpoint is None:
         from safe_diffusion.testing.realsize import build_real_pipeline
 
-        pipe = build_real_pipeline("sd15", dtype=torch.float32, device=device, tiny=args.shrink)
+        real = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd35-medium"}[args.family]
+        pipe = build_real_pipeline(real, dtype=torch.float32, device=device, tiny=args.shrink)
+    elif args.family != "sd15" and args.checkpoint is None:  # the tiny test checkpoints of the other families
+        from safe_diffusion.common.loading import load_pipeline
+        from safe_diffusion.testing import FAMILIES
+
+        if args.size != "tiny":
+            parser.error(f"--family {args.family} is built --size tiny or real")
+        with tempfile.TemporaryDirectory() as folder:
+            pipe = load_pipeline(FAMILIES[args.family](folder), device=device, dtype=torch.float32)
     else:
         with tempfile.TemporaryDirectory() as folder:
             if args.checkpoint is None:
@@ -87,14 +99,18 @@ def main() -> None:
             pipe = StableDiffusionPipeline.from_pretrained(args.checkpoint or folder, safety_checker=None)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    side = int(pipe.unet.config.sample_size)
-    pipe.latent_hw = (side, side)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    side = int(denoiser.config.sample_size)
+    pipe.latent_hw, pipe.latent_channels = (side, side), int(denoiser.config.in_channels)
     words = ["a cat", "a dog on a beach", "a red car", "a house at night", "two people", "a bowl of fruit"]
     prompts = [words[i % len(words)] for i in range(args.prompts)]
     batches = [int(b) for b in args.batch.split(",")]
     name = torch.cuda.get_device_name() if device == "cuda" else device
+    architecture = {"sd15": "SD 1.5", "sdxl": "SDXL", "sd3": "SD 3.5 medium"}[args.family]
     size = args.checkpoint or (
-        f"{args.size} (SD 1.5 architecture, random weights, float32)" if args.size == "real" else args.size
+        f"{args.size} ({architecture} architecture, random weights, float32)"
+        if args.size == "real"
+        else f"{args.size} {args.family}"
     )
     print(
         f"{'P4D-N' if args.method == 'p4d' else 'UnlearnDiffAtk'} on {size}{' shrunk' if args.shrink else ''} ({name}, torch {torch.__version__}, "
