@@ -50,6 +50,7 @@ from .unlearndiffatk import (
     ForwardProcess,
     Victim,
     conditioning_rows,
+    denoising_losses,
     prompt_batch,
     t5_rows,
     text_towers,
@@ -233,7 +234,7 @@ class P4D:
         with torch.no_grad():
             wanted = self.target(x_t, timestep)
         prediction = self.victim(x_t, timestep, self.hidden(rows))
-        return (prediction - wanted).square().flatten(1).mean(1)  # F.mse_loss of each prompt alone
+        return denoising_losses(prediction, wanted)  # F.mse_loss of each prompt alone
 
     def loss(self, t: int, noise: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """One prompt's loss at timestep `t` with `noise` and its token rows `rows` (the projected soft prompt)."""
