@@ -73,7 +73,7 @@ class GenerationRecord:
     dtype: str
     height: int
     width: int
-    size_source: str  # "native" (the checkpoint's) or "given"
+    size_source: str  # "native" (the checkpoint's) or "given"; "suite": each prompt's own, else height × width
     steps: int
     guidance_scale: float | None  # None: each prompt's own (the suite has a guidance column)
     images_per_prompt: int
@@ -83,6 +83,13 @@ class GenerationRecord:
     guidance_source: str = "given"  # given | suite
     scheduler: str = "model"  # the sampler (common.schedulers): "model" is the checkpoint's own
     scheduler_class: str | None = None  # the class it samples with
+    noise: str = "cpu"  # the generator of the initial noise (common.noise): cpu, or cuda (CUDA's, computed)
+
+    def size_of(self, prompt) -> tuple[int, int]:
+        """(height, width) of `prompt`'s images: the prompt's own when the suite has a size, else the run's."""
+        if prompt.height is not None and prompt.width is not None:
+            return prompt.height, prompt.width
+        return self.height, self.width
 
     def scale_of(self, prompt) -> float:
         """The classifier-free guidance scale of `prompt`'s images: the run's, else the prompt's own, else 7.5."""
@@ -167,6 +174,7 @@ def identity_of(config: dict) -> dict:
     # Runs made before the sampler was a setting sampled with the checkpoint's own.
     flat.setdefault("generation.scheduler", "model")
     flat.setdefault("generation.scheduler_class", config.get("model", {}).get("scheduler"))
+    flat.setdefault("generation.noise", "cpu")  # runs made before the noise was a setting drew it on the CPU
     return flat
 
 
@@ -212,6 +220,7 @@ def build_run_config(
     base_seed: int = 0,
     seed_rule: str = "offset",
     scheduler: str | None = None,
+    noise: str | None = None,
     protocol: dict | None = None,
 ) -> tuple[RunConfig, list]:
     """A :class:`RunConfig` and the guidance terms it stands for; loads no weights.
@@ -223,7 +232,10 @@ def build_run_config(
     (I2P: 10, adversarial suites: 1). `seed_rule`: ``offset`` (a prompt without a seed of its own uses
     base_seed + its row) or ``fixed`` (base_seed itself; SAFREE's rule). `scheduler`: a sampler name
     (:mod:`~safe_diffusion.common.schedulers`; None: the checkpoint's). `protocol`: the record of the protocol
-    the run follows (:func:`~safe_diffusion.evals.protocols.settings_for`), stored as given.
+    the run follows (:func:`~safe_diffusion.evals.protocols.settings_for`), stored as given. `noise`: the
+    initial noise's generator (:mod:`~safe_diffusion.common.noise`; None: ``cpu``). A suite with a size per
+    prompt (its ``height`` and ``width`` columns) sizes each image by its row; `height`/`width` are then for
+    rows without one.
     """
     check_model_reference(model)
     steps = check_int("--steps", steps, minimum=1, maximum=10_000)
@@ -243,6 +255,8 @@ def build_run_config(
         size_source = "native"
     else:
         size_source = "given"
+    if "height" in suite.columns:
+        size_source = "suite"
     if guidance_scale is not None:
         guidance_scale = check_float("--guidance-scale", guidance_scale, minimum=0.0, maximum=100.0)
         guidance_source = "given"
@@ -260,6 +274,9 @@ def build_run_config(
     from ..common.schedulers import check_scheduler, scheduler_class_name
 
     sampler = check_scheduler(scheduler, checkpoint_scheduler)
+    from ..common.noise import check_noise
+
+    noise = check_noise(noise)
     if mitigation is None:
         mitigation = _mitigation_type().build(safety=safety, negative_prompt=negative_prompt)
     mitigation = mitigation.with_erasure(read_erasure_record(model))
@@ -281,7 +298,9 @@ def build_run_config(
     suite_record = {
         **suite.record(),
         "categories": list(categories) if categories else None,
-        "per_prompt": sorted(k for k in suite.columns if k in ("seed", "guidance", "negative_prompt")),
+        "per_prompt": sorted(
+            k for k in suite.columns if k in ("seed", "guidance", "negative_prompt", "height", "width")
+        ),
     }
     config = RunConfig(
         suite=suite_record,
@@ -304,9 +323,10 @@ def build_run_config(
             batch_size=batch_size,
             base_seed=base_seed,
             guidance_source=guidance_source,
-            seed_rule=SEED_RULES[seed_rule],
+            seed_rule=SEED_RULES[seed_rule].replace("Generator('cpu')", f"Generator('{noise}')"),
             scheduler=sampler,
             scheduler_class=scheduler_class_name(sampler, checkpoint_scheduler),
+            noise=noise,
         ),
         protocol=protocol,
     )

@@ -5,8 +5,8 @@ FILE.yaml`` or in a folder on ``SAFE_DIFFUSION_PROTOCOLS``) that fixes everythin
 
 * ``suite``: the suite (a registered name), the columns that mean prompt, seed and guidance, the sha256 of
   the data file the figure used, and how prompts are counted (``per-row``, or ``pooled-by-text`` as I2P);
-* ``generation``: images per prompt, seed and seed rule, sampler (``scheduler``), steps, guidance scale
-  (a number, or ``suite``: each prompt's own), size and dtype;
+* ``generation``: images per prompt, seed and seed rule, the initial noise's generator (``noise``), sampler
+  (``scheduler``), steps, guidance scale (a number, or ``suite``: each prompt's own), size and dtype;
 * ``judges``: the judges and their set-up (NudeNet's mode, set-up, threshold, labels);
 * ``metrics``: what the paper reports; ``references``: its figures (paper, table, method, base model,
   metric, category, value, tolerance); ``sources``: where each value comes from (file and line of the
@@ -59,6 +59,7 @@ SECTIONS: dict[str, dict[str, str]] = {
         "seed": "seed",
         "seed_rule": "seed_rule",
         "scheduler": "scheduler",
+        "noise": "noise",
         "steps": "steps",
         "guidance_scale": "guidance_scale",
         "height": "height",
@@ -481,10 +482,13 @@ def markdown_table() -> str:
                 value = "each row's own, else " + (
                     f"{settings.get('seed', 0)} for every row" if rule == "fixed" else "base + row"
                 )
+                value += "; CUDA generator" if settings.get("noise", "cpu") == "cuda" else ""
             elif key == "guidance_scale":
                 value = "each row's own" if settings.get("guidance_scale") is None else settings["guidance_scale"]
             elif key == "height":
                 value = f"{settings.get('height')}×{settings.get('width')}, {settings.get('dtype')}"
+                if "height" in (settings.get("columns") or {}):
+                    value = "each row's own, else " + value
             elif key == "judges":
                 judge = protocol.judges
                 value = judge.get("names", "")

@@ -1,13 +1,15 @@
 """The generate and judge stages of an evaluation run.
 
-Determinism: image k of a prompt starts from latent noise drawn on the CPU by its own
-``torch.Generator`` seeded with :func:`image_seed` (the prompt's seed, k) — independent of batch
-composition, process count and resume order. The prompt's seed is the suite's (I2P's ``sd_seed``,
+Determinism: image k of a prompt starts from latent noise drawn by its own generator seeded with
+:func:`image_seed` (the prompt's seed, k) — independent of batch composition, process count and resume
+order. The generator is a CPU ``torch.Generator``, or with the ``cuda`` noise the CUDA generator's draw
+computed on the CPU (:mod:`safe_diffusion.common.noise`), so that a script that seeds with
+``torch.cuda.manual_seed`` is followed on any machine. The prompt's seed is the suite's (I2P's ``sd_seed``,
 UnlearnDiffAtk's ``evaluation_seed``) or, for a suite without seeds, base_seed + row.
 
 Batching and sharding: the keys (prompt_index, image_index) of the run's whole prompt selection, in
 order, are cut into fixed batches of ``batch_size`` that span prompts (and are also cut where the
-per-prompt guidance scale changes, since one pipeline call has one scale); batch b belongs to process
+per-prompt guidance scale or image size changes, since one pipeline call has one of each); batch b belongs to process
 b mod N. A batch's composition depends neither on N, nor on what is already done, nor on ``--limit``
 (a batch cut by the limit is computed whole and only its wanted images are kept), so every image
 comes out of the same batched UNet computation whether the run used 1 or N processes, was resumed, or
@@ -54,7 +56,9 @@ def plan(prompts: list[Prompt], settings: GenerationRecord) -> list[list[tuple[P
     for p in prompts:
         for k in range(settings.images_per_prompt):
             if current and (
-                len(current) == settings.batch_size or settings.scale_of(current[0][0]) != settings.scale_of(p)
+                len(current) == settings.batch_size
+                or settings.scale_of(current[0][0]) != settings.scale_of(p)
+                or settings.size_of(current[0][0]) != settings.size_of(p)
             ):
                 batches.append(current)
                 current = []
@@ -62,6 +66,31 @@ def plan(prompts: list[Prompt], settings: GenerationRecord) -> list[list[tuple[P
     if current:
         batches.append(current)
     return batches
+
+
+def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int, int]:
+    """The shape of one image's initial latents, for pipelines that draw them as (1, channels, height / f,
+    width / f): Stable Diffusion 1.x/2.x, XL and 3 text-to-image; any other is refused in one line."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    factor = getattr(pipe, "vae_scale_factor", None)
+    name = type(pipe).__name__
+    if denoiser is None or not factor or not name.startswith("StableDiffusion") or "Inpaint" in name:
+        raise InputError(f"--noise cuda: supported for Stable Diffusion 1.x/2.x, XL and 3 text-to-image, not {name}")
+    return (1, denoiser.config.in_channels, height // factor, width // factor)
+
+
+def initial_noise(pipe, noise: str, seeds: list[int], height: int, width: int) -> dict:
+    """The pipeline call's noise argument for images with `seeds`: a CPU generator per image (``cpu``), or the
+    latents a CUDA generator seeded with each seed draws (``cuda``, :func:`~safe_diffusion.common.noise.
+    cuda_randn`)."""
+    if noise == "cpu":
+        return {"generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds]}
+    from ..common.noise import cuda_randn
+
+    shape = latent_shape(pipe, height, width)
+    latents = torch.cat([cuda_randn(seed, shape) for seed in seeds])
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    return {"latents": latents.to(device=denoiser.device, dtype=denoiser.dtype)}
 
 
 def shard_keys(store: RunStore, settings: GenerationRecord, process_index: int, num_processes: int) -> set:
@@ -123,7 +152,8 @@ def generate(
     with guide(pipe, *terms, strict=True), ProgressLog("generate", total, enabled=show_progress) as bar:
         for batch in todo:
             texts = [p.text for p, _ in batch]
-            generators = [torch.Generator("cpu").manual_seed(image_seed(p.seed, k)) for p, k in batch]
+            height, width = settings.size_of(batch[0][0])
+            noise = initial_noise(pipe, settings.noise, [image_seed(p.seed, k) for p, k in batch], height, width)
             negatives = [p.negative_prompt if p.negative_prompt is not None else default_negative for p, _ in batch]
             negative = None if all(n is None for n in negatives) else [n or "" for n in negatives]
             images = pipe(
@@ -131,9 +161,9 @@ def generate(
                 negative_prompt=negative,
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.scale_of(batch[0][0]),
-                height=settings.height,
-                width=settings.width,
-                generator=generators,
+                height=height,
+                width=width,
+                **noise,
             ).images
             rows = []
             for (p, k), image in zip(batch, images):

@@ -130,12 +130,21 @@ def _prompt_to_json(p: Prompt) -> dict:
         out["guidance"] = p.guidance
     if p.negative_prompt is not None:
         out["negative_prompt"] = p.negative_prompt
+    if p.height is not None:
+        out["height"], out["width"] = p.height, p.width
     return out
 
 
 def _prompt_from_json(d: dict) -> Prompt:
     return Prompt(
-        d["index"], d["text"], tuple(d["categories"]), int(d["seed"]), d.get("guidance"), d.get("negative_prompt")
+        d["index"],
+        d["text"],
+        tuple(d["categories"]),
+        int(d["seed"]),
+        d.get("guidance"),
+        d.get("negative_prompt"),
+        d.get("height"),
+        d.get("width"),
     )
 
 

@@ -1,7 +1,9 @@
 """Prompt suites as data: a registry of specs, and one loader for files, the bundled I2P copy and the hub.
 
 A suite is a table with a prompt per row and optional per-prompt ``categories`` (comma-separated
-labels), ``seed``, ``guidance`` (classifier-free guidance scale) and ``negative_prompt``. A
+labels), ``seed``, ``guidance`` (classifier-free guidance scale), ``negative_prompt`` and image size
+(``height`` and ``width``: only when mapped, e.g. ``--columns height=sd_image_height,width=sd_image_width``,
+as RECE sizes I2P's images). A
 :class:`SuiteSpec` says where a named suite comes from and which of its columns mean what (a list of
 candidate names per field, the first present wins; ``--columns field=column`` overrides). Any CSV
 or Parquet file with a ``prompt`` column is a suite too.
@@ -29,7 +31,7 @@ from ..common.hashing import sha256_bytes, sha256_file
 from ..common.hub import hub_errors
 from ..common.registry import Registry
 from .coco import load_coco_captions
-from .tables import parse_categories, parse_guidance, parse_seed, read_table
+from .tables import parse_categories, parse_guidance, parse_seed, parse_side, read_table
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUNDLED_CSV = DATA_DIR / "i2p_benchmark.csv"
@@ -37,7 +39,7 @@ BUNDLED_CSV_SHA256 = "c5ab09e3f37a0f6f01899f8771495385ab68934fb844f6398a6dd12183
 
 I2P_CATEGORIES = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal activity")
 CATEGORIES = I2P_CATEGORIES  # the I2P paper's order (kept under its old name)
-FIELDS = ("prompt", "categories", "seed", "guidance", "negative_prompt")
+FIELDS = ("prompt", "categories", "seed", "guidance", "negative_prompt", "height", "width")
 FILE_SUFFIXES = (".csv", ".parquet", ".tsv", ".jsonl")
 
 
@@ -49,6 +51,8 @@ class Prompt:
     seed: int  # image k uses runner.image_seed(seed, k); image 0 uses `seed` itself
     guidance: float | None = None  # the suite's per-prompt guidance scale, if it has one
     negative_prompt: str | None = None
+    height: int | None = None  # the suite's per-prompt image size, if it maps one (both or neither)
+    width: int | None = None
 
     @property
     def sd_seed(self) -> int:  # I2P's name for it
@@ -269,6 +273,10 @@ def parse_rows(
         raise InputError(f"{name}: missing column(s) categories")
     if spec.name == "i2p" and "seed" not in used:
         raise InputError(f"{name}: missing column(s) sd_seed (needs prompt, categories, sd_seed)")
+    if ("height" in used) != ("width" in used):
+        raise InputError(
+            f"{name}: map both an image height and width column (--columns height=...,width=...), or neither"
+        )
     prompts = []
     for i, row in enumerate(rows):
         where = f"{name} row {i}"
@@ -288,7 +296,8 @@ def parse_rows(
         if "negative_prompt" in used:
             value = row.get(used["negative_prompt"])
             negative = None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
-        prompts.append(Prompt(i, text, cats, seed, guidance, negative))
+        size = [parse_side(row.get(used[f]), where, used[f]) if f in used else None for f in ("height", "width")]
+        prompts.append(Prompt(i, text, cats, seed, guidance, negative, *size))
     if not prompts:
         raise InputError(f"{name} has a header but no prompts")
     return prompts, used

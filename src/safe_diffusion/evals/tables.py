@@ -14,7 +14,7 @@ import json
 import math
 
 from ..common.errors import InputError
-from ..common.validation import MAX_SEED
+from ..common.validation import MAX_IMAGE_SIDE, MAX_SEED
 
 
 def decode_text_file(data: bytes, name: str) -> str:
@@ -107,6 +107,14 @@ def parse_seed(value, where: str, column: str = "seed") -> int:
     if not 0 <= seed <= MAX_SEED:
         raise InputError(f"{where}: {column} {seed} is outside 0..{MAX_SEED}")
     return seed
+
+
+def parse_side(value, where: str, column: str = "height") -> int:
+    """An image side in pixels: a whole number from 8 to MAX_IMAGE_SIDE, a multiple of 8."""
+    side = parse_seed(value, where, column)
+    if not 8 <= side <= MAX_IMAGE_SIDE or side % 8:
+        raise InputError(f"{where}: {column} {side} is not a multiple of 8 from 8 to {MAX_IMAGE_SIDE}")
+    return side
 
 
 def parse_guidance(value, where: str, column: str = "guidance") -> float:

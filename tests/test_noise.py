@@ -1,0 +1,180 @@
+"""The initial noise a CUDA generator draws, computed on the CPU (common.noise), and a run that starts from it
+(``--noise cuda``, RECE's ``torch.cuda.manual_seed``) with each row's own image size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from safe_diffusion.common.errors import InputError
+from safe_diffusion.common.noise import check_noise, cuda_randn, philox4x32
+
+#: torch.randn(1, 64) on a CUDA GPU right after torch.manual_seed(42), as printed to four decimals (the draw is
+#: the same on every NVIDIA GPU for a tensor this small); a public repository keeps it as a fixed latent vector.
+CUDA_SEED_42 = [
+    0.1940, 2.1614, -0.1721, 0.8491, -1.9244, 0.6530, -0.6494, -0.8175,
+    0.5280, -1.2753, -1.6621, -0.3033, -0.0926, 0.1992, -1.1204, 1.8577,
+    -0.7145, 0.6881, 0.7968, -0.0334, 1.4917, -0.5165, -0.2541, 1.4746,
+    -0.3260, -1.1600, 2.3551, -0.6924, 0.1837, -1.1835, -1.8029, -1.5808,
+    0.8387, 1.4192, 0.6469, 0.4253, -1.5892, 0.6223, 1.6898, -0.6648,
+    0.9425, 0.0783, 0.0847, -0.1408, 0.3316, -0.5890, -1.0723, 0.0954,
+    -0.3347, -0.5258, -0.8776, 0.3938, 0.1640, -0.1977, 1.0104, -1.3482,
+    -0.3498, -0.6443, 0.4468, -0.5371, 1.2423, -0.8146, 0.2502, -0.4273,
+]  # fmt: skip
+
+
+def _words(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.uint64).reshape(-1, 1)
+
+
+def test_philox4x32_10_gives_the_known_answers_of_random123():
+    """Random123's kat_vectors for philox4x32 with 10 rounds (counter, key → block)."""
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
+    for counter, key, expected in cases:
+        assert tuple(int(v) for v in philox4x32(_words(*counter), _words(*key))[:, 0]) == expected
+
+
+def test_cuda_randn_is_what_a_cuda_generator_draws():
+    """Seed 42's first 64 numbers as a GPU printed them; a 4-D latent starts with the same numbers (each
+    element is its own thread's first draw), and another seed or the CPU generator gives other numbers."""
+    drawn = cuda_randn(42, (1, 64))
+    assert drawn.dtype == torch.float32 and drawn.shape == (1, 64)
+    assert drawn.flatten().tolist() == pytest.approx(CUDA_SEED_42, abs=6e-5)
+    latent = cuda_randn(42, (1, 4, 64, 64))
+    assert torch.equal(latent.flatten()[:64], drawn.flatten())
+    assert abs(float(latent.mean())) < 0.02 and abs(float(latent.std()) - 1) < 0.02
+    assert not torch.allclose(cuda_randn(43, (1, 64)), drawn)
+    assert not torch.allclose(torch.randn((1, 64), generator=torch.Generator().manual_seed(42)), drawn)
+    big = 2**40 + 5  # a seed past 32 bits uses the key's high word
+    assert not torch.allclose(cuda_randn(big, (8,)), cuda_randn(5, (8,)))
+
+
+def test_a_grid_smaller_than_the_tensor_strides_as_torchs_kernel_loop():
+    """With fewer threads than elements, thread i's call c fills elements i + (4c + r)·T with its r-th number:
+    the kernel's grid-stride loop, written out literally here."""
+    threads, n, seed = 256, 2 * 4 * 256 + 100, 7
+    fast = cuda_randn(seed, (n,), threads=threads)
+    slow = np.zeros(n, dtype=np.float32)
+    for thread in range(threads):
+        for call in range(-(-n // (4 * threads))):
+            counter = _words(call, 0, thread, 0)
+            block = philox4x32(counter, _words(seed, 0))[:, 0].astype(np.float64)
+            u = np.float32(block[0] * 2.3283064e-10 + 2.3283064e-10 / 2)
+            v = np.float32(block[1] * 2.3283064e-10 * 6.2831855 + 2.3283064e-10 * 6.2831855 / 2)
+            s = np.sqrt(-2 * np.log(float(u)))
+            u2 = np.float32(block[2] * 2.3283064e-10 + 2.3283064e-10 / 2)
+            v2 = np.float32(block[3] * 2.3283064e-10 * 6.2831855 + 2.3283064e-10 * 6.2831855 / 2)
+            s2 = np.sqrt(-2 * np.log(float(u2)))
+            numbers = [s * np.sin(v), s * np.cos(v), s2 * np.sin(v2), s2 * np.cos(v2)]
+            for r, value in enumerate(numbers):
+                index = thread + (4 * call + r) * threads
+                if index < n:
+                    slow[index] = value
+    assert np.allclose(fast.numpy(), slow, atol=1e-6)
+    assert torch.equal(cuda_randn(seed, (n,), threads=10**6), cuda_randn(seed, (n,)))  # enough threads: no stride
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to compare with")
+def test_cuda_randn_equals_the_gpus_own_draw():
+    for shape in ((1, 4, 64, 64), (1, 4, 48, 64), (1, 16, 128, 128)):
+        for seed in (0, 42, 4261553411):
+            torch.cuda.manual_seed(seed)
+            gpu = torch.randn(shape, device="cuda").cpu()
+            assert torch.allclose(cuda_randn(seed, shape), gpu, atol=1e-5, rtol=0), (shape, seed)
+
+
+def test_noise_names_are_checked():
+    assert check_noise(None) == "cpu" and check_noise(" CUDA ") == "cuda"
+    with pytest.raises(InputError, match=r"^--noise 'gpu': choose one of cpu, cuda$"):
+        check_noise("gpu")
+
+
+def _suite(tmp_path, rows: str):
+    path = tmp_path / "suite.csv"
+    path.write_text("prompt,evaluation_seed,sd_image_height,sd_image_width\n" + rows)
+    return path
+
+
+def test_a_run_with_cuda_noise_starts_from_the_cuda_generators_latents(tiny_checkpoint, tmp_path):
+    """`--noise cuda`: each image is the pipeline started from cuda_randn(its seed) (float32: the same call in
+    another batch, compared within one level); the CPU noise gives other images; both are recorded."""
+    from diffusers import StableDiffusionPipeline
+
+    from safe_diffusion.jobs.evaluate import evaluate
+
+    data = _suite(tmp_path, "a cat,11,32,32\na dog,12,32,32\n")
+    common = dict(suite=str(data), steps=2, height=32, width=32, judges="none", progress=False)
+    cuda = evaluate(str(tiny_checkpoint), tmp_path / "cuda", noise="cuda", **common)
+    cpu = evaluate(str(tiny_checkpoint), tmp_path / "cpu", **common)
+    assert cuda.config.generation.noise == "cuda" and cpu.config.generation.noise == "cpu"
+    assert "Generator('cuda')" in cuda.config.generation.seed_rule
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_checkpoint), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    for index, (text, seed) in enumerate([("a cat", 11), ("a dog", 12)]):
+        latents = cuda_randn(seed, (1, 4, 32 // pipe.vae_scale_factor, 32 // pipe.vae_scale_factor))
+        expected = np.asarray(pipe(text, num_inference_steps=2, height=32, width=32, latents=latents).images[0])
+        ours = np.asarray(Image.open(tmp_path / "cuda" / "images" / f"{index:05d}-000.png"), dtype=np.int16)
+        assert np.abs(ours - expected).max() <= 1
+        other = np.asarray(Image.open(tmp_path / "cpu" / "images" / f"{index:05d}-000.png"), dtype=np.int16)
+        assert np.abs(other - expected).max() > 8
+
+
+def test_each_row_is_sized_by_the_suites_size_columns(tiny_checkpoint, tmp_path, cli):
+    """Mapped size columns size each image by its row, a batch never mixes sizes, rows without a size take
+    --height/--width, and the prompts file keeps the sizes for a resume."""
+    from safe_diffusion.evals.config import RunConfig
+    from safe_diffusion.evals.runner import plan
+    from safe_diffusion.evals.store import RunStore
+
+    data = _suite(tmp_path, "a cat,1,32,32\na dog,2,40,32\na cow,3,32,32\na fox,4,,\n")
+    out = tmp_path / "run"
+    args = ["eval", "run", "-s", str(data), "-m", str(tiny_checkpoint), "-o", str(out), "--judges", "none"]
+    args += ["--columns", "height=sd_image_height,width=sd_image_width", "--steps", "2"]
+    code, _, err = cli(*args, "--height", "24", "--width", "24")
+    assert code != 0 and "row 3: sd_image_height '' is not a whole number" in err
+    data.write_text(data.read_text().replace("a fox,4,,\n", ""))
+    code, _, err = cli(*args, "--height", "24", "--width", "24")
+    assert code == 0, err
+    sizes = [Image.open(out / "images" / f"{i:05d}-000.png").size for i in range(3)]
+    assert sizes == [(32, 32), (32, 40), (32, 32)]  # PIL: (width, height)
+    store = RunStore.open(out)
+    config = RunConfig.from_dict(store.config)
+    assert config.generation.size_source == "suite" and config.suite["per_prompt"] == ["height", "seed", "width"]
+    batches = plan(store.prompts(), config.generation)
+    assert [[p.index for p, _ in b] for b in batches] == [[0], [1], [2]]
+    code, text, err = cli(*args, "--height", "24", "--width", "24")  # resumes: nothing to do
+    assert code == 0 and "wrote 0 new image(s)" in text, err
+
+
+def test_size_columns_are_checked_in_one_line(tmp_path):
+    from safe_diffusion.evals.suites import load_suite
+
+    data = _suite(tmp_path, "a cat,1,30,32\n")
+    with pytest.raises(InputError, match="map both an image height and width column"):
+        load_suite(str(data), columns={"height": "sd_image_height"})
+    with pytest.raises(InputError, match=r"row 0: sd_image_height 30 is not a multiple of 8 from 8 to 4096$"):
+        load_suite(str(data), columns={"height": "sd_image_height", "width": "sd_image_width"})
+    assert load_suite(str(data)).prompts[0].height is None  # a size is used only when mapped
+
+
+def test_cuda_noise_is_refused_in_one_line_for_other_pipelines(tmp_path):
+    from safe_diffusion.evals.runner import latent_shape
+
+    class FluxPipeline:
+        vae_scale_factor = 8
+        transformer = object()
+
+    with pytest.raises(InputError, match=r"^--noise cuda: supported for Stable Diffusion .* not FluxPipeline$"):
+        latent_shape(FluxPipeline(), 64, 64)
