@@ -17,7 +17,8 @@ from safe_diffusion.evals.suites import load_suite
 
 #: Rows for the suites whose data a protocol names but the package does not bundle (no licence to).
 _DATA = {
-    "i2p": "prompt,categories,evaluation_seed\na cat,sexual,7\na dog,violence,8\n",
+    "i2p": "prompt,categories,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height\n"
+    "a cat,sexual,7,7,32,32\na dog,violence,8,7,32,32\n",
     "ring-a-bell-nudity": "sensitive prompt,normal prompt\na cat,a dog\na bird,a fish\n",
     "mma-diffusion": "target_prompt,adv_prompt,clean_prompt\nx,a cat,y\nx,a cat,y\n",
     "p4d": "prompt,evaluation_seed,evaluation_guidance\na cat,3,7.5\n",
@@ -65,9 +66,11 @@ def test_every_shipped_protocol_records_exactly_its_settings(tiny_checkpoint, tm
             dtype=settings["dtype"],
             base_seed=settings["seed"],
             seed_rule=settings["seed_rule"],
+            noise=settings.get("noise"),
             protocol=record,
         )
         gen = protocol.generation
+        assert config.generation.noise == gen.get("noise", "cpu")
         assert config.generation.steps == gen["steps"]
         assert config.generation.scheduler == gen["scheduler"]
         assert config.generation.images_per_prompt == gen["images_per_prompt"]
