@@ -422,6 +422,35 @@ def test_rece_validation_keeps_the_epoch_the_official_rule_picks(tiny_checkpoint
     assert not (tmp_path / ".rece.erasure-partial").exists()  # validation images went with the work folder
 
 
+def test_rece_validation_images_start_from_the_official_cuda_noise(tiny_checkpoint, tmp_path):
+    """Each validation image is the official generate_images' one: LMS with its fixed schedule, the prompt's
+    guidance, the native size, and the latents torch.cuda.manual_seed(seed) draws (computed here)."""
+    import numpy as np
+    from diffusers import LMSDiscreteScheduler
+    from PIL import Image
+
+    from safe_diffusion.common.loading import load_pipeline
+    from safe_diffusion.common.noise import cuda_randn
+    from safe_diffusion.erasure.selection import RECEValidator, ValidationSet
+
+    pipe = load_pipeline(str(tiny_checkpoint), device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    validation = ValidationSet(["a red house"], [1174], [7.5], "test", "0" * 64)
+    validator = RECEValidator(pipe, validation, [], tmp_path / "v", steps=2)
+    validator("sd")
+    assert "CUDA generator" in validator.describe()["generation"]["seeds"]
+    side = pipe.unet.config.sample_size
+    latents = cuda_randn(1174, (1, pipe.unet.config.in_channels, side, side))
+    original = pipe.scheduler
+    pipe.scheduler = LMSDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    expected = np.asarray(pipe("a red house", num_inference_steps=2, guidance_scale=7.5, latents=latents).images[0])
+    pipe.scheduler = original
+    ours = np.asarray(Image.open(tmp_path / "v" / "sd" / "00000.png"), dtype=np.int16)
+    assert np.abs(ours - expected).max() <= 1
+
+
 def test_rece_validation_file_is_the_official_one_by_default():
     from safe_diffusion.erasure.selection import load_validation_set
 

@@ -170,7 +170,7 @@ def test_size_columns_are_checked_in_one_line(tmp_path):
 
 
 def test_cuda_noise_is_refused_in_one_line_for_other_pipelines(tmp_path):
-    from safe_diffusion.evals.runner import latent_shape
+    from safe_diffusion.common.noise import latent_shape
 
     class FluxPipeline:
         vae_scale_factor = 8

@@ -112,3 +112,30 @@ def cuda_randn(seed: int, shape: tuple[int, ...] | list[int], *, threads: int | 
     s1, c1 = _box_muller(x[2], x[3])
     values = np.choose(component, [s0, c0, s1, c1])
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(tuple(shape))
+
+
+def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int, int]:
+    """The shape of one image's initial latents, for the pipelines that draw them as (1, channels, height / f,
+    width / f): Stable Diffusion 1.x/2.x, XL and 3 text-to-image; any other is refused in one line."""
+    from .errors import InputError
+
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    factor = getattr(pipe, "vae_scale_factor", None)
+    name = type(pipe).__name__
+    if denoiser is None or not factor or not name.startswith("StableDiffusion") or "Inpaint" in name:
+        raise InputError(f"--noise cuda: supported for Stable Diffusion 1.x/2.x, XL and 3 text-to-image, not {name}")
+    return (1, denoiser.config.in_channels, height // factor, width // factor)
+
+
+def initial_noise(pipe, noise: str, seeds: list[int], height: int, width: int) -> dict:
+    """The pipeline call's noise argument for images of `height` × `width` with `seeds`: a CPU generator per
+    image (``cpu``), or the latents a CUDA generator seeded with each seed draws (``cuda``, :func:`cuda_randn`),
+    on the denoiser's device and in its dtype."""
+    import torch
+
+    if noise == CPU:
+        return {"generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds]}
+    shape = latent_shape(pipe, height, width)
+    latents = torch.cat([cuda_randn(seed, shape) for seed in seeds])
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    return {"latents": latents.to(device=denoiser.device, dtype=denoiser.dtype)}

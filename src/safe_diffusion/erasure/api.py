@@ -157,12 +157,6 @@ def deviations(config: ErasureConfig) -> list[str]:
                 "RECE keeps the last epoch; the official code keeps only epochs that lower the NudeNet/Q16 rate "
                 "on its validation images (--rece-selection validation)."
             )
-        else:
-            notes.append(
-                "RECE's validation images are generated here with each prompt's evaluation_seed on a CPU "
-                "generator (the official code draws them with torch.cuda.manual_seed), so they are not the "
-                "official images; the rule that picks the epoch is the official one."
-            )
     if config.method.startswith("esd"):
         notes.append(
             "x_t is sampled with the frozen original model and the scheduler's exact DDIM timestep (the authors' "

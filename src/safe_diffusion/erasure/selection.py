@@ -107,8 +107,9 @@ class RECEValidator:
     """Generates and judges the validation images of one stage; called as ``rate = validator("epoch-1")``.
 
     Images: one per prompt, LMS with the official schedule (β from 0.00085 to 0.012, scaled linear, 1000
-    training steps), `steps` steps, each prompt's guidance scale, the model's native size, a CPU generator
-    seeded with the prompt's seed. An image is unsafe when any judge flags it; the rate is over the images
+    training steps), `steps` steps, each prompt's guidance scale, the model's native size, and the initial
+    noise ``torch.cuda.manual_seed(seed)`` draws for the prompt's seed (computed on any device,
+    :func:`safe_diffusion.common.noise.cuda_randn`), as the official ``generate_images`` seeds it. An image is unsafe when any judge flags it; the rate is over the images
     with a verdict.
     """
 
@@ -123,7 +124,10 @@ class RECEValidator:
         import torch
         from diffusers import LMSDiscreteScheduler
 
+        from ..common.noise import initial_noise
+
         pipe = self.pipe
+        side = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the model's native size
         original = pipe.scheduler
         pipe.scheduler = LMSDiscreteScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
@@ -135,10 +139,10 @@ class RECEValidator:
             for i, (prompt, seed, scale) in enumerate(
                 zip(self.validation.prompts, self.validation.seeds, self.validation.guidance)
             ):
-                generator = torch.Generator("cpu").manual_seed(seed)
+                noise = initial_noise(pipe, "cuda", [seed], side, side)
                 with torch.no_grad():
                     image = pipe(
-                        prompt, num_inference_steps=self.steps, guidance_scale=scale, generator=generator
+                        prompt, num_inference_steps=self.steps, guidance_scale=scale, height=side, width=side, **noise
                     ).images[0]
                 path = folder / f"{i:05d}.png"
                 image.save(path)
@@ -166,7 +170,7 @@ class RECEValidator:
                 "scheduler": "LMSDiscreteScheduler(0.00085, 0.012, scaled_linear)",
                 "steps": self.steps,
                 "images_per_prompt": 1,
-                "seeds": "evaluation_seed, CPU generator",
+                "seeds": "evaluation_seed, CUDA generator (torch.cuda.manual_seed; computed: common.noise)",
                 "size": "the model's native size",
             },
             "judges": {j.name: j.describe() for j in self.judges},

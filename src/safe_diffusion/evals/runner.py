@@ -22,11 +22,11 @@ import logging
 import sys
 from collections.abc import Callable
 
-import torch
 from diffusers.utils import logging as diffusers_logging
 
 from ..common.errors import InputError
 from ..common.hashing import sha256_bytes
+from ..common.noise import initial_noise
 from ..common.outputs import atomic_write_bytes, png_bytes
 from ..common.progress import ProgressLog
 from ..common.schedulers import apply_scheduler
@@ -66,31 +66,6 @@ def plan(prompts: list[Prompt], settings: GenerationRecord) -> list[list[tuple[P
     if current:
         batches.append(current)
     return batches
-
-
-def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int, int]:
-    """The shape of one image's initial latents, for pipelines that draw them as (1, channels, height / f,
-    width / f): Stable Diffusion 1.x/2.x, XL and 3 text-to-image; any other is refused in one line."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    factor = getattr(pipe, "vae_scale_factor", None)
-    name = type(pipe).__name__
-    if denoiser is None or not factor or not name.startswith("StableDiffusion") or "Inpaint" in name:
-        raise InputError(f"--noise cuda: supported for Stable Diffusion 1.x/2.x, XL and 3 text-to-image, not {name}")
-    return (1, denoiser.config.in_channels, height // factor, width // factor)
-
-
-def initial_noise(pipe, noise: str, seeds: list[int], height: int, width: int) -> dict:
-    """The pipeline call's noise argument for images with `seeds`: a CPU generator per image (``cpu``), or the
-    latents a CUDA generator seeded with each seed draws (``cuda``, :func:`~safe_diffusion.common.noise.
-    cuda_randn`)."""
-    if noise == "cpu":
-        return {"generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds]}
-    from ..common.noise import cuda_randn
-
-    shape = latent_shape(pipe, height, width)
-    latents = torch.cat([cuda_randn(seed, shape) for seed in seeds])
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    return {"latents": latents.to(device=denoiser.device, dtype=denoiser.dtype)}
 
 
 def shard_keys(store: RunStore, settings: GenerationRecord, process_index: int, num_processes: int) -> set:

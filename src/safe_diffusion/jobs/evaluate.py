@@ -22,6 +22,7 @@ from typing import Any
 from ..common.devices import check_device, process_state
 from ..common.errors import InputError
 from ..common.loading import load_pipeline
+from ..common.noise import latent_shape
 from ..common.outputs import atomic_write_bytes, atomic_write_json, library_versions
 from ..common.validation import check_int
 from ..evals import runner, suites
@@ -186,7 +187,7 @@ def evaluate(
                 pipe, terms, config.generation.guidance_scale, config.mitigation.negative_prompt, "eval run"
             )
             if config.generation.noise != "cpu":
-                runner.latent_shape(pipe, config.generation.height, config.generation.width)
+                latent_shape(pipe, config.generation.height, config.generation.width)
         except BaseException:
             if frozen is None and state.num_processes == 1 and not store.journal.segments():
                 lock.release()
