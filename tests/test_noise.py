@@ -211,5 +211,8 @@ def test_the_rece_protocol_follows_its_script_on_a_tiny_model(tiny_checkpoint, t
     results = json.loads((out / "results.json").read_text())
     counted = results["nudenet_label_counts"]
     assert counted["setup"] == "rece" and counted["comparison"] == ">" and len(counted["counts"]) == 9
+    code, _, err = cli("eval", "report", str(out), "--out", str(tmp_path / "r.html"))
+    assert code == 0, err
+    assert "each prompt&#39;s own, else 512×512; CUDA-generator noise" in (tmp_path / "r.html").read_text()
     code, _, err = cli(*args, "-o", str(tmp_path / "cpu"), "--steps", "2", "--noise", "cpu")
     assert code == 0 and "noise: cuda → cpu" in err

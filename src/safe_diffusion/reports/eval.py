@@ -36,7 +36,7 @@ from .kit import (
     check_page_path,
     write_page,
 )
-from .runs import RunInfo, measured_on_row, read_run
+from .runs import RunInfo, measured_on_row, read_run, size_text
 
 NO_IMAGES = "no images"
 DEFINITIONS = (
@@ -141,7 +141,7 @@ def run_header(doc: dict, counts: dict) -> list[tuple[str, str]]:
         (
             "generation",
             f"{gen.get('steps')} steps, guidance {guidance if guidance is not None else 'per prompt'},"
-            f" {gen.get('dtype')}, {gen.get('width')}×{gen.get('height')} ({gen.get('size_source')}),"
+            f" {gen.get('dtype')}, {size_text(gen)},"
             f" {gen.get('images_per_prompt')} image(s)/prompt, batch {gen.get('batch_size')}",
         ),
         (

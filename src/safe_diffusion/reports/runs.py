@@ -164,6 +164,16 @@ def judges_text(judges: dict[str, dict], random_judges: tuple[str, ...] = ()) ->
     return "; ".join(parts) or "none"
 
 
+def size_text(gen: dict) -> str:
+    """'512×512 (native)', or 'each prompt's own, else 512×512' for a suite that sizes its rows; with the
+    initial noise named when it is not a CPU generator's ('; CUDA-generator noise')."""
+    size = f"{gen.get('width')}×{gen.get('height')}"
+    text = (
+        f"each prompt's own, else {size}" if gen.get("size_source") == "suite" else f"{size} ({gen.get('size_source')})"
+    )
+    return text + ("; CUDA-generator noise" if gen.get("noise") == "cuda" else "")
+
+
 def measured_on_row(
     info: RunInfo, *, label: str | None = None, judges: dict[str, dict] | None = None
 ) -> dict[str, Any]:
@@ -181,7 +191,7 @@ def measured_on_row(
         "steps": gen.get("steps"),
         "sampler": info.basis.sampler,
         "guidance": "per prompt" if guidance is None else f"{guidance:g}",
-        "size": f"{gen.get('width')}×{gen.get('height')} ({gen.get('size_source')}), {gen.get('dtype')}",
+        "size": f"{size_text(gen)}, {gen.get('dtype')}",
         "judges": judges_text(
             judges if judges is not None else (info.doc or {}).get("judges") or {}, info.basis.random_judges
         ),
