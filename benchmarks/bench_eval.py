@@ -36,7 +36,7 @@ logging.disable(logging.WARNING)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=12)  # SLD medium warms up for 10
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
@@ -183,6 +183,35 @@ def main() -> None:
         f"protocol resolution (best of {args.repeats}): under --protocol sld-i2p {resolved:.2f} img/s, given directly"
         f" {direct:.2f} img/s, ratio {resolved / direct:.2f}x; one resolution (files read) {once * 1e6:.0f} µs ="
         f" {once * direct * 100:.4f} % of one image's time, once per run"
+    )
+
+    # 6. the CUDA generator's noise (--noise cuda, computed on the CPU) side by side with the CPU generator's
+    def with_noise(noise: str, round_: int) -> float:
+        t = time.perf_counter()
+        done = evaluate(str(ckpt), tmp / f"noise-{noise}-{round_}", limit=args.prompts, noise=noise, **run)
+        return done.written / (time.perf_counter() - t)
+
+    cpu_noise, cuda_noise = 0.0, 0.0
+    for round_ in range(args.repeats):
+        cpu_noise = max(cpu_noise, with_noise("cpu", round_))
+        cuda_noise = max(cuda_noise, with_noise("cuda", round_))
+    from safe_diffusion.common.noise import cuda_randn
+
+    for shape in ((1, 4, 64, 64), (1, 16, 128, 128)):  # an SD 1.x latent of 512 px; SD 3's of 1024 px
+        t = time.perf_counter()
+        for seed in range(10):
+            cuda_randn(seed, shape)
+        computed = (time.perf_counter() - t) / 10
+        t = time.perf_counter()
+        for seed in range(10):
+            torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        drawn = (time.perf_counter() - t) / 10
+        print(
+            f"initial noise {shape}: CUDA generator's, computed {computed * 1e3:.2f} ms; CPU generator {drawn * 1e3:.3f} ms"
+        )
+    print(
+        f"noise (best of {args.repeats}): --noise cuda {cuda_noise:.2f} img/s, --noise cpu {cpu_noise:.2f} img/s,"
+        f" ratio {cuda_noise / cpu_noise:.2f}x"
     )
 
 
