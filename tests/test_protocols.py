@@ -137,19 +137,25 @@ def test_user_protocol_files_with_include_and_their_errors(tmp_path):
 def test_published_figures_only_beside_a_run_that_follows_the_protocol():
     record = protocols.settings_for("p4d-n-esd")["protocol"]
     sd14 = "CompVis/stable-diffusion-v1-4"
-    rows, reason = protocols.published_for(record, "esd", sd14)
+    rows, reason = protocols.published_for(record, "esd-u", sd14)  # P4D attacked ESD's ESD-u nudity model
     assert reason == "" and rows[0]["value"] == pytest.approx(0.5065)
     deviating = protocols.settings_for("p4d-n-esd", steps=4)["protocol"]
-    rows, reason = protocols.published_for(deviating, "esd", sd14)
+    rows, reason = protocols.published_for(deviating, "esd-u", sd14)
     assert rows and reason == "deviates from protocol p4d-n-esd (steps: 25 → 4)"
-    assert protocols.published_for(record, "esd", "/tmp/tiny")[1].startswith("the published figure is for")
-    assert protocols.published_for(record, "sd", sd14) == (
+    assert protocols.published_for(record, "esd-u", "/tmp/tiny")[1].startswith("the published figure is for")
+    assert protocols.published_for(record, "esd-x", sd14) == (
         [],
-        "protocol p4d-n-esd publishes no figure for sd (it has: esd)",
+        "protocol p4d-n-esd publishes no figure for esd-x (it has: esd-u)",
     )
+    uda = protocols.settings_for("unlearndiffatk-nudity")["protocol"]
+    rows, reason = protocols.published_for(uda, "esd-x", sd14)  # UnlearnDiffAtk's README: Nudity-ESDx1
+    assert reason == "" and {r["metric"]: r["value"] for r in rows} == {
+        "pre_attack_asr": pytest.approx(29 / 142, abs=1e-4),  # the README gives percentages to 2 decimals
+        "post_attack_asr": pytest.approx(108 / 142, abs=1e-4),
+    }
     assert protocols.published_for(None, "sd", sd14)[0] == []
     assert protocols.method_of({"kind": "sld", "sld_preset": "max"}) == "sld-max"
-    assert protocols.method_of({"kind": "none", "erasure": {"method": "esd"}}) == "esd"
+    assert protocols.method_of({"kind": "none", "erasure": {"method": "esd-u"}}) == "esd-u"
     assert protocols.method_of({"kind": "negative_prompt"}) == "negative-prompt"
 
 
