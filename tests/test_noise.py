@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from safe_diffusion.common.errors import InputError
-from safe_diffusion.common.noise import check_noise, cuda_randn, philox4x32
+from safe_diffusion.common.noise import check_noise, cuda_randn, philox4x32, philox_increment
 
 #: torch.randn(1, 64) on a CUDA GPU right after torch.manual_seed(42), as printed to four decimals (the draw is
 #: the same on every NVIDIA GPU for a tensor this small); a public repository keeps it as a fixed latent vector.
@@ -84,6 +85,10 @@ def test_a_grid_smaller_than_the_tensor_strides_as_torchs_kernel_loop():
                     slow[index] = value
     assert np.allclose(fast.numpy(), slow, atol=1e-6)
     assert torch.equal(cuda_randn(seed, (n,), threads=10**6), cuda_randn(seed, (n,)))  # enough threads: no stride
+    # a later draw of the same generator: its counter starts at offset / 4 (here one call on)
+    later = cuda_randn(seed, (n,), threads=threads, offset=4).numpy()
+    assert np.allclose(later[:threads], slow[4 * threads : 5 * threads], atol=1e-6)
+    assert philox_increment(n, threads=threads) == 12 and philox_increment(4 * 64 * 64) == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to compare with")
@@ -92,7 +97,10 @@ def test_cuda_randn_equals_the_gpus_own_draw():
         for seed in (0, 42, 4261553411):
             torch.cuda.manual_seed(seed)
             gpu = torch.randn(shape, device="cuda").cpu()
+            second = torch.randn(shape, device="cuda").cpu()  # the same generator's next draw
             assert torch.allclose(cuda_randn(seed, shape), gpu, atol=1e-5, rtol=0), (shape, seed)
+            later = cuda_randn(seed, shape, offset=philox_increment(math.prod(shape)))
+            assert torch.allclose(later, second, atol=1e-5, rtol=0), (shape, seed)
 
 
 def test_noise_names_are_checked():
@@ -129,6 +137,44 @@ def test_a_run_with_cuda_noise_starts_from_the_cuda_generators_latents(tiny_chec
         assert np.abs(ours - expected).max() <= 1
         other = np.asarray(Image.open(tmp_path / "cpu" / "images" / f"{index:05d}-000.png"), dtype=np.int16)
         assert np.abs(other - expected).max() > 8
+
+
+def test_images_per_draw_follows_one_generator_per_prompt_as_diffusers_uses_it(tiny_checkpoint, tmp_path):
+    """`images_per_draw=5`: a prompt's 10 images are what the official I2P code gets from `generator.manual_seed(
+    seed)` and two pipeline calls of five (CPU generator here, so diffusers itself is the reference), whatever
+    the run's batches (3 here, cutting across draws and prompts)."""
+    from diffusers import StableDiffusionPipeline
+
+    from safe_diffusion.jobs.evaluate import evaluate
+
+    data = tmp_path / "suite.csv"
+    data.write_text("prompt,evaluation_seed\na cat,21\na dog,22\n")
+    run = evaluate(
+        str(tiny_checkpoint),
+        tmp_path / "run",
+        suite=str(data),
+        steps=2,
+        height=32,
+        width=32,
+        images_per_prompt=10,
+        images_per_draw=5,
+        batch_size=3,
+        judges="none",
+        progress=False,
+    )
+    assert run.config.generation.images_per_draw == 5
+    assert run.config.generation.seed_rule.startswith("image k of a prompt: row k mod 5 of draw k // 5 of one")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_checkpoint), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    for index, (text, seed) in enumerate([("a cat", 21), ("a dog", 22)]):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        expected = []
+        for _ in range(2):
+            call = pipe(text, num_images_per_prompt=5, num_inference_steps=2, height=32, width=32, generator=generator)
+            expected += [np.asarray(image, dtype=np.int16) for image in call.images]
+        for k in range(10):
+            ours = np.asarray(Image.open(tmp_path / "run" / "images" / f"{index:05d}-{k:03d}.png"), dtype=np.int16)
+            assert np.abs(ours - expected[k]).max() <= 1, (index, k)
 
 
 def test_each_row_is_sized_by_the_suites_size_columns(tiny_checkpoint, tmp_path, cli):

@@ -53,6 +53,9 @@ def run(
     scheduler: str = typer.Option(None, help="Sampler: dpm-solver, lms, ddim, pndm, euler, model (the default)."),
     guidance_scale: float = typer.Option(None, help="CFG scale (default: the suite's, else 7.5)."),
     noise: str = typer.Option(None, help="Initial noise: cpu (the default) or cuda (a CUDA generator's, computed)."),
+    images_per_draw: int = typer.Option(
+        None, help="One noise generator per prompt, seeded with its seed, drawing N images at a time (I2P's code: 5)."
+    ),
     height: int = typer.Option(None, help="Image height (default: the model's native)."),
     width: int = typer.Option(None, help="Image width (default: the model's native)."),
     dtype: str = typer.Option(None, help="float32 (the default), float16 or bfloat16."),
@@ -99,6 +102,7 @@ def run(
         steps=steps,
         scheduler=scheduler,
         noise=noise,
+        images_per_draw=images_per_draw,
         guidance_scale=guidance_scale,
         height=height,
         width=width,

@@ -84,10 +84,25 @@ def _box_muller(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (s * np.sin(v)).astype(np.float32), (s * np.cos(v)).astype(np.float32)
 
 
-def cuda_randn(seed: int, shape: tuple[int, ...] | list[int], *, threads: int | None = None):
-    """``torch.randn(shape)`` as a CUDA generator freshly seeded with `seed` draws it on the GPU, as a float32
-    CPU tensor. `threads`: the kernel's grid size in threads (None: enough for one element each, which any GPU
-    since Kepler has for an SD latent; give ``multiProcessorCount × maxThreadsPerMultiProcessor`` for larger)."""
+def _grid_threads(n: int, threads: int | None) -> int:
+    grid = -(-n // _BLOCK)
+    if threads is not None:
+        grid = max(1, min(grid, int(threads) // _BLOCK))
+    return grid * _BLOCK
+
+
+def philox_increment(n: int, threads: int | None = None) -> int:
+    """How far one ``torch.randn`` of `n` elements advances a CUDA generator's Philox offset (torch's
+    ``calc_execution_policy``: 4 per number a thread draws, so 4 whenever the grid covers the tensor)."""
+    return ((n - 1) // (_grid_threads(n, threads) * 4) + 1) * 4
+
+
+def cuda_randn(seed: int, shape: tuple[int, ...] | list[int], *, offset: int = 0, threads: int | None = None):
+    """``torch.randn(shape)`` as a CUDA generator seeded with `seed` draws it on the GPU, as a float32 CPU
+    tensor. `offset`: the generator's Philox offset before the draw (0 when freshly seeded; each earlier draw
+    adds :func:`philox_increment`). `threads`: the kernel's grid size in threads (None: enough for one element
+    each, which any GPU since Kepler has for an SD latent; give ``multiProcessorCount ×
+    maxThreadsPerMultiProcessor`` for larger)."""
     import torch
 
     seed = int(seed)
@@ -96,13 +111,10 @@ def cuda_randn(seed: int, shape: tuple[int, ...] | list[int], *, threads: int | 
     n = math.prod(int(s) for s in shape)
     if n == 0:
         return torch.zeros(tuple(shape), dtype=torch.float32)
-    grid = -(-n // _BLOCK)
-    if threads is not None:
-        grid = max(1, min(grid, int(threads) // _BLOCK))
-    total = grid * _BLOCK
+    total = _grid_threads(n, threads)
     j = np.arange(n, dtype=np.int64)
     thread = (j % total).astype(np.uint64)
-    call = (j // (4 * total)).astype(np.uint64)
+    call = (j // (4 * total)).astype(np.uint64) + np.uint64(int(offset) // 4)
     component = (j % (4 * total)) // total
     zeros = np.zeros(n, dtype=np.uint64)
     counter = np.stack([call & _MASK, call >> _SHIFT, thread & _MASK, thread >> _SHIFT])
@@ -137,5 +149,35 @@ def initial_noise(pipe, noise: str, seeds: list[int], height: int, width: int) -
         return {"generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds]}
     shape = latent_shape(pipe, height, width)
     latents = torch.cat([cuda_randn(seed, shape) for seed in seeds])
+    return {"latents": _on_denoiser(pipe, latents)}
+
+
+def _on_denoiser(pipe, latents):
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    return {"latents": latents.to(device=denoiser.device, dtype=denoiser.dtype)}
+    return latents.to(device=denoiser.device, dtype=denoiser.dtype)
+
+
+def drawn_latents(pipe, noise: str, images: list[tuple[int, int]], per_draw: int, height: int, width: int) -> dict:
+    """The pipeline call's latents for images (prompt seed, k) when each prompt's images come from one generator
+    seeded with the prompt's seed, `per_draw` at a time, in order — the official I2P code's ``generator.
+    manual_seed(sd_seed)`` then two pipeline calls of five: image k is row k mod `per_draw` of draw k //
+    `per_draw`. ``cpu``: a CPU ``torch.Generator``; ``cuda``: the CUDA generator's draws (:func:`cuda_randn`)."""
+    import torch
+
+    one = latent_shape(pipe, height, width)
+    shape = (per_draw, *one[1:])
+    draws: dict[tuple[int, int], torch.Tensor] = {}
+
+    def draw(seed: int, index: int) -> torch.Tensor:
+        if (seed, index) not in draws:
+            if noise == CPU:
+                generator = torch.Generator("cpu").manual_seed(seed)
+                for i in range(index + 1):
+                    draws[(seed, i)] = torch.randn(shape, generator=generator)
+            else:
+                step = philox_increment(math.prod(shape))
+                draws[(seed, index)] = cuda_randn(seed, shape, offset=index * step)
+        return draws[(seed, index)]
+
+    latents = torch.stack([draw(seed, k // per_draw)[k % per_draw] for seed, k in images])
+    return {"latents": _on_denoiser(pipe, latents)}

@@ -84,6 +84,7 @@ class GenerationRecord:
     scheduler: str = "model"  # the sampler (common.schedulers): "model" is the checkpoint's own
     scheduler_class: str | None = None  # the class it samples with
     noise: str = "cpu"  # the generator of the initial noise (common.noise): cpu, or cuda (CUDA's, computed)
+    images_per_draw: int | None = None  # None: a generator per image; B: one per prompt, B images per draw
 
     def size_of(self, prompt) -> tuple[int, int]:
         """(height, width) of `prompt`'s images: the prompt's own when the suite has a size, else the run's."""
@@ -175,6 +176,7 @@ def identity_of(config: dict) -> dict:
     flat.setdefault("generation.scheduler", "model")
     flat.setdefault("generation.scheduler_class", config.get("model", {}).get("scheduler"))
     flat.setdefault("generation.noise", "cpu")  # runs made before the noise was a setting drew it on the CPU
+    flat.setdefault("generation.images_per_draw", None)
     return flat
 
 
@@ -221,6 +223,7 @@ def build_run_config(
     seed_rule: str = "offset",
     scheduler: str | None = None,
     noise: str | None = None,
+    images_per_draw: int | None = None,
     protocol: dict | None = None,
 ) -> tuple[RunConfig, list]:
     """A :class:`RunConfig` and the guidance terms it stands for; loads no weights.
@@ -235,7 +238,9 @@ def build_run_config(
     the run follows (:func:`~safe_diffusion.evals.protocols.settings_for`), stored as given. `noise`: the
     initial noise's generator (:mod:`~safe_diffusion.common.noise`; None: ``cpu``). A suite with a size per
     prompt (its ``height`` and ``width`` columns) sizes each image by its row; `height`/`width` are then for
-    rows without one.
+    rows without one. `images_per_draw` None: each image's noise from its own generator (seeded by the seed
+    rule); B: each prompt's from one generator seeded with the prompt's seed, B images per draw, in order (the
+    official I2P code's two calls of five).
     """
     check_model_reference(model)
     steps = check_int("--steps", steps, minimum=1, maximum=10_000)
@@ -277,6 +282,14 @@ def build_run_config(
     from ..common.noise import check_noise
 
     noise = check_noise(noise)
+    if images_per_draw is not None:
+        images_per_draw = check_int("--images-per-draw", images_per_draw, minimum=1, maximum=MAX_BATCH)
+    rule = SEED_RULES[seed_rule].replace("Generator('cpu')", f"Generator('{noise}')")
+    if images_per_draw is not None:  # "..., seed = the suite's per-prompt seed (...)" keeps its second half
+        rule = (
+            f"image k of a prompt: row k mod {images_per_draw} of draw k // {images_per_draw} of one"
+            f" torch.Generator('{noise}') seeded with the prompt's seed,{rule.split('mod 2**63),', 1)[1]}"
+        )
     if mitigation is None:
         mitigation = _mitigation_type().build(safety=safety, negative_prompt=negative_prompt)
     mitigation = mitigation.with_erasure(read_erasure_record(model))
@@ -323,10 +336,11 @@ def build_run_config(
             batch_size=batch_size,
             base_seed=base_seed,
             guidance_source=guidance_source,
-            seed_rule=SEED_RULES[seed_rule].replace("Generator('cpu')", f"Generator('{noise}')"),
+            seed_rule=rule,
             scheduler=sampler,
             scheduler_class=scheduler_class_name(sampler, checkpoint_scheduler),
             noise=noise,
+            images_per_draw=images_per_draw,
         ),
         protocol=protocol,
     )

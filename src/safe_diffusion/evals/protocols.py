@@ -60,6 +60,7 @@ SECTIONS: dict[str, dict[str, str]] = {
         "seed_rule": "seed_rule",
         "scheduler": "scheduler",
         "noise": "noise",
+        "images_per_draw": "images_per_draw",
         "steps": "steps",
         "guidance_scale": "guidance_scale",
         "height": "height",
@@ -483,6 +484,8 @@ def markdown_table() -> str:
                     f"{settings.get('seed', 0)} for every row" if rule == "fixed" else "base + row"
                 )
                 value += "; CUDA generator" if settings.get("noise", "cpu") == "cuda" else ""
+                if settings.get("images_per_draw"):
+                    value += f"; one generator per prompt, {settings['images_per_draw']} images per draw"
             elif key == "guidance_scale":
                 value = "each row's own" if settings.get("guidance_scale") is None else settings["guidance_scale"]
             elif key == "height":

@@ -4,7 +4,9 @@ Determinism: image k of a prompt starts from latent noise drawn by its own gener
 :func:`image_seed` (the prompt's seed, k) — independent of batch composition, process count and resume
 order. The generator is a CPU ``torch.Generator``, or with the ``cuda`` noise the CUDA generator's draw
 computed on the CPU (:mod:`safe_diffusion.common.noise`), so that a script that seeds with
-``torch.cuda.manual_seed`` is followed on any machine. The prompt's seed is the suite's (I2P's ``sd_seed``,
+``torch.cuda.manual_seed`` is followed on any machine. With ``images_per_draw`` B, a prompt's images instead
+come from one generator seeded with the prompt's seed, B per draw (the official I2P code's rule): image k is
+row k mod B of draw k // B, still independent of how the run is batched. The prompt's seed is the suite's (I2P's ``sd_seed``,
 UnlearnDiffAtk's ``evaluation_seed``) or, for a suite without seeds, base_seed + row.
 
 Batching and sharding: the keys (prompt_index, image_index) of the run's whole prompt selection, in
@@ -26,7 +28,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from ..common.errors import InputError
 from ..common.hashing import sha256_bytes
-from ..common.noise import initial_noise
+from ..common.noise import drawn_latents, initial_noise
 from ..common.outputs import atomic_write_bytes, png_bytes
 from ..common.progress import ProgressLog
 from ..common.schedulers import apply_scheduler
@@ -128,7 +130,11 @@ def generate(
         for batch in todo:
             texts = [p.text for p, _ in batch]
             height, width = settings.size_of(batch[0][0])
-            noise = initial_noise(pipe, settings.noise, [image_seed(p.seed, k) for p, k in batch], height, width)
+            if settings.images_per_draw is None:
+                noise = initial_noise(pipe, settings.noise, [image_seed(p.seed, k) for p, k in batch], height, width)
+            else:
+                images = [(p.seed, k) for p, k in batch]
+                noise = drawn_latents(pipe, settings.noise, images, settings.images_per_draw, height, width)
             negatives = [p.negative_prompt if p.negative_prompt is not None else default_negative for p, _ in batch]
             negative = None if all(n is None for n in negatives) else [n or "" for n in negatives]
             images = pipe(

@@ -94,7 +94,8 @@ def run_settings_for_attack(protocol, method: str, **given: Any) -> dict[str, An
             ]
     if settings.get("suite") is None:
         raise InputError("give --suite, or a --protocol that names one")
-    for key, wanted in (("images_per_prompt", 1), ("dtype", "float32"), ("seed_rule", "offset"), ("noise", "cpu")):
+    fixed = (("images_per_prompt", 1), ("dtype", "float32"), ("seed_rule", "offset"), ("noise", "cpu"))
+    for key, wanted in (*fixed, ("images_per_draw", None)):
         if settings.get(key, wanted) != wanted:
             raise InputError(
                 f"{'protocol ' + str(protocol) if protocol else 'the run'} sets {key} {settings[key]!r}; an attack run"

@@ -104,6 +104,7 @@ def evaluate(
     seed_rule: str = "offset",
     scheduler: str | None = None,
     noise: str | None = None,
+    images_per_draw: int | None = None,
     protocol: Mapping[str, Any] | None = None,
     judges: str | Sequence[str] | None = DEFAULT_JUDGES,
     judge_settings: Mapping[str, Mapping[str, Any]] | None = None,
@@ -116,7 +117,7 @@ def evaluate(
     The mitigation is `mitigation` (:meth:`Mitigation.build`) or, without it, the SLD preset `safety` and
     `negative_prompt`. `judges`: names ("q16,nudenet", a list, or none), built with `judge_settings`
     (per judge name, its keyword arguments). `limit`: only the first N selected prompts (a resumed run may
-    only grow). `seed_rule`, `scheduler` and `noise`: see :func:`~safe_diffusion.evals.config.build_run_config`.
+    only grow). `seed_rule`, `scheduler`, `noise` and `images_per_draw`: see :func:`~safe_diffusion.evals.config.build_run_config`.
     `protocol`: the record :func:`~safe_diffusion.evals.protocols.settings_for` returns with the settings it
     resolved (``evaluate(model, out, **settings_for("safree-i2p", steps=25))``); a suite file whose sha256 is
     not the protocol's is recorded as one more deviation. A mitigation that could never act in `steps` steps (its warm-up never left, classifier-free
@@ -158,6 +159,7 @@ def evaluate(
         seed_rule=seed_rule,
         scheduler=scheduler,
         noise=noise,
+        images_per_draw=images_per_draw,
         protocol=dict(protocol) if protocol is not None else None,
     )
     check_active(
@@ -186,7 +188,7 @@ def evaluate(
             check_terms_act(
                 pipe, terms, config.generation.guidance_scale, config.mitigation.negative_prompt, "eval run"
             )
-            if config.generation.noise != "cpu":
+            if config.generation.noise != "cpu" or config.generation.images_per_draw is not None:
                 latent_shape(pipe, config.generation.height, config.generation.width)
         except BaseException:
             if frozen is None and state.num_processes == 1 and not store.journal.segments():
