@@ -67,10 +67,12 @@ def test_every_shipped_protocol_records_exactly_its_settings(tiny_checkpoint, tm
             base_seed=settings["seed"],
             seed_rule=settings["seed_rule"],
             noise=settings.get("noise"),
+            images_per_draw=settings.get("images_per_draw"),
             protocol=record,
         )
         gen = protocol.generation
         assert config.generation.noise == gen.get("noise", "cpu")
+        assert config.generation.images_per_draw == gen.get("images_per_draw")
         assert config.generation.steps == gen["steps"]
         assert config.generation.scheduler == gen["scheduler"]
         assert config.generation.images_per_prompt == gen["images_per_prompt"]
