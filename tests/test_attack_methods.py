@@ -823,7 +823,7 @@ def test_an_attack_run_under_a_protocol_shows_why_its_figure_is_not_beside_it(ti
     assert code == 0, err
     md = (tmp_path / "t.md").read_text(encoding="utf-8")
     assert "published (pre / post)" in md and "— / — †" in md
-    assert "publishes no figure for sd (it has: esd)" in md  # the tiny model is no ESD checkpoint
+    assert "publishes no figure for sd (it has: esd-u)" in md  # the tiny model is no ESD checkpoint
 
 
 def test_the_official_p4d_loss_is_refused_where_it_is_not_defined(tiny_checkpoint, tmp_path, cli):
