@@ -170,10 +170,11 @@ def drawn_latents(pipe, noise: str, images: list[tuple[int, int]], per_draw: int
 
     def draw(seed: int, index: int) -> torch.Tensor:
         if (seed, index) not in draws:
-            if noise == CPU:
+            if noise == CPU:  # in the denoiser's dtype, as diffusers draws with a CPU generator
                 generator = torch.Generator("cpu").manual_seed(seed)
+                dtype = (getattr(pipe, "unet", None) or pipe.transformer).dtype
                 for i in range(index + 1):
-                    draws[(seed, i)] = torch.randn(shape, generator=generator)
+                    draws[(seed, i)] = torch.randn(shape, generator=generator, dtype=dtype)
             else:
                 step = philox_increment(math.prod(shape))
                 draws[(seed, index)] = cuda_randn(seed, shape, offset=index * step)
