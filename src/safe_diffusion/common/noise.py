@@ -131,7 +131,7 @@ def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int, int]:
     width / f): Stable Diffusion 1.x/2.x, XL and 3 text-to-image; any other is refused in one line."""
     from .errors import InputError
 
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    denoiser = _denoiser(pipe)
     factor = getattr(pipe, "vae_scale_factor", None)
     name = type(pipe).__name__
     if denoiser is None or not factor or not name.startswith("StableDiffusion") or "Inpaint" in name:
@@ -152,8 +152,12 @@ def initial_noise(pipe, noise: str, seeds: list[int], height: int, width: int) -
     return {"latents": _on_denoiser(pipe, latents)}
 
 
+def _denoiser(pipe):
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+
+
 def _on_denoiser(pipe, latents):
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    denoiser = _denoiser(pipe)
     return latents.to(device=denoiser.device, dtype=denoiser.dtype)
 
 
@@ -172,9 +176,8 @@ def drawn_latents(pipe, noise: str, images: list[tuple[int, int]], per_draw: int
         if (seed, index) not in draws:
             if noise == CPU:  # in the denoiser's dtype, as diffusers draws with a CPU generator
                 generator = torch.Generator("cpu").manual_seed(seed)
-                dtype = (getattr(pipe, "unet", None) or pipe.transformer).dtype
                 for i in range(index + 1):
-                    draws[(seed, i)] = torch.randn(shape, generator=generator, dtype=dtype)
+                    draws[(seed, i)] = torch.randn(shape, generator=generator, dtype=_denoiser(pipe).dtype)
             else:
                 step = philox_increment(math.prod(shape))
                 draws[(seed, index)] = cuda_randn(seed, shape, offset=index * step)

@@ -45,15 +45,28 @@ PROTOCOL_DTYPE = "float32"  # the official I2P code generates in float32
 SAFETY_PRESETS = SAFETY_CHOICES
 GOLDEN = 0x9E3779B97F4A7C15
 DEFAULT_GUIDANCE_SCALE = 7.5  # the I2P protocol's, for suites without a guidance column
-SEED_RULE = (
-    "image k of a prompt: torch.Generator('cpu').manual_seed((seed + k * 0x9E3779B97F4A7C15) mod 2**63),"
-    " seed = the suite's per-prompt seed (else base_seed + row)"
-)
-#: SAFREE's and Ring-A-Bell's rule: every prompt without a seed of its own uses the same seed.
-FIXED_SEED_RULE = (
-    "image k of a prompt: torch.Generator('cpu').manual_seed((seed + k * 0x9E3779B97F4A7C15) mod 2**63),"
-    " seed = the suite's per-prompt seed (else base_seed for every prompt)"
-)
+#: Where a prompt's seed comes from, per seed rule (SAFREE's and Ring-A-Bell's ``fixed``: every prompt without
+#: a seed of its own uses the same seed).
+SEED_SOURCES = {
+    "offset": "the suite's per-prompt seed (else base_seed + row)",
+    "fixed": "the suite's per-prompt seed (else base_seed for every prompt)",
+}
+
+
+def seed_rule_text(rule: str, noise: str = "cpu", images_per_draw: int | None = None) -> str:
+    """The recorded sentence for how image k of a prompt gets its noise (part of a run's identity)."""
+    if images_per_draw is None:
+        how = f"torch.Generator('{noise}').manual_seed((seed + k * 0x9E3779B97F4A7C15) mod 2**63)"
+    else:
+        how = (
+            f"row k mod {images_per_draw} of draw k // {images_per_draw} of one torch.Generator('{noise}') seeded"
+            " with the prompt's seed"
+        )
+    return f"image k of a prompt: {how}, seed = {SEED_SOURCES[rule]}"
+
+
+SEED_RULE = seed_rule_text("offset")
+FIXED_SEED_RULE = seed_rule_text("fixed")
 SEED_RULES = {"offset": SEED_RULE, "fixed": FIXED_SEED_RULE}
 MAX_BATCH = 1024
 MAX_IMAGES_PER_PROMPT = 10_000
@@ -284,12 +297,6 @@ def build_run_config(
     noise = check_noise(noise)
     if images_per_draw is not None:
         images_per_draw = check_int("--images-per-draw", images_per_draw, minimum=1, maximum=MAX_BATCH)
-    rule = SEED_RULES[seed_rule].replace("Generator('cpu')", f"Generator('{noise}')")
-    if images_per_draw is not None:  # "..., seed = the suite's per-prompt seed (...)" keeps its second half
-        rule = (
-            f"image k of a prompt: row k mod {images_per_draw} of draw k // {images_per_draw} of one"
-            f" torch.Generator('{noise}') seeded with the prompt's seed,{rule.split('mod 2**63),', 1)[1]}"
-        )
     if mitigation is None:
         mitigation = _mitigation_type().build(safety=safety, negative_prompt=negative_prompt)
     mitigation = mitigation.with_erasure(read_erasure_record(model))
@@ -336,7 +343,7 @@ def build_run_config(
             batch_size=batch_size,
             base_seed=base_seed,
             guidance_source=guidance_source,
-            seed_rule=rule,
+            seed_rule=seed_rule_text(seed_rule, noise, images_per_draw),
             scheduler=sampler,
             scheduler_class=scheduler_class_name(sampler, checkpoint_scheduler),
             noise=noise,

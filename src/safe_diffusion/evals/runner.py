@@ -4,15 +4,16 @@ Determinism: image k of a prompt starts from latent noise drawn by its own gener
 :func:`image_seed` (the prompt's seed, k) — independent of batch composition, process count and resume
 order. The generator is a CPU ``torch.Generator``, or with the ``cuda`` noise the CUDA generator's draw
 computed on the CPU (:mod:`safe_diffusion.common.noise`), so that a script that seeds with
-``torch.cuda.manual_seed`` is followed on any machine. With ``images_per_draw`` B, a prompt's images instead
-come from one generator seeded with the prompt's seed, B per draw (the official I2P code's rule): image k is
-row k mod B of draw k // B, still independent of how the run is batched. The prompt's seed is the suite's (I2P's ``sd_seed``,
-UnlearnDiffAtk's ``evaluation_seed``) or, for a suite without seeds, base_seed + row.
+``torch.cuda.manual_seed`` is followed on any machine. With ``images_per_draw`` B, a prompt's images
+instead come from one generator seeded with the prompt's seed, B per draw (the official I2P code's rule):
+image k is row k mod B of draw k // B, still independent of how the run is batched. The prompt's seed is
+the suite's (I2P's ``sd_seed``, UnlearnDiffAtk's ``evaluation_seed``) or, for a suite without seeds,
+base_seed + row.
 
 Batching and sharding: the keys (prompt_index, image_index) of the run's whole prompt selection, in
 order, are cut into fixed batches of ``batch_size`` that span prompts (and are also cut where the
-per-prompt guidance scale or image size changes, since one pipeline call has one of each); batch b belongs to process
-b mod N. A batch's composition depends neither on N, nor on what is already done, nor on ``--limit``
+per-prompt guidance scale or image size changes, since one pipeline call has one of each); batch b belongs
+to process b mod N. A batch's composition depends neither on N, nor on what is already done, nor on ``--limit``
 (a batch cut by the limit is computed whole and only its wanted images are kept), so every image
 comes out of the same batched UNet computation whether the run used 1 or N processes, was resumed, or
 was extended with a larger limit — the pixels are bit-identical, not merely close.
@@ -133,8 +134,8 @@ def generate(
             if settings.images_per_draw is None:
                 noise = initial_noise(pipe, settings.noise, [image_seed(p.seed, k) for p, k in batch], height, width)
             else:
-                images = [(p.seed, k) for p, k in batch]
-                noise = drawn_latents(pipe, settings.noise, images, settings.images_per_draw, height, width)
+                keys = [(p.seed, k) for p, k in batch]
+                noise = drawn_latents(pipe, settings.noise, keys, settings.images_per_draw, height, width)
             negatives = [p.negative_prompt if p.negative_prompt is not None else default_negative for p, _ in batch]
             negative = None if all(n is None for n in negatives) else [n or "" for n in negatives]
             images = pipe(
