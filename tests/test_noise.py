@@ -215,15 +215,23 @@ def test_size_columns_are_checked_in_one_line(tmp_path):
     assert load_suite(str(data)).prompts[0].height is None  # a size is used only when mapped
 
 
-def test_cuda_noise_is_refused_in_one_line_for_other_pipelines(tmp_path):
-    from safe_diffusion.common.noise import latent_shape
-
-    class FluxPipeline:
-        vae_scale_factor = 8
-        transformer = object()
-
-    with pytest.raises(InputError, match=r"^--noise cuda: supported for Stable Diffusion .* not FluxPipeline$"):
-        latent_shape(FluxPipeline(), 64, 64)
+def test_cuda_noise_runs_on_sd3_and_is_refused_in_one_line_for_flux(family_checkpoints, tmp_path, cli):
+    """SD 3's latents are drawn as (1, 16, h/8, w/8) like SD's; FLUX packs its latents, so `--noise cuda` is
+    refused there before anything is written."""
+    data = _suite(tmp_path, "a cat,5,32,32\n")
+    common = ["-s", str(data), "--judges", "none", "--steps", "2", "--noise", "cuda", "--height", "32", "--width", "32"]
+    sd3 = tmp_path / "sd3"
+    code, _, err = cli("eval", "run", "-m", str(family_checkpoints("sd3")), "-o", str(sd3), *common)
+    assert code == 0, err
+    assert json.loads((sd3 / "config.json").read_text())["config"]["generation"]["noise"] == "cuda"
+    flux = tmp_path / "flux"
+    code, _, err = cli("eval", "run", "-m", str(family_checkpoints("flux")), "-o", str(flux), *common)
+    assert code != 0 and not flux.exists()
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .endswith("--noise cuda: supported for Stable Diffusion 1.x/2.x, XL and 3 text-to-image, not FluxPipeline")
+    )
 
 
 def test_the_rece_protocol_follows_its_script_on_a_tiny_model(tiny_checkpoint, tmp_path, cli):
