@@ -99,13 +99,15 @@ def deprecated_strict(given: bool) -> bool:
     return given
 
 
-#: Whether this command has seen Ctrl-C: an error that follows it is the interrupt's doing (a library's import
-#: cut short fails later with its own error, its chain no longer holding the KeyboardInterrupt).
-_SEEN = {"interrupt": False}
+#: The exit status of the stop this command has seen (130 Ctrl-C, 143 SIGTERM; 0 none): an error that follows a
+#: stop is the stop's doing (a library's import cut short fails later with its own error, e.g. scipy's "type
+#: ... is already registered" on the import's retry, its chain no longer holding the KeyboardInterrupt or
+#: SystemExit).
+_SEEN = {"stop": 0}
 
 
 def _interrupt(signum, frame) -> None:
-    _SEEN["interrupt"] = True
+    _SEEN["stop"] = _SEEN["stop"] or 130
     # Ctrl-C unwinds once; a second one (or a late duplicate delivery) while the rollbacks run is ignored, so
     # it cannot cut the clean-up short and end the process by the signal (exit -2) with partial output left.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -119,10 +121,18 @@ def _lost_interrupt_hook(default):
     library object, run by the garbage collector); the KeyboardInterrupt raised there is printed as "Exception
     ignored" and dropped, and the command would run on with Ctrl-C ignored. This hook re-arms the handler and
     has SIGINT sent again 50 ms later from another thread, so that the handler runs in the command once the
-    finalizer has returned (were it to land in a finalizer again, this hook repeats)."""
+    finalizer has returned (were it to land in a finalizer again, this hook repeats). SIGTERM's SystemExit,
+    dropped the same way, is sent again the same way."""
 
     def hook(unraisable) -> None:
-        if isinstance(unraisable.exc_value, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        lost = unraisable.exc_value
+        if isinstance(lost, SystemExit) and lost.code == 128 + signal.SIGTERM and _SEEN["stop"] == lost.code:
+            # SIGTERM's handler ran inside a finalizer: send it again, to be handled in the command.
+            resend = threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGTERM))
+            resend.daemon = True
+            resend.start()
+            return
+        if isinstance(lost, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             try:
                 signal.signal(signal.SIGINT, _interrupt)
             except ValueError:  # not the main thread: nothing to re-arm from here
@@ -160,19 +170,30 @@ def _exit_interrupted() -> None:
 def _terminate(signum, frame) -> None:
     # SIGTERM (Slurm's time limit, `kill`, a service manager) unwinds like Ctrl-C, so every
     # `finally` and rollback runs: no partial outputs, no temp folders left behind.
+    _SEEN["stop"] = _SEEN["stop"] or 128 + signum
     raise SystemExit(128 + signum)
 
 
-def _caused_by_interrupt(exc: BaseException) -> bool:
-    if _SEEN["interrupt"]:
-        return True
+def _stop_status(exc: BaseException) -> int:
+    """The exit status of the stop (Ctrl-C 130, SIGTERM 143) that caused ``exc``, else 0."""
+    if _SEEN["stop"]:
+        return _SEEN["stop"]
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, KeyboardInterrupt):
-            return True
+            return 130
+        if isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM:
+            return exc.code
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
-    return False
+    return 0
+
+
+def _stopped(status: int) -> None:
+    """End a stopped command: Ctrl-C says "interrupted"; SIGTERM, sent by a scheduler, ends quietly."""
+    if status == 130:
+        typer.echo("interrupted", err=True)
+    sys.exit(status)
 
 
 def _os_error_line(exc: OSError) -> str:
@@ -191,10 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     # transformers warns at import time about optional image back-ends; that is noise on a command line.
     environment = dict(os.environ)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        with contextlib.suppress(ValueError):  # not the main thread
+    terminate = signal.getsignal(signal.SIGTERM)
+    if terminate is signal.SIG_DFL:
+        try:
             signal.signal(signal.SIGTERM, _terminate)
-    _SEEN["interrupt"] = False
+        except ValueError:  # not the main thread
+            terminate = None
+    else:
+        terminate = None
+    _SEEN["stop"] = 0
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.default_int_handler:
         try:
@@ -204,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         previous = None
     unraisable = sys.unraisablehook
-    if previous is not None:
+    if previous is not None or terminate is not None:
         sys.unraisablehook = _lost_interrupt_hook(unraisable)
     try:
         _run(argv)
@@ -219,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
         # to the default action, would end it by the signal (-2) after it printed 'interrupted'.
         if previous is not None and (argv is not None or signal.getsignal(signal.SIGINT) is _interrupt):
             signal.signal(signal.SIGINT, previous)
+        if terminate is not None and argv is not None:
+            signal.signal(signal.SIGTERM, terminate)
         sys.unraisablehook = unraisable
         # ... and the environment: the variables a command sets for itself (offline mode, verbosity, no
         # bars) would otherwise reach every process the caller starts afterwards.
@@ -240,9 +268,8 @@ def _run(argv: list[str] | None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except InputError as exc:
-        if _caused_by_interrupt(exc):  # e.g. a model that "cannot load" because Ctrl-C cut its import short
-            typer.echo("interrupted", err=True)
-            sys.exit(130)
+        if status := _stop_status(exc):  # e.g. a model that "cannot load" because a stop cut its import short
+            _stopped(status)
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except typer.Abort:
@@ -252,9 +279,8 @@ def _run(argv: list[str] | None) -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except OSError as exc:
-        if _caused_by_interrupt(exc):
-            typer.echo("interrupted", err=True)
-            sys.exit(130)
+        if status := _stop_status(exc):
+            _stopped(status)
         if logger.isEnabledFor(logging.DEBUG):
             raise
         typer.echo(_os_error_line(exc), err=True)
@@ -271,11 +297,10 @@ def _run(argv: list[str] | None) -> None:
         typer.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code or 2)
     except Exception as exc:
-        if not _caused_by_interrupt(exc):
+        # A stop during a library's lazy import (diffusers re-raises it as RuntimeError "Failed to import").
+        if not (status := _stop_status(exc)):
             raise
-        # Ctrl-C during a library's lazy import (diffusers re-raises it as RuntimeError "Failed to import").
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        _stopped(status)
     if code == 130:  # Typer turns Ctrl-C into a silent Exit(130) after the command's cleanup ran
         typer.echo("interrupted", err=True)
     if isinstance(code, int) and code:
