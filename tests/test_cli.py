@@ -171,10 +171,13 @@ def test_an_error_that_follows_a_stop_is_the_stop(cli, monkeypatch, sig, code, s
     from safe_diffusion import cli as cli_module
     from safe_diffusion.common.errors import InputError
 
+    during = []
+
     def command(*args, **kwargs):
         handler = signal.getsignal(sig)
         with contextlib.suppress(BaseException):  # swallowed by a library's import machinery
             handler(sig, None)  # the handler the command installed, as the signal runs it
+        during.append(signal.getsignal(sig))
         message = "generic_type: type 'ObjSense' is already registered!"
         raise InputError(f"cannot load model 'x': {message}") if error == "input" else RuntimeError(message)
 
@@ -182,7 +185,10 @@ def test_an_error_that_follows_a_stop_is_the_stop(cli, monkeypatch, sig, code, s
     monkeypatch.setattr(cli_module, "app", command)
     code_, _, err = cli("generate", "a cat")
     assert (code_, err) == (code, said)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # an in-process call leaves the handlers as it found them
+    assert during == [signal.SIG_IGN]  # a second stop while the clean-up runs cannot cut it short
+    # An in-process call leaves the handlers as it found them.
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_failing_write_is_one_line_and_keeps_the_earlier_run(tiny_checkpoint, tmp_path):

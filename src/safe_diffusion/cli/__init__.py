@@ -126,23 +126,24 @@ def _lost_interrupt_hook(default):
 
     def hook(unraisable) -> None:
         lost = unraisable.exc_value
-        if isinstance(lost, SystemExit) and lost.code == 128 + signal.SIGTERM and _SEEN["stop"] == lost.code:
-            # SIGTERM's handler ran inside a finalizer: send it again, to be handled in the command.
-            resend = threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGTERM))
-            resend.daemon = True
-            resend.start()
+        if isinstance(lost, KeyboardInterrupt):
+            sig, handler = signal.SIGINT, _interrupt
+        elif isinstance(lost, SystemExit) and lost.code == 128 + signal.SIGTERM:
+            sig, handler = signal.SIGTERM, _terminate
+        else:
+            default(unraisable)
             return
-        if isinstance(lost, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            try:
-                signal.signal(signal.SIGINT, _interrupt)
-            except ValueError:  # not the main thread: nothing to re-arm from here
-                default(unraisable)
-                return
-            resend = threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGINT))
-            resend.daemon = True
-            resend.start()
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # not our handler's doing: nothing to give back
+            default(unraisable)
             return
-        default(unraisable)
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread: nothing to re-arm from here
+            default(unraisable)
+            return
+        resend = threading.Timer(0.05, os.kill, args=(os.getpid(), sig))
+        resend.daemon = True
+        resend.start()
 
     return hook
 
@@ -170,7 +171,9 @@ def _exit_interrupted() -> None:
 def _terminate(signum, frame) -> None:
     # SIGTERM (Slurm's time limit, `kill`, a service manager) unwinds like Ctrl-C, so every
     # `finally` and rollback runs: no partial outputs, no temp folders left behind.
+    # As for Ctrl-C, a second SIGTERM while the rollbacks run is ignored, so it cannot cut the clean-up short.
     _SEEN["stop"] = _SEEN["stop"] or 128 + signum
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
