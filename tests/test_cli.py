@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -164,13 +165,16 @@ except SystemExit as exc:
 
 @pytest.mark.parametrize("error", ["input", "runtime"])
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted\n"), (signal.SIGTERM, 143, "")])
-def test_an_error_that_follows_a_stop_is_the_stop(cli, monkeypatch, sig, code, said, error):
+def test_an_error_that_follows_a_stop_is_the_stop(cli, monkeypatch, request, sig, code, said, error):
     """A stop during a library's import can surface later as another error whose chain has lost the
     KeyboardInterrupt or SystemExit (scipy's "type ... is already registered" on the import's retry, seen
     in CI after SIGTERM): after a stop, the command exits as stopped whatever error ends it, with no traceback."""
     from safe_diffusion import cli as cli_module
     from safe_diffusion.common.errors import InputError
 
+    # As in a terminal, whatever the suite inherited (started in the background, it has SIGINT ignored).
+    for number, disposition in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        request.addfinalizer(functools.partial(signal.signal, number, signal.signal(number, disposition)))
     during = []
 
     def command(*args, **kwargs):
