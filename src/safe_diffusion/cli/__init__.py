@@ -16,6 +16,7 @@ import typer
 from typer._click.exceptions import ClickException
 
 from .. import __version__
+from ..common import stop
 from ..common.errors import InputError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -99,15 +100,8 @@ def deprecated_strict(given: bool) -> bool:
     return given
 
 
-#: The exit status of the stop this command has seen (130 Ctrl-C, 143 SIGTERM; 0 none): an error that follows a
-#: stop is the stop's doing (a library's import cut short fails later with its own error, e.g. scipy's "type
-#: ... is already registered" on the import's retry, its chain no longer holding the KeyboardInterrupt or
-#: SystemExit).
-_SEEN = {"stop": 0}
-
-
 def _interrupt(signum, frame) -> None:
-    _SEEN["stop"] = _SEEN["stop"] or 130
+    stop.record(130)
     # Ctrl-C unwinds once; a second one (or a late duplicate delivery) while the rollbacks run is ignored, so
     # it cannot cut the clean-up short and end the process by the signal (exit -2) with partial output left.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -172,15 +166,19 @@ def _terminate(signum, frame) -> None:
     # SIGTERM (Slurm's time limit, `kill`, a service manager) unwinds like Ctrl-C, so every
     # `finally` and rollback runs: no partial outputs, no temp folders left behind.
     # As for Ctrl-C, a second SIGTERM while the rollbacks run is ignored, so it cannot cut the clean-up short.
-    _SEEN["stop"] = _SEEN["stop"] or 128 + signum
+    stop.record(128 + signum)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
 def _stop_status(exc: BaseException) -> int:
-    """The exit status of the stop (Ctrl-C 130, SIGTERM 143) that caused ``exc``, else 0."""
-    if _SEEN["stop"]:
-        return _SEEN["stop"]
+    """The exit status of the stop (Ctrl-C 130, SIGTERM 143) that caused ``exc``, else 0.
+
+    Once a stop is seen, any error that follows is its doing: a library's import cut short fails later with its
+    own error (scipy's "type ... is already registered" on the import's retry), its chain no longer holding the
+    KeyboardInterrupt or SystemExit."""
+    if stop.status():
+        return stop.status()
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, KeyboardInterrupt):
@@ -223,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
             terminate = None
     else:
         terminate = None
-    _SEEN["stop"] = 0
+    stop.clear()
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.default_int_handler:
         try:
@@ -303,6 +301,8 @@ def _run(argv: list[str] | None) -> None:
         # A stop during a library's lazy import (diffusers re-raises it as RuntimeError "Failed to import").
         if not (status := _stop_status(exc)):
             raise
+        _stopped(status)
+    if status := stop.status():  # a stop a library dropped, after the job's last check: still a stop
         _stopped(status)
     if code == 130:  # Typer turns Ctrl-C into a silent Exit(130) after the command's cleanup ran
         typer.echo("interrupted", err=True)

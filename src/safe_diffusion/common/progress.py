@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+from . import stop
+
 
 def format_duration(seconds: float) -> str:
     """``H:MM:SS``, or ``?`` when unknown."""
@@ -86,7 +88,9 @@ class ProgressLog:
         self.set(self.done + n, note)
 
     def set(self, done: int, note: str = "") -> None:
-        """`done` of `total` are done."""
+        """`done` of `total` are done. A stop the command line saw and a library dropped is raised here, so the
+        job stops before its next unit of work (see :mod:`.stop`)."""
+        stop.honour()
         self.done = done
         self.note = note or self.note
         if not self.enabled:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..common import stop
 from ..common.devices import check_device, process_state
 from ..common.errors import InputError
 from ..common.loading import load_pipeline
@@ -365,6 +366,7 @@ def attack_run(
                 attacked += 1
 
             for batch in batches(todo, batch_size, key=target.scale):
+                stop.honour()  # a Ctrl-C or SIGTERM a library dropped: stop before the next batch (see common.stop)
                 pending = []  # (prompt, its image before the attack, seconds spent on it so far)
                 for prompt in batch:
                     started = time.monotonic()
