@@ -177,7 +177,9 @@ def test_an_error_that_follows_a_stop_is_the_stop(cli, monkeypatch, request, sig
 
 
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted\n"), (signal.SIGTERM, 143, "")])
-def test_a_stop_a_library_drops_still_stops_the_job(cli, monkeypatch, request, tiny_checkpoint, tmp_path, sig, code, said):
+def test_a_stop_a_library_drops_still_stops_the_job(
+    cli, monkeypatch, request, tiny_checkpoint, tmp_path, sig, code, said
+):
     """The stop's exception may be raised inside a library that drops it (C code clearing the error of a lookup it
     was raised in; seen in CI: a Ctrl-C while the model loaded, and the command wrote its images and exited 0).
     The job raises it again at its next unit of work: the command exits as stopped and leaves nothing."""

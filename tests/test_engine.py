@@ -282,6 +282,33 @@ def test_no_terms_leaves_the_pipeline_untouched_and_bit_identical(sd):
     assert _same_state(_state(sd), before)
 
 
+@pytest.mark.parametrize("status, stops", [(130, KeyboardInterrupt), (143, SystemExit)])
+def test_a_stop_the_command_line_saw_ends_a_guided_call_at_its_next_step(sd, status, stops):
+    """A Ctrl-C (SIGTERM) that a library dropped is raised again at the next denoiser call: no further step runs,
+    and the pipeline is left as it was."""
+    from safe_diffusion.common import stop
+
+    steps = []
+
+    def count(pipe, step, timestep, kwargs):
+        steps.append(step)
+        return kwargs
+
+    sd("a cat", generator=_gen(), callback_on_step_end=count, **KW)  # diffusers keeps a call's attributes
+    before, every, steps = _state(sd), list(steps), []
+
+    stop.record(status)
+    try:
+        with pytest.raises(stops), guide(sd, MAX):
+            sd("a cat", generator=_gen(), callback_on_step_end=count, **KW)
+    finally:
+        stop.clear()
+    assert steps == [] and _same_state(_state(sd), before)
+    with guide(sd, MAX):
+        sd("a cat", generator=_gen(), callback_on_step_end=count, **KW)
+    assert steps == every and every  # the stop is cleared: the next call runs every step
+
+
 # -- strict mode: guidance that cannot act -----------------------------------------------------------------
 
 

@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from ..common import stop
 from ..common.errors import GuidanceError, GuidanceOffError
 from ..guidance.terms import GuidanceTerm
 from .adapters import DenoiserAdapter
@@ -92,6 +93,7 @@ _TEXT_LOCK = threading.RLock()
 
 @torch.compiler.disable
 def _before_denoiser(module, args, kwargs):
+    stop.honour()  # a Ctrl-C or SIGTERM a library dropped: stop at this step, not at the batch's end
     call = _CURRENT.get()
     if call is None:
         return None
