@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(signal.SIGINT, previous)
         if terminate is not None and argv is not None:
             signal.signal(signal.SIGTERM, terminate)
+        if argv is not None:  # the stop was this command's: the caller's later work must not see it
+            stop.clear()
         sys.unraisablehook = unraisable
         # ... and the environment: the variables a command sets for itself (offline mode, verbosity, no
         # bars) would otherwise reach every process the caller starts afterwards.
