@@ -369,8 +369,7 @@ def test_a_stopped_demo_removes_its_image_folder(tiny_checkpoint, tmp_path, sig)
         if proc.poll() is None:
             _stop(proc)
     assert "Traceback" not in output, output
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 143, output
+    assert proc.returncode == 128 + sig, output  # gradio swallows Ctrl-C; the command still says it was stopped
     assert not list(tmp_path.glob("safe-diffusion-demo-*"))  # … and gone with it
 
 
