@@ -5,9 +5,11 @@ job unwinds through its rollbacks. Python raises it at the next bytecode the mai
 inside a library that drops it: C code that clears the error of a lookup whose Python ``__eq__`` or
 ``__getattr__`` it was raised in, a bare ``except``. The job would then run to its end with the stop lost (seen
 in CI: a Ctrl-C while the model loaded, and the command went on to exit 0 with its images written). So the
-handlers also record the stop here, and every job's progress (:class:`~.progress.ProgressLog`) raises it again
-at its next update, before any more work is done. Only the command line records stops: a library user's own
-Ctrl-C is theirs to handle.
+handlers also record the stop here, and it is raised again before any more work is done: at a guided call's
+next denoiser step (the engine's pre-hook), at a job's next progress update (:class:`~.progress.ProgressLog`)
+and before an attack's next batch; a command that still ends normally exits as stopped. Only the command line
+records stops, and an in-process ``main([...])`` forgets its own when it returns: a library user's own Ctrl-C
+is theirs to handle.
 """
 
 from __future__ import annotations
