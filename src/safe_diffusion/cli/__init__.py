@@ -279,8 +279,7 @@ def _run(argv: list[str] | None) -> None:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        _stopped(130)
     except OSError as exc:
         if status := _stop_status(exc):
             _stopped(status)
